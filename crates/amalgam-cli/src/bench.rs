@@ -1,0 +1,144 @@
+//! `amalgam bench`: merge speed and memory against simply reading the inputs.
+//!
+//! For each N it synthesises (once, then reuses) SDXL-layout models, times a warm read of every
+//! input the merge reads, then runs each merge in a child process and reads its wall time and peak
+//! RSS. Reports the merge/read ratio.
+
+use amalgam::size::{format_bytes, parse_bytes};
+use amalgam::synth::{Layout, SynthOptions};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Folder for the synthetic models (kept and reused between runs)
+    #[arg(long, default_value = "bench-data")]
+    dir: PathBuf,
+    /// Model counts to measure, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    n: Vec<usize>,
+    /// Shrink factor of the synthetic SDXL models (4 = 1/16 of the parameters)
+    #[arg(long, default_value_t = 4)]
+    shrink: usize,
+    /// Methods to run, comma-separated: soup, task_arithmetic, linear
+    #[arg(long, value_delimiter = ',', default_value = "soup,task_arithmetic")]
+    methods: Vec<String>,
+    /// Worker threads for the merges and the read baseline (0 = one per core)
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    memory_budget: u64,
+    /// Accumulation precision passed to the merges
+    #[arg(long, default_value = "f32")]
+    compute_dtype: String,
+}
+
+fn read_all(files: &[PathBuf], threads: usize) -> Result<(f64, u64)> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let t = Instant::now();
+    let total: u64 = pool.install(|| {
+        files
+            .par_iter()
+            .map(|p| -> Result<u64> {
+                use std::io::Read;
+                let mut f = std::fs::File::open(p)?;
+                let mut buf = vec![0u8; 8 << 20];
+                let mut n = 0u64;
+                loop {
+                    let k = f.read(&mut buf)?;
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                Ok(n)
+            })
+            .sum::<Result<u64>>()
+    })?;
+    Ok((t.elapsed().as_secs_f64(), total))
+}
+
+fn ensure_models(dir: &Path, n: usize, shrink: usize) -> Result<Vec<PathBuf>> {
+    let paths: Vec<PathBuf> = std::iter::once(dir.join("base.safetensors"))
+        .chain((0..n).map(|i| dir.join(format!("m{i:03}.safetensors"))))
+        .collect();
+    let stamp = dir.join(format!("synth-shrink{shrink}-n{n}.ok"));
+    if stamp.exists() && paths.iter().all(|p| p.is_file()) {
+        return Ok(paths);
+    }
+    eprintln!(
+        "synthesising {} SDXL-layout models (shrink {shrink}) in {}",
+        n + 1,
+        dir.display()
+    );
+    let mut o = SynthOptions::new(Layout::Sdxl, n);
+    o.shrink = shrink;
+    o.overwrite = true;
+    let t = Instant::now();
+    let written = amalgam::synth::synthesize(dir, &o)?;
+    eprintln!("  done in {:.1} s", t.elapsed().as_secs_f64());
+    std::fs::write(&stamp, "")?;
+    Ok(written)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let max_n = *a.n.iter().max().context("--n is empty")?;
+    let all = ensure_models(&a.dir, max_n, a.shrink)?;
+    let exe = std::env::current_exe()?;
+    let out = a.dir.join("bench-out.safetensors");
+    let mut rows = Vec::new();
+    for &n in &a.n {
+        for method in &a.methods {
+            let with_base = method == "task_arithmetic";
+            let files: Vec<PathBuf> = if with_base {
+                all[..=n].to_vec()
+            } else {
+                all[1..=n].to_vec()
+            };
+            read_all(&files, a.threads)?; // warm the page cache
+            let (read_s, bytes) = read_all(&files, a.threads)?;
+            let report = a.dir.join("bench-report.json");
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("merge").arg("--method").arg(method);
+            if with_base {
+                cmd.arg("--base").arg(&files[0]).args(&files[1..]);
+            } else {
+                cmd.args(&files);
+            }
+            cmd.arg("-o").arg(&out).arg("--force").arg("--quiet");
+            cmd.arg("--threads").arg(a.threads.to_string());
+            cmd.arg("--memory-budget").arg(a.memory_budget.to_string());
+            cmd.arg("--compute-dtype").arg(&a.compute_dtype);
+            cmd.arg("--report-json").arg(&report);
+            let t = Instant::now();
+            let status = cmd.status()?;
+            let merge_s = t.elapsed().as_secs_f64();
+            if !status.success() {
+                bail!("merge failed: {cmd:?}");
+            }
+            let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+            let rss = json["peak_rss_bytes"].as_u64().unwrap_or(0);
+            let row = format!(
+                "| {method} | {n} | {} | {read_s:.2} s ({:.2} GB/s) | {merge_s:.2} s | {:.2}x | {} |",
+                format_bytes(bytes),
+                bytes as f64 / read_s / 1e9,
+                merge_s / read_s,
+                format_bytes(rss)
+            );
+            eprintln!("{row}");
+            rows.push(row);
+        }
+    }
+    let _ = std::fs::remove_file(&out);
+    println!("| method | N | input | warm read | merge (wall) | merge / read | peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}

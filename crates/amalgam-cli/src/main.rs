@@ -1,0 +1,399 @@
+//! `amalgam`: the command line over the amalgam library.
+
+mod bench;
+mod demo;
+mod progress;
+
+use amalgam::dtype::{dtype_name, OutputDtype};
+use amalgam::graph::Graph;
+use amalgam::input::ModelFile;
+use amalgam::method::ParamValue;
+use amalgam::real::ComputeDtype;
+use amalgam::recipe::{self, RecipeSettings};
+use amalgam::size::{format_bytes, parse_bytes};
+use amalgam::synth::{Layout, SynthOptions};
+use amalgam::{MergeOptions, MergeReport};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "amalgam",
+    version,
+    about = "Merge many safetensors checkpoints in bounded memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge models: from a recipe file, or with --method and a list of models.
+    Merge(MergeArgs),
+    /// Show a safetensors file's keys, dtypes, shapes, parameter count and metadata.
+    Inspect(InspectArgs),
+    /// Write synthetic models with a real SD1/SDXL key layout.
+    Synth(SynthArgs),
+    /// Synthesise a small model pool in a temporary folder and merge it (no files needed).
+    Demo(DemoArgs),
+    /// List the merge methods and their parameters.
+    Methods,
+    /// Measure merge speed and memory against simply reading the inputs.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Output dtype of merged tensors: f16, bf16, f32 or f64 [default: f16, or the recipe's]
+    #[arg(long)]
+    dtype: Option<OutputDtype>,
+    /// Accumulation precision: f32 or f64 [default: f32, or the recipe's]
+    #[arg(long)]
+    compute_dtype: Option<ComputeDtype>,
+    /// Memory for the working set, whatever the number of models (e.g. 512MiB, 2GiB)
+    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+    memory_budget: u64,
+    /// Worker threads (0 = one per core)
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Seed for methods with random masks [default: 0, or the recipe's]
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// A recipe file (.toml), or with --method the models to merge
+    inputs: Vec<PathBuf>,
+    /// Merge method for the shorthand form (see `amalgam methods`)
+    #[arg(long, short)]
+    method: Option<String>,
+    /// Base model, for methods with a `base` slot (task_arithmetic)
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Output file
+    #[arg(long, short)]
+    output: PathBuf,
+    /// `alpha` parameter (weighted_sum, add_difference)
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// `lambda` parameter (task_arithmetic)
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// Per-model weights, comma-separated (linear, task_arithmetic)
+    #[arg(long, value_delimiter = ',')]
+    weights: Option<Vec<f64>>,
+    /// Any parameter as NAME=VALUE (number, true/false, comma list); repeatable
+    #[arg(long = "param", short = 'p')]
+    params: Vec<String>,
+    /// Replace the output file if it exists
+    #[arg(long)]
+    force: bool,
+    /// Write the full per-key report as JSON here
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// No progress bar and no summary
+    #[arg(long, short)]
+    quiet: bool,
+    /// Chunk length in elements instead of the one derived from the budget (for testing)
+    #[arg(long, hide = true)]
+    chunk: Option<usize>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    file: PathBuf,
+    /// List every key with dtype and shape
+    #[arg(long)]
+    keys: bool,
+    /// Print the `__metadata__` values in full (e.g. the recipe an amalgam output was made with)
+    #[arg(long)]
+    metadata: bool,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Folder to write base.safetensors and m000.safetensors, ...
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Key layout: sd1 or sdxl
+    #[arg(long, default_value = "sdxl")]
+    layout: Layout,
+    /// Number of fine-tuned models
+    #[arg(long, short, default_value_t = 4)]
+    n: usize,
+    /// Divide every dimension above 16 by this (4 = 1/16 of the parameters)
+    #[arg(long, default_value_t = 1)]
+    shrink: usize,
+    /// Storage dtype: f16, bf16, f32
+    #[arg(long, default_value = "f16")]
+    dtype: OutputDtype,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Do not write base.safetensors
+    #[arg(long)]
+    no_base: bool,
+    /// Only these components, comma-separated (clip_l, clip_g, diffuser, vae)
+    #[arg(long, value_delimiter = ',')]
+    components: Vec<String>,
+    /// The first K fine-tunes lack the VAE (pruned files)
+    #[arg(long, default_value_t = 0)]
+    prune_vae: usize,
+    /// Include the integer keys (position_ids)
+    #[arg(long)]
+    int_keys: bool,
+    /// Replace existing files
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Keep the demo files in this folder instead of a temporary one
+    #[arg(long)]
+    keep: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Merge(a) => cmd_merge(a),
+        Command::Inspect(a) => cmd_inspect(a),
+        Command::Synth(a) => cmd_synth(a),
+        Command::Demo(a) => demo::run(a.keep),
+        Command::Methods => cmd_methods(),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn parse_param(s: &str) -> Result<(String, ParamValue)> {
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("--param `{s}`: expected NAME=VALUE"))?;
+    let value = match v {
+        "true" => ParamValue::Bool(true),
+        "false" => ParamValue::Bool(false),
+        _ if v.contains(',') => ParamValue::List(
+            v.split(',')
+                .map(|x| x.trim().parse::<f64>())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("--param `{s}`: not a list of numbers"))?,
+        ),
+        _ => match v.parse::<f64>() {
+            Ok(x) => ParamValue::Number(x),
+            Err(_) => ParamValue::Text(v.to_string()),
+        },
+    };
+    Ok((k.to_string(), value))
+}
+
+/// Builds the graph and settings the merge command describes.
+fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings)> {
+    match &a.method {
+        Some(method) => {
+            let mut params = BTreeMap::new();
+            if let Some(x) = a.alpha {
+                params.insert("alpha".into(), ParamValue::Number(x));
+            }
+            if let Some(x) = a.lambda {
+                params.insert("lambda".into(), ParamValue::Number(x));
+            }
+            if let Some(w) = &a.weights {
+                params.insert("weights".into(), ParamValue::List(w.clone()));
+            }
+            for p in &a.params {
+                let (k, v) = parse_param(p)?;
+                params.insert(k, v);
+            }
+            if a.inputs.is_empty() {
+                bail!("no models given: amalgam merge --method {method} A.safetensors B.safetensors ... -o OUT.safetensors");
+            }
+            let missing: Vec<String> = a
+                .inputs
+                .iter()
+                .chain(a.base.iter())
+                .filter(|p| !p.is_file())
+                .map(|p| p.display().to_string())
+                .collect();
+            if !missing.is_empty() {
+                bail!("missing model files: {}", missing.join(", "));
+            }
+            let graph = Graph::single(method, a.base.clone(), a.inputs.clone(), params)?;
+            Ok((graph, RecipeSettings::default()))
+        }
+        None => {
+            let [recipe_path] = a.inputs.as_slice() else {
+                bail!("give one recipe file, or --method METHOD with the models to merge (see `amalgam merge --help`)");
+            };
+            if a.alpha.is_some()
+                || a.lambda.is_some()
+                || a.weights.is_some()
+                || !a.params.is_empty()
+                || a.base.is_some()
+            {
+                bail!("--alpha, --lambda, --weights, --param and --base go with --method; a recipe sets parameters per node");
+            }
+            let r = recipe::load(recipe_path)?;
+            Ok((r.graph, r.settings))
+        }
+    }
+}
+
+/// Merge options from the command line over the recipe's settings.
+pub fn merge_options(
+    output: &Path,
+    engine: &EngineArgs,
+    settings: &RecipeSettings,
+    force: bool,
+) -> (MergeOptions, RecipeSettings) {
+    let mut opts = MergeOptions::new(output);
+    let effective = RecipeSettings {
+        dtype: Some(engine.dtype.or(settings.dtype).unwrap_or(OutputDtype::F16)),
+        compute_dtype: Some(
+            engine
+                .compute_dtype
+                .or(settings.compute_dtype)
+                .unwrap_or(ComputeDtype::F32),
+        ),
+        seed: Some(engine.seed.or(settings.seed).unwrap_or(0)),
+    };
+    opts.output_dtype = effective.dtype.unwrap();
+    opts.compute_dtype = effective.compute_dtype.unwrap();
+    opts.seed = effective.seed.unwrap();
+    opts.memory_budget = engine.memory_budget;
+    opts.threads = engine.threads;
+    opts.overwrite = force;
+    (opts, effective)
+}
+
+/// Runs a merge with a progress bar; returns the report.
+pub fn run_merge(
+    graph: &Graph,
+    mut opts: MergeOptions,
+    settings: &RecipeSettings,
+    quiet: bool,
+) -> Result<MergeReport> {
+    opts.metadata
+        .insert("amalgam_recipe".into(), recipe::to_toml(graph, settings));
+    let bar = progress::Bar::new(quiet);
+    let report = amalgam::merge(graph, &opts, &bar)?;
+    Ok(report)
+}
+
+fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let (graph, settings) = merge_graph(&a)?;
+    let (mut opts, effective) = merge_options(&a.output, &a.engine, &settings, a.force);
+    opts.chunk_override = a.chunk;
+    let report = run_merge(&graph, opts, &effective, a.quiet)?;
+    if let Some(p) = &a.report_json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if !a.quiet {
+        eprintln!("{report}");
+        eprintln!("wrote {}", a.output.display());
+    }
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let m = ModelFile::open(&a.file)?;
+    let mut params = 0usize;
+    let mut by_dtype: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for t in m.tensors().values() {
+        params += t.numel();
+        let e = by_dtype.entry(dtype_name(t.dtype)).or_default();
+        e.0 += 1;
+        e.1 += t.numel();
+    }
+    println!("file:       {}", a.file.display());
+    println!(
+        "size:       {} ({} bytes)",
+        format_bytes(m.file_size()),
+        m.file_size()
+    );
+    println!("tensors:    {}", m.tensors().len());
+    println!("parameters: {params}");
+    for (d, (n, p)) in &by_dtype {
+        println!("  {d:<8} {n} tensors, {p} parameters");
+    }
+    if !m.metadata().is_empty() {
+        println!("metadata:");
+        for (k, v) in m.metadata() {
+            if a.metadata || v.len() <= 80 && !v.contains('\n') {
+                println!("  {k}: {v}");
+            } else {
+                println!("  {k}: ({} bytes; --metadata shows it)", v.len());
+            }
+        }
+    }
+    if a.keys {
+        println!("keys:");
+        for (k, t) in m.tensors() {
+            println!("  {k}\t{}\t{:?}", dtype_name(t.dtype), t.shape);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_synth(a: SynthArgs) -> Result<()> {
+    let mut o = SynthOptions::new(a.layout, a.n);
+    o.shrink = a.shrink.max(1);
+    o.dtype = a.dtype;
+    o.seed = a.seed;
+    o.base = !a.no_base;
+    o.components = a.components;
+    o.prune_vae = a.prune_vae;
+    o.int_keys = a.int_keys;
+    o.overwrite = a.force;
+    let t = std::time::Instant::now();
+    let paths = amalgam::synth::synthesize(&a.output, &o)?;
+    let bytes: u64 = paths
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    for p in &paths {
+        println!("{}", p.display());
+    }
+    eprintln!(
+        "wrote {} models, {} in {:.1} s",
+        paths.len(),
+        format_bytes(bytes),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_methods() -> Result<()> {
+    for info in amalgam::methods::ALL {
+        println!("{}\n  {}\n  {}", info.name, info.formula, info.summary);
+        let slots: Vec<String> = info
+            .slots
+            .iter()
+            .map(|s| match s.kind {
+                amalgam::method::SlotKind::One => format!("{} ({})", s.name, s.doc),
+                amalgam::method::SlotKind::Many => format!("{} = [...] ({})", s.name, s.doc),
+            })
+            .collect();
+        println!("  inputs: {}", slots.join("; "));
+        for p in info.params {
+            println!(
+                "  {} = {}: {}",
+                p.name,
+                p.default.unwrap_or("(required)"),
+                p.doc
+            );
+        }
+        println!();
+    }
+    Ok(())
+}

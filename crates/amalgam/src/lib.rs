@@ -1,0 +1,31 @@
+//! amalgam: streaming N-way merging of safetensors checkpoints in bounded memory.
+//!
+//! The crate is the engine; the `amalgam` binary is a thin command line over it.
+//!
+//! - [`input`] and [`output`]: lazy safetensors reading, incremental writing.
+//! - [`engine`]: planning (key policy, shapes) and chunked, parallel, deterministic execution.
+//! - [`method`]: the trait methods implement; [`methods`]: the methods, one file each.
+//! - [`graph`] and [`recipe`]: what to merge, from a recipe file or the command line.
+//! - [`synth`]: synthetic checkpoints with real SD key layouts, for demos, tests and benchmarks.
+
+pub mod dtype;
+pub mod engine;
+pub mod error;
+pub mod graph;
+pub mod input;
+pub mod method;
+pub mod methods;
+pub mod output;
+pub mod real;
+pub mod recipe;
+pub mod report;
+pub mod size;
+pub mod synth;
+
+pub use engine::{merge, MergeOptions, NoProgress, Progress};
+pub use error::{Error, Result};
+pub use graph::Graph;
+pub use report::MergeReport;
+
+/// The amalgam version written into every output's metadata.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,211 @@
+//! The interface between the engine and merge methods.
+//!
+//! A method never does I/O. For each key the engine asks the method for a [`KeyMerge`], hands it the
+//! chunks of its arguments (already read and converted to the compute type) and gets back output
+//! chunks. Methods that need per-tensor statistics first (norms, dot products, thresholds, Gram
+//! matrices) declare statistic passes: the engine feeds every fixed-size block of the tensor to
+//! [`KeyMerge::stat_block`] and folds the per-block results in block order, so the statistics do not
+//! depend on the chunk size or the thread count. Whole-matrix methods (SVD) ask for the whole tensor
+//! in one chunk with [`KeyMerge::whole_tensor`].
+
+use crate::error::{Error, Result};
+use crate::real::Real;
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+/// How many arguments of one slot a method takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotKind {
+    /// Exactly one argument.
+    One,
+    /// One or more arguments (a list; a model group expands into it).
+    Many,
+}
+
+/// A named argument slot, e.g. `base` (one model) or `models` (a list).
+#[derive(Clone, Copy, Debug)]
+pub struct Slot {
+    pub name: &'static str,
+    pub kind: SlotKind,
+    pub doc: &'static str,
+}
+
+/// A documented parameter of a method.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamInfo {
+    pub name: &'static str,
+    /// The default, as written in a recipe; `None` when the parameter is required.
+    pub default: Option<&'static str>,
+    pub doc: &'static str,
+}
+
+/// What a method is: its name, formula, argument slots and parameters. Used to parse recipes, to
+/// print `amalgam methods` and to check the README.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodInfo {
+    pub name: &'static str,
+    pub formula: &'static str,
+    pub summary: &'static str,
+    pub slots: &'static [Slot],
+    pub params: &'static [ParamInfo],
+}
+
+/// A parameter value from a recipe or the command line.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Number(f64),
+    List(Vec<f64>),
+    Text(String),
+}
+
+impl ParamValue {
+    pub fn describe(&self) -> &'static str {
+        match self {
+            ParamValue::Bool(_) => "a boolean",
+            ParamValue::Number(_) => "a number",
+            ParamValue::List(_) => "a list of numbers",
+            ParamValue::Text(_) => "a string",
+        }
+    }
+}
+
+/// A method's parameters as given, consumed by the method's constructor. Every parameter must be
+/// taken; [`Params::finish`] reports the ones left over as unknown.
+#[derive(Clone, Debug, Default)]
+pub struct Params {
+    method: String,
+    values: BTreeMap<String, ParamValue>,
+}
+
+impl Params {
+    pub fn new(method: &str, values: BTreeMap<String, ParamValue>) -> Self {
+        Params {
+            method: method.to_string(),
+            values,
+        }
+    }
+    fn err(&self, msg: String) -> Error {
+        Error::method(&self.method, msg)
+    }
+    /// A number, or `default` when absent.
+    pub fn number(&mut self, name: &str, default: f64) -> Result<f64> {
+        match self.values.remove(name) {
+            None => Ok(default),
+            Some(ParamValue::Number(v)) => Ok(v),
+            Some(other) => Err(self.err(format!(
+                "parameter `{name}` must be a number, got {}",
+                other.describe()
+            ))),
+        }
+    }
+    /// A boolean, or `default` when absent.
+    pub fn boolean(&mut self, name: &str, default: bool) -> Result<bool> {
+        match self.values.remove(name) {
+            None => Ok(default),
+            Some(ParamValue::Bool(v)) => Ok(v),
+            Some(other) => Err(self.err(format!(
+                "parameter `{name}` must be true or false, got {}",
+                other.describe()
+            ))),
+        }
+    }
+    /// One number per argument of a `Many` slot: a list of exactly `n` numbers, or one number
+    /// repeated, or `default` repeated when absent.
+    pub fn per_model(&mut self, name: &str, n: usize, default: f64) -> Result<Vec<f64>> {
+        match self.values.remove(name) {
+            None => Ok(vec![default; n]),
+            Some(ParamValue::Number(v)) => Ok(vec![v; n]),
+            Some(ParamValue::List(v)) if v.len() == n => Ok(v),
+            Some(ParamValue::List(v)) => Err(self.err(format!(
+                "parameter `{name}` has {} values but there are {n} models",
+                v.len()
+            ))),
+            Some(other) => Err(self.err(format!(
+                "parameter `{name}` must be a number or a list of {n} numbers, got {}",
+                other.describe()
+            ))),
+        }
+    }
+    /// Fails if any parameter was not consumed.
+    pub fn finish(self, info: &MethodInfo) -> Result<()> {
+        if let Some(name) = self.values.keys().next() {
+            let known: Vec<&str> = info.params.iter().map(|p| p.name).collect();
+            return Err(self.err(format!(
+                "unknown parameter `{name}` (known: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a node does for a key some of its arguments lack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnMissing {
+    /// Merge the arguments that have the key (N-way methods leave absent models out).
+    MergePresent,
+    /// Pass this argument (an index into the flattened arguments) through unchanged.
+    PassThrough(usize),
+    /// The node has no value for this key; the output policy decides (see the key policy).
+    Absent,
+}
+
+/// Per-key facts given to a method.
+#[derive(Clone, Debug)]
+pub struct KeyCtx<'a> {
+    pub key: &'a str,
+    pub shape: &'a [usize],
+    /// Indices (into the node's flattened arguments) of the arguments present for this key, in
+    /// order; the chunks passed to [`KeyMerge`] follow this order.
+    pub present: &'a [usize],
+    /// The node's flattened argument count.
+    pub n_args: usize,
+    /// The run's seed, for methods with random masks.
+    pub seed: u64,
+}
+
+impl KeyCtx<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A merge method, constructed from its parameters, generic over the compute type.
+pub trait Method<T: Real>: Send + Sync {
+    fn info(&self) -> &'static MethodInfo;
+
+    /// What to do for a key when the arguments marked `false` lack it (at least one is `true`).
+    fn on_missing(&self, present: &[bool]) -> OnMissing;
+
+    /// Starts merging one key. `ctx.present` lists the arguments that will be supplied.
+    fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>>;
+}
+
+/// The merge of one key.
+pub trait KeyMerge<T: Real>: Send + Sync {
+    /// Number of statistic passes before [`KeyMerge::merge_chunk`] may be called.
+    fn stat_passes(&self) -> usize {
+        0
+    }
+    /// Statistics of one block (`range` of the flattened tensor) for pass `pass`.
+    fn stat_block(&self, _pass: usize, _range: Range<usize>, _args: &[&[T]]) -> Vec<f64> {
+        Vec::new()
+    }
+    /// Receives the per-block results of pass `pass`, in block order.
+    fn absorb_stats(&mut self, _pass: usize, _blocks: Vec<Vec<f64>>) -> Result<()> {
+        Ok(())
+    }
+    /// Whether the method needs the whole tensor as one chunk (whole-matrix methods).
+    fn whole_tensor(&self) -> bool {
+        false
+    }
+    /// Computes `out` for elements `range` of the flattened tensor from the arguments' chunks
+    /// (in `KeyCtx::present` order, each `range.len()` long).
+    fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]);
+}

@@ -1,0 +1,73 @@
+//! The merge methods, one file each, and the registry that names them.
+//!
+//! Adding a method: write `methods/NAME.rs` with an `INFO` and a type implementing
+//! [`Method`](crate::method::Method), then list it in `registry!` below. The engine is not touched.
+
+use crate::error::{Error, Result};
+use crate::method::{Method, MethodInfo, Params};
+use crate::real::Real;
+
+pub mod add_difference;
+pub mod linear;
+pub mod soup;
+pub mod subtract;
+pub mod task_arithmetic;
+pub mod weighted_sum;
+
+macro_rules! registry {
+    ($($module:ident :: $ty:ident),* $(,)?) => {
+        /// Every method amalgam implements, in documentation order.
+        pub static ALL: &[&MethodInfo] = &[$(&$module::INFO),*];
+
+        /// Builds method `name` from its parameters; `counts[i]` is the number of arguments given
+        /// to slot `i` of the method's [`MethodInfo::slots`].
+        pub fn build<T: Real>(name: &str, params: Params, counts: &[usize]) -> Result<Box<dyn Method<T>>> {
+            let name = canonical_name(name)?;
+            $(
+                if name == $module::INFO.name {
+                    return Ok(Box::new($module::$ty::new(params, counts)?));
+                }
+            )*
+            unreachable!("canonical_name returned an unregistered method")
+        }
+    };
+}
+
+registry!(
+    weighted_sum::WeightedSum,
+    soup::Soup,
+    linear::Linear,
+    add_difference::AddDifference,
+    subtract::Subtract,
+    task_arithmetic::TaskArithmetic,
+);
+
+/// Other names users know the methods by (sd-mecha, mergekit, A1111).
+const ALIASES: &[(&str, &str)] = &[
+    ("n_average", "soup"),
+    ("uniform_soup", "soup"),
+    ("average", "soup"),
+    ("weighted_linear", "linear"),
+    ("sum", "linear"),
+];
+
+/// The registered name for `name` (an exact name or an alias), or an error listing the methods.
+pub fn canonical_name(name: &str) -> Result<&'static str> {
+    let norm = name.replace('-', "_").to_ascii_lowercase();
+    if let Some(info) = ALL.iter().find(|i| i.name == norm) {
+        return Ok(info.name);
+    }
+    if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == norm) {
+        return Ok(to);
+    }
+    Err(Error::Invalid(format!(
+        "unknown method `{name}`; amalgam implements: {}",
+        ALL.iter().map(|i| i.name).collect::<Vec<_>>().join(", ")
+    )))
+}
+
+/// The description of method `name` (or alias).
+pub fn info(name: &str) -> Result<&'static MethodInfo> {
+    let name = canonical_name(name)?;
+    Ok(ALL.iter().find(|i| i.name == name).expect("registered"))
+}

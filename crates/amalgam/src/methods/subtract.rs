@@ -1,0 +1,57 @@
+//! Subtract: `δ = A − B`, e.g. a task vector to feed another node (sd-mecha `subtract`).
+
+use crate::error::Result;
+use crate::method::*;
+use crate::real::Real;
+use std::ops::Range;
+
+pub static INFO: MethodInfo = MethodInfo {
+    name: "subtract",
+    formula: "a - b",
+    summary:
+        "The difference of two models (a delta). A key either lacks is left to the key policy.",
+    slots: &[
+        Slot {
+            name: "a",
+            kind: SlotKind::One,
+            doc: "minuend",
+        },
+        Slot {
+            name: "b",
+            kind: SlotKind::One,
+            doc: "subtrahend",
+        },
+    ],
+    params: &[],
+};
+
+pub struct Subtract;
+
+impl Subtract {
+    pub fn new(params: Params, _counts: &[usize]) -> Result<Self> {
+        params.finish(&INFO)?;
+        Ok(Subtract)
+    }
+}
+
+impl<T: Real> Method<T> for Subtract {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+    fn on_missing(&self, _present: &[bool]) -> OnMissing {
+        OnMissing::Absent
+    }
+    fn begin_key(&self, _ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
+        Ok(Box::new(Difference))
+    }
+}
+
+struct Difference;
+
+impl<T: Real> KeyMerge<T> for Difference {
+    fn merge_chunk(&self, _range: Range<usize>, args: &[&[T]], out: &mut [T]) {
+        for ((o, &a), &b) in out.iter_mut().zip(args[0]).zip(args[1]) {
+            *o = a - b;
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Task arithmetic (Ilharco et al. 2022; mergekit `task_arithmetic`, spec §1.4):
+//! `θ = θ_0 + λ · Σ_t w_t (θ_t − θ_0)`, no normalisation.
+
+use crate::error::Result;
+use crate::method::*;
+use crate::real::Real;
+use std::ops::Range;
+
+pub static INFO: MethodInfo = MethodInfo {
+    name: "task_arithmetic",
+    formula: "base + lambda * sum_t weights[t] * (models[t] - base)",
+    summary: "Adds the weighted task vectors of N fine-tunes to their base. A fine-tune lacking a \
+              key is left out of it; a key the base lacks is left to the key policy.",
+    slots: &[
+        Slot {
+            name: "base",
+            kind: SlotKind::One,
+            doc: "the pre-trained model",
+        },
+        Slot {
+            name: "models",
+            kind: SlotKind::Many,
+            doc: "the fine-tuned models",
+        },
+    ],
+    params: &[
+        ParamInfo {
+            name: "weights",
+            default: Some("1 for every model"),
+            doc: "one weight per fine-tune (a list), or one number for all",
+        },
+        ParamInfo {
+            name: "lambda",
+            default: Some("1.0"),
+            doc: "global scale of the summed task vectors (negative forgets)",
+        },
+    ],
+};
+
+pub struct TaskArithmetic {
+    weights: Vec<f64>,
+    lambda: f64,
+}
+
+impl TaskArithmetic {
+    pub fn new(mut params: Params, counts: &[usize]) -> Result<Self> {
+        let weights = params.per_model("weights", counts[1], 1.0)?;
+        let lambda = params.number("lambda", 1.0)?;
+        params.finish(&INFO)?;
+        Ok(TaskArithmetic { weights, lambda })
+    }
+}
+
+impl<T: Real> Method<T> for TaskArithmetic {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+    fn on_missing(&self, present: &[bool]) -> OnMissing {
+        if !present[0] {
+            OnMissing::Absent
+        } else if present[1..].iter().any(|&p| p) {
+            OnMissing::MergePresent
+        } else {
+            OnMissing::PassThrough(0)
+        }
+    }
+    fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
+        // present[0] is the base (index 0); the rest index fine-tunes as 1 + t.
+        Ok(Box::new(AddTaskVectors {
+            weights: ctx.present[1..]
+                .iter()
+                .map(|&i| T::from_f64(self.weights[i - 1]))
+                .collect(),
+            lambda: T::from_f64(self.lambda),
+        }))
+    }
+}
+
+struct AddTaskVectors<T> {
+    weights: Vec<T>,
+    lambda: T,
+}
+
+impl<T: Real> KeyMerge<T> for AddTaskVectors<T> {
+    fn merge_chunk(&self, _range: Range<usize>, args: &[&[T]], out: &mut [T]) {
+        let base = args[0];
+        out.fill(T::ZERO);
+        for (x, &w) in args[1..].iter().zip(&self.weights) {
+            for ((o, &v), &b) in out.iter_mut().zip(x.iter()).zip(base) {
+                *o += w * (v - b);
+            }
+        }
+        for (o, &b) in out.iter_mut().zip(base) {
+            *o = b + self.lambda * *o;
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The compute element type: `f32` or `f64` accumulation, chosen by the user.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// The precision merges accumulate in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    F32,
+    F64,
+}
+
+impl ComputeDtype {
+    pub fn size(self) -> usize {
+        match self {
+            ComputeDtype::F32 => 4,
+            ComputeDtype::F64 => 8,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::F64 => "f64",
+        }
+    }
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(ComputeDtype::F32),
+            "f64" | "float64" => Ok(ComputeDtype::F64),
+            _ => Err(format!("unknown compute dtype `{s}` (expected f32 or f64)")),
+        }
+    }
+}
+
+/// A real number type the engine computes in. Implemented for `f32` and `f64`.
+///
+/// Methods are written once, generically over `Real`, and never use fused multiply-add, so the
+/// output bytes are the same on every CPU.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + Debug
+    + Default
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const DTYPE: ComputeDtype;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn abs(self) -> Self;
+    fn sqrt(self) -> Self;
+
+    fn from_f16_slice(src: &[f16], dst: &mut [Self]);
+    fn from_bf16_slice(src: &[bf16], dst: &mut [Self]);
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]);
+    fn from_f64_slice(src: &[f64], dst: &mut [Self]);
+    fn to_f16_slice(src: &[Self], dst: &mut [f16]);
+    fn to_bf16_slice(src: &[Self], dst: &mut [bf16]);
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]);
+    fn to_f64_slice(src: &[Self], dst: &mut [f64]);
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const DTYPE: ComputeDtype = ComputeDtype::F32;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn from_f16_slice(src: &[f16], dst: &mut [Self]) {
+        src.convert_to_f32_slice(dst)
+    }
+    fn from_bf16_slice(src: &[bf16], dst: &mut [Self]) {
+        // bf16 is the top half of an f32: a shift is exact and vectorises.
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
+    }
+    fn from_f64_slice(src: &[f64], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s as f32;
+        }
+    }
+    fn to_f16_slice(src: &[Self], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src)
+    }
+    fn to_bf16_slice(src: &[Self], dst: &mut [bf16]) {
+        dst.convert_from_f32_slice(src)
+    }
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+    fn to_f64_slice(src: &[Self], dst: &mut [f64]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s as f64;
+        }
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const DTYPE: ComputeDtype = ComputeDtype::F64;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn from_f16_slice(src: &[f16], dst: &mut [Self]) {
+        src.convert_to_f64_slice(dst)
+    }
+    fn from_bf16_slice(src: &[bf16], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16) as f64;
+        }
+    }
+    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s as f64;
+        }
+    }
+    fn from_f64_slice(src: &[f64], dst: &mut [Self]) {
+        dst.copy_from_slice(src)
+    }
+    fn to_f16_slice(src: &[Self], dst: &mut [f16]) {
+        dst.convert_from_f64_slice(src)
+    }
+    fn to_bf16_slice(src: &[Self], dst: &mut [bf16]) {
+        dst.convert_from_f64_slice(src)
+    }
+    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s as f32;
+        }
+    }
+    fn to_f64_slice(src: &[Self], dst: &mut [f64]) {
+        dst.copy_from_slice(src)
+    }
+}

@@ -1,0 +1,539 @@
+//! The native recipe format (TOML): named models (files, lists or globs), named method nodes, one
+//! output. See the README's "Recipes" section for the format.
+//!
+//! Every error names the recipe file, the line and the model or node concerned, and is raised
+//! before any tensor is read (paths are checked for existence, all at once).
+
+use crate::dtype::OutputDtype;
+use crate::error::{Error, Result};
+use crate::graph::{Graph, ModelInput, Node, Ref};
+use crate::method::{ParamValue, Params, SlotKind};
+use crate::methods;
+use crate::real::ComputeDtype;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Settings a recipe may carry in its `[output]` table (the command line overrides them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RecipeSettings {
+    pub dtype: Option<OutputDtype>,
+    pub compute_dtype: Option<ComputeDtype>,
+    pub seed: Option<u64>,
+}
+
+/// A parsed recipe.
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    pub graph: Graph,
+    pub settings: RecipeSettings,
+}
+
+type Table = BTreeMap<String, Spanned<toml::Value>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    #[serde(default)]
+    models: BTreeMap<String, Spanned<toml::Value>>,
+    #[serde(default)]
+    nodes: BTreeMap<String, Spanned<Table>>,
+    output: Spanned<RawOutput>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    node: Spanned<String>,
+    dtype: Option<Spanned<String>>,
+    compute_dtype: Option<Spanned<String>>,
+    fallback: Option<Spanned<String>>,
+    seed: Option<Spanned<i64>>,
+}
+
+struct Ctx<'a> {
+    origin: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, span: std::ops::Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+    fn err(&self, span: std::ops::Range<usize>, what: &str, message: impl Into<String>) -> Error {
+        let what = if what.is_empty() {
+            String::new()
+        } else {
+            format!(" ({what})")
+        };
+        Error::Recipe {
+            origin: format!("{}:{}{what}", self.origin, self.line(span)),
+            message: message.into(),
+        }
+    }
+}
+
+/// What a name in the recipe stands for.
+#[derive(Clone, Debug)]
+enum Named {
+    Models(Vec<usize>),
+    Node(String),
+}
+
+/// Reads and parses a recipe file; relative model paths are relative to its folder.
+pub fn load(path: &Path) -> Result<Recipe> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    parse(&text, &path.display().to_string(), dir)
+}
+
+/// Parses recipe `text`; `origin` names it in errors, `dir` anchors relative paths.
+pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
+    let cx = Ctx { origin, text };
+    let raw: RawRecipe = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        cx.err(span, "", e.message().to_string())
+    })?;
+
+    // Models: a path, a list of paths, or a glob.
+    let mut models: Vec<ModelInput> = Vec::new();
+    let mut names: BTreeMap<String, Named> = BTreeMap::new();
+    let mut missing: Vec<String> = Vec::new();
+    for (name, value) in &raw.models {
+        let span = value.span();
+        let what = format!("model `{name}`");
+        let paths: Vec<(String, bool)> = match value.get_ref() {
+            toml::Value::String(s) => vec![(s.clone(), true)],
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok((s.clone(), false)),
+                    other => Err(cx.err(
+                        span.clone(),
+                        &what,
+                        format!("expected a path, got {}", other.type_str()),
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            other => {
+                return Err(cx.err(
+                    span,
+                    &what,
+                    format!(
+                        "expected a path, a list of paths or a glob, got {}",
+                        other.type_str()
+                    ),
+                ))
+            }
+        };
+        let mut indices = Vec::new();
+        let single = paths.len() == 1 && paths[0].1;
+        for (p, _) in paths {
+            let full = dir.join(&p);
+            if p.contains(['*', '?', '[']) {
+                let pattern = full.to_string_lossy().into_owned();
+                let mut found: Vec<PathBuf> = glob::glob(&pattern)
+                    .map_err(|e| cx.err(span.clone(), &what, format!("bad glob `{p}`: {e}")))?
+                    .filter_map(|r| r.ok())
+                    .filter(|p| p.is_file())
+                    .collect();
+                found.sort();
+                if found.is_empty() {
+                    missing.push(format!(
+                        "{}: glob `{}` matches no file",
+                        cx.line(span.clone()),
+                        pattern
+                    ));
+                }
+                for f in found {
+                    indices.push(models.len());
+                    models.push(ModelInput {
+                        name: format!("{name}[{}]", indices.len() - 1),
+                        path: f,
+                    });
+                }
+            } else {
+                if !full.is_file() {
+                    missing.push(format!(
+                        "{}: `{}` does not exist",
+                        cx.line(span.clone()),
+                        full.display()
+                    ));
+                }
+                indices.push(models.len());
+                models.push(ModelInput {
+                    name: if single {
+                        name.clone()
+                    } else {
+                        format!("{name}[{}]", indices.len())
+                    },
+                    path: full,
+                });
+            }
+        }
+        names.insert(name.clone(), Named::Models(indices));
+    }
+    if !missing.is_empty() {
+        return Err(Error::Recipe {
+            origin: origin.to_string(),
+            message: format!("missing model files:\n  line {}", missing.join("\n  line ")),
+        });
+    }
+    for (name, node) in &raw.nodes {
+        if names.contains_key(name) {
+            return Err(cx.err(
+                node.span(),
+                &format!("node `{name}`"),
+                "a model has the same name; names must be unique",
+            ));
+        }
+        names.insert(name.clone(), Named::Node(name.clone()));
+    }
+
+    // Nodes, in dependency order (depth first from each node in name order).
+    let mut order: Vec<String> = Vec::new();
+    let mut state: BTreeMap<String, u8> = BTreeMap::new(); // 1 = visiting, 2 = done
+    fn visit(
+        name: &str,
+        raw: &RawRecipe,
+        names: &BTreeMap<String, Named>,
+        state: &mut BTreeMap<String, u8>,
+        order: &mut Vec<String>,
+        cx: &Ctx,
+    ) -> Result<()> {
+        match state.get(name) {
+            Some(2) => return Ok(()),
+            Some(1) => {
+                return Err(cx.err(
+                    raw.nodes[name].span(),
+                    &format!("node `{name}`"),
+                    "the nodes form a cycle",
+                ))
+            }
+            _ => {}
+        }
+        state.insert(name.to_string(), 1);
+        for (field, value) in raw.nodes[name].get_ref() {
+            if field == "method" {
+                continue;
+            }
+            for dep in refs_in(value.get_ref()) {
+                if let Some(Named::Node(n)) = names.get(dep) {
+                    visit(n, raw, names, state, order, cx)?;
+                }
+            }
+        }
+        state.insert(name.to_string(), 2);
+        order.push(name.to_string());
+        Ok(())
+    }
+    for name in raw.nodes.keys() {
+        visit(name, &raw, &names, &mut state, &mut order, &cx)?;
+    }
+    let node_index: BTreeMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+
+    let mut nodes = Vec::new();
+    for name in &order {
+        let table = &raw.nodes[name];
+        let what = format!("node `{name}`");
+        let t = table.get_ref();
+        let method = match t.get("method") {
+            Some(v) => match v.get_ref() {
+                toml::Value::String(s) => {
+                    methods::info(s).map_err(|e| cx.err(v.span(), &what, e.to_string()))?
+                }
+                other => {
+                    return Err(cx.err(
+                        v.span(),
+                        &what,
+                        format!("`method` must be a string, got {}", other.type_str()),
+                    ))
+                }
+            },
+            None => {
+                return Err(cx.err(
+                    table.span(),
+                    &what,
+                    format!(
+                        "no `method`; one of: {}",
+                        methods::ALL
+                            .iter()
+                            .map(|i| i.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ))
+            }
+        };
+        let mut slots = Vec::new();
+        for slot in method.slots {
+            let Some(v) = t.get(slot.name) else {
+                return Err(cx.err(
+                    table.span(),
+                    &what,
+                    format!(
+                        "method `{}` needs `{}` ({})",
+                        method.name,
+                        slot.name,
+                        match slot.kind {
+                            SlotKind::One => "one model or node name",
+                            SlotKind::Many => "a list of model, group or node names",
+                        }
+                    ),
+                ));
+            };
+            let mut refs = Vec::new();
+            let items: Vec<&toml::Value> = match v.get_ref() {
+                toml::Value::Array(a) => a.iter().collect(),
+                other => vec![other],
+            };
+            for item in items {
+                let toml::Value::String(n) = item else {
+                    return Err(cx.err(
+                        v.span(),
+                        &what,
+                        format!(
+                            "`{}` must name models or nodes, got {}",
+                            slot.name,
+                            item.type_str()
+                        ),
+                    ));
+                };
+                match names.get(n) {
+                    Some(Named::Models(ix)) => refs.extend(ix.iter().map(|&i| Ref::Model(i))),
+                    Some(Named::Node(nn)) => refs.push(Ref::Node(node_index[nn.as_str()])),
+                    None => return Err(cx.err(
+                        v.span(),
+                        &what,
+                        format!(
+                            "`{}` refers to `{n}`, which is neither a model nor a node (known: {})",
+                            slot.name,
+                            names.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    )),
+                }
+            }
+            if slot.kind == SlotKind::One && refs.len() != 1 {
+                return Err(cx.err(
+                    v.span(),
+                    &what,
+                    format!(
+                        "`{}` takes exactly one model or node, got {}",
+                        slot.name,
+                        refs.len()
+                    ),
+                ));
+            }
+            if refs.is_empty() {
+                return Err(cx.err(v.span(), &what, format!("`{}` is empty", slot.name)));
+            }
+            slots.push(refs);
+        }
+        let mut params = BTreeMap::new();
+        for (k, v) in t {
+            if k == "method" || method.slots.iter().any(|s| s.name == k) {
+                continue;
+            }
+            let pv = to_param(v.get_ref()).ok_or_else(|| {
+                cx.err(
+                    v.span(),
+                    &what,
+                    format!(
+                        "parameter `{k}` must be a number, a boolean, a string or a list of numbers, got {}",
+                        v.get_ref().type_str()
+                    ),
+                )
+            })?;
+            params.insert(k.clone(), pv);
+        }
+        let counts: Vec<usize> = slots.iter().map(Vec::len).collect();
+        methods::build::<f32>(
+            method.name,
+            Params::new(method.name, params.clone()),
+            &counts,
+        )
+        .map_err(|e| cx.err(table.span(), &what, e.to_string()))?;
+        nodes.push(Node {
+            name: name.clone(),
+            method: method.name,
+            params,
+            slots,
+        });
+    }
+
+    let out = raw.output.get_ref();
+    let output = match names.get(out.node.get_ref()) {
+        Some(Named::Node(n)) => Ref::Node(node_index[n.as_str()]),
+        Some(Named::Models(ix)) if ix.len() == 1 => Ref::Model(ix[0]),
+        Some(Named::Models(_)) => {
+            return Err(cx.err(
+                out.node.span(),
+                "output",
+                "`node` names a group of models; name one node or one model",
+            ))
+        }
+        None => {
+            return Err(cx.err(
+                out.node.span(),
+                "output",
+                format!(
+                    "`node` refers to `{}`, which is not defined",
+                    out.node.get_ref()
+                ),
+            ))
+        }
+    };
+    let fallback = match &out.fallback {
+        None => None,
+        Some(f) => match names.get(f.get_ref()) {
+            Some(Named::Models(ix)) if ix.len() == 1 => Some(ix[0]),
+            _ => {
+                return Err(cx.err(
+                    f.span(),
+                    "output",
+                    format!("`fallback` must name one model, got `{}`", f.get_ref()),
+                ))
+            }
+        },
+    };
+    let mut settings = RecipeSettings::default();
+    if let Some(d) = &out.dtype {
+        settings.dtype = Some(
+            d.get_ref()
+                .parse()
+                .map_err(|e: String| cx.err(d.span(), "output", e))?,
+        );
+    }
+    if let Some(d) = &out.compute_dtype {
+        settings.compute_dtype = Some(
+            d.get_ref()
+                .parse()
+                .map_err(|e: String| cx.err(d.span(), "output", e))?,
+        );
+    }
+    if let Some(s) = &out.seed {
+        settings.seed =
+            Some(u64::try_from(*s.get_ref()).map_err(|_| {
+                cx.err(s.span(), "output", "`seed` must be a non-negative integer")
+            })?);
+    }
+    if models.is_empty() {
+        return Err(Error::Recipe {
+            origin: origin.to_string(),
+            message: "no models: add a [models] table".into(),
+        });
+    }
+    let graph = Graph {
+        models,
+        nodes,
+        output,
+        fallback,
+    };
+    graph.validate().map_err(|e| Error::Recipe {
+        origin: origin.to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(Recipe { graph, settings })
+}
+
+fn refs_in(v: &toml::Value) -> Vec<&str> {
+    match v {
+        toml::Value::String(s) => vec![s.as_str()],
+        toml::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn to_param(v: &toml::Value) -> Option<ParamValue> {
+    Some(match v {
+        toml::Value::Boolean(b) => ParamValue::Bool(*b),
+        toml::Value::Integer(i) => ParamValue::Number(*i as f64),
+        toml::Value::Float(f) => ParamValue::Number(*f),
+        toml::Value::String(s) => ParamValue::Text(s.clone()),
+        toml::Value::Array(a) => ParamValue::List(
+            a.iter()
+                .map(|x| match x {
+                    toml::Value::Integer(i) => Some(*i as f64),
+                    toml::Value::Float(f) => Some(*f),
+                    _ => None,
+                })
+                .collect::<Option<Vec<f64>>>()?,
+        ),
+        _ => return None,
+    })
+}
+
+/// Writes `graph` as a self-contained recipe (every model listed with its path), the form stored
+/// in outputs' `__metadata__["amalgam_recipe"]`.
+pub fn to_toml(graph: &Graph, settings: &RecipeSettings) -> String {
+    use toml::Value;
+    let quote = |s: &str| Value::String(s.to_string()).to_string();
+    let model_key = |i: usize| format!("m{i}");
+    let node_key = |i: usize| format!("n{i}_{}", graph.nodes[i].name);
+    let name_of = |r: &Ref| match r {
+        Ref::Model(m) => model_key(*m),
+        Ref::Node(n) => node_key(*n),
+    };
+    let mut s = String::from("# amalgam recipe\n[models]\n");
+    for (i, m) in graph.models.iter().enumerate() {
+        s += &format!(
+            "{} = {}  # {}\n",
+            model_key(i),
+            quote(&m.path.to_string_lossy()),
+            m.name
+        );
+    }
+    for (i, n) in graph.nodes.iter().enumerate() {
+        s += &format!(
+            "\n[nodes.{}]\nmethod = {}\n",
+            quote(&node_key(i)),
+            quote(n.method)
+        );
+        let info = methods::info(n.method).expect("registered");
+        for (slot, refs) in info.slots.iter().zip(&n.slots) {
+            let names: Vec<String> = refs.iter().map(|r| quote(&name_of(r))).collect();
+            match slot.kind {
+                SlotKind::One => s += &format!("{} = {}\n", slot.name, names[0]),
+                SlotKind::Many => s += &format!("{} = [{}]\n", slot.name, names.join(", ")),
+            }
+        }
+        for (k, v) in &n.params {
+            let value = match v {
+                ParamValue::Bool(b) => b.to_string(),
+                ParamValue::Number(x) => Value::Float(*x).to_string(),
+                ParamValue::List(xs) => format!(
+                    "[{}]",
+                    xs.iter()
+                        .map(|x| Value::Float(*x).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                ParamValue::Text(t) => quote(t),
+            };
+            s += &format!("{} = {value}\n", quote(k));
+        }
+    }
+    s += &format!("\n[output]\nnode = {}\n", quote(&name_of(&graph.output)));
+    if let Some(f) = graph.fallback {
+        s += &format!("fallback = {}\n", quote(&model_key(f)));
+    }
+    if let Some(d) = settings.dtype {
+        s += &format!("dtype = {}\n", quote(d.name()));
+    }
+    if let Some(d) = settings.compute_dtype {
+        s += &format!("compute_dtype = {}\n", quote(d.name()));
+    }
+    if let Some(seed) = settings.seed {
+        s += &format!("seed = {seed}\n");
+    }
+    s
+}

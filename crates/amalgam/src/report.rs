@@ -1,0 +1,171 @@
+//! What a merge did with every key: the key policy made visible.
+
+use crate::graph::Graph;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why a float key was written unchanged from one model.
+#[derive(Clone, Debug, serde::Serialize)]
+pub enum TakenBecause {
+    /// A node passed one of its arguments through (e.g. weighted sum where only one model has it).
+    PassedThrough(String),
+    /// The output node has no value for the key; it was taken from the fallback model.
+    Fallback(String),
+}
+
+/// What was done for one key.
+#[derive(Clone, Debug, serde::Serialize)]
+pub enum KeyAction {
+    /// Merged from every input the recipe gives it.
+    Merged,
+    /// Merged, but some inputs lacked the key and were left out (the note says where).
+    MergedPartly(String),
+    /// A float key written unchanged (converted to the output dtype) from one model.
+    Taken { model: usize, because: TakenBecause },
+    /// A non-float key (e.g. int64 `position_ids`) copied byte for byte from the first model that has it.
+    CopiedUnchanged { model: usize },
+}
+
+/// The summary of a merge.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct MergeReport {
+    /// Input names and paths, in input order.
+    pub models: Vec<(String, PathBuf)>,
+    /// Per input, the keys some other input has and it lacks.
+    pub lacking: Vec<Vec<String>>,
+    /// Per output key, in output order.
+    pub actions: Vec<(String, KeyAction)>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub chunk_elements: usize,
+    pub threads: usize,
+    /// The working set the chunk size was derived for.
+    pub working_set_bytes: u64,
+    pub elapsed: Duration,
+    pub output: Option<PathBuf>,
+    /// The process's peak resident set size at the end of the merge (Linux only).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl MergeReport {
+    pub fn new(graph: &Graph) -> Self {
+        MergeReport {
+            models: graph
+                .models
+                .iter()
+                .map(|m| (m.name.clone(), m.path.clone()))
+                .collect(),
+            lacking: vec![Vec::new(); graph.models.len()],
+            ..Default::default()
+        }
+    }
+
+    /// Counts of (merged, merged from a subset, taken unchanged, copied non-float).
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        let mut c = (0, 0, 0, 0);
+        for (_, a) in &self.actions {
+            match a {
+                KeyAction::Merged => c.0 += 1,
+                KeyAction::MergedPartly(_) => c.1 += 1,
+                KeyAction::Taken { .. } => c.2 += 1,
+                KeyAction::CopiedUnchanged { .. } => c.3 += 1,
+            }
+        }
+        c
+    }
+}
+
+/// Groups keys by their first two dotted segments, e.g. `first_stage_model.decoder`.
+fn group_keys(keys: &[String]) -> Vec<(String, usize)> {
+    let mut groups: BTreeMap<String, usize> = BTreeMap::new();
+    for k in keys {
+        let prefix: Vec<&str> = k.split('.').take(2).collect();
+        *groups.entry(prefix.join(".")).or_default() += 1;
+    }
+    let mut v: Vec<_> = groups.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
+}
+
+impl fmt::Display for MergeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (merged, partly, taken, copied) = self.counts();
+        writeln!(
+            f,
+            "{} keys: {merged} merged from all their inputs, {partly} merged from the inputs that have them, {taken} taken unchanged from one model, {copied} non-float copied",
+            self.actions.len()
+        )?;
+        for (i, keys) in self.lacking.iter().enumerate() {
+            if keys.is_empty() {
+                continue;
+            }
+            let (name, path) = &self.models[i];
+            let groups = group_keys(keys);
+            let shown: Vec<String> = groups
+                .iter()
+                .take(4)
+                .map(|(g, n)| format!("{g}.* ({n})"))
+                .collect();
+            writeln!(
+                f,
+                "  {name} ({}) lacks {} keys: {}{}",
+                path.display(),
+                keys.len(),
+                shown.join(", "),
+                if groups.len() > 4 { ", ..." } else { "" }
+            )?;
+        }
+        // Keys not merged from all their inputs, grouped by what was done.
+        let mut groups: BTreeMap<String, (usize, &str)> = BTreeMap::new();
+        for (key, action) in &self.actions {
+            let line = match action {
+                KeyAction::MergedPartly(note) => format!("merged partly: {note}"),
+                KeyAction::Taken { model, because } => {
+                    let (why, note) = match because {
+                        TakenBecause::PassedThrough(n) => ("passed through", n),
+                        TakenBecause::Fallback(n) => ("fallback", n),
+                    };
+                    let note = if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {note}")
+                    };
+                    format!(
+                        "taken unchanged from {} ({why}{note})",
+                        self.models[*model].0
+                    )
+                }
+                _ => continue,
+            };
+            groups.entry(line).or_insert((0, key)).0 += 1;
+        }
+        for (line, (count, example)) in &groups {
+            writeln!(f, "  {count} keys {line} (e.g. {example})")?;
+        }
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        write!(
+            f,
+            "read {}, wrote {} in {:.2} s ({}/s read); {} threads, chunks of {} elements",
+            crate::size::format_bytes(self.bytes_read),
+            crate::size::format_bytes(self.bytes_written),
+            secs,
+            crate::size::format_bytes((self.bytes_read as f64 / secs) as u64),
+            self.threads,
+            self.chunk_elements
+        )?;
+        if let Some(rss) = self.peak_rss_bytes {
+            write!(f, "; peak RSS {}", crate::size::format_bytes(rss))?;
+        }
+        Ok(())
+    }
+}
+
+/// The peak resident set size of this process (`VmHWM`), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
