@@ -11,7 +11,7 @@
 //!    then the wave is written at the chunks' fixed offsets. Per element the summation order over
 //!    models is fixed by the methods, so the bytes do not depend on threads or chunk size.
 
-use crate::dtype::{dtype_name, OutputDtype};
+use crate::dtype::{dtype_name, FloatDtype, OutputDtype};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Ref};
 use crate::input::ModelFile;
@@ -66,7 +66,7 @@ impl MergeOptions {
     }
 }
 
-/// Receives progress of a merge. All methods are called from the thread that runs the merge.
+/// Receives progress of a merge, from any of its threads.
 pub trait Progress: Sync {
     /// Called once when planning is done.
     fn start(&self, _total_bytes: u64, _keys: usize) {}
@@ -126,7 +126,7 @@ fn file_identity(p: &Path) -> Option<(u64, u64)> {
 
 /// How one key is computed.
 enum Expr<T: Real> {
-    Leaf(usize),
+    Leaf(Leaf),
     Node {
         state: Box<dyn KeyMerge<T>>,
         args: Vec<Expr<T>>,
@@ -144,12 +144,39 @@ impl<T: Real> Expr<T> {
             }),
         }
     }
+    fn has_stats(&self) -> bool {
+        match self {
+            Expr::Leaf(_) => false,
+            Expr::Node { state, args } => {
+                state.stat_passes() > 0 || args.iter().any(|a| a.has_stats())
+            }
+        }
+    }
     fn whole_tensor(&self) -> bool {
         match self {
             Expr::Leaf(_) => false,
             Expr::Node { state, args } => {
                 state.whole_tensor() || args.iter().any(|a| a.whole_tensor())
             }
+        }
+    }
+}
+
+/// Where one input's tensor lies.
+#[derive(Clone, Copy, Debug)]
+struct Leaf {
+    model: usize,
+    offset: u64,
+    dtype: FloatDtype,
+}
+
+impl Leaf {
+    fn new(models: &[ModelFile], model: usize, key: &str) -> Self {
+        let e = models[model].tensor(key).expect("planned key");
+        Leaf {
+            model,
+            offset: e.offset,
+            dtype: e.float_dtype().expect("float key"),
         }
     }
 }
@@ -172,18 +199,21 @@ fn resolve<T: Real>(
     key: &str,
     shape: &[usize],
     has: &[bool],
+    models: &[ModelFile],
     graph: &Graph,
     methods: &[Box<dyn Method<T>>],
     seed: u64,
     notes: &mut Vec<String>,
 ) -> Result<Option<Expr<T>>> {
     match r {
-        Ref::Model(m) => Ok(has[m].then_some(Expr::Leaf(m))),
+        Ref::Model(m) => Ok(has[m].then(|| Expr::Leaf(Leaf::new(models, m, key)))),
         Ref::Node(n) => {
             let node = &graph.nodes[n];
             let mut args = Vec::new();
             for a in node.flat_args() {
-                args.push(resolve(a, key, shape, has, graph, methods, seed, notes)?);
+                args.push(resolve(
+                    a, key, shape, has, models, graph, methods, seed, notes,
+                )?);
             }
             let present: Vec<bool> = args.iter().map(Option::is_some).collect();
             if !present.iter().any(|&p| p) {
@@ -313,16 +343,17 @@ fn plan<T: Real>(
             key,
             &entry.shape,
             &has,
+            models,
             graph,
             &methods,
             opts.seed,
             &mut notes,
         )?;
         let (expr, action) = match expr {
-            Some(Expr::Leaf(m)) => (
-                Expr::Leaf(m),
+            Some(Expr::Leaf(leaf)) => (
+                Expr::Leaf(leaf),
                 KeyAction::Taken {
-                    model: m,
+                    model: leaf.model,
                     because: TakenBecause::PassedThrough(notes.join("; ")),
                 },
             ),
@@ -340,7 +371,7 @@ fn plan<T: Real>(
                     _ => first,
                 };
                 (
-                    Expr::Leaf(m),
+                    Expr::Leaf(Leaf::new(models, m, key)),
                     KeyAction::Taken {
                         model: m,
                         because: TakenBecause::Fallback(notes.join("; ")),
@@ -360,23 +391,31 @@ fn plan<T: Real>(
     Ok(planned)
 }
 
-/// One unit of parallel work: elements `range` of planned key `key`.
-struct Item {
+/// One unit of parallel work: elements `range` of planned key `key`, computed in cache-sized
+/// sub-chunks into one output buffer that is then written with one call.
+struct Task {
     key: usize,
     range: Range<usize>,
 }
 
-/// Reusable buffers of one worker.
+/// Reusable buffers of one worker thread, and the input pages it has finished with.
 struct Scratch<T> {
     free: Vec<Vec<T>>,
     raw: Vec<u64>,
+    out: Vec<u64>,
+    releaser: Releaser,
 }
 
+/// Input bytes a worker may leave mapped before handing them back, over all models.
+const PENDING_RELEASE: u64 = 32 << 20;
+
 impl<T: Real> Scratch<T> {
-    fn new() -> Self {
+    fn new(models: usize) -> Self {
         Scratch {
             free: Vec::new(),
             raw: Vec::new(),
+            out: Vec::new(),
+            releaser: Releaser::new(models, (PENDING_RELEASE / models.max(1) as u64).max(256 << 10)),
         }
     }
     fn take(&mut self, len: usize) -> Vec<T> {
@@ -388,26 +427,53 @@ impl<T: Real> Scratch<T> {
     }
 }
 
+/// One `Scratch` per worker thread, kept for the whole merge.
+struct Workers<T> {
+    slots: Vec<std::sync::Mutex<Scratch<T>>>,
+}
+
+impl<T: Real> Workers<T> {
+    fn new(threads: usize, models: usize) -> Self {
+        Workers {
+            slots: (0..threads.max(1))
+                .map(|_| std::sync::Mutex::new(Scratch::new(models)))
+                .collect(),
+        }
+    }
+    fn release_all(&self, models: &[ModelFile]) {
+        for slot in &self.slots {
+            slot.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .releaser
+                .flush_all(models);
+        }
+    }
+    fn with<R>(&self, f: impl FnOnce(&mut Scratch<T>) -> R) -> R {
+        let i = rayon::current_thread_index().unwrap_or(0) % self.slots.len();
+        let mut guard = self.slots[i].lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+}
+
 /// Evaluates `expr` on elements `range`; the result is the first `range.len()` elements of the
-/// returned buffer (to be given back to `scratch.free`).
+/// returned buffer (to be given back to `s.free`).
 fn eval<T: Real>(
     expr: &Expr<T>,
-    key: &str,
     range: &Range<usize>,
     models: &[ModelFile],
     s: &mut Scratch<T>,
-) -> Result<Vec<T>> {
+) -> Vec<T> {
     let len = range.len();
     match expr {
-        Expr::Leaf(m) => {
+        Expr::Leaf(l) => {
             let mut buf = s.take(len);
-            models[*m].read_chunk(key, range.start, &mut buf[..len], &mut s.raw)?;
-            Ok(buf)
+            models[l.model].decode(l.offset, l.dtype, range.start, &mut buf[..len], &mut s.raw);
+            buf
         }
         Expr::Node { state, args } => {
             let mut bufs = Vec::with_capacity(args.len());
             for a in args {
-                bufs.push(eval(a, key, range, models, s)?);
+                bufs.push(eval(a, range, models, s));
             }
             let mut out = s.take(len);
             {
@@ -415,7 +481,57 @@ fn eval<T: Real>(
                 state.merge_chunk(range.clone(), &refs, &mut out[..len]);
             }
             s.free.extend(bufs);
-            Ok(out)
+            out
+        }
+    }
+}
+
+/// Hands input pages back to the kernel once they are merged, coalescing adjacent byte ranges of
+/// each model and releasing a model's range when it reaches `limit` bytes or stops growing.
+struct Releaser {
+    pending: Vec<Option<(u64, u64)>>,
+    limit: u64,
+}
+
+impl Releaser {
+    fn new(models: usize, limit: u64) -> Self {
+        Releaser {
+            pending: vec![None; models],
+            limit,
+        }
+    }
+    /// Adds the bytes `range` of every leaf of `expr` read.
+    fn add<T: Real>(&mut self, expr: &Expr<T>, range: &Range<usize>, models: &[ModelFile]) {
+        match expr {
+            Expr::Leaf(l) => {
+                let w = l.dtype.size() as u64;
+                let lo = l.offset + range.start as u64 * w;
+                let hi = l.offset + range.end as u64 * w;
+                let slot = &mut self.pending[l.model];
+                match slot {
+                    Some((plo, phi)) if lo >= *plo && lo <= *phi + 4096 => *phi = (*phi).max(hi),
+                    _ => {
+                        if let Some((plo, phi)) = slot.take() {
+                            models[l.model].release(plo, phi - plo);
+                        }
+                        *slot = Some((lo, hi));
+                    }
+                }
+                if let Some((plo, phi)) = *slot {
+                    if phi - plo >= self.limit {
+                        models[l.model].release(plo, phi - plo);
+                        *slot = None;
+                    }
+                }
+            }
+            Expr::Node { args, .. } => args.iter().for_each(|a| self.add(a, range, models)),
+        }
+    }
+    fn flush_all(&mut self, models: &[ModelFile]) {
+        for (m, slot) in self.pending.iter_mut().enumerate() {
+            if let Some((lo, hi)) = slot.take() {
+                models[m].release(lo, hi - lo);
+            }
         }
     }
 }
@@ -423,13 +539,13 @@ fn eval<T: Real>(
 /// Runs the statistic passes of every node of `expr`, children first.
 fn run_stats<T: Real>(
     expr: &mut Expr<T>,
-    key: &str,
     numel: usize,
     models: &[ModelFile],
+    workers: &Workers<T>,
 ) -> Result<()> {
     if let Expr::Node { state, args } = expr {
         for a in args.iter_mut() {
-            run_stats(a, key, numel, models)?;
+            run_stats(a, numel, models, workers)?;
         }
         for pass in 0..state.stat_passes() {
             let blocks: Vec<Range<usize>> = (0..numel)
@@ -440,23 +556,40 @@ fn run_stats<T: Real>(
             let args_ref: &[Expr<T>] = args;
             let results: Vec<Vec<f64>> = blocks
                 .into_par_iter()
-                .map_init(Scratch::new, |s, range| {
-                    let len = range.len();
-                    let mut bufs = Vec::with_capacity(args_ref.len());
-                    for a in args_ref {
-                        bufs.push(eval(a, key, &range, models, s)?);
-                    }
-                    let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
-                    let r = st.stat_block(pass, range.clone(), &refs);
-                    s.free.extend(bufs);
-                    Ok(r)
+                .map(|range| {
+                    let r = workers.with(|s| {
+                        let len = range.len();
+                        let bufs: Vec<Vec<T>> =
+                            args_ref.iter().map(|a| eval(a, &range, models, s)).collect();
+                        let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
+                        let r = st.stat_block(pass, range.clone(), &refs);
+                        s.free.extend(bufs);
+                        r
+                    });
+                    r
                 })
-                .collect::<Result<_>>()?;
+                .collect();
+            let limit = (BLOCK as u64 * 64).max(1 << 20);
+            let mut releaser = Releaser::new(models.len(), limit);
+            for start in (0..numel).step_by(BLOCK) {
+                for a in args.iter() {
+                    releaser.add(a, &(start..(start + BLOCK).min(numel)), models);
+                }
+            }
+            releaser.flush_all(models);
             state.absorb_stats(pass, results)?;
         }
     }
     Ok(())
 }
+
+/// Elements of a sub-chunk whose buffers (one per input and node) fit in about this many bytes,
+/// so that a sub-chunk is computed in the CPU cache.
+const CACHE_TARGET: usize = 256 << 10;
+
+/// A task's input and output bytes are capped at this (below the budget when the budget is
+/// large): bigger tasks do not merge faster, they only hold more pages.
+const TASK_BYTES_MAX: u64 = 16 << 20;
 
 fn run<T: Real>(
     graph: &Graph,
@@ -468,11 +601,11 @@ fn run<T: Real>(
     let mut report = MergeReport::new(graph);
     let mut planned = plan::<T>(graph, models, opts, &mut report)?;
 
-    // Chunk length from the budget: per element, every worker holds the raw bytes and compute
-    // value of each input read, one compute value per node, and the encoded output.
+    // Task length from the budget. Per element of a task, a worker holds the mapped input bytes
+    // of every input read (released when the task ends) and the encoded output; the compute
+    // buffers are per sub-chunk and small.
     let threads = rayon::current_num_threads().max(1);
     let tsize = std::mem::size_of::<T>();
-    let raw_max = 8;
     let (mut leaves, mut nodes) = (1, 0);
     for p in &planned {
         if let Job::Compute { expr, .. } = &p.job {
@@ -481,37 +614,47 @@ fn run<T: Real>(
             nodes = nodes.max(n);
         }
     }
-    let per_elem =
-        (leaves * tsize + raw_max.min(tsize) + nodes * tsize + 2 * opts.output_dtype.size()) as u64;
+    let in_max = models
+        .iter()
+        .flat_map(|m| m.tensors().values())
+        .filter_map(|t| t.float_dtype())
+        .map(|d| d.size())
+        .max()
+        .unwrap_or(2);
+    let sub = (CACHE_TARGET / ((leaves + nodes) * tsize)).max(256) / 256 * 256;
+    let per_elem = (leaves * in_max + opts.output_dtype.size()) as u64;
+    let fixed = (threads * sub * (leaves + nodes) * tsize) as u64;
     let chunk = match opts.chunk_override {
         Some(c) => c.max(1).div_ceil(BLOCK) * BLOCK,
         None => {
-            let c = (opts.memory_budget / (per_elem * threads as u64)) as usize / BLOCK * BLOCK;
+            let per_thread = (opts.memory_budget.saturating_sub(fixed) / threads as u64)
+                .min(TASK_BYTES_MAX);
+            let c = (per_thread / per_elem)
+                as usize
+                / BLOCK
+                * BLOCK;
             if c == 0 {
                 return Err(Error::Invalid(format!(
                     "memory budget of {} is too small for this merge: {} inputs per key on {} threads need at least {}",
                     crate::size::format_bytes(opts.memory_budget),
                     leaves,
                     threads,
-                    crate::size::format_bytes(per_elem * (threads * BLOCK) as u64)
+                    crate::size::format_bytes(fixed + per_elem * (threads * BLOCK) as u64)
                 )));
             }
             c
         }
     };
+    let sub = sub.min(chunk);
     report.chunk_elements = chunk;
     report.threads = threads;
-    report.working_set_bytes = per_elem * (threads * chunk) as u64;
+    report.working_set_bytes = fixed + per_elem * (threads * chunk) as u64;
 
     let out_tensors: Vec<OutputTensor> = planned
         .iter()
         .map(|p| {
-            let src = match &p.job {
-                Job::CopyRaw { model, .. } => *model,
-                Job::Compute { .. } => 0,
-            };
             let dtype = match &p.job {
-                Job::CopyRaw { .. } => models[src].tensor(&p.name).unwrap().dtype,
+                Job::CopyRaw { model, .. } => models[*model].tensor(&p.name).unwrap().dtype,
                 Job::Compute { .. } => opts.output_dtype.safetensors(),
             };
             let shape = models
@@ -537,41 +680,55 @@ fn run<T: Real>(
         .sum();
     progress.start(total_bytes, planned.len());
 
-    let out_size = opts.output_dtype.size();
-    let wave_elems = threads * chunk;
-    let mut items: Vec<Item> = Vec::new();
-    let mut wave_fill = 0usize;
-    let mut keys_done = 0usize;
-    let mut raw_buf = Vec::new();
-
-    let flush = |items: &mut Vec<Item>, planned: &[PlannedKey<T>]| -> Result<u64> {
-        if items.is_empty() {
-            return Ok(0);
-        }
-        let encoded: Vec<(usize, u64, Vec<u8>)> = items
-            .par_iter()
-            .map_init(Scratch::new, |s, item| {
-                let p = &planned[item.key];
-                let Job::Compute { expr, .. } = &p.job else {
-                    unreachable!("only computed keys are queued")
-                };
-                let len = item.range.len();
-                let buf = eval(expr, &p.name, &item.range, models, s)?;
-                let mut bytes = vec![0u8; len * out_size];
-                opts.output_dtype.encode(&buf[..len], &mut bytes);
+    let workers = Workers::<T>::new(threads, models.len());
+    let out_dtype = opts.output_dtype;
+    let out_size = out_dtype.size();
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let keys_done = std::sync::atomic::AtomicUsize::new(0);
+    let run_task = |task: &Task, planned: &[PlannedKey<T>]| -> Result<()> {
+        let Job::Compute { expr, numel } = &planned[task.key].job else {
+            unreachable!("only computed keys become tasks")
+        };
+        let len = task.range.len();
+        let step = if expr.whole_tensor() { *numel } else { sub };
+        workers.with(|s| -> Result<()> {
+            let mut out_words = std::mem::take(&mut s.out);
+            let bytes = crate::input::aligned_bytes(&mut out_words, len * out_size);
+            let mut at = task.range.start;
+            while at < task.range.end {
+                let r = at..(at + step).min(task.range.end);
+                let buf = eval(expr, &r, models, s);
+                let o = (r.start - task.range.start) * out_size;
+                out_dtype.encode(&buf[..r.len()], &mut bytes[o..o + r.len() * out_size]);
                 s.free.push(buf);
-                Ok((item.key, (item.range.start * out_size) as u64, bytes))
-            })
-            .collect::<Result<_>>()?;
-        let mut written = 0;
-        for (key, start, bytes) in &encoded {
-            out.write_at(*key, *start, bytes)?;
-            written += bytes.len() as u64;
-        }
-        items.clear();
-        Ok(written)
+                at = r.end;
+            }
+            let result = out.write_at(task.key, (task.range.start * out_size) as u64, bytes);
+            s.out = out_words;
+            s.releaser.add(expr, &task.range, models);
+            result
+        })?;
+        let bytes = (len * out_size) as u64;
+        written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let done = if task.range.end == *numel {
+            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+        } else {
+            keys_done.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        progress.advance(bytes, done, &planned[task.key].name);
+        Ok(())
+    };
+    let run_batch = |tasks: &mut Vec<Task>, planned: &[PlannedKey<T>]| -> Result<()> {
+        tasks.par_iter().try_for_each(|t| run_task(t, planned))?;
+        tasks.clear();
+        Ok(())
     };
 
+    // Keys are executed in name order. The tasks of keys without statistic passes are gathered
+    // into one parallel batch; a key with statistic passes first runs the batch so far, then its
+    // passes, so per-key statistics never accumulate over many keys.
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut raw_buf = Vec::new();
     for ki in 0..planned.len() {
         if let Job::CopyRaw { model, len } = planned[ki].job {
             let name = &planned[ki].name;
@@ -583,43 +740,50 @@ fn run<T: Real>(
                 out.write_at(ki, at, &raw_buf)?;
                 at += n as u64;
             }
-            report.bytes_written += len;
-            keys_done += 1;
-            progress.advance(len, keys_done, name);
+            written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            let done = keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            progress.advance(len, done, name);
             continue;
         }
-        let p = &mut planned[ki];
-        let Job::Compute { expr, numel } = &mut p.job else {
+        let Job::Compute { expr, numel } = &mut planned[ki].job else {
             unreachable!()
         };
         let numel = *numel;
-        run_stats(expr, &p.name, numel, models)?;
+        if expr.has_stats() {
+            run_batch(&mut tasks, &planned)?;
+            let Job::Compute { expr, .. } = &mut planned[ki].job else {
+                unreachable!()
+            };
+            run_stats(expr, numel, models, &workers)?;
+        }
+        let Job::Compute { expr, .. } = &planned[ki].job else {
+            unreachable!()
+        };
         let step = if expr.whole_tensor() {
             numel.max(1)
         } else {
             chunk
         };
+        if numel == 0 {
+            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut start = 0;
         while start < numel {
             let end = (start + step).min(numel);
-            items.push(Item {
+            tasks.push(Task {
                 key: ki,
                 range: start..end,
             });
-            wave_fill += end - start;
             start = end;
-            if wave_fill >= wave_elems || items.len() >= 4096 {
-                let w = flush(&mut items, &planned)?;
-                report.bytes_written += w;
-                wave_fill = 0;
-                progress.advance(w, keys_done, &planned[ki].name);
-            }
         }
-        keys_done += 1;
     }
-    let w = flush(&mut items, &planned)?;
-    report.bytes_written += w;
-    progress.advance(w, keys_done, "");
+    let t_exec = Instant::now();
+    run_batch(&mut tasks, &planned)?;
+    workers.release_all(models);
+    if std::env::var_os("AMALGAM_TIMING").is_some() {
+        eprintln!("plan+create {:?}, execute {:?}", t_exec - started, t_exec.elapsed());
+    }
+    report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
     report.bytes_read = bytes_read(&planned, models);
     report.output = Some(out.commit()?);
     progress.finish();
@@ -631,7 +795,7 @@ fn run<T: Real>(
 fn bytes_read<T: Real>(planned: &[PlannedKey<T>], models: &[ModelFile]) -> u64 {
     fn leaves<T: Real>(e: &Expr<T>, out: &mut Vec<usize>) {
         match e {
-            Expr::Leaf(m) => out.push(*m),
+            Expr::Leaf(l) => out.push(l.model),
             Expr::Node { args, .. } => args.iter().for_each(|a| leaves(a, out)),
         }
     }

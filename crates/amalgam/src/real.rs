@@ -99,7 +99,7 @@ impl Real for f32 {
         f32::sqrt(self)
     }
     fn from_f16_slice(src: &[f16], dst: &mut [Self]) {
-        src.convert_to_f32_slice(dst)
+        crate::simd::f16_to_f32(src, dst)
     }
     fn from_bf16_slice(src: &[bf16], dst: &mut [Self]) {
         // bf16 is the top half of an f32: a shift is exact and vectorises.
@@ -116,7 +116,7 @@ impl Real for f32 {
         }
     }
     fn to_f16_slice(src: &[Self], dst: &mut [f16]) {
-        dst.convert_from_f32_slice(src)
+        crate::simd::f32_to_f16(src, dst)
     }
     fn to_bf16_slice(src: &[Self], dst: &mut [bf16]) {
         dst.convert_from_f32_slice(src)
@@ -152,7 +152,14 @@ impl Real for f64 {
         f64::sqrt(self)
     }
     fn from_f16_slice(src: &[f16], dst: &mut [Self]) {
-        src.convert_to_f64_slice(dst)
+        // Through f32 (exact: every f16 is an f32), in blocks that stay in L1.
+        let mut tmp = [0f32; 256];
+        for (s, d) in src.chunks(256).zip(dst.chunks_mut(256)) {
+            crate::simd::f16_to_f32(s, &mut tmp[..s.len()]);
+            for (o, &x) in d.iter_mut().zip(&tmp[..s.len()]) {
+                *o = x as f64;
+            }
+        }
     }
     fn from_bf16_slice(src: &[bf16], dst: &mut [Self]) {
         for (d, s) in dst.iter_mut().zip(src) {
