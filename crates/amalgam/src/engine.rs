@@ -415,7 +415,10 @@ impl<T: Real> Scratch<T> {
             free: Vec::new(),
             raw: Vec::new(),
             out: Vec::new(),
-            releaser: Releaser::new(models, (PENDING_RELEASE / models.max(1) as u64).max(256 << 10)),
+            releaser: Releaser::new(
+                models,
+                (PENDING_RELEASE / models.max(1) as u64).max(256 << 10),
+            ),
         }
     }
     fn take(&mut self, len: usize) -> Vec<T> {
@@ -559,8 +562,10 @@ fn run_stats<T: Real>(
                 .map(|range| {
                     let r = workers.with(|s| {
                         let len = range.len();
-                        let bufs: Vec<Vec<T>> =
-                            args_ref.iter().map(|a| eval(a, &range, models, s)).collect();
+                        let bufs: Vec<Vec<T>> = args_ref
+                            .iter()
+                            .map(|a| eval(a, &range, models, s))
+                            .collect();
                         let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
                         let r = st.stat_block(pass, range.clone(), &refs);
                         s.free.extend(bufs);
@@ -627,12 +632,9 @@ fn run<T: Real>(
     let chunk = match opts.chunk_override {
         Some(c) => c.max(1).div_ceil(BLOCK) * BLOCK,
         None => {
-            let per_thread = (opts.memory_budget.saturating_sub(fixed) / threads as u64)
-                .min(TASK_BYTES_MAX);
-            let c = (per_thread / per_elem)
-                as usize
-                / BLOCK
-                * BLOCK;
+            let per_thread =
+                (opts.memory_budget.saturating_sub(fixed) / threads as u64).min(TASK_BYTES_MAX);
+            let c = (per_thread / per_elem) as usize / BLOCK * BLOCK;
             if c == 0 {
                 return Err(Error::Invalid(format!(
                     "memory budget of {} is too small for this merge: {} inputs per key on {} threads need at least {}",
@@ -781,7 +783,11 @@ fn run<T: Real>(
     run_batch(&mut tasks, &planned)?;
     workers.release_all(models);
     if std::env::var_os("AMALGAM_TIMING").is_some() {
-        eprintln!("plan+create {:?}, execute {:?}", t_exec - started, t_exec.elapsed());
+        eprintln!(
+            "plan+create {:?}, execute {:?}",
+            t_exec - started,
+            t_exec.elapsed()
+        );
     }
     report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
     report.bytes_read = bytes_read(&planned, models);

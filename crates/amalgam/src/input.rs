@@ -9,10 +9,10 @@
 use crate::dtype::{dtype_name, FloatDtype};
 use crate::error::{Error, Result};
 use crate::real::Real;
+use memmap2::Mmap;
 use safetensors::tensor::Metadata;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
-use memmap2::Mmap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -239,4 +239,3 @@ pub(crate) fn aligned_bytes(scratch: &mut Vec<u64>, nbytes: usize) -> &mut [u8] 
     }
     &mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..nbytes]
 }
-

@@ -311,15 +311,17 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
                 match names.get(n) {
                     Some(Named::Models(ix)) => refs.extend(ix.iter().map(|&i| Ref::Model(i))),
                     Some(Named::Node(nn)) => refs.push(Ref::Node(node_index[nn.as_str()])),
-                    None => return Err(cx.err(
-                        v.span(),
-                        &what,
-                        format!(
+                    None => {
+                        return Err(cx.err(
+                            v.span(),
+                            &what,
+                            format!(
                             "`{}` refers to `{n}`, which is neither a model nor a node (known: {})",
                             slot.name,
                             names.keys().cloned().collect::<Vec<_>>().join(", ")
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             if slot.kind == SlotKind::One && refs.len() != 1 {
@@ -477,19 +479,19 @@ fn to_param(v: &toml::Value) -> Option<ParamValue> {
 pub fn to_toml(graph: &Graph, settings: &RecipeSettings) -> String {
     use toml::Value;
     let quote = |s: &str| Value::String(s.to_string()).to_string();
-    let model_key = |i: usize| format!("m{i}");
-    let node_key = |i: usize| format!("n{i}_{}", graph.nodes[i].name);
+    let model_key = |i: usize| graph.models[i].name.clone();
+    let node_key = |i: usize| graph.nodes[i].name.clone();
     let name_of = |r: &Ref| match r {
         Ref::Model(m) => model_key(*m),
         Ref::Node(n) => node_key(*n),
     };
     let mut s = String::from("# amalgam recipe\n[models]\n");
     for (i, m) in graph.models.iter().enumerate() {
+        let path = std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone());
         s += &format!(
-            "{} = {}  # {}\n",
-            model_key(i),
-            quote(&m.path.to_string_lossy()),
-            m.name
+            "{} = {}\n",
+            quote(&model_key(i)),
+            quote(&path.to_string_lossy())
         );
     }
     for (i, n) in graph.nodes.iter().enumerate() {

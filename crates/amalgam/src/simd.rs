@@ -6,8 +6,8 @@
 //! AVX this module converts 8 elements per instruction, picked once at run time; everywhere else
 //! it calls `half`. Both round to nearest even, so the bytes are the same either way.
 
-use half::slice::HalfFloatSliceExt;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// `dst[i] = src[i] as f32`.
 pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
@@ -101,7 +101,10 @@ mod tests {
         f16_to_f32(&all, &mut fast);
         for (h, f) in all.iter().zip(&fast) {
             let r = h.to_f32();
-            assert!(r.to_bits() == f.to_bits() || (r.is_nan() && f.is_nan()), "{h:?}");
+            assert!(
+                r.to_bits() == f.to_bits() || (r.is_nan() && f.is_nan()),
+                "{h:?}"
+            );
         }
         // Round trip, plus values between f16 steps (ties to even) and out of range.
         let mut probe: Vec<f32> = fast.iter().copied().filter(|x| !x.is_nan()).collect();

@@ -1,0 +1,295 @@
+//! The `amalgam` binary end to end, on synthetic SD-layout models.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn amalgam(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .args(args)
+        .output()
+        .expect("run amalgam")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = amalgam(args);
+    assert!(
+        o.status.success(),
+        "amalgam {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = amalgam(args);
+    assert!(!o.status.success(), "amalgam {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn demo_runs() {
+    let out = ok(&["demo"]);
+    assert!(out.contains("demo merged 5 models"), "{out}");
+    assert!(
+        out.contains("lacks 248 keys"),
+        "the pruned model is reported: {out}"
+    );
+}
+
+#[test]
+fn synth_merge_inspect_and_thread_invariance() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = ok(&[
+        "synth",
+        "-o",
+        s(d),
+        "--layout",
+        "sdxl",
+        "-n",
+        "3",
+        "--shrink",
+        "16",
+        "--prune-vae",
+        "1",
+        "--int-keys",
+    ]);
+    assert!(
+        out.contains("m002.safetensors") && out.contains("wrote 4 models"),
+        "{out}"
+    );
+    // Refuses to overwrite without --force.
+    let e = fails(&[
+        "synth",
+        "-o",
+        s(d),
+        "--layout",
+        "sdxl",
+        "-n",
+        "1",
+        "--shrink",
+        "16",
+    ]);
+    assert!(e.contains("already exists"), "{e}");
+
+    let m: Vec<String> = (0..3)
+        .map(|i| {
+            d.join(format!("m{i:03}.safetensors"))
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let base = d.join("base.safetensors");
+    let mut outs = Vec::new();
+    for (threads, budget) in [("1", "2GiB"), ("2", "8MiB")] {
+        let o = d.join(format!("ta-{threads}.safetensors"));
+        let mut args = vec!["merge", "--method", "task_arithmetic", "--base", s(&base)];
+        args.extend(m.iter().map(|x| x.as_str()));
+        args.extend([
+            "-o",
+            s(&o),
+            "--lambda",
+            "0.7",
+            "--threads",
+            threads,
+            "--memory-budget",
+            budget,
+            "--compute-dtype",
+            "f64",
+        ]);
+        let text = ok(&args);
+        assert!(
+            text.contains("merged from the inputs that have them"),
+            "{text}"
+        );
+        outs.push(std::fs::read(&o).unwrap());
+    }
+    assert!(
+        outs[0] == outs[1],
+        "threads/budget changed the output bytes"
+    );
+
+    let o = d.join("ta-1.safetensors");
+    let text = ok(&["inspect", s(&o)]);
+    assert!(
+        text.contains("tensors:    2483"),
+        "every key of the union is kept: {text}"
+    );
+    assert!(text.contains("F16") && text.contains("I64"), "{text}");
+    assert!(text.contains("amalgam_version"), "{text}");
+    let text = ok(&["inspect", "--metadata", s(&o)]);
+    assert!(
+        text.contains("method = \"task_arithmetic\"") && text.contains("\"lambda\" = 0.7"),
+        "{text}"
+    );
+    let text = ok(&["inspect", "--keys", s(&o)]);
+    assert!(
+        text.contains("conditioner.embedders.1.model.token_embedding.weight"),
+        "{text}"
+    );
+}
+
+#[test]
+fn merge_errors_are_clear_and_leave_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&[
+        "synth",
+        "-o",
+        s(d),
+        "--layout",
+        "sd1",
+        "-n",
+        "2",
+        "--shrink",
+        "16",
+        "--components",
+        "clip_l",
+    ]);
+    let (a, b) = (d.join("m000.safetensors"), d.join("m001.safetensors"));
+    let bad = d.join("bad.safetensors");
+    let mut bytes = std::fs::read(&a).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&bad, bytes).unwrap();
+    let out = d.join("out.safetensors");
+
+    let e = fails(&["merge", "--method", "soup", s(&a), s(&bad), "-o", s(&out)]);
+    assert!(
+        e.contains("bad.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    assert!(!out.exists());
+
+    let e = fails(&["merge", "--method", "soup", s(&a), s(&b), "-o", s(&a)]);
+    assert!(e.contains("refusing to overwrite an input"), "{e}");
+
+    let e = fails(&["merge", "--method", "ties", s(&a), s(&b), "-o", s(&out)]);
+    assert!(
+        e.contains("unknown method `ties`") && e.contains("task_arithmetic"),
+        "{e}"
+    );
+
+    let e = fails(&[
+        "merge",
+        "--method",
+        "task_arithmetic",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&out),
+    ]);
+    assert!(e.contains("needs a base model"), "{e}");
+
+    let e = fails(&[
+        "merge",
+        "--method",
+        "weighted_sum",
+        s(&a),
+        s(&b),
+        s(&a),
+        "-o",
+        s(&out),
+    ]);
+    assert!(e.contains("takes 2 model(s)"), "{e}");
+
+    let e = fails(&[
+        "merge",
+        "--method",
+        "soup",
+        s(&a),
+        "missing.safetensors",
+        "-o",
+        s(&out),
+    ]);
+    assert!(
+        e.contains("missing model files: missing.safetensors"),
+        "{e}"
+    );
+
+    let e = fails(&[
+        "merge",
+        "--method",
+        "soup",
+        s(&a),
+        s(&b),
+        "-o",
+        s(&out),
+        "--memory-budget",
+        "lots",
+    ]);
+    assert!(e.contains("not a size"), "{e}");
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn recipe_file_via_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&[
+        "synth",
+        "-o",
+        s(d),
+        "--layout",
+        "sd1",
+        "-n",
+        "3",
+        "--shrink",
+        "16",
+        "--components",
+        "vae",
+    ]);
+    let recipe = d.join("r.toml");
+    std::fs::write(
+        &recipe,
+        "[models]\nbase = \"base.safetensors\"\npool = \"m*.safetensors\"\n[nodes.avg]\nmethod = \"n_average\"\nmodels = [\"pool\"]\n[output]\nnode = \"avg\"\ndtype = \"bf16\"\n",
+    )
+    .unwrap();
+    let out = d.join("out.safetensors");
+    ok(&["merge", s(&recipe), "-o", s(&out), "--quiet"]);
+    let text = ok(&["inspect", s(&out)]);
+    assert!(text.contains("BF16"), "{text}");
+    let e = fails(&["merge", s(&recipe), "-o", s(&out), "--alpha", "0.3"]);
+    assert!(e.contains("go with --method"), "{e}");
+    let e = fails(&["merge", s(&recipe), "-o", s(&out)]);
+    assert!(e.contains("already exists"), "{e}");
+    ok(&[
+        "merge",
+        s(&recipe),
+        "-o",
+        s(&out),
+        "--force",
+        "--dtype",
+        "f32",
+    ]);
+    assert!(ok(&["inspect", s(&out)]).contains("F32"));
+}
+
+#[test]
+fn methods_lists_every_method() {
+    let text = ok(&["methods"]);
+    for m in [
+        "weighted_sum",
+        "soup",
+        "linear",
+        "add_difference",
+        "subtract",
+        "task_arithmetic",
+    ] {
+        assert!(text.contains(m), "{m} missing from:\n{text}");
+    }
+}

@@ -1,0 +1,186 @@
+//! Helpers shared by the integration tests: write real safetensors files (including deliberately
+//! broken ones) and read tensors back.
+#![allow(dead_code)]
+
+use amalgam::graph::{Graph, ModelInput, Node, Ref};
+use amalgam::input::ModelFile;
+use amalgam::method::ParamValue;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A tensor to write: name, safetensors dtype string, shape, raw little-endian bytes.
+pub struct T {
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+pub fn f32t(name: &str, shape: &[usize], v: &[f32]) -> T {
+    assert_eq!(shape.iter().product::<usize>(), v.len());
+    T {
+        name: name.into(),
+        dtype: "F32",
+        shape: shape.to_vec(),
+        bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+pub fn f16t(name: &str, shape: &[usize], v: &[f32]) -> T {
+    T {
+        name: name.into(),
+        dtype: "F16",
+        shape: shape.to_vec(),
+        bytes: v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+    }
+}
+
+pub fn bf16t(name: &str, shape: &[usize], v: &[f32]) -> T {
+    T {
+        name: name.into(),
+        dtype: "BF16",
+        shape: shape.to_vec(),
+        bytes: v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+    }
+}
+
+pub fn f64t(name: &str, shape: &[usize], v: &[f64]) -> T {
+    T {
+        name: name.into(),
+        dtype: "F64",
+        shape: shape.to_vec(),
+        bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+pub fn raw(name: &str, dtype: &'static str, shape: &[usize], bytes: Vec<u8>) -> T {
+    T {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+        bytes,
+    }
+}
+
+/// The header JSON and data of a safetensors file, tensors in the given order.
+pub fn encode(tensors: &[T]) -> (String, Vec<u8>) {
+    let mut header = String::from("{");
+    let mut data = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let start = data.len();
+        data.extend_from_slice(&t.bytes);
+        if i > 0 {
+            header.push(',');
+        }
+        header += &format!(
+            "\"{}\":{{\"dtype\":\"{}\",\"shape\":{:?},\"data_offsets\":[{},{}]}}",
+            t.name,
+            t.dtype,
+            t.shape,
+            start,
+            data.len()
+        );
+    }
+    header.push('}');
+    (header, data)
+}
+
+/// Writes a safetensors file; `pad` pads the header to 8 bytes as the reference writers do
+/// (without it, tensor data may start misaligned).
+pub fn write_file(path: &Path, tensors: &[T], pad: bool) -> PathBuf {
+    let (mut header, data) = encode(tensors);
+    if pad {
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+    }
+    write_raw(path, header.as_bytes(), &data)
+}
+
+pub fn write_raw(path: &Path, header: &[u8], data: &[u8]) -> PathBuf {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+    path.to_path_buf()
+}
+
+pub fn read_f32(path: &Path, key: &str) -> Vec<f32> {
+    let m = ModelFile::open(path).unwrap();
+    let n = m
+        .tensor(key)
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .numel();
+    let mut v = vec![0f32; n];
+    m.read_chunk(key, 0, &mut v, &mut Vec::new()).unwrap();
+    v
+}
+
+pub fn read_f64(path: &Path, key: &str) -> Vec<f64> {
+    let m = ModelFile::open(path).unwrap();
+    let n = m.tensor(key).unwrap().numel();
+    let mut v = vec![0f64; n];
+    m.read_chunk(key, 0, &mut v, &mut Vec::new()).unwrap();
+    v
+}
+
+/// A one-node graph over `models` (paths), with `slots` given as model indices.
+pub fn one_node(
+    models: &[&Path],
+    method: &str,
+    slots: Vec<Vec<usize>>,
+    params: &[(&str, ParamValue)],
+) -> Graph {
+    let graph = Graph {
+        models: models
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ModelInput {
+                name: format!("m{i}"),
+                path: p.to_path_buf(),
+            })
+            .collect(),
+        nodes: vec![Node {
+            name: "n".into(),
+            method: amalgam::methods::canonical_name(method).unwrap(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            slots: slots
+                .into_iter()
+                .map(|s| s.into_iter().map(Ref::Model).collect())
+                .collect(),
+        }],
+        output: Ref::Node(0),
+        fallback: None,
+    };
+    graph.validate().unwrap();
+    graph
+}
+
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol,
+            "element {i}: got {g}, want {w} (all: {got:?})"
+        );
+    }
+}
+
+/// Files in `dir` whose name contains `part`.
+pub fn files_containing(dir: &Path, part: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(part))
+        .collect()
+}
