@@ -4,12 +4,16 @@
 //!    resolve for each key the expression that computes it: which node applies to which inputs,
 //!    with the inputs lacking the key left out or the key taken from a fallback model (the key
 //!    policy, see [`KeyAction`]). Every error here comes before any tensor is read.
-//! 2. **Execute**: keys in name order are cut into element chunks whose size follows from the
-//!    memory budget, the number of inputs and the thread count. A wave of chunks (one per thread,
-//!    or many small keys) is computed in parallel, each chunk reading its inputs with positioned
-//!    reads into reused buffers, evaluating the node expression, and encoding the output dtype;
-//!    then the wave is written at the chunks' fixed offsets. Per element the summation order over
-//!    models is fixed by the methods, so the bytes do not depend on threads or chunk size.
+//! 2. **Statistics** (only for methods that declare passes): per key, every fixed-size block
+//!    ([`BLOCK`]) is fed to the method and the per-block results are folded in block order.
+//! 3. **Execute**: keys in name order are cut into tasks (a run of elements whose encoded output
+//!    fits one buffer) and tasks into sub-chunks whose buffers, one per input and per node, fit in
+//!    the CPU cache; both sizes follow from the memory budget, the number of inputs and the thread
+//!    count, so memory does not grow with the number of models or the size of a tensor. Tasks run
+//!    in parallel; each reads its inputs with positioned reads into reused buffers, evaluates the
+//!    node expression, encodes the output dtype and writes the result at its fixed offset in the
+//!    output. Per element the summation order over models is fixed by the methods, so the bytes
+//!    do not depend on threads, task or sub-chunk size.
 
 use crate::dtype::{dtype_name, FloatDtype, OutputDtype};
 use crate::error::{Error, Result};
@@ -82,31 +86,39 @@ impl Progress for NoProgress {}
 /// Merges the graph's inputs into `opts.output`.
 pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     graph.validate()?;
-    let models = open_models(graph, &opts.output)?;
+    let (models, rows) = open_inputs(graph, &opts.output)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
     pool.install(|| match opts.compute_dtype {
-        ComputeDtype::F32 => run::<f32>(graph, &models, opts, progress),
-        ComputeDtype::F64 => run::<f64>(graph, &models, opts, progress),
+        ComputeDtype::F32 => run::<f32>(graph, &models, &rows, opts, progress),
+        ComputeDtype::F64 => run::<f64>(graph, &models, &rows, opts, progress),
     })
 }
 
-/// Opens every input and refuses an output path that is one of them.
-pub fn open_models(graph: &Graph, output: &Path) -> Result<Vec<ModelFile>> {
+/// Opens every input, refusing an output path that is one of them, and builds the key table.
+fn open_inputs(graph: &Graph, output: &Path) -> Result<(Vec<ModelFile>, Vec<KeyRow>)> {
     let out_id = file_identity(output);
+    let paths: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
+    let mut table = KeyTable {
+        rows: BTreeMap::new(),
+        n: paths.len(),
+    };
     let mut models = Vec::with_capacity(graph.models.len());
-    for m in &graph.models {
+    for (i, m) in graph.models.iter().enumerate() {
         if out_id.is_some() && file_identity(&m.path) == out_id {
             return Err(Error::Output {
                 path: output.to_path_buf(),
                 message: format!("is the input `{}`; refusing to overwrite an input", m.name),
             });
         }
-        models.push(ModelFile::open(&m.path)?);
+        let mut model = ModelFile::open(&m.path)?;
+        table.add(i, &model, &paths)?;
+        model.forget_index();
+        models.push(model);
     }
-    Ok(models)
+    Ok((models, table.rows.into_values().collect()))
 }
 
 #[cfg(unix)]
@@ -165,30 +177,115 @@ impl<T: Real> Expr<T> {
 /// Where one input's tensor lies.
 #[derive(Clone, Copy, Debug)]
 struct Leaf {
-    model: usize,
     offset: u64,
+    model: u32,
     dtype: FloatDtype,
 }
 
 impl Leaf {
-    fn new(models: &[ModelFile], model: usize, key: &str) -> Self {
-        let e = models[model].tensor(key).expect("planned key");
+    fn new(row: &KeyRow, model: usize) -> Self {
+        let loc = row.locs[model].expect("model has the key");
         Leaf {
-            model,
-            offset: e.offset,
-            dtype: e.float_dtype().expect("float key"),
+            model: model as u32,
+            offset: loc.offset,
+            dtype: FloatDtype::from_safetensors(loc.dtype).expect("float key"),
         }
+    }
+}
+
+/// Where one model stores one key.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    offset: u64,
+    dtype: safetensors::Dtype,
+}
+
+/// One key of the union of the inputs' keys.
+struct KeyRow {
+    name: String,
+    shape: Vec<usize>,
+    /// The first model (in input order) that has the key.
+    first: usize,
+    /// Per model, where it stores the key.
+    locs: Vec<Option<Loc>>,
+}
+
+impl KeyRow {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    fn dtype(&self) -> safetensors::Dtype {
+        self.locs[self.first].unwrap().dtype
+    }
+    fn is_float(&self) -> bool {
+        FloatDtype::from_safetensors(self.dtype()).is_some()
+    }
+}
+
+/// Builds the union of the inputs' keys, in name order, from each header as the input is
+/// opened; the header is then dropped, so memory per input is 16 bytes per key.
+struct KeyTable {
+    rows: BTreeMap<String, KeyRow>,
+    n: usize,
+}
+
+impl KeyTable {
+    fn add(&mut self, i: usize, model: &ModelFile, paths: &[&Path]) -> Result<()> {
+        for (name, e) in model.tensors() {
+            let loc = Some(Loc {
+                offset: e.offset,
+                dtype: e.dtype,
+            });
+            match self.rows.get_mut(name) {
+                None => {
+                    let mut locs = vec![None; self.n];
+                    locs[i] = loc;
+                    self.rows.insert(
+                        name.clone(),
+                        KeyRow {
+                            name: name.clone(),
+                            shape: e.shape.clone(),
+                            first: i,
+                            locs,
+                        },
+                    );
+                }
+                Some(row) => {
+                    if row.shape != e.shape {
+                        return Err(Error::ShapeMismatch {
+                            key: name.clone(),
+                            first_path: paths[row.first].to_path_buf(),
+                            first_shape: row.shape.clone(),
+                            second_path: paths[i].to_path_buf(),
+                            second_shape: e.shape.clone(),
+                        });
+                    }
+                    if e.float_dtype().is_some() != row.is_float() {
+                        return Err(Error::Invalid(format!(
+                            "key `{name}` is {} in {} but {} in {}",
+                            dtype_name(row.dtype()),
+                            paths[row.first].display(),
+                            dtype_name(e.dtype),
+                            paths[i].display()
+                        )));
+                    }
+                    row.locs[i] = loc;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 /// What to do for one output key.
 enum Job<T: Real> {
     Compute { expr: Expr<T>, numel: usize },
-    CopyRaw { model: usize, len: u64 },
+    CopyRaw { model: usize, offset: u64, len: u64 },
 }
 
 struct PlannedKey<T: Real> {
-    name: String,
+    /// Index into the key table.
+    row: usize,
     job: Job<T>,
 }
 
@@ -196,24 +293,19 @@ struct PlannedKey<T: Real> {
 #[allow(clippy::too_many_arguments)]
 fn resolve<T: Real>(
     r: Ref,
-    key: &str,
-    shape: &[usize],
-    has: &[bool],
-    models: &[ModelFile],
+    row: &KeyRow,
     graph: &Graph,
     methods: &[Box<dyn Method<T>>],
     seed: u64,
     notes: &mut Vec<String>,
 ) -> Result<Option<Expr<T>>> {
     match r {
-        Ref::Model(m) => Ok(has[m].then(|| Expr::Leaf(Leaf::new(models, m, key)))),
+        Ref::Model(m) => Ok(row.locs[m].is_some().then(|| Expr::Leaf(Leaf::new(row, m)))),
         Ref::Node(n) => {
             let node = &graph.nodes[n];
             let mut args = Vec::new();
             for a in node.flat_args() {
-                args.push(resolve(
-                    a, key, shape, has, models, graph, methods, seed, notes,
-                )?);
+                args.push(resolve(a, row, graph, methods, seed, notes)?);
             }
             let present: Vec<bool> = args.iter().map(Option::is_some).collect();
             if !present.iter().any(|&p| p) {
@@ -249,14 +341,14 @@ fn resolve<T: Real>(
                     }
                     let idx: Vec<usize> = (0..present.len()).filter(|&i| present[i]).collect();
                     let ctx = KeyCtx {
-                        key,
-                        shape,
+                        key: &row.name,
+                        shape: &row.shape,
                         present: &idx,
                         n_args: present.len(),
                         seed,
                     };
                     let state = methods[n].begin_key(&ctx).map_err(|e| {
-                        Error::Invalid(format!("node `{}`, key `{key}`: {e}", node.name))
+                        Error::Invalid(format!("node `{}`, key `{}`: {e}", node.name, row.name))
                     })?;
                     Ok(Some(Expr::Node {
                         state,
@@ -270,7 +362,7 @@ fn resolve<T: Real>(
 
 fn plan<T: Real>(
     graph: &Graph,
-    models: &[ModelFile],
+    rows: &[KeyRow],
     opts: &MergeOptions,
     report: &mut MergeReport,
 ) -> Result<Vec<PlannedKey<T>>> {
@@ -286,74 +378,35 @@ fn plan<T: Real>(
         })
         .collect::<Result<_>>()?;
 
-    let mut keys: BTreeMap<&str, ()> = BTreeMap::new();
-    for m in models {
-        for k in m.tensors().keys() {
-            keys.insert(k, ());
-        }
-    }
-    let mut planned = Vec::with_capacity(keys.len());
-    for &key in keys.keys() {
-        let has: Vec<bool> = models.iter().map(|m| m.tensor(key).is_some()).collect();
-        let first = has.iter().position(|&h| h).expect("key comes from a model");
-        let entry = models[first].tensor(key).unwrap();
-        for (i, m) in models.iter().enumerate().skip(first + 1) {
-            if let Some(e) = m.tensor(key) {
-                if e.shape != entry.shape {
-                    return Err(Error::ShapeMismatch {
-                        key: key.to_string(),
-                        first_path: models[first].path().to_path_buf(),
-                        first_shape: entry.shape.clone(),
-                        second_path: m.path().to_path_buf(),
-                        second_shape: e.shape.clone(),
-                    });
-                }
-                if e.float_dtype().is_some() != entry.float_dtype().is_some() {
-                    return Err(Error::Invalid(format!(
-                        "key `{key}` is {} in {} but {} in {}",
-                        dtype_name(entry.dtype),
-                        models[first].path().display(),
-                        dtype_name(e.dtype),
-                        models[i].path().display()
-                    )));
-                }
+    let mut planned = Vec::with_capacity(rows.len());
+    for (ri, row) in rows.iter().enumerate() {
+        for (i, loc) in row.locs.iter().enumerate() {
+            if loc.is_none() {
+                report.lacking[i].push(row.name.clone());
             }
         }
-        for (i, h) in has.iter().enumerate() {
-            if !h {
-                report.lacking[i].push(key.to_string());
-            }
-        }
-        if entry.float_dtype().is_none() {
-            report
-                .actions
-                .push((key.to_string(), KeyAction::CopiedUnchanged { model: first }));
+        if !row.is_float() {
+            report.actions.push((
+                row.name.clone(),
+                KeyAction::CopiedUnchanged { model: row.first },
+            ));
             planned.push(PlannedKey {
-                name: key.to_string(),
+                row: ri,
                 job: Job::CopyRaw {
-                    model: first,
-                    len: entry.len,
+                    model: row.first,
+                    offset: row.locs[row.first].unwrap().offset,
+                    len: (row.numel() * row.dtype().bitsize() / 8) as u64,
                 },
             });
             continue;
         }
         let mut notes = Vec::new();
-        let expr = resolve(
-            graph.output,
-            key,
-            &entry.shape,
-            &has,
-            models,
-            graph,
-            &methods,
-            opts.seed,
-            &mut notes,
-        )?;
+        let expr = resolve(graph.output, row, graph, &methods, opts.seed, &mut notes)?;
         let (expr, action) = match expr {
             Some(Expr::Leaf(leaf)) => (
                 Expr::Leaf(leaf),
                 KeyAction::Taken {
-                    model: leaf.model,
+                    model: leaf.model as usize,
                     because: TakenBecause::PassedThrough(notes.join("; ")),
                 },
             ),
@@ -367,11 +420,11 @@ fn plan<T: Real>(
             }
             None => {
                 let m = match graph.fallback {
-                    Some(f) if has[f] => f,
-                    _ => first,
+                    Some(f) if row.locs[f].is_some() => f,
+                    _ => row.first,
                 };
                 (
-                    Expr::Leaf(Leaf::new(models, m, key)),
+                    Expr::Leaf(Leaf::new(row, m)),
                     KeyAction::Taken {
                         model: m,
                         because: TakenBecause::Fallback(notes.join("; ")),
@@ -379,12 +432,12 @@ fn plan<T: Real>(
                 )
             }
         };
-        report.actions.push((key.to_string(), action));
+        report.actions.push((row.name.clone(), action));
         planned.push(PlannedKey {
-            name: key.to_string(),
+            row: ri,
             job: Job::Compute {
                 expr,
-                numel: entry.numel(),
+                numel: row.numel(),
             },
         });
     }
@@ -398,27 +451,19 @@ struct Task {
     range: Range<usize>,
 }
 
-/// Reusable buffers of one worker thread, and the input pages it has finished with.
+/// Reusable buffers of one worker thread.
 struct Scratch<T> {
     free: Vec<Vec<T>>,
     raw: Vec<u64>,
     out: Vec<u64>,
-    releaser: Releaser,
 }
 
-/// Input bytes a worker may leave mapped before handing them back, over all models.
-const PENDING_RELEASE: u64 = 32 << 20;
-
 impl<T: Real> Scratch<T> {
-    fn new(models: usize) -> Self {
+    fn new() -> Self {
         Scratch {
             free: Vec::new(),
             raw: Vec::new(),
             out: Vec::new(),
-            releaser: Releaser::new(
-                models,
-                (PENDING_RELEASE / models.max(1) as u64).max(256 << 10),
-            ),
         }
     }
     fn take(&mut self, len: usize) -> Vec<T> {
@@ -436,19 +481,11 @@ struct Workers<T> {
 }
 
 impl<T: Real> Workers<T> {
-    fn new(threads: usize, models: usize) -> Self {
+    fn new(threads: usize) -> Self {
         Workers {
             slots: (0..threads.max(1))
-                .map(|_| std::sync::Mutex::new(Scratch::new(models)))
+                .map(|_| std::sync::Mutex::new(Scratch::new()))
                 .collect(),
-        }
-    }
-    fn release_all(&self, models: &[ModelFile]) {
-        for slot in &self.slots {
-            slot.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .releaser
-                .flush_all(models);
         }
     }
     fn with<R>(&self, f: impl FnOnce(&mut Scratch<T>) -> R) -> R {
@@ -465,18 +502,24 @@ fn eval<T: Real>(
     range: &Range<usize>,
     models: &[ModelFile],
     s: &mut Scratch<T>,
-) -> Vec<T> {
+) -> Result<Vec<T>> {
     let len = range.len();
     match expr {
         Expr::Leaf(l) => {
             let mut buf = s.take(len);
-            models[l.model].decode(l.offset, l.dtype, range.start, &mut buf[..len], &mut s.raw);
-            buf
+            models[l.model as usize].decode(
+                l.offset,
+                l.dtype,
+                range.start,
+                &mut buf[..len],
+                &mut s.raw,
+            )?;
+            Ok(buf)
         }
         Expr::Node { state, args } => {
             let mut bufs = Vec::with_capacity(args.len());
             for a in args {
-                bufs.push(eval(a, range, models, s));
+                bufs.push(eval(a, range, models, s)?);
             }
             let mut out = s.take(len);
             {
@@ -484,57 +527,7 @@ fn eval<T: Real>(
                 state.merge_chunk(range.clone(), &refs, &mut out[..len]);
             }
             s.free.extend(bufs);
-            out
-        }
-    }
-}
-
-/// Hands input pages back to the kernel once they are merged, coalescing adjacent byte ranges of
-/// each model and releasing a model's range when it reaches `limit` bytes or stops growing.
-struct Releaser {
-    pending: Vec<Option<(u64, u64)>>,
-    limit: u64,
-}
-
-impl Releaser {
-    fn new(models: usize, limit: u64) -> Self {
-        Releaser {
-            pending: vec![None; models],
-            limit,
-        }
-    }
-    /// Adds the bytes `range` of every leaf of `expr` read.
-    fn add<T: Real>(&mut self, expr: &Expr<T>, range: &Range<usize>, models: &[ModelFile]) {
-        match expr {
-            Expr::Leaf(l) => {
-                let w = l.dtype.size() as u64;
-                let lo = l.offset + range.start as u64 * w;
-                let hi = l.offset + range.end as u64 * w;
-                let slot = &mut self.pending[l.model];
-                match slot {
-                    Some((plo, phi)) if lo >= *plo && lo <= *phi + 4096 => *phi = (*phi).max(hi),
-                    _ => {
-                        if let Some((plo, phi)) = slot.take() {
-                            models[l.model].release(plo, phi - plo);
-                        }
-                        *slot = Some((lo, hi));
-                    }
-                }
-                if let Some((plo, phi)) = *slot {
-                    if phi - plo >= self.limit {
-                        models[l.model].release(plo, phi - plo);
-                        *slot = None;
-                    }
-                }
-            }
-            Expr::Node { args, .. } => args.iter().for_each(|a| self.add(a, range, models)),
-        }
-    }
-    fn flush_all(&mut self, models: &[ModelFile]) {
-        for (m, slot) in self.pending.iter_mut().enumerate() {
-            if let Some((lo, hi)) = slot.take() {
-                models[m].release(lo, hi - lo);
-            }
+            Ok(out)
         }
     }
 }
@@ -560,55 +553,47 @@ fn run_stats<T: Real>(
             let results: Vec<Vec<f64>> = blocks
                 .into_par_iter()
                 .map(|range| {
-                    let r = workers.with(|s| {
+                    workers.with(|s| {
                         let len = range.len();
                         let bufs: Vec<Vec<T>> = args_ref
                             .iter()
                             .map(|a| eval(a, &range, models, s))
-                            .collect();
+                            .collect::<Result<_>>()?;
                         let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
                         let r = st.stat_block(pass, range.clone(), &refs);
                         s.free.extend(bufs);
-                        r
-                    });
-                    r
+                        Ok(r)
+                    })
                 })
-                .collect();
-            let limit = (BLOCK as u64 * 64).max(1 << 20);
-            let mut releaser = Releaser::new(models.len(), limit);
-            for start in (0..numel).step_by(BLOCK) {
-                for a in args.iter() {
-                    releaser.add(a, &(start..(start + BLOCK).min(numel)), models);
-                }
-            }
-            releaser.flush_all(models);
+                .collect::<Result<_>>()?;
             state.absorb_stats(pass, results)?;
         }
     }
     Ok(())
 }
 
-/// Elements of a sub-chunk whose buffers (one per input and node) fit in about this many bytes,
-/// so that a sub-chunk is computed in the CPU cache.
-const CACHE_TARGET: usize = 256 << 10;
+/// A sub-chunk is sized so that its buffers (raw bytes and compute values of every input, one
+/// compute buffer per node) take about this many bytes: it is then computed in the CPU cache.
+const CACHE_TARGET: usize = 1 << 20;
 
-/// A task's input and output bytes are capped at this (below the budget when the budget is
-/// large): bigger tasks do not merge faster, they only hold more pages.
-const TASK_BYTES_MAX: u64 = 16 << 20;
+/// The output buffer of one task (a run of sub-chunks written with one call) is at most this
+/// large, within the budget.
+const TASK_OUTPUT_MAX: u64 = 16 << 20;
 
 fn run<T: Real>(
     graph: &Graph,
     models: &[ModelFile],
+    rows: &[KeyRow],
     opts: &MergeOptions,
     progress: &dyn Progress,
 ) -> Result<MergeReport> {
     let started = Instant::now();
     let mut report = MergeReport::new(graph);
-    let mut planned = plan::<T>(graph, models, opts, &mut report)?;
+    let mut planned = plan::<T>(graph, rows, opts, &mut report)?;
 
-    // Task length from the budget. Per element of a task, a worker holds the mapped input bytes
-    // of every input read (released when the task ends) and the encoded output; the compute
-    // buffers are per sub-chunk and small.
+    // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
+    // Sub-chunks get shorter as the number of inputs grows, so the memory used does not grow
+    // with the number of models; half the budget goes to each part at most.
     let threads = rayon::current_num_threads().max(1);
     let tsize = std::mem::size_of::<T>();
     let (mut leaves, mut nodes) = (1, 0);
@@ -619,56 +604,48 @@ fn run<T: Real>(
             nodes = nodes.max(n);
         }
     }
-    let in_max = models
+    let in_max = rows
         .iter()
-        .flat_map(|m| m.tensors().values())
-        .filter_map(|t| t.float_dtype())
+        .flat_map(|r| r.locs.iter().flatten())
+        .filter_map(|l| FloatDtype::from_safetensors(l.dtype))
         .map(|d| d.size())
         .max()
         .unwrap_or(2);
-    let sub = (CACHE_TARGET / ((leaves + nodes) * tsize)).max(256) / 256 * 256;
-    let per_elem = (leaves * in_max + opts.output_dtype.size()) as u64;
-    let fixed = (threads * sub * (leaves + nodes) * tsize) as u64;
+    let sub_bytes_per_elem = leaves * (tsize + in_max) + nodes * tsize;
+    let per_thread = opts.memory_budget / 2 / threads as u64;
+    let sub = (CACHE_TARGET.min(per_thread as usize) / sub_bytes_per_elem) / 256 * 256;
+    let out_size = opts.output_dtype.size();
     let chunk = match opts.chunk_override {
         Some(c) => c.max(1).div_ceil(BLOCK) * BLOCK,
-        None => {
-            let per_thread =
-                (opts.memory_budget.saturating_sub(fixed) / threads as u64).min(TASK_BYTES_MAX);
-            let c = (per_thread / per_elem) as usize / BLOCK * BLOCK;
-            if c == 0 {
-                return Err(Error::Invalid(format!(
-                    "memory budget of {} is too small for this merge: {} inputs per key on {} threads need at least {}",
-                    crate::size::format_bytes(opts.memory_budget),
-                    leaves,
-                    threads,
-                    crate::size::format_bytes(fixed + per_elem * (threads * BLOCK) as u64)
-                )));
-            }
-            c
-        }
+        None => (per_thread.min(TASK_OUTPUT_MAX) as usize / out_size) / BLOCK * BLOCK,
     };
+    if sub == 0 || chunk == 0 {
+        return Err(Error::Invalid(format!(
+            "memory budget of {} is too small for this merge: {} inputs per key on {} threads need at least {}",
+            crate::size::format_bytes(opts.memory_budget),
+            leaves,
+            threads,
+            crate::size::format_bytes(
+                2 * threads as u64 * (256 * sub_bytes_per_elem).max(BLOCK * out_size) as u64
+            )
+        )));
+    }
     let sub = sub.min(chunk);
     report.chunk_elements = chunk;
     report.threads = threads;
-    report.working_set_bytes = fixed + per_elem * (threads * chunk) as u64;
+    report.working_set_bytes = (threads * (sub * sub_bytes_per_elem + chunk * out_size)) as u64;
 
     let out_tensors: Vec<OutputTensor> = planned
         .iter()
         .map(|p| {
-            let dtype = match &p.job {
-                Job::CopyRaw { model, .. } => models[*model].tensor(&p.name).unwrap().dtype,
-                Job::Compute { .. } => opts.output_dtype.safetensors(),
-            };
-            let shape = models
-                .iter()
-                .find_map(|m| m.tensor(&p.name))
-                .unwrap()
-                .shape
-                .clone();
+            let row = &rows[p.row];
             OutputTensor {
-                name: p.name.clone(),
-                dtype,
-                shape,
+                name: row.name.clone(),
+                dtype: match &p.job {
+                    Job::CopyRaw { .. } => row.dtype(),
+                    Job::Compute { .. } => opts.output_dtype.safetensors(),
+                },
+                shape: row.shape.clone(),
             }
         })
         .collect();
@@ -682,9 +659,8 @@ fn run<T: Real>(
         .sum();
     progress.start(total_bytes, planned.len());
 
-    let workers = Workers::<T>::new(threads, models.len());
+    let workers = Workers::<T>::new(threads);
     let out_dtype = opts.output_dtype;
-    let out_size = out_dtype.size();
     let written = std::sync::atomic::AtomicU64::new(0);
     let keys_done = std::sync::atomic::AtomicUsize::new(0);
     let run_task = |task: &Task, planned: &[PlannedKey<T>]| -> Result<()> {
@@ -699,7 +675,7 @@ fn run<T: Real>(
             let mut at = task.range.start;
             while at < task.range.end {
                 let r = at..(at + step).min(task.range.end);
-                let buf = eval(expr, &r, models, s);
+                let buf = eval(expr, &r, models, s)?;
                 let o = (r.start - task.range.start) * out_size;
                 out_dtype.encode(&buf[..r.len()], &mut bytes[o..o + r.len() * out_size]);
                 s.free.push(buf);
@@ -707,7 +683,6 @@ fn run<T: Real>(
             }
             let result = out.write_at(task.key, (task.range.start * out_size) as u64, bytes);
             s.out = out_words;
-            s.releaser.add(expr, &task.range, models);
             result
         })?;
         let bytes = (len * out_size) as u64;
@@ -717,7 +692,7 @@ fn run<T: Real>(
         } else {
             keys_done.load(std::sync::atomic::Ordering::Relaxed)
         };
-        progress.advance(bytes, done, &planned[task.key].name);
+        progress.advance(bytes, done, &rows[planned[task.key].row].name);
         Ok(())
     };
     let run_batch = |tasks: &mut Vec<Task>, planned: &[PlannedKey<T>]| -> Result<()> {
@@ -732,13 +707,13 @@ fn run<T: Real>(
     let mut tasks: Vec<Task> = Vec::new();
     let mut raw_buf = Vec::new();
     for ki in 0..planned.len() {
-        if let Job::CopyRaw { model, len } = planned[ki].job {
-            let name = &planned[ki].name;
+        if let Job::CopyRaw { model, offset, len } = planned[ki].job {
+            let name = &rows[planned[ki].row].name;
             let mut at = 0u64;
             while at < len {
                 let n = (len - at).min(8 << 20) as usize;
                 raw_buf.resize(n, 0u8);
-                models[model].read_raw(name, at, &mut raw_buf)?;
+                models[model].read_at(offset + at, &mut raw_buf)?;
                 out.write_at(ki, at, &raw_buf)?;
                 at += n as u64;
             }
@@ -779,18 +754,9 @@ fn run<T: Real>(
             start = end;
         }
     }
-    let t_exec = Instant::now();
     run_batch(&mut tasks, &planned)?;
-    workers.release_all(models);
-    if std::env::var_os("AMALGAM_TIMING").is_some() {
-        eprintln!(
-            "plan+create {:?}, execute {:?}",
-            t_exec - started,
-            t_exec.elapsed()
-        );
-    }
     report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
-    report.bytes_read = bytes_read(&planned, models);
+    report.bytes_read = bytes_read(&planned, rows);
     report.output = Some(out.commit()?);
     progress.finish();
     report.elapsed = started.elapsed();
@@ -798,25 +764,18 @@ fn run<T: Real>(
     Ok(report)
 }
 
-fn bytes_read<T: Real>(planned: &[PlannedKey<T>], models: &[ModelFile]) -> u64 {
-    fn leaves<T: Real>(e: &Expr<T>, out: &mut Vec<usize>) {
+fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) -> u64 {
+    fn leaves<T: Real>(e: &Expr<T>, numel: usize) -> u64 {
         match e {
-            Expr::Leaf(l) => out.push(l.model),
-            Expr::Node { args, .. } => args.iter().for_each(|a| leaves(a, out)),
+            Expr::Leaf(l) => (numel * l.dtype.size()) as u64,
+            Expr::Node { args, .. } => args.iter().map(|a| leaves(a, numel)).sum(),
         }
     }
-    let mut total = 0;
-    for p in planned {
-        match &p.job {
-            Job::CopyRaw { len, .. } => total += len,
-            Job::Compute { expr, .. } => {
-                let mut l = Vec::new();
-                leaves(expr, &mut l);
-                for m in l {
-                    total += models[m].tensor(&p.name).unwrap().len;
-                }
-            }
-        }
-    }
-    total
+    planned
+        .iter()
+        .map(|p| match &p.job {
+            Job::CopyRaw { len, .. } => *len,
+            Job::Compute { expr, .. } => leaves(expr, rows[p.row].numel()),
+        })
+        .sum()
 }

@@ -1,15 +1,13 @@
 //! Reading safetensors inputs lazily: the header is parsed and validated up front; tensor data is
-//! memory-mapped (read-only) and decoded straight from the page cache into the compute type, with
-//! no intermediate copy. After a chunk is merged the engine hands its pages back to the kernel
-//! ([`ModelFile::release`]), so the process's resident memory stays bounded by the working set,
-//! whatever the number and size of the inputs.
-//!
-//! Inputs must not be modified while a merge reads them (a truncated mapped file faults).
+//! read on demand with positioned reads (`pread`) of one cache-sized chunk at a time into a reused
+//! aligned buffer, then decoded into the compute type. Nothing is memory-mapped, so the process's
+//! resident memory is exactly the engine's buffers, whatever the number and size of the inputs
+//! (a mapping would count every page read as resident until unmapped), and an input truncated
+//! during a merge is an I/O error, not a crash.
 
 use crate::dtype::{dtype_name, FloatDtype};
 use crate::error::{Error, Result};
 use crate::real::Real;
-use memmap2::Mmap;
 use safetensors::tensor::Metadata;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
@@ -41,7 +39,7 @@ impl TensorEntry {
 #[derive(Debug)]
 pub struct ModelFile {
     path: PathBuf,
-    map: Mmap,
+    file: File,
     size: u64,
     tensors: BTreeMap<String, TensorEntry>,
     metadata: BTreeMap<String, String>,
@@ -63,11 +61,9 @@ impl ModelFile {
                 format!("file is {size} bytes, shorter than the 8-byte header length"),
             ));
         }
-        // SAFETY: the map is read-only; inputs are documented as immutable during a merge.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        #[cfg(unix)]
-        let _ = map.advise(memmap2::Advice::Sequential);
-        let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
+        let mut len_bytes = [0u8; 8];
+        read_exact_at(&file, &mut len_bytes, 0).map_err(|e| Error::io(&path, e))?;
+        let header_len = u64::from_le_bytes(len_bytes);
         if header_len > MAX_HEADER {
             return Err(Error::bad_file(
                 &path,
@@ -82,8 +78,9 @@ impl ModelFile {
                 ),
             ));
         }
-        let header = &map[8..8 + header_len as usize];
-        let meta: Metadata = serde_json::from_slice(header).map_err(|e| {
+        let mut header = vec![0u8; header_len as usize];
+        read_exact_at(&file, &mut header, 8).map_err(|e| Error::io(&path, e))?;
+        let meta: Metadata = serde_json::from_slice(&header).map_err(|e| {
             let msg = e.to_string();
             if msg.contains("unknown variant") {
                 Error::bad_file(&path, format!("unknown dtype in header: {msg}"))
@@ -132,7 +129,7 @@ impl ModelFile {
             .unwrap_or_default();
         Ok(ModelFile {
             path,
-            map,
+            file,
             size,
             tensors,
             metadata,
@@ -174,12 +171,12 @@ impl ModelFile {
             key: key.to_string(),
             dtype: dtype_name(entry.dtype),
         })?;
-        self.decode(entry.offset, dtype, start, dst, scratch);
-        Ok(())
+        self.decode(entry.offset, dtype, start, dst, scratch)
     }
 
-    /// Decodes elements `start..start + dst.len()` of the tensor of `dtype` whose data starts at
-    /// byte `offset` of the file (offsets come from a validated header, so they are in range).
+    /// Reads and decodes elements `start..start + dst.len()` of the tensor of `dtype` whose data
+    /// starts at byte `offset` of the file. Reading into an aligned buffer also makes misaligned
+    /// data offsets (headers not padded to 8 bytes) harmless.
     pub(crate) fn decode<T: Real>(
         &self,
         offset: u64,
@@ -187,37 +184,31 @@ impl ModelFile {
         start: usize,
         dst: &mut [T],
         scratch: &mut Vec<u64>,
-    ) {
+    ) -> Result<()> {
         let width = dtype.size();
-        let at = offset as usize + start * width;
-        let bytes = &self.map[at..at + dst.len() * width];
-        if (bytes.as_ptr() as usize) % width == 0 {
-            dtype.decode(bytes, dst);
-        } else {
-            // Misaligned data offset (some writers do not pad the header): copy to aligned memory.
-            let aligned = aligned_bytes(scratch, bytes.len());
-            aligned.copy_from_slice(bytes);
-            dtype.decode(aligned, dst);
-        }
+        let raw = aligned_bytes(scratch, dst.len() * width);
+        read_exact_at(&self.file, raw, offset + (start * width) as u64).map_err(|e| {
+            Error::io(
+                &self.path,
+                std::io::Error::new(
+                    e.kind(),
+                    format!("reading tensor data at byte {offset}: {e}"),
+                ),
+            )
+        })?;
+        dtype.decode(raw, dst);
+        Ok(())
     }
 
-    /// Tells the kernel this process no longer needs the pages of bytes `at..at + len` (they stay
-    /// in the page cache), so they stop counting towards resident memory.
-    pub(crate) fn release(&self, at: u64, len: u64) {
-        #[cfg(unix)]
-        if len > 0 {
-            // SAFETY: the map is private and read-only; dropped pages are re-read from the file
-            // if touched again, so no data can change or be lost.
-            let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    at as usize,
-                    len as usize,
-                )
-            };
-        }
-        #[cfg(not(unix))]
-        let _ = (at, len);
+    /// Drops the parsed tensor index (the engine keeps what it needs in its own key table), so
+    /// that hundreds of opened inputs do not each hold their header in memory.
+    pub(crate) fn forget_index(&mut self) {
+        self.tensors = BTreeMap::new();
+    }
+
+    /// Copies `dst.len()` raw bytes at absolute byte `offset` of the file.
+    pub(crate) fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        read_exact_at(&self.file, dst, offset).map_err(|e| Error::io(&self.path, e))
     }
 
     /// Copies `dst.len()` raw bytes of tensor `key` starting at byte `start` within the tensor.
@@ -225,9 +216,12 @@ impl ModelFile {
         let entry = self.tensors.get(key).ok_or_else(|| {
             Error::bad_file(&self.path, format!("tensor `{key}` is not in this file"))
         })?;
-        let at = (entry.offset + start) as usize;
-        dst.copy_from_slice(&self.map[at..at + dst.len()]);
-        Ok(())
+        read_exact_at(&self.file, dst, entry.offset + start).map_err(|e| {
+            Error::io(
+                &self.path,
+                std::io::Error::new(e.kind(), format!("reading tensor `{key}`: {e}")),
+            )
+        })
     }
 }
 
@@ -238,4 +232,32 @@ pub(crate) fn aligned_bytes(scratch: &mut Vec<u64>, nbytes: usize) -> &mut [u8] 
         scratch.resize(words, 0);
     }
     &mut bytemuck::cast_slice_mut::<u64, u8>(&mut scratch[..words])[..nbytes]
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "unexpected end of file",
+                ))
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

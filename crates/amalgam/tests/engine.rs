@@ -76,7 +76,7 @@ fn output_bytes_do_not_depend_on_threads_chunks_or_budget() {
             let variants: [(usize, Option<usize>, u64); 5] = [
                 (1, None, 2 << 30),
                 (2, None, 2 << 30),
-                (2, None, 3 << 20),
+                (2, None, 1 << 20),
                 (2, Some(16_384), 2 << 30),
                 (1, Some(49_152), 2 << 30),
             ];
@@ -91,7 +91,7 @@ fn output_bytes_do_not_depend_on_threads_chunks_or_budget() {
                 o.compute_dtype = compute;
                 let report =
                     merge(g, &o, &NoProgress).unwrap_or_else(|e| panic!("{name} {i}: {e}"));
-                if chunk.is_none() && budget == 3 << 20 {
+                if chunk.is_none() && budget == 1 << 20 {
                     assert!(
                         report.chunk_elements < 300_000,
                         "budget must force several chunks"
