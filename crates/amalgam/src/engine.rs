@@ -139,10 +139,13 @@ fn file_identity(p: &Path) -> Option<(u64, u64)> {
 /// How one key is computed.
 enum Expr<T: Real> {
     Leaf(Leaf),
-    Node {
-        state: Box<dyn KeyMerge<T>>,
-        args: Vec<Expr<T>>,
-    },
+    Node(Box<NodeExpr<T>>),
+}
+
+/// A method applied to its arguments for one key.
+struct NodeExpr<T: Real> {
+    state: Box<dyn KeyMerge<T>>,
+    args: Vec<Expr<T>>,
 }
 
 impl<T: Real> Expr<T> {
@@ -150,7 +153,7 @@ impl<T: Real> Expr<T> {
     fn cost(&self) -> (usize, usize) {
         match self {
             Expr::Leaf(_) => (1, 0),
-            Expr::Node { args, .. } => args.iter().fold((0, 1), |(l, n), a| {
+            Expr::Node(node) => node.args.iter().fold((0, 1), |(l, n), a| {
                 let (al, an) = a.cost();
                 (l + al, n + an)
             }),
@@ -159,16 +162,16 @@ impl<T: Real> Expr<T> {
     fn has_stats(&self) -> bool {
         match self {
             Expr::Leaf(_) => false,
-            Expr::Node { state, args } => {
-                state.stat_passes() > 0 || args.iter().any(|a| a.has_stats())
+            Expr::Node(node) => {
+                node.state.stat_passes() > 0 || node.args.iter().any(|a| a.has_stats())
             }
         }
     }
     fn whole_tensor(&self) -> bool {
         match self {
             Expr::Leaf(_) => false,
-            Expr::Node { state, args } => {
-                state.whole_tensor() || args.iter().any(|a| a.whole_tensor())
+            Expr::Node(node) => {
+                node.state.whole_tensor() || node.args.iter().any(|a| a.whole_tensor())
             }
         }
     }
@@ -177,19 +180,23 @@ impl<T: Real> Expr<T> {
 /// Where one input's tensor lies.
 #[derive(Clone, Copy, Debug)]
 struct Leaf {
-    offset: u64,
     model: u32,
-    dtype: FloatDtype,
 }
 
 impl Leaf {
     fn new(row: &KeyRow, model: usize) -> Self {
-        let loc = row.locs[model].expect("model has the key");
+        debug_assert!(row.locs[model].is_some());
         Leaf {
             model: model as u32,
-            offset: loc.offset,
-            dtype: FloatDtype::from_safetensors(loc.dtype).expect("float key"),
         }
+    }
+    /// Where this leaf's model stores the key of `row`, and in which float dtype.
+    fn loc(&self, row: &KeyRow) -> (u64, FloatDtype) {
+        let loc = row.locs[self.model as usize].expect("model has the key");
+        (
+            loc.offset,
+            FloatDtype::from_safetensors(loc.dtype).expect("float key"),
+        )
     }
 }
 
@@ -350,10 +357,10 @@ fn resolve<T: Real>(
                     let state = methods[n].begin_key(&ctx).map_err(|e| {
                         Error::Invalid(format!("node `{}`, key `{}`: {e}", node.name, row.name))
                     })?;
-                    Ok(Some(Expr::Node {
+                    Ok(Some(Expr::Node(Box::new(NodeExpr {
                         state,
                         args: args.into_iter().flatten().collect(),
-                    }))
+                    }))))
                 }
             }
         }
@@ -499,6 +506,7 @@ impl<T: Real> Workers<T> {
 /// returned buffer (to be given back to `s.free`).
 fn eval<T: Real>(
     expr: &Expr<T>,
+    row: &KeyRow,
     range: &Range<usize>,
     models: &[ModelFile],
     s: &mut Scratch<T>,
@@ -507,24 +515,26 @@ fn eval<T: Real>(
     match expr {
         Expr::Leaf(l) => {
             let mut buf = s.take(len);
+            let (offset, dtype) = l.loc(row);
             models[l.model as usize].decode(
-                l.offset,
-                l.dtype,
+                offset,
+                dtype,
                 range.start,
                 &mut buf[..len],
                 &mut s.raw,
             )?;
             Ok(buf)
         }
-        Expr::Node { state, args } => {
-            let mut bufs = Vec::with_capacity(args.len());
-            for a in args {
-                bufs.push(eval(a, range, models, s)?);
+        Expr::Node(node) => {
+            let mut bufs = Vec::with_capacity(node.args.len());
+            for a in &node.args {
+                bufs.push(eval(a, row, range, models, s)?);
             }
             let mut out = s.take(len);
             {
                 let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
-                state.merge_chunk(range.clone(), &refs, &mut out[..len]);
+                node.state
+                    .merge_chunk(range.clone(), &refs, &mut out[..len]);
             }
             s.free.extend(bufs);
             Ok(out)
@@ -535,13 +545,15 @@ fn eval<T: Real>(
 /// Runs the statistic passes of every node of `expr`, children first.
 fn run_stats<T: Real>(
     expr: &mut Expr<T>,
-    numel: usize,
+    row: &KeyRow,
     models: &[ModelFile],
     workers: &Workers<T>,
 ) -> Result<()> {
-    if let Expr::Node { state, args } = expr {
+    let numel = row.numel();
+    if let Expr::Node(node) = expr {
+        let NodeExpr { state, args } = &mut **node;
         for a in args.iter_mut() {
-            run_stats(a, numel, models, workers)?;
+            run_stats(a, row, models, workers)?;
         }
         for pass in 0..state.stat_passes() {
             let blocks: Vec<Range<usize>> = (0..numel)
@@ -557,7 +569,7 @@ fn run_stats<T: Real>(
                         let len = range.len();
                         let bufs: Vec<Vec<T>> = args_ref
                             .iter()
-                            .map(|a| eval(a, &range, models, s))
+                            .map(|a| eval(a, row, &range, models, s))
                             .collect::<Result<_>>()?;
                         let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
                         let r = st.stat_block(pass, range.clone(), &refs);
@@ -667,6 +679,7 @@ fn run<T: Real>(
         let Job::Compute { expr, numel } = &planned[task.key].job else {
             unreachable!("only computed keys become tasks")
         };
+        let row = &rows[planned[task.key].row];
         let len = task.range.len();
         let step = if expr.whole_tensor() { *numel } else { sub };
         workers.with(|s| -> Result<()> {
@@ -675,7 +688,7 @@ fn run<T: Real>(
             let mut at = task.range.start;
             while at < task.range.end {
                 let r = at..(at + step).min(task.range.end);
-                let buf = eval(expr, &r, models, s)?;
+                let buf = eval(expr, row, &r, models, s)?;
                 let o = (r.start - task.range.start) * out_size;
                 out_dtype.encode(&buf[..r.len()], &mut bytes[o..o + r.len() * out_size]);
                 s.free.push(buf);
@@ -728,10 +741,11 @@ fn run<T: Real>(
         let numel = *numel;
         if expr.has_stats() {
             run_batch(&mut tasks, &planned)?;
+            let row = &rows[planned[ki].row];
             let Job::Compute { expr, .. } = &mut planned[ki].job else {
                 unreachable!()
             };
-            run_stats(expr, numel, models, &workers)?;
+            run_stats(expr, row, models, &workers)?;
         }
         let Job::Compute { expr, .. } = &planned[ki].job else {
             unreachable!()
@@ -765,17 +779,17 @@ fn run<T: Real>(
 }
 
 fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) -> u64 {
-    fn leaves<T: Real>(e: &Expr<T>, numel: usize) -> u64 {
+    fn leaves<T: Real>(e: &Expr<T>, row: &KeyRow) -> u64 {
         match e {
-            Expr::Leaf(l) => (numel * l.dtype.size()) as u64,
-            Expr::Node { args, .. } => args.iter().map(|a| leaves(a, numel)).sum(),
+            Expr::Leaf(l) => (row.numel() * l.loc(row).1.size()) as u64,
+            Expr::Node(node) => node.args.iter().map(|a| leaves(a, row)).sum(),
         }
     }
     planned
         .iter()
         .map(|p| match &p.job {
             Job::CopyRaw { len, .. } => *len,
-            Job::Compute { expr, .. } => leaves(expr, rows[p.row].numel()),
+            Job::Compute { expr, .. } => leaves(expr, &rows[p.row]),
         })
         .sum()
 }
