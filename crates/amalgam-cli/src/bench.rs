@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Accumulation precision passed to the merges
     #[arg(long, default_value = "f32")]
     compute_dtype: String,
+    /// Rounds per measurement; the best time of each kind is reported
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
 }
 
 fn read_all(files: &[PathBuf], threads: usize) -> Result<(f64, u64)> {
@@ -100,9 +103,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
             } else {
                 all[1..=n].to_vec()
             };
-            read_all(&files, a.threads)?; // warm the page cache
-            let (read_s, bytes) = read_all(&files, 1)?;
-            let (pread_s, _) = read_all(&files, a.threads)?;
             let report = a.dir.join("bench-report.json");
             let mut cmd = std::process::Command::new(&exe);
             cmd.arg("merge").arg("--method").arg(method);
@@ -116,16 +116,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cmd.arg("--memory-budget").arg(a.memory_budget.to_string());
             cmd.arg("--compute-dtype").arg(&a.compute_dtype);
             cmd.arg("--report-json").arg(&report);
-            // A new file, not a replacement: ext4 flushes a file renamed over another at once.
-            let _ = std::fs::remove_file(&out);
-            let t = Instant::now();
-            let status = cmd.status()?;
-            let merge_s = t.elapsed().as_secs_f64();
-            if !status.success() {
-                bail!("merge failed: {cmd:?}");
+            // Best of `repeat` rounds; each round warms the page cache, then times one read of
+            // every input on one thread and on all threads, then the merge. The machine's page
+            // cache is not guaranteed to keep the inputs between rounds, hence the warm-up.
+            let (mut read_s, mut pread_s, mut merge_s, mut rss, mut bytes) =
+                (f64::MAX, f64::MAX, f64::MAX, 0u64, 0u64);
+            for _ in 0..a.repeat.max(1) {
+                // A new file, not a replacement (ext4 flushes a file renamed over another at
+                // once), and earlier outputs flushed first so their writeback does not overlap.
+                let _ = std::fs::remove_file(&out);
+                let _ = std::process::Command::new("sync").status();
+                read_all(&files, a.threads)?;
+                let (r, b) = read_all(&files, 1)?;
+                let (pr, _) = read_all(&files, a.threads)?;
+                let t = Instant::now();
+                let status = cmd.status()?;
+                let m = t.elapsed().as_secs_f64();
+                if !status.success() {
+                    bail!("merge failed: {cmd:?}");
+                }
+                let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
+                rss = rss.max(json["peak_rss_bytes"].as_u64().unwrap_or(0));
+                (read_s, pread_s, merge_s, bytes) =
+                    (read_s.min(r), pread_s.min(pr), merge_s.min(m), b);
             }
-            let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
-            let rss = json["peak_rss_bytes"].as_u64().unwrap_or(0);
             let row = format!(
                 "| {method} | {n} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {} |",
                 format_bytes(bytes),
@@ -140,6 +154,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(a.dir.join("bench-report.json"));
     println!("| method | N | input | warm read, 1 thread | warm read, all threads | merge (wall) | merge / read 1T | merge / read all | peak RSS |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {

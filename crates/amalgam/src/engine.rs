@@ -584,9 +584,10 @@ fn run_stats<T: Real>(
     Ok(())
 }
 
-/// A sub-chunk is sized so that its buffers (raw bytes and compute values of every input, one
-/// compute buffer per node) take about this many bytes: it is then computed in the CPU cache.
-const CACHE_TARGET: usize = 1 << 20;
+/// A sub-chunk is sized so that its buffers (the compute values of every input and node, and the
+/// raw bytes of one input) take about this many bytes: small enough to stay in the CPU caches, large
+/// enough that each read of an input is tens of KiB even for hundreds of inputs per key.
+const CACHE_TARGET: usize = 2 << 20;
 
 /// The output buffer of one task (a run of sub-chunks written with one call) is at most this
 /// large, within the budget.
@@ -623,7 +624,8 @@ fn run<T: Real>(
         .map(|d| d.size())
         .max()
         .unwrap_or(2);
-    let sub_bytes_per_elem = leaves * (tsize + in_max) + nodes * tsize;
+    // One compute buffer per input and per node; the raw bytes of one input at a time.
+    let sub_bytes_per_elem = (leaves + nodes) * tsize + in_max;
     let per_thread = opts.memory_budget / 2 / threads as u64;
     let sub = (CACHE_TARGET.min(per_thread as usize) / sub_bytes_per_elem) / 256 * 256;
     let out_size = opts.output_dtype.size();
