@@ -560,25 +560,33 @@ fn run_stats<T: Real>(
                 .step_by(BLOCK)
                 .map(|s| s..(s + BLOCK).min(numel))
                 .collect();
-            let st: &dyn KeyMerge<T> = &**state;
-            let args_ref: &[Expr<T>] = args;
-            let results: Vec<Vec<f64>> = blocks
-                .into_par_iter()
-                .map(|range| {
-                    workers.with(|s| {
-                        let len = range.len();
-                        let bufs: Vec<Vec<T>> = args_ref
-                            .iter()
-                            .map(|a| eval(a, row, &range, models, s))
-                            .collect::<Result<_>>()?;
-                        let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
-                        let r = st.stat_block(pass, range.clone(), &refs);
-                        s.free.extend(bufs);
-                        Ok(r)
+            // Blocks are computed in parallel a group at a time and absorbed in block order, so
+            // at most one group of block results is held at once.
+            let group = 16 * rayon::current_num_threads().max(1);
+            for (g, chunk) in blocks.chunks(group).enumerate() {
+                let st: &dyn KeyMerge<T> = &**state;
+                let args_ref: &[Expr<T>] = args;
+                let results: Vec<Vec<f64>> = chunk
+                    .par_iter()
+                    .map(|range| {
+                        workers.with(|s| {
+                            let len = range.len();
+                            let bufs: Vec<Vec<T>> = args_ref
+                                .iter()
+                                .map(|a| eval(a, row, range, models, s))
+                                .collect::<Result<_>>()?;
+                            let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
+                            let r = st.stat_block(pass, range.clone(), &refs);
+                            s.free.extend(bufs);
+                            Ok(r)
+                        })
                     })
-                })
-                .collect::<Result<_>>()?;
-            state.absorb_stats(pass, results)?;
+                    .collect::<Result<_>>()?;
+                for (i, r) in results.into_iter().enumerate() {
+                    state.absorb_block(pass, g * group + i, r);
+                }
+            }
+            state.finish_pass(pass)?;
         }
     }
     Ok(())
@@ -805,6 +813,7 @@ mod tests {
     /// Records the block ranges it was given.
     struct Normalize {
         norm: f64,
+        absorbed: usize,
         seen: std::sync::Arc<Mutex<Vec<Range<usize>>>>,
     }
 
@@ -817,12 +826,13 @@ mod tests {
             self.seen.lock().unwrap().push(range);
             vec![args[0].iter().map(|&x| x as f64 * x as f64).sum()]
         }
-        fn absorb_stats(&mut self, _pass: usize, blocks: Vec<Vec<f64>>) -> Result<()> {
-            let mut total = 0.0;
-            for b in blocks {
-                total += b[0];
-            }
-            self.norm = total.sqrt();
+        fn absorb_block(&mut self, _pass: usize, block: usize, stats: Vec<f64>) {
+            assert_eq!(block, self.absorbed, "blocks arrive in order");
+            self.absorbed += 1;
+            self.norm += stats[0];
+        }
+        fn finish_pass(&mut self, _pass: usize) -> Result<()> {
+            self.norm = self.norm.sqrt();
             Ok(())
         }
         fn merge_chunk(&self, _range: Range<usize>, args: &[&[f32]], out: &mut [f32]) {
@@ -836,7 +846,7 @@ mod tests {
     fn statistic_passes_see_every_block_in_order_whatever_the_threads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.safetensors");
-        let n = 3 * BLOCK + 123;
+        let n = 40 * BLOCK + 123;
         let values: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
             .collect();
@@ -881,6 +891,7 @@ mod tests {
             let mut expr = Expr::Node(Box::new(NodeExpr {
                 state: Box::new(Normalize {
                     norm: 0.0,
+                    absorbed: 0,
                     seen: seen.clone(),
                 }),
                 args: vec![Expr::Leaf(Leaf::new(&rows[0], 0))],

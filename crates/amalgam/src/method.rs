@@ -193,12 +193,17 @@ pub trait KeyMerge<T: Real>: Send + Sync {
     fn stat_passes(&self) -> usize {
         0
     }
-    /// Statistics of one block (`range` of the flattened tensor) for pass `pass`.
+    /// Statistics of one block (`range` of the flattened tensor) for pass `pass`. Blocks are
+    /// [`BLOCK`](crate::engine::BLOCK) elements long (the last may be shorter), computed in
+    /// parallel.
     fn stat_block(&self, _pass: usize, _range: Range<usize>, _args: &[&[T]]) -> Vec<f64> {
         Vec::new()
     }
-    /// Receives the per-block results of pass `pass`, in block order.
-    fn absorb_stats(&mut self, _pass: usize, _blocks: Vec<Vec<f64>>) -> Result<()> {
+    /// Receives the statistics of block `block` of pass `pass`. Called in block order, one
+    /// block at a time, so that sums folded here do not depend on the thread count.
+    fn absorb_block(&mut self, _pass: usize, _block: usize, _stats: Vec<f64>) {}
+    /// Called after the last block of pass `pass`, before the next pass or the merge.
+    fn finish_pass(&mut self, _pass: usize) -> Result<()> {
         Ok(())
     }
     /// Whether the method needs the whole tensor as one chunk (whole-matrix methods).
