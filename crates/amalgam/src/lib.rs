@@ -19,6 +19,7 @@ pub mod output;
 pub mod real;
 pub mod recipe;
 pub mod report;
+pub mod rng;
 pub mod simd;
 pub mod size;
 pub mod synth;

@@ -128,6 +128,44 @@ impl Params {
             ))),
         }
     }
+    /// One of `options` (a string parameter), or `default` when absent.
+    pub fn choice(
+        &mut self,
+        name: &str,
+        options: &[&'static str],
+        default: &'static str,
+    ) -> Result<&'static str> {
+        match self.values.remove(name) {
+            None => Ok(default),
+            Some(ParamValue::Text(t)) => options
+                .iter()
+                .find(|o| o.eq_ignore_ascii_case(&t) || o.replace('_', "-") == t)
+                .copied()
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "parameter `{name}` is `{t}`; expected one of: {}",
+                        options.join(", ")
+                    ))
+                }),
+            Some(other) => Err(self.err(format!(
+                "parameter `{name}` must be one of {} (a string), got {}",
+                options.join(", "),
+                other.describe()
+            ))),
+        }
+    }
+
+    /// A non-negative integer, or `default` when absent.
+    pub fn count(&mut self, name: &str, default: usize) -> Result<usize> {
+        match self.values.remove(name) {
+            None => Ok(default),
+            Some(ParamValue::Number(v)) if v >= 0.0 && v.fract() == 0.0 => Ok(v as usize),
+            Some(other) => Err(self.err(format!(
+                "parameter `{name}` must be a non-negative integer, got {other:?}"
+            ))),
+        }
+    }
+
     /// Fails if any parameter was not consumed.
     pub fn finish(self, info: &MethodInfo) -> Result<()> {
         if let Some(name) = self.values.keys().next() {

@@ -63,6 +63,10 @@ pub trait Real:
     const ZERO: Self;
     const ONE: Self;
     const DTYPE: ComputeDtype;
+    /// Bits of the key that orders non-negative values (32 for f32, 64 for f64).
+    const KEY_BITS: u32;
+    /// An unsigned key with the order of `|self|` (the bit pattern of the absolute value).
+    fn abs_key(self) -> u64;
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn abs(self) -> Self;
@@ -82,6 +86,11 @@ impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const DTYPE: ComputeDtype = ComputeDtype::F32;
+    const KEY_BITS: u32 = 32;
+    #[inline(always)]
+    fn abs_key(self) -> u64 {
+        self.abs().to_bits() as u64
+    }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -135,6 +144,11 @@ impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const DTYPE: ComputeDtype = ComputeDtype::F64;
+    const KEY_BITS: u32 = 64;
+    #[inline(always)]
+    fn abs_key(self) -> u64 {
+        self.abs().to_bits()
+    }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v

@@ -8,24 +8,26 @@ use crate::method::{Method, MethodInfo, Params};
 use crate::real::Real;
 
 pub mod add_difference;
+pub mod geometric_median;
 pub mod linear;
 pub mod soup;
 pub mod subtract;
 pub mod task_arithmetic;
+pub mod ties;
 pub mod weighted_sum;
 
 macro_rules! registry {
-    ($($module:ident :: $ty:ident),* $(,)?) => {
+    ($($info:path => $ctor:path),* $(,)?) => {
         /// Every method amalgam implements, in documentation order.
-        pub static ALL: &[&MethodInfo] = &[$(&$module::INFO),*];
+        pub static ALL: &[&MethodInfo] = &[$(&$info),*];
 
         /// Builds method `name` from its parameters; `counts[i]` is the number of arguments given
         /// to slot `i` of the method's [`MethodInfo::slots`].
         pub fn build<T: Real>(name: &str, params: Params, counts: &[usize]) -> Result<Box<dyn Method<T>>> {
             let name = canonical_name(name)?;
             $(
-                if name == $module::INFO.name {
-                    return Ok(Box::new($module::$ty::new(params, counts)?));
+                if name == $info.name {
+                    return Ok(Box::new($ctor(params, counts)?));
                 }
             )*
             unreachable!("canonical_name returned an unregistered method")
@@ -34,12 +36,18 @@ macro_rules! registry {
 }
 
 registry!(
-    weighted_sum::WeightedSum,
-    soup::Soup,
-    linear::Linear,
-    add_difference::AddDifference,
-    subtract::Subtract,
-    task_arithmetic::TaskArithmetic,
+    weighted_sum::INFO => weighted_sum::WeightedSum::new,
+    soup::INFO => soup::Soup::new,
+    linear::INFO => linear::Linear::new,
+    add_difference::INFO => add_difference::AddDifference::new,
+    subtract::INFO => subtract::Subtract::new,
+    task_arithmetic::INFO => task_arithmetic::TaskArithmetic::new,
+    ties::TIES => ties::Pipeline::ties,
+    ties::TIES_SOUP => ties::Pipeline::ties_soup,
+    ties::DARE => ties::Pipeline::dare,
+    ties::TSD => ties::Pipeline::tsd,
+    ties::TGMD => ties::Pipeline::tgmd,
+    geometric_median::INFO => geometric_median::GeometricMedian::new,
 );
 
 /// Other names users know the methods by (sd-mecha, mergekit, A1111).
@@ -49,6 +57,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("average", "soup"),
     ("weighted_linear", "linear"),
     ("sum", "linear"),
+    ("fermat_point", "geometric_median"),
 ];
 
 /// The registered name for `name` (an exact name or an alias), or an error listing the methods.
