@@ -222,6 +222,9 @@ pub trait Method<T: Real>: Send + Sync {
     fn on_missing(&self, present: &[bool]) -> OnMissing;
 
     /// Starts merging one key. `ctx.present` lists the arguments that will be supplied.
+    ///
+    /// The engine plans every key before reading any tensor, so the state of every key exists at
+    /// once: keep it small here and allocate statistics buffers when the passes run.
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>>;
 }
 

@@ -23,14 +23,27 @@ fn key_seed(seed: u64, key: &str) -> [u8; 32] {
     k
 }
 
+/// The random words of model `model` in key `key`, from element `start` on.
+pub struct Stream(ChaCha8Rng);
+
+impl Stream {
+    pub fn new(seed: u64, key: &str, model: u64, start: usize) -> Self {
+        let mut r = ChaCha8Rng::from_seed(key_seed(seed, key));
+        r.set_stream(model);
+        r.set_word_pos(start as u128);
+        Stream(r)
+    }
+    /// The words of the next `out.len()` elements.
+    pub fn fill(&mut self, out: &mut [u32]) {
+        for w in out.iter_mut() {
+            *w = self.0.next_u32();
+        }
+    }
+}
+
 /// The random words of elements `start..start + out.len()` of model `model` in key `key`.
 pub fn words(seed: u64, key: &str, model: u64, start: usize, out: &mut [u32]) {
-    let mut r = ChaCha8Rng::from_seed(key_seed(seed, key));
-    r.set_stream(model);
-    r.set_word_pos(start as u128);
-    for w in out.iter_mut() {
-        *w = r.next_u32();
-    }
+    Stream::new(seed, key, model, start).fill(out)
 }
 
 /// The word threshold of a Bernoulli draw that succeeds with probability `q`: a draw `w`

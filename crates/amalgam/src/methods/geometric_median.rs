@@ -100,25 +100,60 @@ impl Weiszfeld {
 /// `n × n`). Distances do not change when every point is moved by the same vector, and centring
 /// keeps `G_ss − 2 (Gc)_s + cᵀGc` from cancelling when the median comes close to a point.
 pub(crate) fn add_gram<T: Real>(points: &[&[T]], acc: &mut [f64]) {
+    add_gram_with(points, acc, &mut Vec::new());
+}
+
+/// `Σ a_i b_i` with four interleaved partial sums (a fixed order, so deterministic, and one that
+/// vectorises, unlike a single running sum).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut lanes = [0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..4 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
+}
+
+/// [`add_gram`] with a reusable buffer for the centred points.
+pub(crate) fn add_gram_with<T: Real>(points: &[&[T]], acc: &mut [f64], centred: &mut Vec<f64>) {
     let n = points.len();
     if n == 0 {
         return;
     }
     let len = points[0].len();
-    let mut mean = vec![0f64; len];
+    centred.clear();
+    centred.resize(n * len, 0.0);
+    let rest = centred.as_mut_slice();
+    let mut m = vec![0f64; len];
     for x in points {
-        for (m, &v) in mean.iter_mut().zip(x.iter()) {
-            *m += v.to_f64();
+        for (a, &v) in m.iter_mut().zip(x.iter()) {
+            *a += v.to_f64();
         }
     }
-    mean.iter_mut().for_each(|m| *m /= n as f64);
-    let centred: Vec<Vec<f64>> = points
-        .iter()
-        .map(|x| x.iter().zip(&mean).map(|(&v, &m)| v.to_f64() - m).collect())
-        .collect();
+    let inv = 1.0 / n as f64;
+    m.iter_mut().for_each(|a| *a *= inv);
+    for (t, x) in points.iter().enumerate() {
+        for ((c, &v), &a) in rest[t * len..(t + 1) * len]
+            .iter_mut()
+            .zip(x.iter())
+            .zip(&m)
+        {
+            *c = v.to_f64() - a;
+        }
+    }
     for s in 0..n {
+        let xs = &rest[s * len..(s + 1) * len];
         for t in s..n {
-            let dot: f64 = centred[s].iter().zip(&centred[t]).map(|(a, b)| a * b).sum();
+            let xt = &rest[t * len..(t + 1) * len];
+            let dot = dot(xs, xt);
             acc[s * n + t] += dot;
             if s != t {
                 acc[t * n + s] += dot;

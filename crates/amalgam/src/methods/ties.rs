@@ -8,7 +8,7 @@
 //! Every stage is a named option; the presets (`ties`, `ties_soup`, `dare`, `tsd`, `tgmd`) differ
 //! only in their defaults, so each can be tuned into any other.
 
-use super::geometric_median::{add_gram, Weiszfeld};
+use super::geometric_median::{add_gram_with, Weiszfeld};
 use crate::error::{Error, Result};
 use crate::method::*;
 use crate::real::Real;
@@ -299,7 +299,7 @@ impl<T: Real> Method<T> for Pipeline {
                 .map(|_| Select {
                     prefix: 0,
                     rank,
-                    counts: vec![0; 1 << DIGIT_BITS],
+                    counts: Vec::new(),
                 })
                 .collect(),
             thresholds: vec![0; n],
@@ -318,6 +318,8 @@ struct Select {
     prefix: u64,
     /// The rank still to find among the keys with that prefix.
     rank: u64,
+    /// The histogram of the current pass (allocated while the key's statistics run: every key's
+    /// state exists from planning on, so it must stay small until then).
     counts: Vec<u64>,
 }
 
@@ -335,6 +337,30 @@ struct KeyPipeline<T> {
     coefficients: Vec<T>,
 }
 
+/// Elements processed together: every stage runs over one block of all models at a time, model
+/// by model, in loops the compiler vectorises.
+const W: usize = 256;
+
+/// How far [`KeyPipeline::blocks`] takes the deltas.
+#[derive(Clone, Copy, PartialEq)]
+enum Stage {
+    /// After the drop only (what the trim threshold is selected from).
+    Dropped,
+    /// After drop, trim, election and sign filter.
+    Filtered,
+}
+
+#[inline(always)]
+fn sign<T: Real>(v: T) -> T {
+    if v > T::ZERO {
+        T::ONE
+    } else if v < T::ZERO {
+        -T::ONE
+    } else {
+        T::ZERO
+    }
+}
+
 impl<T: Real> KeyPipeline<T> {
     /// The bits of pass `pass`'s digit: (shift, already-resolved high bits' shift).
     fn digit_shift(pass: usize) -> (u32, u32) {
@@ -343,85 +369,87 @@ impl<T: Real> KeyPipeline<T> {
         (shift, shift + DIGIT_BITS)
     }
 
-    /// The dropped deltas of the present models on `range` (`args[0]` is the base).
-    fn dropped(&self, range: &Range<usize>, args: &[&[T]]) -> Vec<Vec<T>> {
+    /// Runs the pipeline up to `stage` over `range` (`args[0]` is the base), a block of `W`
+    /// elements at a time, calling `sink(offset, len, deltas, gamma)` per block: `deltas` holds
+    /// model `t`'s values at `[t * W..t * W + len]`, `gamma` the elected signs (Filtered only).
+    fn blocks(
+        &self,
+        stage: Stage,
+        range: &Range<usize>,
+        args: &[&[T]],
+        mut sink: impl FnMut(usize, usize, &[T], &[T]),
+    ) {
         let base = args[0];
-        let mut words = vec![0u32; range.len()];
-        args[1..]
-            .iter()
-            .zip(&self.streams)
-            .map(|(x, &stream)| {
-                let mut d: Vec<T> = x.iter().zip(base).map(|(&v, &b)| v - b).collect();
-                if let Drop::Dare { p } = self.config.drop {
-                    rng::words(self.seed, &self.key, stream, range.start, &mut words);
-                    let keep = rng::threshold(1.0 - p);
-                    for (v, &w) in d.iter_mut().zip(&words) {
-                        if (w as u64) >= keep {
-                            *v = T::ZERO;
-                        }
-                    }
-                }
-                d
-            })
-            .collect()
-    }
-
-    /// The deltas after drop, trim and the sign filter; also the elected sign per element.
-    fn filtered(&self, range: &Range<usize>, args: &[&[T]]) -> (Vec<Vec<T>>, Vec<i8>) {
-        let mut d = self.dropped(range, args);
-        for (dt, &thr) in d.iter_mut().zip(&self.thresholds) {
-            if thr > 0 {
-                for v in dt.iter_mut() {
-                    if v.abs_key() < thr {
-                        *v = T::ZERO;
-                    }
-                }
-            }
-        }
-        let len = range.len();
-        let sign = |v: T| -> i8 {
-            if v > T::ZERO {
-                1
-            } else if v < T::ZERO {
-                -1
-            } else {
-                0
-            }
+        let models = &args[1..];
+        let n = models.len();
+        let mut d = vec![T::ZERO; n * W];
+        let mut gamma = vec![T::ZERO; W];
+        let mut words = vec![0u32; W];
+        let mut streams: Vec<rng::Stream> = match self.config.drop {
+            Drop::Dare { .. } => self
+                .streams
+                .iter()
+                .map(|&m| rng::Stream::new(self.seed, &self.key, m, range.start))
+                .collect(),
+            Drop::None => Vec::new(),
         };
-        let mut gamma = vec![0i8; len];
-        if self.config.election != Election::None {
-            for (i, g) in gamma.iter_mut().enumerate() {
-                let s = match self.config.election {
-                    Election::Mass => {
-                        let mut total = T::ZERO;
-                        for dt in &d {
-                            total += dt[i];
-                        }
-                        sign(total)
+        let keep = match self.config.drop {
+            Drop::Dare { p } => rng::threshold(1.0 - p),
+            Drop::None => 1 << 32,
+        };
+        let mut at = 0;
+        while at < range.len() {
+            let len = W.min(range.len() - at);
+            let b = &base[at..at + len];
+            for t in 0..n {
+                let dt = &mut d[t * W..t * W + len];
+                for ((o, &x), &bb) in dt.iter_mut().zip(&models[t][at..at + len]).zip(b) {
+                    *o = x - bb;
+                }
+                if let Some(stream) = streams.get_mut(t) {
+                    stream.fill(&mut words[..len]);
+                    for (o, &w) in dt.iter_mut().zip(&words[..len]) {
+                        *o *= if (w as u64) < keep { T::ONE } else { T::ZERO };
                     }
-                    _ => {
-                        let mut votes = 0i64;
-                        for dt in &d {
-                            votes += sign(dt[i]) as i64;
-                        }
-                        votes.signum() as i8
-                    }
-                };
-                *g = if s == 0 && self.config.sign_tie == SignTie::Positive {
-                    1
-                } else {
-                    s
-                };
-            }
-            for dt in d.iter_mut() {
-                for (v, &g) in dt.iter_mut().zip(&gamma) {
-                    if sign(*v) != g {
-                        *v = T::ZERO;
+                }
+                if stage == Stage::Filtered && self.thresholds[t] > 0 {
+                    let thr = self.thresholds[t];
+                    for o in dt.iter_mut() {
+                        *o *= if o.abs_key() >= thr { T::ONE } else { T::ZERO };
                     }
                 }
             }
+            let g = &mut gamma[..len];
+            if stage == Stage::Filtered && self.config.election != Election::None {
+                g.fill(T::ZERO);
+                for t in 0..n {
+                    let dt = &d[t * W..t * W + len];
+                    match self.config.election {
+                        Election::Mass => g.iter_mut().zip(dt).for_each(|(s, &v)| *s += v),
+                        _ => g.iter_mut().zip(dt).for_each(|(s, &v)| *s += sign(v)),
+                    }
+                }
+                let positive_tie = self.config.sign_tie == SignTie::Positive;
+                for s in g.iter_mut() {
+                    let e = sign(*s);
+                    *s = if e == T::ZERO && positive_tie {
+                        T::ONE
+                    } else {
+                        e
+                    };
+                }
+                for t in 0..n {
+                    let dt = &mut d[t * W..t * W + len];
+                    // Multiplying by 1 or 0 instead of a conditional store, which the compiler
+                    // turns into a masked store, very slow on some CPUs.
+                    for (o, &e) in dt.iter_mut().zip(g.iter()) {
+                        *o *= if sign(*o) == e { T::ONE } else { T::ZERO };
+                    }
+                }
+            }
+            sink(at, len, &d, g);
+            at += len;
         }
-        (d, gamma)
     }
 }
 
@@ -431,34 +459,41 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     }
 
     fn stat_block(&self, pass: usize, range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
+        let n = self.streams.len();
         if pass < self.trim_passes {
             // Histogram of the next digit of |δ| among the keys matching each model's prefix.
             let (shift, high) = Self::digit_shift(pass);
             let mask = (1u64 << DIGIT_BITS) - 1;
-            let d = self.dropped(&range, args);
-            let mut h = vec![0f64; d.len() << DIGIT_BITS];
-            for (t, dt) in d.iter().enumerate() {
-                let prefix = self.select[t].prefix;
-                for v in dt {
-                    let key = v.abs_key();
-                    if high >= 64 || key >> high == prefix {
-                        h[(t << DIGIT_BITS) + ((key >> shift) & mask) as usize] += 1.0;
+            let mut h = vec![0f64; n << DIGIT_BITS];
+            self.blocks(Stage::Dropped, &range, args, |_, len, d, _| {
+                for t in 0..n {
+                    let prefix = self.select[t].prefix;
+                    let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
+                    for v in &d[t * W..t * W + len] {
+                        let key = v.abs_key();
+                        if high >= 64 || key >> high == prefix {
+                            ht[((key >> shift) & mask) as usize] += 1.0;
+                        }
                     }
                 }
-            }
+            });
             h
         } else {
-            let (f, _) = self.filtered(&range, args);
-            let points: Vec<&[T]> = f.iter().map(|v| v.as_slice()).collect();
-            let mut g = vec![0.0; points.len() * points.len()];
-            add_gram(&points, &mut g);
+            let mut g = vec![0.0; n * n];
+            let mut centred = Vec::new();
+            self.blocks(Stage::Filtered, &range, args, |_, len, d, _| {
+                let points: Vec<&[T]> = (0..n).map(|t| &d[t * W..t * W + len]).collect();
+                add_gram_with(&points, &mut g, &mut centred);
+            });
             g
         }
     }
-
     fn absorb_block(&mut self, pass: usize, _block: usize, stats: Vec<f64>) {
         if pass < self.trim_passes {
             for (t, s) in self.select.iter_mut().enumerate() {
+                if s.counts.is_empty() {
+                    s.counts = vec![0; 1 << DIGIT_BITS];
+                }
                 let h = &stats[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
                 for (c, &x) in s.counts.iter_mut().zip(h) {
                     *c += x as u64;
@@ -488,7 +523,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 }
                 s.rank -= below;
                 s.prefix = (s.prefix << DIGIT_BITS) | digit;
-                s.counts.iter_mut().for_each(|c| *c = 0);
+                s.counts = Vec::new();
                 if pass + 1 == self.trim_passes {
                     // All digits resolved: the prefix is the threshold key (the top padding bits
                     // above the key width are zero).
@@ -496,6 +531,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 }
             }
         } else if let Fuse::GeometricMedian(w) = self.config.fuse {
+            let gram = std::mem::take(&mut self.gram);
             let n = self.streams.len();
             let (gram, points) = if self.config.base_point {
                 // The base is the zero delta: a zero row and column.
@@ -503,12 +539,12 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 let mut g = vec![0.0; m * m];
                 for s in 0..n {
                     for t in 0..n {
-                        g[s * m + t] = self.gram[s * n + t];
+                        g[s * m + t] = gram[s * n + t];
                     }
                 }
                 (g, m)
             } else {
-                (self.gram.clone(), n)
+                (gram, n)
             };
             self.coefficients = w
                 .coefficients(&gram, points)
@@ -521,54 +557,59 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     }
 
     fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]) {
-        let (f, gamma) = self.filtered(&range, args);
-        let n = f.len();
-        match self.config.fuse {
-            Fuse::DisjointMean => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    let mut total = T::ZERO;
-                    let mut count = 0usize;
-                    for ft in &f {
-                        if ft[i] != T::ZERO {
-                            total += ft[i];
-                            count += 1;
-                        }
-                    }
-                    *o = if gamma[i] == 0 || count == 0 {
-                        T::ZERO
-                    } else {
-                        total / T::from_f64(count as f64)
-                    };
-                }
-            }
-            Fuse::Mean | Fuse::Sum => {
-                out.fill(T::ZERO);
-                for ft in &f {
-                    for (o, &v) in out.iter_mut().zip(ft) {
-                        *o += v;
-                    }
-                }
-                if self.config.fuse == Fuse::Mean {
-                    let inv = T::ONE / T::from_f64(n as f64);
-                    out.iter_mut().for_each(|o| *o *= inv);
-                }
-            }
-            Fuse::GeometricMedian(_) => {
-                out.fill(T::ZERO);
-                for (ft, &c) in f.iter().zip(&self.coefficients) {
-                    for (o, &v) in out.iter_mut().zip(ft) {
-                        *o += c * v;
-                    }
-                }
-            }
-        }
+        let n = self.streams.len();
         let scale = match (self.config.rescale, self.config.drop) {
             (Rescale::InverseKeep, Drop::Dare { p }) => self.config.lambda / (1.0 - p),
             _ => self.config.lambda,
         };
         let scale = T::from_f64(scale);
-        for (o, &b) in out.iter_mut().zip(args[0]) {
-            *o = b + scale * *o;
-        }
+        let inv_n = T::ONE / T::from_f64(n as f64);
+        let mut count = vec![T::ZERO; W];
+        self.blocks(Stage::Filtered, &range, args, |at, len, d, gamma| {
+            let o = &mut out[at..at + len];
+            o.fill(T::ZERO);
+            match self.config.fuse {
+                Fuse::DisjointMean => {
+                    let c = &mut count[..len];
+                    c.fill(T::ZERO);
+                    for t in 0..n {
+                        for ((s, k), &v) in
+                            o.iter_mut().zip(c.iter_mut()).zip(&d[t * W..t * W + len])
+                        {
+                            *s += v;
+                            *k += if v != T::ZERO { T::ONE } else { T::ZERO };
+                        }
+                    }
+                    for ((s, &k), &e) in o.iter_mut().zip(c.iter()).zip(gamma) {
+                        *s = if e == T::ZERO || k == T::ZERO {
+                            T::ZERO
+                        } else {
+                            *s / k
+                        };
+                    }
+                }
+                Fuse::Mean | Fuse::Sum => {
+                    for t in 0..n {
+                        for (s, &v) in o.iter_mut().zip(&d[t * W..t * W + len]) {
+                            *s += v;
+                        }
+                    }
+                    if self.config.fuse == Fuse::Mean {
+                        o.iter_mut().for_each(|s| *s *= inv_n);
+                    }
+                }
+                Fuse::GeometricMedian(_) => {
+                    for t in 0..n {
+                        let c = self.coefficients[t];
+                        for (s, &v) in o.iter_mut().zip(&d[t * W..t * W + len]) {
+                            *s += c * v;
+                        }
+                    }
+                }
+            }
+            for (s, &b) in o.iter_mut().zip(&args[0][at..at + len]) {
+                *s = b + scale * *s;
+            }
+        });
     }
 }
