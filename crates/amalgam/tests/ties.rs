@@ -428,3 +428,45 @@ fn pipeline_options_are_validated() {
     assert!(err("ties", vec![("base_point", Bool(true))]).contains("only applies"));
     assert!(err("ties", vec![("vote_sgn", Bool(true))]).contains("unknown parameter `vote_sgn`"));
 }
+
+#[test]
+fn model_stock_sd_mecha_variant_matches_sd_mecha() {
+    // sd-mecha `model_stock(A, B, C)`: adjacent pairs, cosines along the last dimension.
+    check(
+        run(
+            &[&A, &B, &C],
+            "model_stock",
+            &[
+                ("pairs", Text("adjacent".into())),
+                ("unit", Text("row".into())),
+            ],
+        ),
+        &[
+            0.272727, 2.454545, 2.181818, 1.090909, 2.5, 0.0, -1.25, 1.25,
+        ],
+        2e-6,
+    );
+}
+
+#[test]
+fn model_stock_t_for_known_cosines() {
+    // Two task vectors per case (base 0): cos 0 → t = 0 (the base); cos 1 → t = 1 (the mean);
+    // cos 1/√2 → t = 2c / (1 + c).
+    let c: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    let t = 2.0 * c / (1.0 + c);
+    for (x, y, want) in [
+        ([1.0, 0.0], [0.0, 1.0], [0.0, 0.0]),
+        ([1.0, 0.0], [3.0, 0.0], [2.0, 0.0]),
+        ([1.0, 1.0], [1.0, 0.0], [t, 0.5 * t]),
+    ] {
+        check(run(&[&x, &y], "model_stock", &[]), &want, 1e-6);
+    }
+    // Three vectors, all pairs: cosines 0, 0, 1/√2... here e1, e2, e1+e2: cos = 0, 1/√2, 1/√2.
+    let mean_cos = (0.0 + 2.0 * c) / 3.0;
+    let t3 = 3.0 * mean_cos / (1.0 + 2.0 * mean_cos);
+    check(
+        run(&[&[1.0, 0.0], &[0.0, 1.0], &[1.0, 1.0]], "model_stock", &[]),
+        &[t3 * 2.0 / 3.0, t3 * 2.0 / 3.0],
+        1e-6,
+    );
+}

@@ -103,9 +103,36 @@ pub(crate) fn add_gram<T: Real>(points: &[&[T]], acc: &mut [f64]) {
     add_gram_with(points, acc, &mut Vec::new());
 }
 
+/// Adds the plain (uncentred) Gram matrix `⟨x_s, x_t⟩` of the block's points to `acc`.
+pub(crate) fn add_raw_gram<T: Real>(points: &[&[T]], acc: &mut [f64], buf: &mut Vec<f64>) {
+    let n = points.len();
+    let len = points.first().map_or(0, |p| p.len());
+    buf.clear();
+    buf.resize(n * len, 0.0);
+    for (t, x) in points.iter().enumerate() {
+        for (c, &v) in buf[t * len..(t + 1) * len].iter_mut().zip(x.iter()) {
+            *c = v.to_f64();
+        }
+    }
+    gram_of_rows(buf, n, len, acc);
+}
+
+fn gram_of_rows(rows: &[f64], n: usize, len: usize, acc: &mut [f64]) {
+    for s in 0..n {
+        let xs = &rows[s * len..(s + 1) * len];
+        for t in s..n {
+            let d = dot(xs, &rows[t * len..(t + 1) * len]);
+            acc[s * n + t] += d;
+            if s != t {
+                acc[t * n + s] += d;
+            }
+        }
+    }
+}
+
 /// `Σ a_i b_i` with four interleaved partial sums (a fixed order, so deterministic, and one that
 /// vectorises, unlike a single running sum).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut lanes = [0f64; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
     let tail: f64 = ca
@@ -149,17 +176,7 @@ pub(crate) fn add_gram_with<T: Real>(points: &[&[T]], acc: &mut [f64], centred: 
             *c = v.to_f64() - a;
         }
     }
-    for s in 0..n {
-        let xs = &rest[s * len..(s + 1) * len];
-        for t in s..n {
-            let xt = &rest[t * len..(t + 1) * len];
-            let dot = dot(xs, xt);
-            acc[s * n + t] += dot;
-            if s != t {
-                acc[t * n + s] += dot;
-            }
-        }
-    }
+    gram_of_rows(rest, n, len, acc);
 }
 
 pub struct GeometricMedian {

@@ -10,6 +10,7 @@ use crate::real::Real;
 pub mod add_difference;
 pub mod geometric_median;
 pub mod linear;
+pub mod model_stock;
 pub mod soup;
 pub mod subtract;
 pub mod task_arithmetic;
@@ -48,6 +49,7 @@ registry!(
     ties::TSD => ties::Pipeline::tsd,
     ties::TGMD => ties::Pipeline::tgmd,
     geometric_median::INFO => geometric_median::GeometricMedian::new,
+    model_stock::INFO => model_stock::ModelStock::new,
 );
 
 /// Other names users know the methods by (sd-mecha, mergekit, A1111).

@@ -383,7 +383,7 @@ impl<T: Real> KeyPipeline<T> {
         let models = &args[1..];
         let n = models.len();
         let mut d = vec![T::ZERO; n * W];
-        let mut gamma = vec![T::ZERO; W];
+        let mut gamma = [T::ZERO; W];
         let mut words = vec![0u32; W];
         let mut streams: Vec<rng::Stream> = match self.config.drop {
             Drop::Dare { .. } => self
@@ -564,7 +564,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
         };
         let scale = T::from_f64(scale);
         let inv_n = T::ONE / T::from_f64(n as f64);
-        let mut count = vec![T::ZERO; W];
+        let mut count = [T::ZERO; W];
         self.blocks(Stage::Filtered, &range, args, |at, len, d, gamma| {
             let o = &mut out[at..at + len];
             o.fill(T::ZERO);
