@@ -470,3 +470,121 @@ fn model_stock_t_for_known_cosines() {
         1e-6,
     );
 }
+
+fn merge_points(points: &[Vec<f64>], method: &str, params: &[(&str, ParamValue)]) -> Vec<f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = points[0].len();
+    let paths: Vec<PathBuf> = points
+        .iter()
+        .enumerate()
+        .map(|(t, x)| {
+            write_file(
+                &dir.path().join(format!("p{t}.safetensors")),
+                &[f64t("w", &[p], x)],
+                true,
+            )
+        })
+        .collect();
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let g = one_node(&refs, method, vec![(0..points.len()).collect()], params);
+    let out = dir.path().join("out.safetensors");
+    let mut o = MergeOptions::new(&out);
+    o.output_dtype = OutputDtype::F64;
+    o.compute_dtype = ComputeDtype::F64;
+    merge(&g, &o, &NoProgress).unwrap();
+    read_f64(&out, "w")
+}
+
+#[test]
+fn karcher_of_orthogonal_directions() {
+    // e1 and 3·e2: the spherical mean of the directions is (e1 + e2)/√2, scaled by the mean norm 2.
+    let got = merge_points(
+        &[vec![1.0, 0.0], vec![0.0, 3.0]],
+        "karcher",
+        &[("max_iter", Number(100.0))],
+    );
+    let want = 2.0 * std::f64::consts::FRAC_1_SQRT_2;
+    assert!(
+        (got[0] - want).abs() < 1e-9 && (got[1] - want).abs() < 1e-9,
+        "{got:?}"
+    );
+    // Identical directions: the mean norm along that direction.
+    let got = merge_points(&[vec![1.0, 2.0], vec![3.0, 6.0]], "karcher", &[]);
+    assert!(
+        (got[0] - 2.0).abs() < 1e-12 && (got[1] - 4.0).abs() < 1e-12,
+        "{got:?}"
+    );
+}
+
+/// mergekit's Karcher mean on whole vectors kept in memory (spec §11).
+fn direct_karcher(x: &[Vec<f64>], max_iter: usize, tol: f64) -> Vec<f64> {
+    let dotp = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+    let n = x.len();
+    let norms: Vec<f64> = x.iter().map(|v| dotp(v, v).sqrt()).collect();
+    let units: Vec<Vec<f64>> = x
+        .iter()
+        .zip(&norms)
+        .filter(|(_, &n)| n > tol)
+        .map(|(v, &n)| v.iter().map(|a| a / n).collect())
+        .collect();
+    let a = 1.0 / units.len() as f64;
+    let p = x[0].len();
+    let mut u: Vec<f64> = (0..p)
+        .map(|i| units.iter().map(|v| a * v[i]).sum())
+        .collect();
+    let l = dotp(&u, &u).sqrt();
+    u.iter_mut().for_each(|v| *v /= l);
+    for _ in 0..max_iter {
+        let mut t = vec![0.0; p];
+        for v in &units {
+            let c = dotp(&u, v).clamp(-1.0, 1.0);
+            let phi = c.acos();
+            if phi >= tol {
+                let k = a * phi / phi.sin();
+                for i in 0..p {
+                    t[i] += k * (v[i] - c * u[i]);
+                }
+            }
+        }
+        let step = dotp(&t, &t).sqrt();
+        if step < tol {
+            break;
+        }
+        for i in 0..p {
+            u[i] = step.cos() * u[i] + step.sin() * t[i] / step;
+        }
+        let l = dotp(&u, &u).sqrt();
+        u.iter_mut().for_each(|v| *v /= l);
+    }
+    let scale = norms.iter().sum::<f64>() / n as f64;
+    u.iter().map(|v| v * scale).collect()
+}
+
+#[test]
+fn karcher_through_the_gram_matrix_equals_direct_karcher() {
+    let p = 3000;
+    let points: Vec<Vec<f64>> = (0..5)
+        .map(|t| {
+            (0..p)
+                .map(|i| {
+                    let mut h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        ^ (t as u64 + 7).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+                    h ^= h >> 31;
+                    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    h ^= h >> 29;
+                    ((h % 20001) as f64 - 10000.0) * 1e-6 + if i % 3 == 0 { 0.01 } else { 0.0 }
+                })
+                .collect()
+        })
+        .collect();
+    let got = merge_points(&points, "karcher", &[]);
+    let want = direct_karcher(&points, 10, 1e-5);
+    let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    assert!(err / norm < 1e-9, "relative error {}", err / norm);
+}

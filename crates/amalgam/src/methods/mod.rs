@@ -9,6 +9,7 @@ use crate::real::Real;
 
 pub mod add_difference;
 pub mod geometric_median;
+pub mod karcher;
 pub mod linear;
 pub mod model_stock;
 pub mod soup;
@@ -50,6 +51,7 @@ registry!(
     ties::TGMD => ties::Pipeline::tgmd,
     geometric_median::INFO => geometric_median::GeometricMedian::new,
     model_stock::INFO => model_stock::ModelStock::new,
+    karcher::INFO => karcher::Karcher::new,
 );
 
 /// Other names users know the methods by (sd-mecha, mergekit, A1111).
@@ -60,6 +62,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("weighted_linear", "linear"),
     ("sum", "linear"),
     ("fermat_point", "geometric_median"),
+    ("karcher_mean", "karcher"),
 ];
 
 /// The registered name for `name` (an exact name or an alias), or an error listing the methods.
