@@ -23,7 +23,7 @@ pub struct BenchArgs {
     /// Shrink factor of the synthetic SDXL models (4 = 1/16 of the parameters)
     #[arg(long, default_value_t = 4)]
     shrink: usize,
-    /// Methods to run, comma-separated: soup, task_arithmetic, linear
+    /// Methods to run, comma-separated (any of `amalgam methods`; those with a base get base.safetensors)
     #[arg(long, value_delimiter = ',', default_value = "soup,task_arithmetic")]
     methods: Vec<String>,
     /// Worker threads for the merges and the read baseline (0 = one per core)
@@ -97,7 +97,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &n in &a.n {
         for method in &a.methods {
-            let with_base = method == "task_arithmetic";
+            let with_base = amalgam::methods::info(method)?
+                .slots
+                .first()
+                .is_some_and(|s| s.name == "base");
             let files: Vec<PathBuf> = if with_base {
                 all[..=n].to_vec()
             } else {

@@ -77,6 +77,23 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
     let report = crate::run_merge(&graph, opts, &settings, false)?;
     eprintln!("{report}");
 
+    eprintln!(
+        "\n== shorthand: amalgam merge --method tgmd --base base m000 ... m003 -o tgmd.safetensors"
+    );
+    eprintln!(
+        "   (DARE drop p = 0.1, TIES-SOUP vote, geometric median of the filtered task vectors)"
+    );
+    let tgmd_out = dir.join("tgmd.safetensors");
+    let graph = amalgam::Graph::single(
+        "tgmd",
+        Some(paths[0].clone()),
+        paths[1..].to_vec(),
+        Default::default(),
+    )?;
+    let (opts, settings) = crate::merge_options(&tgmd_out, &engine, &Default::default(), true);
+    let report = crate::run_merge(&graph, opts, &settings, false)?;
+    eprintln!("{report}");
+
     let recipe_path = dir.join("demo.toml");
     std::fs::write(&recipe_path, RECIPE).context("writing the demo recipe")?;
     eprintln!("\n== recipe {}:\n{RECIPE}", recipe_path.display());
