@@ -117,36 +117,33 @@ pub(crate) fn add_raw_gram<T: Real>(points: &[&[T]], acc: &mut [f64], buf: &mut 
     gram_of_rows(buf, n, len, acc);
 }
 
+/// `acc += X Xᵀ` for the `n × len` row-major matrix `X` (a matrix product, sequential, so the
+/// result does not depend on the thread count).
 fn gram_of_rows(rows: &[f64], n: usize, len: usize, acc: &mut [f64]) {
-    for s in 0..n {
-        let xs = &rows[s * len..(s + 1) * len];
-        for t in s..n {
-            let d = dot(xs, &rows[t * len..(t + 1) * len]);
-            acc[s * n + t] += d;
-            if s != t {
-                acc[t * n + s] += d;
-            }
-        }
+    if n == 0 || len == 0 {
+        return;
     }
+    let x = faer::MatRef::from_row_major_slice(rows, n, len);
+    let g = faer::MatMut::from_row_major_slice_mut(acc, n, n);
+    faer::linalg::matmul::matmul(g, faer::Accum::Add, x, x.transpose(), 1.0, faer::Par::Seq);
 }
 
-/// `Σ a_i b_i` with four interleaved partial sums (a fixed order, so deterministic, and one that
-/// vectorises, unlike a single running sum).
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut lanes = [0f64; 4];
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..4 {
-            lanes[l] += x[l] * y[l];
-        }
+/// Adds the Gram matrix of the `n × len` row-major points `rows`, centred in place on their
+/// per-element mean, to `acc`.
+pub(crate) fn add_centred_gram(rows: &mut [f64], n: usize, len: usize, acc: &mut [f64]) {
+    if n == 0 {
+        return;
     }
-    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
+    let inv = 1.0 / n as f64;
+    let mut mean = vec![0f64; len];
+    for row in rows.chunks(len) {
+        mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v);
+    }
+    mean.iter_mut().for_each(|m| *m *= inv);
+    for row in rows.chunks_mut(len) {
+        row.iter_mut().zip(&mean).for_each(|(v, &m)| *v -= m);
+    }
+    gram_of_rows(rows, n, len, acc);
 }
 
 /// [`add_gram`] with a reusable buffer for the centred points.

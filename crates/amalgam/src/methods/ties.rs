@@ -8,7 +8,7 @@
 //! Every stage is a named option; the presets (`ties`, `ties_soup`, `dare`, `tsd`, `tgmd`) differ
 //! only in their defaults, so each can be tuned into any other.
 
-use super::geometric_median::{add_gram_with, Weiszfeld};
+use super::geometric_median::{add_centred_gram, Weiszfeld};
 use crate::error::{Error, Result};
 use crate::method::*;
 use crate::real::Real;
@@ -479,12 +479,21 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             });
             h
         } else {
-            let mut g = vec![0.0; n * n];
-            let mut centred = Vec::new();
-            self.blocks(Stage::Filtered, &range, args, |_, len, d, _| {
-                let points: Vec<&[T]> = (0..n).map(|t| &d[t * W..t * W + len]).collect();
-                add_gram_with(&points, &mut g, &mut centred);
+            // The filtered deltas of the whole block, one row per model, then one matrix product.
+            let total = range.len();
+            let mut rows = vec![0f64; n * total];
+            self.blocks(Stage::Filtered, &range, args, |at, len, d, _| {
+                for t in 0..n {
+                    for (o, &v) in rows[t * total + at..t * total + at + len]
+                        .iter_mut()
+                        .zip(&d[t * W..t * W + len])
+                    {
+                        *o = v.to_f64();
+                    }
+                }
             });
+            let mut g = vec![0.0; n * n];
+            add_centred_gram(&mut rows, n, total, &mut g);
             g
         }
     }
