@@ -194,6 +194,30 @@ pub enum OnMissing {
     Absent,
 }
 
+impl OnMissing {
+    /// The policy of methods whose first argument is a base and whose others are N models: a key
+    /// the base lacks has no value here; models lacking it are left out; with none left, the
+    /// base passes through.
+    pub fn base_and_models(present: &[bool]) -> OnMissing {
+        if !present[0] {
+            OnMissing::Absent
+        } else if present[1..].iter().any(|&p| p) {
+            OnMissing::MergePresent
+        } else {
+            OnMissing::PassThrough(0)
+        }
+    }
+}
+
+/// Adds per-block statistics into a running total, sized on first use.
+pub fn accumulate(total: &mut Vec<f64>, block: Vec<f64>) {
+    if total.is_empty() {
+        *total = block;
+    } else {
+        total.iter_mut().zip(block).for_each(|(a, b)| *a += b);
+    }
+}
+
 /// Per-key facts given to a method.
 #[derive(Clone, Debug)]
 pub struct KeyCtx<'a> {

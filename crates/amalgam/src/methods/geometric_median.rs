@@ -200,7 +200,7 @@ impl<T: Real> Method<T> for GeometricMedian {
         Ok(Box::new(MedianOfKey {
             n,
             weiszfeld: self.weiszfeld,
-            gram: vec![0.0; n * n],
+            gram: Vec::new(),
             coefficients: Vec::new(),
         }))
     }
@@ -223,14 +223,13 @@ impl<T: Real> KeyMerge<T> for MedianOfKey<T> {
         g
     }
     fn absorb_block(&mut self, _pass: usize, _block: usize, stats: Vec<f64>) {
-        for (a, b) in self.gram.iter_mut().zip(stats) {
-            *a += b;
-        }
+        accumulate(&mut self.gram, stats);
     }
     fn finish_pass(&mut self, _pass: usize) -> Result<()> {
+        let gram = std::mem::take(&mut self.gram);
         self.coefficients = self
             .weiszfeld
-            .coefficients(&self.gram, self.n)
+            .coefficients(&gram, self.n)
             .into_iter()
             .map(T::from_f64)
             .collect();

@@ -161,12 +161,7 @@ impl<T: Real> KeyMerge<T> for KarcherOfKey<T> {
         g
     }
     fn absorb_block(&mut self, _pass: usize, _block: usize, stats: Vec<f64>) {
-        if self.gram.is_empty() {
-            self.gram = vec![0.0; stats.len()];
-        }
-        for (a, b) in self.gram.iter_mut().zip(stats) {
-            *a += b;
-        }
+        accumulate(&mut self.gram, stats);
     }
     fn finish_pass(&mut self, _pass: usize) -> Result<()> {
         let gram = std::mem::take(&mut self.gram);

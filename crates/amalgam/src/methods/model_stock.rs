@@ -69,13 +69,7 @@ impl<T: Real> Method<T> for ModelStock {
         &INFO
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if !present[0] {
-            OnMissing::Absent
-        } else if present[1..].iter().any(|&p| p) {
-            OnMissing::MergePresent
-        } else {
-            OnMissing::PassThrough(0)
-        }
+        OnMissing::base_and_models(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         let row_len = if self.by_row {
@@ -160,12 +154,7 @@ impl<T: Real> KeyMerge<T> for StockOfKey<T> {
 
     fn absorb_block(&mut self, _pass: usize, _block: usize, stats: Vec<f64>) {
         if !self.by_row {
-            if self.stats.is_empty() {
-                self.stats = vec![0.0; stats.len()];
-            }
-            for (a, b) in self.stats.iter_mut().zip(stats) {
-                *a += b;
-            }
+            accumulate(&mut self.stats, stats);
             return;
         }
         let k = self.per_row();

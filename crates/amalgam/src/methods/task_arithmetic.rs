@@ -56,13 +56,7 @@ impl<T: Real> Method<T> for TaskArithmetic {
         &INFO
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if !present[0] {
-            OnMissing::Absent
-        } else if present[1..].iter().any(|&p| p) {
-            OnMissing::MergePresent
-        } else {
-            OnMissing::PassThrough(0)
-        }
+        OnMissing::base_and_models(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         // present[0] is the base (index 0); the rest index fine-tunes as 1 + t.

@@ -150,14 +150,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     fn build(info: &'static MethodInfo, mut params: Params) -> Result<Self> {
-        let default = |name: &str| {
-            info.params
-                .iter()
-                .find(|p| p.name == name)
-                .and_then(|p| p.default)
-                .expect("preset default")
-        };
-        let static_default = |name: &str| -> &'static str {
+        let default = |name: &str| -> &'static str {
             info.params
                 .iter()
                 .find(|p| p.name == name)
@@ -165,7 +158,7 @@ impl Pipeline {
                 .expect("preset default")
         };
         let bad = |msg: String| Error::method(info.name, msg);
-        let drop_kind = params.choice("drop", &["none", "dare"], static_default("drop"))?;
+        let drop_kind = params.choice("drop", &["none", "dare"], default("drop"))?;
         let p = params.number("p", default("p").parse().unwrap())?;
         let drop = match drop_kind {
             "dare" => {
@@ -180,15 +173,12 @@ impl Pipeline {
         if !(k > 0.0 && k <= 1.0) {
             return Err(bad(format!("`k` must be in (0, 1], got {k}")));
         }
-        let election = match params.choice(
-            "election",
-            &["mass", "count", "none"],
-            static_default("election"),
-        )? {
-            "mass" => Election::Mass,
-            "count" => Election::Count,
-            _ => Election::None,
-        };
+        let election =
+            match params.choice("election", &["mass", "count", "none"], default("election"))? {
+                "mass" => Election::Mass,
+                "count" => Election::Count,
+                _ => Election::None,
+            };
         let sign_tie = match params.choice("sign_tie", &["zero", "positive"], "zero")? {
             "positive" => SignTie::Positive,
             _ => SignTie::Zero,
@@ -197,21 +187,18 @@ impl Pipeline {
         let fuse = match params.choice(
             "fuse",
             &["disjoint_mean", "mean", "sum", "geometric_median"],
-            static_default("fuse"),
+            default("fuse"),
         )? {
             "disjoint_mean" => Fuse::DisjointMean,
             "mean" => Fuse::Mean,
             "sum" => Fuse::Sum,
             _ => Fuse::GeometricMedian(weiszfeld),
         };
-        let rescale = match params.choice(
-            "rescale",
-            &["none", "inverse_keep"],
-            static_default("rescale"),
-        )? {
-            "inverse_keep" => Rescale::InverseKeep,
-            _ => Rescale::None,
-        };
+        let rescale =
+            match params.choice("rescale", &["none", "inverse_keep"], default("rescale"))? {
+                "inverse_keep" => Rescale::InverseKeep,
+                _ => Rescale::None,
+            };
         if rescale == Rescale::InverseKeep && drop == Drop::None {
             return Err(bad(
                 "`rescale = \"inverse_keep\"` needs `drop = \"dare\"`".into()
@@ -271,13 +258,7 @@ impl<T: Real> Method<T> for Pipeline {
         self.info
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if !present[0] {
-            OnMissing::Absent
-        } else if present[1..].iter().any(|&p| p) {
-            OnMissing::MergePresent
-        } else {
-            OnMissing::PassThrough(0)
-        }
+        OnMissing::base_and_models(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         let n = ctx.present.len() - 1;
@@ -509,12 +490,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 }
             }
         } else {
-            if self.gram.is_empty() {
-                self.gram = vec![0.0; stats.len()];
-            }
-            for (a, b) in self.gram.iter_mut().zip(stats) {
-                *a += b;
-            }
+            accumulate(&mut self.gram, stats);
         }
     }
 
