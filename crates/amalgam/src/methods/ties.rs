@@ -327,6 +327,8 @@ const W: usize = 256;
 enum Stage {
     /// After the drop only (what the trim threshold is selected from).
     Dropped,
+    /// After drop, trim and election; the sign filter is left to the caller.
+    Voted,
     /// After drop, trim, election and sign filter.
     Filtered,
 }
@@ -393,7 +395,7 @@ impl<T: Real> KeyPipeline<T> {
                         *o *= if (w as u64) < keep { T::ONE } else { T::ZERO };
                     }
                 }
-                if stage == Stage::Filtered && self.thresholds[t] > 0 {
+                if stage != Stage::Dropped && self.thresholds[t] > 0 {
                     let thr = self.thresholds[t];
                     for o in dt.iter_mut() {
                         *o *= if o.abs_key() >= thr { T::ONE } else { T::ZERO };
@@ -401,7 +403,7 @@ impl<T: Real> KeyPipeline<T> {
                 }
             }
             let g = &mut gamma[..len];
-            if stage == Stage::Filtered && self.config.election != Election::None {
+            if stage != Stage::Dropped && self.config.election != Election::None {
                 g.fill(T::ZERO);
                 for t in 0..n {
                     let dt = &d[t * W..t * W + len];
@@ -420,6 +422,9 @@ impl<T: Real> KeyPipeline<T> {
                     };
                 }
                 for t in 0..n {
+                    if stage != Stage::Filtered {
+                        break;
+                    }
                     let dt = &mut d[t * W..t * W + len];
                     // Multiplying by 1 or 0 instead of a conditional store, which the compiler
                     // turns into a masked store, very slow on some CPUs.
@@ -550,33 +555,41 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
         let scale = T::from_f64(scale);
         let inv_n = T::ONE / T::from_f64(n as f64);
         let mut count = [T::ZERO; W];
-        self.blocks(Stage::Filtered, &range, args, |at, len, d, gamma| {
+        let voting = self.config.election != Election::None;
+        let stage = match self.config.fuse {
+            Fuse::GeometricMedian(_) => Stage::Filtered,
+            _ => Stage::Voted,
+        };
+        self.blocks(stage, &range, args, |at, len, d, gamma| {
             let o = &mut out[at..at + len];
             o.fill(T::ZERO);
             match self.config.fuse {
                 Fuse::DisjointMean => {
+                    // The sign filter and the mean in one loop: an entry counts when it has the
+                    // elected sign (δ·γ > 0, so zeros and a zero γ never count).
                     let c = &mut count[..len];
                     c.fill(T::ZERO);
                     for t in 0..n {
-                        for ((s, k), &v) in
-                            o.iter_mut().zip(c.iter_mut()).zip(&d[t * W..t * W + len])
+                        for (((s, k), &v), &e) in o
+                            .iter_mut()
+                            .zip(c.iter_mut())
+                            .zip(&d[t * W..t * W + len])
+                            .zip(gamma)
                         {
-                            *s += v;
-                            *k += if v != T::ZERO { T::ONE } else { T::ZERO };
+                            let keep = v * e > T::ZERO;
+                            *s += if keep { v } else { T::ZERO };
+                            *k += if keep { T::ONE } else { T::ZERO };
                         }
                     }
-                    for ((s, &k), &e) in o.iter_mut().zip(c.iter()).zip(gamma) {
-                        *s = if e == T::ZERO || k == T::ZERO {
-                            T::ZERO
-                        } else {
-                            *s / k
-                        };
+                    for (s, &k) in o.iter_mut().zip(c.iter()) {
+                        *s = if k == T::ZERO { T::ZERO } else { *s / k };
                     }
                 }
                 Fuse::Mean | Fuse::Sum => {
                     for t in 0..n {
-                        for (s, &v) in o.iter_mut().zip(&d[t * W..t * W + len]) {
-                            *s += v;
+                        for ((s, &v), &e) in o.iter_mut().zip(&d[t * W..t * W + len]).zip(gamma) {
+                            let keep = !voting || v * e > T::ZERO;
+                            *s += if keep { v } else { T::ZERO };
                         }
                     }
                     if self.config.fuse == Fuse::Mean {
