@@ -170,7 +170,7 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
                     name: if single {
                         name.clone()
                     } else {
-                        format!("{name}[{}]", indices.len())
+                        format!("{name}[{}]", indices.len() - 1)
                     },
                     path: full,
                 });

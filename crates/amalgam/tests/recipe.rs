@@ -176,3 +176,21 @@ fn missing_models_are_all_reported_up_front() {
     );
     assert!(e.contains("line 4") && e.contains("matches no file"), "{e}");
 }
+
+#[test]
+fn lists_and_globs_name_their_members_from_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    models(dir.path());
+    let r = recipe::parse(
+        "[models]\nlist = [\"pool/a.safetensors\", \"pool/b.safetensors\"]\nglob = \"pool/*.safetensors\"\n[nodes.s]\nmethod = \"soup\"\nmodels = [\"list\", \"glob\"]\n[output]\nnode = \"s\"\n",
+        "r.toml",
+        dir.path(),
+    )
+    .unwrap();
+    let names: Vec<&str> = r.graph.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["glob[0]", "glob[1]", "glob[2]", "list[0]", "list[1]"]
+    );
+    assert_eq!(r.graph.nodes[0].slots[0].len(), 5);
+}
