@@ -196,30 +196,63 @@ impl<T: Real> Method<T> for GeometricMedian {
         OnMissing::MergePresent
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
-        let n = ctx.present.len();
-        Ok(Box::new(MedianOfKey {
-            n,
-            weiszfeld: self.weiszfeld,
-            gram: Vec::new(),
-            coefficients: Vec::new(),
-        }))
+        let weiszfeld = self.weiszfeld;
+        Ok(Box::new(GramCombination::new(
+            ctx.present.len(),
+            GramKind::Centred,
+            move |gram, n| weiszfeld.coefficients(gram, n),
+        )))
     }
 }
 
-struct MedianOfKey<T> {
+/// How a [`GramCombination`] measures its points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum GramKind {
+    /// Inner products of the points themselves.
+    Raw,
+    /// Inner products after moving the points' mean to the origin (distances unchanged).
+    Centred,
+}
+
+/// Coefficients from a Gram matrix of `n` points (row-major `n × n`).
+type Solver = Box<dyn Fn(&[f64], usize) -> Vec<f64> + Send + Sync>;
+
+/// The merge of methods whose output is a combination `Σ β_t x_t` of their inputs, with the
+/// coefficients a function of the inputs' Gram matrix: one statistic pass, then one output pass.
+pub(crate) struct GramCombination<T> {
     n: usize,
-    weiszfeld: Weiszfeld,
+    kind: GramKind,
+    solve: Solver,
     gram: Vec<f64>,
     coefficients: Vec<T>,
 }
 
-impl<T: Real> KeyMerge<T> for MedianOfKey<T> {
+impl<T: Real> GramCombination<T> {
+    pub(crate) fn new(
+        n: usize,
+        kind: GramKind,
+        solve: impl Fn(&[f64], usize) -> Vec<f64> + Send + Sync + 'static,
+    ) -> Self {
+        GramCombination {
+            n,
+            kind,
+            solve: Box::new(solve),
+            gram: Vec::new(),
+            coefficients: Vec::new(),
+        }
+    }
+}
+
+impl<T: Real> KeyMerge<T> for GramCombination<T> {
     fn stat_passes(&self) -> usize {
         1
     }
     fn stat_block(&self, _pass: usize, _range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
         let mut g = vec![0.0; self.n * self.n];
-        add_gram(args, &mut g);
+        match self.kind {
+            GramKind::Raw => add_raw_gram(args, &mut g, &mut Vec::new()),
+            GramKind::Centred => add_gram(args, &mut g),
+        }
         g
     }
     fn absorb_block(&mut self, _pass: usize, _block: usize, stats: Vec<f64>) {
@@ -227,9 +260,7 @@ impl<T: Real> KeyMerge<T> for MedianOfKey<T> {
     }
     fn finish_pass(&mut self, _pass: usize) -> Result<()> {
         let gram = std::mem::take(&mut self.gram);
-        self.coefficients = self
-            .weiszfeld
-            .coefficients(&gram, self.n)
+        self.coefficients = (self.solve)(&gram, self.n)
             .into_iter()
             .map(T::from_f64)
             .collect();

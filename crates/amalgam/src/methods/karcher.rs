@@ -6,11 +6,10 @@
 //! pass computes the Gram matrix of the tensors; the iteration then runs on coefficients
 //! (`u = Σ α_t u_t`) and a final pass writes `Σ β_t x_t`.
 
-use super::geometric_median::add_raw_gram;
+use super::geometric_median::{GramCombination, GramKind};
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
-use std::ops::Range;
 
 pub static INFO: MethodInfo = MethodInfo {
     name: "karcher",
@@ -133,50 +132,11 @@ impl<T: Real> Method<T> for Karcher {
         OnMissing::MergePresent
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
-        Ok(Box::new(KarcherOfKey {
-            n: ctx.present.len(),
-            max_iter: self.max_iter,
-            tol: self.tol,
-            gram: Vec::new(),
-            beta: Vec::new(),
-        }))
-    }
-}
-
-struct KarcherOfKey<T> {
-    n: usize,
-    max_iter: usize,
-    tol: f64,
-    gram: Vec<f64>,
-    beta: Vec<T>,
-}
-
-impl<T: Real> KeyMerge<T> for KarcherOfKey<T> {
-    fn stat_passes(&self) -> usize {
-        1
-    }
-    fn stat_block(&self, _pass: usize, _range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
-        let mut g = vec![0.0; self.n * self.n];
-        add_raw_gram(args, &mut g, &mut Vec::new());
-        g
-    }
-    fn absorb_block(&mut self, _pass: usize, _block: usize, stats: Vec<f64>) {
-        accumulate(&mut self.gram, stats);
-    }
-    fn finish_pass(&mut self, _pass: usize) -> Result<()> {
-        let gram = std::mem::take(&mut self.gram);
-        self.beta = karcher_coefficients(&gram, self.n, self.max_iter, self.tol)
-            .into_iter()
-            .map(T::from_f64)
-            .collect();
-        Ok(())
-    }
-    fn merge_chunk(&self, _range: Range<usize>, args: &[&[T]], out: &mut [T]) {
-        out.fill(T::ZERO);
-        for (x, &b) in args.iter().zip(&self.beta) {
-            for (o, &v) in out.iter_mut().zip(x.iter()) {
-                *o += b * v;
-            }
-        }
+        let (max_iter, tol) = (self.max_iter, self.tol);
+        Ok(Box::new(GramCombination::new(
+            ctx.present.len(),
+            GramKind::Raw,
+            move |gram, n| karcher_coefficients(gram, n, max_iter, tol),
+        )))
     }
 }
