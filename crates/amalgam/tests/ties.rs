@@ -588,3 +588,38 @@ fn karcher_through_the_gram_matrix_equals_direct_karcher() {
         .sqrt();
     assert!(err / norm < 1e-9, "relative error {}", err / norm);
 }
+
+#[test]
+fn per_element_and_l1_rescale() {
+    // per_element: every kept entry divided by 1 − p before the vote.
+    let ones = vec![1.0f32; 20_000];
+    for out in run(
+        &[&ones],
+        "dare",
+        &[("p", Number(0.3)), ("rescale", Text("per_element".into()))],
+    ) {
+        assert!(out
+            .iter()
+            .all(|&x| x == 0.0 || (x - 1.0 / 0.7).abs() < 1e-6));
+        assert!(out.iter().any(|&x| x == 0.0));
+    }
+    // l1: the trim keeps -2, 2, 2, 3 (|δ| sum 9) of a delta whose |δ| sums to 10.5, so the kept
+    // entries are scaled by 10.5 / 9.
+    let d = [1.0, -2.0, 2.0, 2.0, 3.0, 0.5];
+    let s = 10.5f32 / 9.0;
+    check(
+        run(
+            &[&d],
+            "ties_soup",
+            &[("k", Number(0.5)), ("rescale", Text("l1".into()))],
+        ),
+        &[0.0, -2.0 * s, 2.0 * s, 2.0 * s, 3.0 * s, 0.0],
+        1e-6,
+    );
+    // With nothing dropped or trimmed the factor is 1.
+    check(
+        run(&[&d], "ties_soup", &[("rescale", Text("l1".into()))]),
+        &d,
+        0.0,
+    );
+}

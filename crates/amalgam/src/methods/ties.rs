@@ -55,6 +55,11 @@ pub enum Rescale {
     None,
     /// `1 / (1 − p)` of the DARE drop, once on the result (sd-mecha's `rescale`).
     InverseKeep,
+    /// Every kept entry divided by its keep probability `1 − p` before the vote (the DARE paper).
+    PerElement,
+    /// Each model's kept entries scaled so their L1 norm equals that of its whole delta
+    /// (current mergekit); models whose norms are below 1e-7 are left as they are.
+    L1,
 }
 
 /// The result where the election ties (as many + as −, or a zero sum).
@@ -98,7 +103,7 @@ macro_rules! pipeline_info {
                 ParamInfo { name: "election", default: Some($election), doc: "mass (sign of the sum) | count (sign of the sum of signs) | none" },
                 ParamInfo { name: "sign_tie", default: Some("zero"), doc: "zero (keep the base) | positive" },
                 ParamInfo { name: "fuse", default: Some($fuse), doc: "disjoint_mean | mean | sum | geometric_median" },
-                ParamInfo { name: "rescale", default: Some($rescale), doc: "none | inverse_keep (divide by 1 - p)" },
+                ParamInfo { name: "rescale", default: Some($rescale), doc: "none | inverse_keep (the result divided by 1 - p) | per_element (kept entries divided by 1 - p before the vote) | l1 (each model's kept entries scaled back to its delta's L1 norm)" },
                 ParamInfo { name: "lambda", default: Some("1.0"), doc: "scale of the merged delta" },
                 ParamInfo { name: "base_point", default: Some("false"), doc: "geometric median: add the base as a zero-delta point" },
                 ParamInfo { name: "eps", default: Some("1e-6"), doc: "geometric median: smallest distance" },
@@ -194,15 +199,25 @@ impl Pipeline {
             "sum" => Fuse::Sum,
             _ => Fuse::GeometricMedian(weiszfeld),
         };
-        let rescale =
-            match params.choice("rescale", &["none", "inverse_keep"], default("rescale"))? {
-                "inverse_keep" => Rescale::InverseKeep,
-                _ => Rescale::None,
-            };
-        if rescale == Rescale::InverseKeep && drop == Drop::None {
-            return Err(bad(
-                "`rescale = \"inverse_keep\"` needs `drop = \"dare\"`".into()
-            ));
+        let rescale = match params.choice(
+            "rescale",
+            &["none", "inverse_keep", "per_element", "l1"],
+            default("rescale"),
+        )? {
+            "inverse_keep" => Rescale::InverseKeep,
+            "per_element" => Rescale::PerElement,
+            "l1" => Rescale::L1,
+            _ => Rescale::None,
+        };
+        if matches!(rescale, Rescale::InverseKeep | Rescale::PerElement) && drop == Drop::None {
+            return Err(bad(format!(
+                "`rescale = \"{}\"` needs `drop = \"dare\"`",
+                if rescale == Rescale::PerElement {
+                    "per_element"
+                } else {
+                    "inverse_keep"
+                }
+            )));
         }
         if fuse == Fuse::DisjointMean && election == Election::None {
             return Err(bad(
@@ -284,6 +299,11 @@ impl<T: Real> Method<T> for Pipeline {
                 })
                 .collect(),
             thresholds: vec![0; n],
+            scales: match (self.config.rescale, self.config.drop) {
+                (Rescale::PerElement, Drop::Dare { p }) => vec![T::from_f64(1.0 / (1.0 - p)); n],
+                _ => Vec::new(),
+            },
+            l1: Vec::new(),
             gram: Vec::new(),
             coefficients: Vec::new(),
         }))
@@ -314,6 +334,10 @@ struct KeyPipeline<T> {
     select: Vec<Select>,
     /// Per model, the smallest |δ| key that is kept (0 keeps everything).
     thresholds: Vec<u64>,
+    /// Per model, the factor its kept entries are scaled by (`per_element` and `l1`; empty = 1).
+    scales: Vec<T>,
+    /// The `l1` pass's sums: per model, Σ|δ| and Σ|kept δ|.
+    l1: Vec<f64>,
     gram: Vec<f64>,
     coefficients: Vec<T>,
 }
@@ -345,6 +369,10 @@ fn sign<T: Real>(v: T) -> T {
 }
 
 impl<T: Real> KeyPipeline<T> {
+    fn is_l1_pass(&self, pass: usize) -> bool {
+        self.config.rescale == Rescale::L1 && pass == self.trim_passes
+    }
+
     /// The bits of pass `pass`'s digit: (shift, already-resolved high bits' shift).
     fn digit_shift(pass: usize) -> (u32, u32) {
         let top = T::KEY_BITS.div_ceil(DIGIT_BITS) * DIGIT_BITS;
@@ -401,6 +429,11 @@ impl<T: Real> KeyPipeline<T> {
                         *o *= if o.abs_key() >= thr { T::ONE } else { T::ZERO };
                     }
                 }
+                if stage != Stage::Dropped {
+                    if let Some(&scale) = self.scales.get(t) {
+                        dt.iter_mut().for_each(|o| *o *= scale);
+                    }
+                }
             }
             let g = &mut gamma[..len];
             if stage != Stage::Dropped && self.config.election != Election::None {
@@ -441,7 +474,9 @@ impl<T: Real> KeyPipeline<T> {
 
 impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     fn stat_passes(&self) -> usize {
-        self.trim_passes + usize::from(matches!(self.config.fuse, Fuse::GeometricMedian(_)))
+        self.trim_passes
+            + usize::from(self.config.rescale == Rescale::L1)
+            + usize::from(matches!(self.config.fuse, Fuse::GeometricMedian(_)))
     }
 
     fn stat_block(&self, pass: usize, range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
@@ -464,6 +499,25 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 }
             });
             h
+        } else if self.is_l1_pass(pass) {
+            // Per model: Σ|δ| of the whole delta and of the entries kept by drop and trim.
+            let mut sums = vec![0f64; 2 * n];
+            for (t, x) in args[1..].iter().enumerate() {
+                sums[2 * t] = x
+                    .iter()
+                    .zip(args[0])
+                    .map(|(&v, &b)| (v - b).abs().to_f64())
+                    .sum();
+            }
+            self.blocks(Stage::Voted, &range, args, |_, len, d, _| {
+                for t in 0..n {
+                    sums[2 * t + 1] += d[t * W..t * W + len]
+                        .iter()
+                        .map(|v| v.abs().to_f64())
+                        .sum::<f64>();
+                }
+            });
+            sums
         } else {
             // The filtered deltas of the whole block, one row per model, then one matrix product.
             let total = range.len();
@@ -494,6 +548,8 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                     *c += x as u64;
                 }
             }
+        } else if self.is_l1_pass(pass) {
+            accumulate(&mut self.l1, stats);
         } else {
             accumulate(&mut self.gram, stats);
         }
@@ -520,6 +576,19 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                     self.thresholds[t] = s.prefix;
                 }
             }
+        } else if self.is_l1_pass(pass) {
+            let l1 = std::mem::take(&mut self.l1);
+            self.scales = l1
+                .chunks(2)
+                .map(|s| {
+                    let (full, kept) = (s[0], s[1]);
+                    T::from_f64(if full < 1e-7 || kept < 1e-7 {
+                        1.0
+                    } else {
+                        full / kept
+                    })
+                })
+                .collect();
         } else if let Fuse::GeometricMedian(w) = self.config.fuse {
             let gram = std::mem::take(&mut self.gram);
             let n = self.streams.len();
