@@ -601,7 +601,7 @@ fn per_element_and_l1_rescale() {
         assert!(out
             .iter()
             .all(|&x| x == 0.0 || (x - 1.0 / 0.7).abs() < 1e-6));
-        assert!(out.iter().any(|&x| x == 0.0));
+        assert!(out.contains(&0.0));
     }
     // l1: the trim keeps -2, 2, 2, 3 (|δ| sum 9) of a delta whose |δ| sums to 10.5, so the kept
     // entries are scaled by 10.5 / 9.
