@@ -370,6 +370,14 @@ fn shape_mismatch_names_both_files() {
     assert!(files_containing(dir.path(), "amalgam-partial").is_empty());
 }
 
+/// A file made of an 8-byte length, `header` and `data_len` zero bytes.
+fn with_header(header: &[u8], data_len: usize) -> Vec<u8> {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header);
+    b.extend(std::iter::repeat_n(0u8, data_len));
+    b
+}
+
 /// Each corrupt file gives an error naming it, from opening and from a merge.
 #[test]
 fn corrupt_files_give_clear_errors() {
@@ -399,56 +407,27 @@ fn corrupt_files_give_clear_errors() {
         ),
         (
             "overlapping",
-            {
-                let h = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
-                let mut b = (h.len() as u64).to_le_bytes().to_vec();
-                b.extend_from_slice(h);
-                b.extend_from_slice(&[0u8; 12]);
-                b
-            },
+            with_header(br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12),
             "invalid offset",
         ),
         (
             "out_of_range",
-            {
-                let h = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
-                let mut b = (h.len() as u64).to_le_bytes().to_vec();
-                b.extend_from_slice(h);
-                b.extend_from_slice(&[0u8; 4]);
-                b
-            },
+            with_header(br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 4),
             "truncated",
         ),
         (
             "unknown_dtype",
-            {
-                let h = br#"{"a":{"dtype":"F7","shape":[2],"data_offsets":[0,8]}}"#;
-                let mut b = (h.len() as u64).to_le_bytes().to_vec();
-                b.extend_from_slice(h);
-                b.extend_from_slice(&[0u8; 8]);
-                b
-            },
+            with_header(br#"{"a":{"dtype":"F7","shape":[2],"data_offsets":[0,8]}}"#, 8),
             "unknown dtype",
         ),
         (
             "bad_json",
-            {
-                let h = br#"{"a":{"dtype":"F32","#;
-                let mut b = (h.len() as u64).to_le_bytes().to_vec();
-                b.extend_from_slice(h);
-                b
-            },
+            with_header(br#"{"a":{"dtype":"F32","#, 0),
             "invalid header",
         ),
         (
             "shape_vs_size",
-            {
-                let h = br#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
-                let mut b = (h.len() as u64).to_le_bytes().to_vec();
-                b.extend_from_slice(h);
-                b.extend_from_slice(&[0u8; 8]);
-                b
-            },
+            with_header(br#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8),
             "invalid header",
         ),
     ];

@@ -205,27 +205,16 @@ fn dare_keep_rate_is_binomial_and_rescale_is_exact() {
 #[test]
 fn geometric_median_matches_sd_mecha() {
     // sd-mecha `geometric_median(A, B, C)` (eps 1e-6, maxiter 100, ftol 1e-20), float64.
-    let dir = tempfile::tempdir().unwrap();
-    let paths: Vec<PathBuf> = [A, B, C]
+    let points: Vec<Vec<f64>> = [A, B, C]
         .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            write_file(
-                &dir.path().join(format!("p{i}.safetensors")),
-                &[f32t("w", &[2, 4], m)],
-                true,
-            )
-        })
+        .map(|m| m.iter().map(|&x| x as f64).collect())
         .collect();
-    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-    let g = one_node(&refs, "geometric_median", vec![vec![0, 1, 2]], &[]);
-    let out = dir.path().join("gm.safetensors");
-    let mut o = MergeOptions::new(&out);
-    o.output_dtype = OutputDtype::F32;
-    o.compute_dtype = ComputeDtype::F64;
-    merge(&g, &o, &NoProgress).unwrap();
+    let got: Vec<f32> = merge_points(&points, "geometric_median", &[], None)
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
     assert_close(
-        &read_f32(&out, "w"),
+        &got,
         &[
             -0.275472, 3.007794, 3.283266, 1.622148, 3.637736, 0.952176, -2.314441, 1.362264,
         ],
@@ -308,27 +297,7 @@ fn weiszfeld_through_the_gram_matrix_equals_direct_weiszfeld() {
                 .collect()
         })
         .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let paths: Vec<PathBuf> = points
-        .iter()
-        .enumerate()
-        .map(|(t, x)| {
-            write_file(
-                &dir.path().join(format!("p{t}.safetensors")),
-                &[f64t("w", &[p], x)],
-                true,
-            )
-        })
-        .collect();
-    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-    let g = one_node(&refs, "geometric_median", vec![(0..n).collect()], &[]);
-    let out = dir.path().join("gm.safetensors");
-    let mut o = MergeOptions::new(&out);
-    o.output_dtype = OutputDtype::F64;
-    o.compute_dtype = ComputeDtype::F64;
-    o.chunk_override = Some(1);
-    merge(&g, &o, &NoProgress).unwrap();
-    let got = read_f64(&out, "w");
+    let got = merge_points(&points, "geometric_median", &[], Some(1));
     let want = direct_weiszfeld(&points, 1e-6, 100, 1e-20);
     let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
     let err = got
@@ -471,7 +440,13 @@ fn model_stock_t_for_known_cosines() {
     );
 }
 
-fn merge_points(points: &[Vec<f64>], method: &str, params: &[(&str, ParamValue)]) -> Vec<f64> {
+/// Writes one f64 file per point (key "w") and merges them with `method` (f64 in and out).
+fn merge_points(
+    points: &[Vec<f64>],
+    method: &str,
+    params: &[(&str, ParamValue)],
+    chunk: Option<usize>,
+) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let p = points[0].len();
     let paths: Vec<PathBuf> = points
@@ -491,6 +466,7 @@ fn merge_points(points: &[Vec<f64>], method: &str, params: &[(&str, ParamValue)]
     let mut o = MergeOptions::new(&out);
     o.output_dtype = OutputDtype::F64;
     o.compute_dtype = ComputeDtype::F64;
+    o.chunk_override = chunk;
     merge(&g, &o, &NoProgress).unwrap();
     read_f64(&out, "w")
 }
@@ -502,6 +478,7 @@ fn karcher_of_orthogonal_directions() {
         &[vec![1.0, 0.0], vec![0.0, 3.0]],
         "karcher",
         &[("max_iter", Number(100.0))],
+        None,
     );
     let want = 2.0 * std::f64::consts::FRAC_1_SQRT_2;
     assert!(
@@ -509,7 +486,7 @@ fn karcher_of_orthogonal_directions() {
         "{got:?}"
     );
     // Identical directions: the mean norm along that direction.
-    let got = merge_points(&[vec![1.0, 2.0], vec![3.0, 6.0]], "karcher", &[]);
+    let got = merge_points(&[vec![1.0, 2.0], vec![3.0, 6.0]], "karcher", &[], None);
     assert!(
         (got[0] - 2.0).abs() < 1e-12 && (got[1] - 4.0).abs() < 1e-12,
         "{got:?}"
@@ -577,7 +554,7 @@ fn karcher_through_the_gram_matrix_equals_direct_karcher() {
                 .collect()
         })
         .collect();
-    let got = merge_points(&points, "karcher", &[]);
+    let got = merge_points(&points, "karcher", &[], None);
     let want = direct_karcher(&points, 10, 1e-5);
     let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
     let err = got
