@@ -5,7 +5,8 @@
 //!    with the inputs lacking the key left out or the key taken from a fallback model (the key
 //!    policy, see [`KeyAction`]). Every error here comes before any tensor is read.
 //! 2. **Statistics** (only for methods that declare passes): per key, every fixed-size block
-//!    ([`BLOCK`]) is fed to the method and the per-block results are folded in block order.
+//!    ([`BLOCK`], rounded up to whole units when a method declares a unit) is fed to the method
+//!    and the per-block results are folded in block order.
 //! 3. **Execute**: keys in name order are cut into tasks (a run of elements whose encoded output
 //!    fits one buffer) and tasks into sub-chunks whose buffers, one per input and per node, fit in
 //!    the CPU cache; both sizes follow from the memory budget, the number of inputs and the thread
@@ -167,14 +168,36 @@ impl<T: Real> Expr<T> {
             }
         }
     }
-    fn whole_tensor(&self) -> bool {
+    /// The elements that must stay together: the least common multiple of the nodes' units.
+    fn unit(&self) -> usize {
         match self {
-            Expr::Leaf(_) => false,
-            Expr::Node(node) => {
-                node.state.whole_tensor() || node.args.iter().any(|a| a.whole_tensor())
-            }
+            Expr::Leaf(_) => 1,
+            Expr::Node(node) => node
+                .args
+                .iter()
+                .fold(node.state.unit().max(1), |u, a| lcm(u, a.unit())),
         }
     }
+    /// The notes of every node, children first.
+    fn notes(&self, out: &mut Vec<String>) {
+        if let Expr::Node(node) = self {
+            for a in &node.args {
+                a.notes(out);
+            }
+            out.extend(node.state.notes());
+        }
+    }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
 }
 
 /// Where one input's tensor lies.
@@ -304,6 +327,7 @@ fn resolve<T: Real>(
     graph: &Graph,
     methods: &[Box<dyn Method<T>>],
     seed: u64,
+    unit_budget: u64,
     notes: &mut Vec<String>,
 ) -> Result<Option<Expr<T>>> {
     match r {
@@ -312,7 +336,7 @@ fn resolve<T: Real>(
             let node = &graph.nodes[n];
             let mut args = Vec::new();
             for a in node.flat_args() {
-                args.push(resolve(a, row, graph, methods, seed, notes)?);
+                args.push(resolve(a, row, graph, methods, seed, unit_budget, notes)?);
             }
             let present: Vec<bool> = args.iter().map(Option::is_some).collect();
             if !present.iter().any(|&p| p) {
@@ -353,6 +377,7 @@ fn resolve<T: Real>(
                         present: &idx,
                         n_args: present.len(),
                         seed,
+                        unit_budget,
                     };
                     let state = methods[n].begin_key(&ctx).map_err(|e| {
                         Error::Invalid(format!("node `{}`, key `{}`: {e}", node.name, row.name))
@@ -384,6 +409,13 @@ fn plan<T: Real>(
             )
         })
         .collect::<Result<_>>()?;
+    for (node, method) in graph.nodes.iter().zip(&methods) {
+        for note in method.notes() {
+            report
+                .notes
+                .push(format!("node `{}` ({}): {note}", node.name, node.method));
+        }
+    }
 
     let mut planned = Vec::with_capacity(rows.len());
     for (ri, row) in rows.iter().enumerate() {
@@ -408,7 +440,15 @@ fn plan<T: Real>(
             continue;
         }
         let mut notes = Vec::new();
-        let expr = resolve(graph.output, row, graph, &methods, opts.seed, &mut notes)?;
+        let expr = resolve(
+            graph.output,
+            row,
+            graph,
+            &methods,
+            opts.seed,
+            opts.memory_budget / 4,
+            &mut notes,
+        )?;
         let (expr, action) = match expr {
             Some(Expr::Leaf(leaf)) => (
                 Expr::Leaf(leaf),
@@ -456,6 +496,8 @@ fn plan<T: Real>(
 struct Task {
     key: usize,
     range: Range<usize>,
+    /// The sub-chunk length (a multiple of the key's unit).
+    step: usize,
 }
 
 /// Reusable buffers of one worker thread.
@@ -543,26 +585,31 @@ fn eval<T: Real>(
 }
 
 /// Runs the statistic passes of every node of `expr`, children first.
+///
+/// Blocks are [`BLOCK`] elements rounded up to whole units of the expression; `in_flight` bounds
+/// how many are computed at once (large units are memory-bound).
 fn run_stats<T: Real>(
     expr: &mut Expr<T>,
     row: &KeyRow,
     models: &[ModelFile],
     workers: &Workers<T>,
+    block: usize,
+    in_flight: usize,
 ) -> Result<()> {
     let numel = row.numel();
     if let Expr::Node(node) = expr {
         let NodeExpr { state, args } = &mut **node;
         for a in args.iter_mut() {
-            run_stats(a, row, models, workers)?;
+            run_stats(a, row, models, workers, block, in_flight)?;
         }
         for pass in 0..state.stat_passes() {
             let blocks: Vec<Range<usize>> = (0..numel)
-                .step_by(BLOCK)
-                .map(|s| s..(s + BLOCK).min(numel))
+                .step_by(block)
+                .map(|s| s..(s + block).min(numel))
                 .collect();
             // Blocks are computed in parallel a group at a time and absorbed in block order, so
             // at most one group of block results is held at once.
-            let group = 16 * rayon::current_num_threads().max(1);
+            let group = (16 * rayon::current_num_threads().max(1)).min(in_flight);
             for (g, chunk) in blocks.chunks(group).enumerate() {
                 let st: &dyn KeyMerge<T> = &**state;
                 let args_ref: &[Expr<T>] = args;
@@ -691,7 +738,7 @@ fn run<T: Real>(
         };
         let row = &rows[planned[task.key].row];
         let len = task.range.len();
-        let step = if expr.whole_tensor() { *numel } else { sub };
+        let step = task.step;
         workers.with(|s| -> Result<()> {
             let mut out_words = std::mem::take(&mut s.out);
             let bytes = crate::input::aligned_bytes(&mut out_words, len * out_size);
@@ -706,6 +753,11 @@ fn run<T: Real>(
             }
             let result = out.write_at(task.key, (task.range.start * out_size) as u64, bytes);
             s.out = out_words;
+            if step > sub {
+                // Buffers of a large unit are not kept for the small chunks that follow.
+                s.free.retain(|b| b.len() <= sub);
+                s.out = Vec::new();
+            }
             result
         })?;
         let bytes = (len * out_size) as u64;
@@ -722,6 +774,12 @@ fn run<T: Real>(
         tasks.par_iter().try_for_each(|t| run_task(t, planned))?;
         tasks.clear();
         Ok(())
+    };
+    // A key whose unit is larger than a sub-chunk is run on its own, with as many units in
+    // flight as half the budget holds (at least one).
+    let in_flight = |unit: usize| -> usize {
+        let bytes = (unit * sub_bytes_per_elem + unit * out_size) as u64;
+        ((opts.memory_budget / 2) / bytes.max(1)).max(1) as usize
     };
 
     // Keys are executed in name order. The tasks of keys without statistic passes are gathered
@@ -749,33 +807,55 @@ fn run<T: Real>(
             unreachable!()
         };
         let numel = *numel;
-        if expr.has_stats() {
+        let unit = expr.unit().min(numel.max(1));
+        let large = unit > sub;
+        let has_stats = expr.has_stats();
+        if has_stats || large {
             run_batch(&mut tasks, &planned)?;
+        }
+        if has_stats {
             let row = &rows[planned[ki].row];
             let Job::Compute { expr, .. } = &mut planned[ki].job else {
                 unreachable!()
             };
-            run_stats(expr, row, models, &workers)?;
+            let block = BLOCK.div_ceil(unit) * unit;
+            run_stats(expr, row, models, &workers, block, in_flight(block))?;
         }
         let Job::Compute { expr, .. } = &planned[ki].job else {
             unreachable!()
         };
-        let step = if expr.whole_tensor() {
-            numel.max(1)
-        } else {
-            chunk
-        };
+        let mut notes = Vec::new();
+        expr.notes(&mut notes);
+        let name = &rows[planned[ki].row].name;
+        report
+            .key_notes
+            .extend(notes.into_iter().map(|n| (name.clone(), n)));
         if numel == 0 {
             keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        // Tasks and sub-chunks span whole units.
+        let (task_len, step) = if large {
+            (unit, unit)
+        } else {
+            (chunk.div_ceil(unit) * unit, sub / unit * unit)
+        };
         let mut start = 0;
         while start < numel {
-            let end = (start + step).min(numel);
+            let end = (start + task_len).min(numel);
             tasks.push(Task {
                 key: ki,
                 range: start..end,
+                step,
             });
             start = end;
+        }
+        if large {
+            // Run in groups so that at most `in_flight` units are held at once.
+            let group = in_flight(unit);
+            for g in tasks.chunks(group) {
+                g.par_iter().try_for_each(|t| run_task(t, &planned))?;
+            }
+            tasks.clear();
         }
     }
     run_batch(&mut tasks, &planned)?;
@@ -897,7 +977,7 @@ mod tests {
                 args: vec![Expr::Leaf(Leaf::new(&rows[0], 0))],
             }));
             let workers = Workers::new(threads);
-            pool.install(|| run_stats(&mut expr, &rows[0], &models, &workers))
+            pool.install(|| run_stats(&mut expr, &rows[0], &models, &workers, BLOCK, usize::MAX))
                 .unwrap();
             // Sub-chunks of two different lengths give the same values.
             for step in [1000, 4 * BLOCK] {

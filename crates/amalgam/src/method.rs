@@ -5,8 +5,8 @@
 //! chunks. Methods that need per-tensor statistics first (norms, dot products, thresholds, Gram
 //! matrices) declare statistic passes: the engine feeds every fixed-size block of the tensor to
 //! [`KeyMerge::stat_block`] and folds the per-block results in block order, so the statistics do not
-//! depend on the chunk size or the thread count. Whole-matrix methods (SVD) ask for the whole tensor
-//! in one chunk with [`KeyMerge::whole_tensor`].
+//! depend on the chunk size or the thread count. Methods that need rows or whole tensors together
+//! (per-row ranks, SVD) declare a [`KeyMerge::unit`].
 
 use crate::error::{Error, Result};
 use crate::real::Real;
@@ -230,6 +230,10 @@ pub struct KeyCtx<'a> {
     pub n_args: usize,
     /// The run's seed, for methods with random masks.
     pub seed: u64,
+    /// Bytes a method may plan for the buffers of one unit (see [`KeyMerge::unit`]): a quarter of
+    /// the memory budget, whatever the thread count, so that a method's choice between an exact
+    /// and an approximate computation does not depend on the threads.
+    pub unit_budget: u64,
 }
 
 impl KeyCtx<'_> {
@@ -250,6 +254,12 @@ pub trait Method<T: Real>: Send + Sync {
     /// The engine plans every key before reading any tensor, so the state of every key exists at
     /// once: keep it small here and allocate statistics buffers when the passes run.
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>>;
+
+    /// Lines for the log about this node's run as configured (e.g. an effective probability
+    /// range), printed once.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The merge of one key.
@@ -271,9 +281,16 @@ pub trait KeyMerge<T: Real>: Send + Sync {
     fn finish_pass(&mut self, _pass: usize) -> Result<()> {
         Ok(())
     }
-    /// Whether the method needs the whole tensor as one chunk (whole-matrix methods).
-    fn whole_tensor(&self) -> bool {
-        false
+    /// The number of consecutive elements that must be in the same chunk and the same statistic
+    /// block (a row for per-row methods, the element count for whole-tensor methods); it divides
+    /// the element count. Chunks and blocks start at multiples of it and span whole units.
+    fn unit(&self) -> usize {
+        1
+    }
+    /// Lines for the log about this key (e.g. an approximation used), asked after the
+    /// statistic passes.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
     }
     /// Computes `out` for elements `range` of the flattened tensor from the arguments' chunks
     /// (in `KeyCtx::present` order, each `range.len()` long).

@@ -47,6 +47,10 @@ pub struct MergeReport {
     pub output: Option<PathBuf>,
     /// The process's peak resident set size at the end of the merge (Linux only).
     pub peak_rss_bytes: Option<u64>,
+    /// What the methods said about their run as configured, one line each.
+    pub notes: Vec<String>,
+    /// What the methods said about single keys: (key, line).
+    pub key_notes: Vec<(String, String)>,
 }
 
 impl MergeReport {
@@ -143,6 +147,20 @@ impl fmt::Display for MergeReport {
         }
         for (line, (count, example)) in &groups {
             writeln!(f, "  {count} keys {line} (e.g. {example})")?;
+        }
+        for note in &self.notes {
+            writeln!(f, "  {note}")?;
+        }
+        const SHOWN: usize = 4;
+        for (key, note) in self.key_notes.iter().take(SHOWN) {
+            writeln!(f, "  {key}: {note}")?;
+        }
+        if self.key_notes.len() > SHOWN {
+            writeln!(
+                f,
+                "  ... and {} more key notes (--report-json lists them all)",
+                self.key_notes.len() - SHOWN
+            )?;
         }
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         write!(
