@@ -8,6 +8,7 @@ use crate::method::{Method, MethodInfo, Params};
 use crate::real::Real;
 
 pub mod add_difference;
+pub mod della;
 pub mod geometric_median;
 pub mod karcher;
 pub mod linear;
@@ -47,8 +48,10 @@ registry!(
     ties::TIES => ties::Pipeline::ties,
     ties::TIES_SOUP => ties::Pipeline::ties_soup,
     ties::DARE => ties::Pipeline::dare,
+    ties::DELLA => ties::Pipeline::della,
     ties::TSD => ties::Pipeline::tsd,
     ties::TGMD => ties::Pipeline::tgmd,
+    ties::DGMLA => ties::Pipeline::dgmla,
     geometric_median::INFO => geometric_median::GeometricMedian::new,
     model_stock::INFO => model_stock::ModelStock::new,
     karcher::INFO => karcher::Karcher::new,
@@ -63,6 +66,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("sum", "linear"),
     ("fermat_point", "geometric_median"),
     ("karcher_mean", "karcher"),
+    ("magprune", "della"),
 ];
 
 /// The registered name for `name` (an exact name or an alias), or an error listing the methods.

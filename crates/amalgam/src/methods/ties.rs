@@ -1,13 +1,15 @@
-//! The delta pipeline behind TIES, TIES-SOUP, DARE, TSD and TGMD (spec §2-§5, §8, §19.3):
+//! The delta pipeline behind TIES, TIES-SOUP, DARE, DELLA, TSD, TGMD and DGMLA (spec §2-§9,
+//! §19.3):
 //!
-//! `δ_t = θ_t − θ_0` → drop (DARE mask) → trim (keep the fraction `k` of largest |δ_t|) →
+//! `δ_t = θ_t − θ_0` → drop (DARE or DELLA mask) → trim (keep the fraction `k` of largest |δ_t|) →
 //! elect a sign per element (`mass`: sign of Σ δ_t; `count`: sign of Σ sgn δ_t) → keep the entries
 //! of the elected sign → fuse (disjoint mean | mean | sum | geometric median) → rescale →
 //! `θ = θ_0 + λ · result`.
 //!
-//! Every stage is a named option; the presets (`ties`, `ties_soup`, `dare`, `tsd`, `tgmd`) differ
-//! only in their defaults, so each can be tuned into any other.
+//! Every stage is a named option; the presets (`ties`, `ties_soup`, `dare`, `della`, `tsd`,
+//! `tgmd`, `dgmla`) differ only in their defaults, so each can be tuned into any other.
 
+use super::della::{key32, ordinal_ranks, Della, Rank, RankHistogram};
 use super::geometric_median::{add_centred_gram, Weiszfeld};
 use crate::error::{Error, Result};
 use crate::method::*;
@@ -23,6 +25,19 @@ pub enum Drop {
     Dare {
         p: f64,
     },
+    /// DELLA (MagPrune): entries dropped with probabilities linear in their magnitude rank.
+    Della(Della),
+}
+
+impl Drop {
+    /// The mean drop probability.
+    fn p(&self) -> f64 {
+        match *self {
+            Drop::None => 0.0,
+            Drop::Dare { p } => p,
+            Drop::Della(d) => d.p,
+        }
+    }
 }
 
 /// How the sign of each element is elected.
@@ -53,9 +68,10 @@ pub enum Fuse {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Rescale {
     None,
-    /// `1 / (1 − p)` of the DARE drop, once on the result (sd-mecha's `rescale`).
+    /// `1 / (1 − p)` of the drop, once on the result (sd-mecha's `rescale`).
     InverseKeep,
-    /// Every kept entry divided by its keep probability `1 − p` before the vote (the DARE paper).
+    /// Every kept entry divided by its keep probability before the vote: `1 − p` for DARE (the
+    /// DARE paper), its own `q_i` for DELLA (the DELLA paper).
     PerElement,
     /// Each model's kept entries scaled so their L1 norm equals that of its whole delta
     /// (current mergekit); models whose norms are below 1e-7 are left as they are.
@@ -88,6 +104,9 @@ pub struct Config {
 
 macro_rules! pipeline_info {
     ($name:literal, $summary:literal, $drop:literal, $p:literal, $k:literal, $election:literal, $fuse:literal, $rescale:literal) => {
+        pipeline_info!($name, $summary, $drop, $p, "0.0", "tensor", $k, $election, $fuse, $rescale, "false")
+    };
+    ($name:literal, $summary:literal, $drop:literal, $p:literal, $della_eps:literal, $rank:literal, $k:literal, $election:literal, $fuse:literal, $rescale:literal, $base_point:literal) => {
         MethodInfo {
             name: $name,
             formula: "base + lambda * rescale(fuse(elect(trim(drop(models[t] - base)))))",
@@ -97,15 +116,18 @@ macro_rules! pipeline_info {
                 Slot { name: "models", kind: SlotKind::Many, doc: "the fine-tuned models" },
             ],
             params: &[
-                ParamInfo { name: "drop", default: Some($drop), doc: "none | dare" },
-                ParamInfo { name: "p", default: Some($p), doc: "drop probability of `dare`, in [0, 1)" },
+                ParamInfo { name: "drop", default: Some($drop), doc: "none | dare (uniform) | della (by magnitude rank)" },
+                ParamInfo { name: "p", default: Some($p), doc: "mean drop probability of `dare` and `della`, in [0, 1)" },
+                ParamInfo { name: "della_eps", default: Some($della_eps), doc: "della: total width of the keep-probability window, kept with 1 - p - della_eps/2 (smallest |delta|) to 1 - p + della_eps/2 (largest); negative drops large deltas more (sd-mecha's della_eps)" },
+                ParamInfo { name: "epsilon", default: None, doc: "della: half width of the window instead (mergekit's epsilon); della_eps = 2 * epsilon" },
+                ParamInfo { name: "rank", default: Some($rank), doc: "della: rank |delta| over the whole tensor (sd-mecha) | row (official DELLA, mergekit)" },
                 ParamInfo { name: "k", default: Some($k), doc: "fraction kept by magnitude per model and tensor, (0, 1]; entries equal to the threshold are all kept" },
                 ParamInfo { name: "election", default: Some($election), doc: "mass (sign of the sum) | count (sign of the sum of signs) | none" },
                 ParamInfo { name: "sign_tie", default: Some("zero"), doc: "zero (keep the base) | positive" },
                 ParamInfo { name: "fuse", default: Some($fuse), doc: "disjoint_mean | mean | sum | geometric_median" },
-                ParamInfo { name: "rescale", default: Some($rescale), doc: "none | inverse_keep (the result divided by 1 - p) | per_element (kept entries divided by 1 - p before the vote) | l1 (each model's kept entries scaled back to its delta's L1 norm)" },
+                ParamInfo { name: "rescale", default: Some($rescale), doc: "none | inverse_keep (the result divided by 1 - p) | per_element (kept entries divided by their keep probability before the vote) | l1 (each model's kept entries scaled back to its delta's L1 norm)" },
                 ParamInfo { name: "lambda", default: Some("1.0"), doc: "scale of the merged delta" },
-                ParamInfo { name: "base_point", default: Some("false"), doc: "geometric median: add the base as a zero-delta point" },
+                ParamInfo { name: "base_point", default: Some($base_point), doc: "geometric median: add the base as a zero-delta point" },
                 ParamInfo { name: "eps", default: Some("1e-6"), doc: "geometric median: smallest distance" },
                 ParamInfo { name: "maxiter", default: Some("100"), doc: "geometric median: most iterations" },
                 ParamInfo { name: "ftol", default: Some("1e-20"), doc: "geometric median: relative objective change to stop at" },
@@ -135,6 +157,11 @@ pub static DARE: MethodInfo = pipeline_info!(
     "DARE (Yu et al. 2023) with task arithmetic: drop each delta entry with probability p, sum, rescale by 1/(1-p).",
     "dare", "0.1", "1.0", "none", "sum", "inverse_keep"
 );
+pub static DELLA: MethodInfo = pipeline_info!(
+    "della",
+    "DELLA (Deep et al. 2024, official code): drop by per-row magnitude rank (p = 0.3, window 0.28 = mergekit epsilon 0.14), rescale each kept entry by 1/q, mass election, disjoint mean.",
+    "della", "0.3", "0.28", "row", "1.0", "mass", "disjoint_mean", "per_element", "false"
+);
 pub static TSD: MethodInfo =
     pipeline_info!(
     "tsd",
@@ -145,6 +172,12 @@ pub static TGMD: MethodInfo = pipeline_info!(
     "tgmd",
     "TGMD, TIES with geometric median and DROP (AstolfoMix x116a): DARE p = 0.1 without rescale, count election, geometric median of the filtered deltas.",
     "dare", "0.1", "1.0", "count", "geometric_median", "none"
+);
+
+pub static DGMLA: MethodInfo = pipeline_info!(
+    "dgmla",
+    "DGMLA (AstolfoMix x215a): DELLA drop by whole-tensor rank, p = 0.1, della_eps = -0.1, no rescale, count election, geometric median with the base as a zero-delta point.",
+    "della", "0.1", "-0.1", "tensor", "1.0", "count", "geometric_median", "none", "true"
 );
 
 /// A configured pipeline, registered under one of the preset names.
@@ -163,15 +196,35 @@ impl Pipeline {
                 .expect("preset default")
         };
         let bad = |msg: String| Error::method(info.name, msg);
-        let drop_kind = params.choice("drop", &["none", "dare"], default("drop"))?;
+        let drop_kind = params.choice("drop", &["none", "dare", "della"], default("drop"))?;
         let p = params.number("p", default("p").parse().unwrap())?;
-        let drop = match drop_kind {
-            "dare" => {
-                if !(0.0..1.0).contains(&p) {
-                    return Err(bad(format!("`p` must be in [0, 1), got {p}")));
-                }
-                Drop::Dare { p }
+        if drop_kind != "none" && !(0.0..1.0).contains(&p) {
+            return Err(bad(format!("`p` must be in [0, 1), got {p}")));
+        }
+        let epsilon = params.number("epsilon", f64::NAN)?;
+        let della_eps = params.number("della_eps", f64::NAN)?;
+        let eps = match (della_eps.is_nan(), epsilon.is_nan()) {
+            (false, false) => {
+                return Err(bad(
+                    "give `della_eps` (total width) or `epsilon` (half width), not both".into(),
+                ))
             }
+            (true, false) => 2.0 * epsilon,
+            (false, true) => della_eps,
+            (true, true) => default("della_eps").parse().unwrap(),
+        };
+        let rank = match params.choice("rank", &["tensor", "row"], default("rank"))? {
+            "row" => Rank::Row,
+            _ => Rank::Tensor,
+        };
+        if drop_kind != "della" && !(della_eps.is_nan() && epsilon.is_nan()) {
+            return Err(bad(
+                "`della_eps` and `epsilon` only apply to `drop = \"della\"`".into(),
+            ));
+        }
+        let drop = match drop_kind {
+            "dare" => Drop::Dare { p },
+            "della" => Drop::Della(Della { p, eps, rank }),
             _ => Drop::None,
         };
         let k = params.number("k", default("k").parse().unwrap())?;
@@ -211,7 +264,7 @@ impl Pipeline {
         };
         if matches!(rescale, Rescale::InverseKeep | Rescale::PerElement) && drop == Drop::None {
             return Err(bad(format!(
-                "`rescale = \"{}\"` needs `drop = \"dare\"`",
+                "`rescale = \"{}\"` needs a drop (`dare` or `della`)",
                 if rescale == Rescale::PerElement {
                     "per_element"
                 } else {
@@ -225,7 +278,7 @@ impl Pipeline {
             ));
         }
         let lambda = params.number("lambda", 1.0)?;
-        let base_point = params.boolean("base_point", false)?;
+        let base_point = params.boolean("base_point", default("base_point") == "true")?;
         if base_point && !matches!(fuse, Fuse::GeometricMedian(_)) {
             return Err(bad(
                 "`base_point` only applies to `fuse = \"geometric_median\"`".into(),
@@ -262,6 +315,12 @@ impl Pipeline {
     pub fn tgmd(params: Params, _counts: &[usize]) -> Result<Self> {
         Self::build(&TGMD, params)
     }
+    pub fn della(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&DELLA, params)
+    }
+    pub fn dgmla(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&DGMLA, params)
+    }
 
     pub fn config(&self) -> &Config {
         &self.config
@@ -275,6 +334,23 @@ impl<T: Real> Method<T> for Pipeline {
     fn on_missing(&self, present: &[bool]) -> OnMissing {
         OnMissing::base_and_models(present)
     }
+    fn notes(&self) -> Vec<String> {
+        match self.config.drop {
+            Drop::Della(d) => {
+                let (small, large) = d.range();
+                vec![format!(
+                    "DELLA keeps the smallest |delta| of each {} with probability {small:.4} and the largest with {large:.4} (mean {:.4})",
+                    if d.rank == Rank::Tensor { "tensor" } else { "row" },
+                    1.0 - d.p
+                )]
+            }
+            Drop::Dare { p } => vec![format!(
+                "DARE keeps each delta entry with probability {:.4}",
+                1.0 - p
+            )],
+            Drop::None => Vec::new(),
+        }
+    }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         let n = ctx.present.len() - 1;
         let numel = ctx.numel();
@@ -285,7 +361,40 @@ impl<T: Real> Method<T> for Pipeline {
         };
         // The rank (1-based, ascending |δ|) of the threshold: entries at or above it are kept.
         let rank = (((1.0 - self.config.k) * numel as f64).floor() as u64).max(1);
+        let della = match self.config.drop {
+            Drop::Della(d) => {
+                let unit: usize = d.unit_len(ctx.shape).max(1);
+                // The unit's inputs, their deltas and masks, and a sort buffer.
+                let unit_bytes = (unit * ((2 * n + 2) * std::mem::size_of::<T>() + 16)) as u64;
+                let exact = unit_bytes <= ctx.unit_budget;
+                if !exact && d.rank == Rank::Row {
+                    return Err(Error::method(
+                        self.info.name,
+                        format!(
+                            "rows of {unit} elements of {n} models need {} to rank; raise the memory budget",
+                            crate::size::format_bytes(unit_bytes * 4)
+                        ),
+                    ));
+                }
+                if !exact && numel > u32::MAX as usize {
+                    return Err(Error::method(
+                        self.info.name,
+                        "tensors of more than 2^32 elements are not supported by DELLA".to_string(),
+                    ));
+                }
+                Some(DellaKey {
+                    config: d,
+                    unit: if exact { unit } else { 1 },
+                    exact,
+                    hist: Vec::new(),
+                    bound: 0.0,
+                })
+            }
+            _ => None,
+        };
         Ok(Box::new(KeyPipeline {
+            della,
+            numel,
             config: self.config,
             key: ctx.key.to_string(),
             seed: ctx.seed,
@@ -299,10 +408,7 @@ impl<T: Real> Method<T> for Pipeline {
                 })
                 .collect(),
             thresholds: vec![0; n],
-            scales: match (self.config.rescale, self.config.drop) {
-                (Rescale::PerElement, Drop::Dare { p }) => vec![T::from_f64(1.0 / (1.0 - p)); n],
-                _ => Vec::new(),
-            },
+            scales: Vec::new(),
             l1: Vec::new(),
             gram: Vec::new(),
             coefficients: Vec::new(),
@@ -324,7 +430,22 @@ struct Select {
     counts: Vec<u64>,
 }
 
+/// The DELLA drop of one key.
+struct DellaKey {
+    config: Della,
+    /// Elements ranked together when `exact` (a row or the tensor); 1 otherwise.
+    unit: usize,
+    /// Exact ordinal ranks per unit, or ranks estimated from a histogram pass.
+    exact: bool,
+    /// Per model, the histogram (estimated ranks only).
+    hist: Vec<RankHistogram>,
+    /// The bound on the keep-probability error of the estimate.
+    bound: f64,
+}
+
 struct KeyPipeline<T> {
+    della: Option<DellaKey>,
+    numel: usize,
     config: Config,
     key: String,
     seed: u64,
@@ -334,7 +455,7 @@ struct KeyPipeline<T> {
     select: Vec<Select>,
     /// Per model, the smallest |δ| key that is kept (0 keeps everything).
     thresholds: Vec<u64>,
-    /// Per model, the factor its kept entries are scaled by (`per_element` and `l1`; empty = 1).
+    /// Per model, the factor its kept entries are scaled by (`l1`; empty = 1).
     scales: Vec<T>,
     /// The `l1` pass's sums: per model, Σ|δ| and Σ|kept δ|.
     l1: Vec<f64>,
@@ -368,16 +489,91 @@ fn sign<T: Real>(v: T) -> T {
     }
 }
 
+/// What a statistic pass computes.
+#[derive(Clone, Copy, PartialEq)]
+enum Pass {
+    /// The histogram of |δ| per model, for DELLA ranks too large to sort.
+    Histogram,
+    /// One digit of the trim threshold.
+    Trim(usize),
+    /// The L1 norms of the `l1` rescale.
+    L1,
+    /// The Gram matrix of the filtered deltas, for the geometric median.
+    Gram,
+}
+
 impl<T: Real> KeyPipeline<T> {
-    fn is_l1_pass(&self, pass: usize) -> bool {
-        self.config.rescale == Rescale::L1 && pass == self.trim_passes
+    fn histogram_passes(&self) -> usize {
+        usize::from(self.della.as_ref().is_some_and(|d| !d.exact))
     }
 
-    /// The bits of pass `pass`'s digit: (shift, already-resolved high bits' shift).
+    fn pass(&self, pass: usize) -> Pass {
+        let h = self.histogram_passes();
+        if pass < h {
+            Pass::Histogram
+        } else if pass < h + self.trim_passes {
+            Pass::Trim(pass - h)
+        } else if self.config.rescale == Rescale::L1 && pass == h + self.trim_passes {
+            Pass::L1
+        } else {
+            Pass::Gram
+        }
+    }
+
+    /// The bits of trim pass `pass`'s digit: (shift, already-resolved high bits' shift).
     fn digit_shift(pass: usize) -> (u32, u32) {
         let top = T::KEY_BITS.div_ceil(DIGIT_BITS) * DIGIT_BITS;
         let shift = top - DIGIT_BITS * (pass as u32 + 1);
         (shift, shift + DIGIT_BITS)
+    }
+
+    /// The DELLA factors of `range` with exact ranks: per model `t`, at `[t * len..(t + 1) * len]`,
+    /// 0 for a dropped entry, else 1 (or `1 / q` with `per_element`). `range` spans whole units.
+    fn della_factors(&self, d: &DellaKey, range: &Range<usize>, args: &[&[T]]) -> Vec<T> {
+        let len = range.len();
+        let per_element = self.config.rescale == Rescale::PerElement;
+        let mut factors = vec![T::ZERO; self.streams.len() * len];
+        let mut deltas = vec![T::ZERO; d.unit];
+        let mut ranks = vec![0u32; d.unit];
+        let mut words = vec![0u32; d.unit];
+        let mut sort = Vec::new();
+        for (t, x) in args[1..].iter().enumerate() {
+            for u in (0..len).step_by(d.unit) {
+                let unit = u..u + d.unit;
+                for ((o, &a), &b) in deltas
+                    .iter_mut()
+                    .zip(&x[unit.clone()])
+                    .zip(&args[0][unit.clone()])
+                {
+                    *o = a - b;
+                }
+                ordinal_ranks(&deltas, &mut sort, &mut ranks);
+                rng::words(
+                    self.seed,
+                    &self.key,
+                    self.streams[t],
+                    range.start + u,
+                    &mut words,
+                );
+                for ((f, &r), &w) in factors[t * len + u..t * len + u + d.unit]
+                    .iter_mut()
+                    .zip(&ranks)
+                    .zip(&words)
+                {
+                    let q = d.config.keep(r as f64, d.unit);
+                    *f = if (w as u64) < rng::threshold(q) {
+                        if per_element {
+                            T::from_f64(1.0 / q)
+                        } else {
+                            T::ONE
+                        }
+                    } else {
+                        T::ZERO
+                    };
+                }
+            }
+        }
+        factors
     }
 
     /// Runs the pipeline up to `stage` over `range` (`args[0]` is the base), a block of `W`
@@ -396,31 +592,70 @@ impl<T: Real> KeyPipeline<T> {
         let mut d = vec![T::ZERO; n * W];
         let mut gamma = [T::ZERO; W];
         let mut words = vec![0u32; W];
-        let mut streams: Vec<rng::Stream> = match self.config.drop {
-            Drop::Dare { .. } => self
+        let per_element = self.config.rescale == Rescale::PerElement;
+        let mut streams: Vec<rng::Stream> = match &self.config.drop {
+            Drop::None => Vec::new(),
+            Drop::Della(_) if self.della.as_ref().is_some_and(|d| d.exact) => Vec::new(),
+            _ => self
                 .streams
                 .iter()
                 .map(|&m| rng::Stream::new(self.seed, &self.key, m, range.start))
                 .collect(),
-            Drop::None => Vec::new(),
         };
-        let keep = match self.config.drop {
-            Drop::Dare { p } => rng::threshold(1.0 - p),
-            Drop::None => 1 << 32,
+        let (dare_keep, dare_scale) = match self.config.drop {
+            Drop::Dare { p } => (
+                rng::threshold(1.0 - p),
+                T::from_f64(if per_element { 1.0 / (1.0 - p) } else { 1.0 }),
+            ),
+            _ => (1 << 32, T::ONE),
         };
+        let della_exact = match &self.della {
+            Some(dk) if dk.exact => Some(self.della_factors(dk, range, args)),
+            _ => None,
+        };
+        let total = range.len();
         let mut at = 0;
-        while at < range.len() {
-            let len = W.min(range.len() - at);
+        while at < total {
+            let len = W.min(total - at);
             let b = &base[at..at + len];
             for t in 0..n {
                 let dt = &mut d[t * W..t * W + len];
                 for ((o, &x), &bb) in dt.iter_mut().zip(&models[t][at..at + len]).zip(b) {
                     *o = x - bb;
                 }
-                if let Some(stream) = streams.get_mut(t) {
+                if let Some(f) = &della_exact {
+                    for (o, &f) in dt.iter_mut().zip(&f[t * total + at..t * total + at + len]) {
+                        *o *= f;
+                    }
+                } else if let Some(stream) = streams.get_mut(t) {
                     stream.fill(&mut words[..len]);
-                    for (o, &w) in dt.iter_mut().zip(&words[..len]) {
-                        *o *= if (w as u64) < keep { T::ONE } else { T::ZERO };
+                    match (&self.config.drop, &self.della) {
+                        (Drop::Della(cfg), Some(dk)) => {
+                            // Ranks estimated from the histogram.
+                            let h = &dk.hist[t];
+                            for (i, (o, &w)) in dt.iter_mut().zip(&words[..len]).enumerate() {
+                                let r = h.rank(key32(*o), range.start + at + i, self.numel);
+                                let q = cfg.keep(r, self.numel);
+                                *o *= if (w as u64) < rng::threshold(q) {
+                                    if per_element {
+                                        T::from_f64(1.0 / q)
+                                    } else {
+                                        T::ONE
+                                    }
+                                } else {
+                                    T::ZERO
+                                };
+                            }
+                        }
+                        _ => {
+                            for (o, &w) in dt.iter_mut().zip(&words[..len]) {
+                                *o *= if (w as u64) < dare_keep {
+                                    dare_scale
+                                } else {
+                                    T::ZERO
+                                };
+                            }
+                        }
                     }
                 }
                 if stage != Stage::Dropped && self.thresholds[t] > 0 {
@@ -474,143 +709,198 @@ impl<T: Real> KeyPipeline<T> {
 
 impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     fn stat_passes(&self) -> usize {
-        self.trim_passes
+        self.histogram_passes()
+            + self.trim_passes
             + usize::from(self.config.rescale == Rescale::L1)
             + usize::from(matches!(self.config.fuse, Fuse::GeometricMedian(_)))
     }
 
-    fn stat_block(&self, pass: usize, range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
-        let n = self.streams.len();
-        if pass < self.trim_passes {
-            // Histogram of the next digit of |δ| among the keys matching each model's prefix.
-            let (shift, high) = Self::digit_shift(pass);
-            let mask = (1u64 << DIGIT_BITS) - 1;
-            let mut h = vec![0f64; n << DIGIT_BITS];
-            self.blocks(Stage::Dropped, &range, args, |_, len, d, _| {
-                for t in 0..n {
-                    let prefix = self.select[t].prefix;
-                    let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
-                    for v in &d[t * W..t * W + len] {
-                        let key = v.abs_key();
-                        if high >= 64 || key >> high == prefix {
-                            ht[((key >> shift) & mask) as usize] += 1.0;
-                        }
-                    }
-                }
-            });
-            h
-        } else if self.is_l1_pass(pass) {
-            // Per model: Σ|δ| of the whole delta and of the entries kept by drop and trim.
-            let mut sums = vec![0f64; 2 * n];
-            for (t, x) in args[1..].iter().enumerate() {
-                sums[2 * t] = x
-                    .iter()
-                    .zip(args[0])
-                    .map(|(&v, &b)| (v - b).abs().to_f64())
-                    .sum();
-            }
-            self.blocks(Stage::Voted, &range, args, |_, len, d, _| {
-                for t in 0..n {
-                    sums[2 * t + 1] += d[t * W..t * W + len]
-                        .iter()
-                        .map(|v| v.abs().to_f64())
-                        .sum::<f64>();
-                }
-            });
-            sums
-        } else {
-            // The filtered deltas of the whole block, one row per model, then one matrix product.
-            let total = range.len();
-            let mut rows = vec![0f64; n * total];
-            self.blocks(Stage::Filtered, &range, args, |at, len, d, _| {
-                for t in 0..n {
-                    for (o, &v) in rows[t * total + at..t * total + at + len]
-                        .iter_mut()
-                        .zip(&d[t * W..t * W + len])
-                    {
-                        *o = v.to_f64();
-                    }
-                }
-            });
-            let mut g = vec![0.0; n * n];
-            add_centred_gram(&mut rows, n, total, &mut g);
-            g
+    fn unit(&self) -> usize {
+        self.della.as_ref().map_or(1, |d| d.unit)
+    }
+
+    fn notes(&self) -> Vec<String> {
+        match &self.della {
+            Some(d) if !d.exact => vec![format!(
+                "DELLA ranks estimated from a histogram (the tensor of all models does not fit a quarter of the memory budget); keep-probability error <= {:.1e} off exact ties, whose positions are interpolated",
+                d.bound
+            )],
+            _ => Vec::new(),
         }
     }
-    fn absorb_block(&mut self, pass: usize, _block: usize, stats: Vec<f64>) {
-        if pass < self.trim_passes {
-            for (t, s) in self.select.iter_mut().enumerate() {
-                if s.counts.is_empty() {
-                    s.counts = vec![0; 1 << DIGIT_BITS];
+
+    fn stat_block(&self, pass: usize, range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
+        let n = self.streams.len();
+        match self.pass(pass) {
+            Pass::Histogram => {
+                let mut out = Vec::new();
+                for x in &args[1..] {
+                    let deltas = x.iter().zip(args[0]).map(|(&a, &b)| a - b);
+                    RankHistogram::block_stats(deltas, &mut out);
                 }
-                let h = &stats[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
-                for (c, &x) in s.counts.iter_mut().zip(h) {
-                    *c += x as u64;
+                out
+            }
+            Pass::Trim(trim) => {
+                // Histogram of the next digit of |δ| among the keys matching each model's prefix.
+                let (shift, high) = Self::digit_shift(trim);
+                let mask = (1u64 << DIGIT_BITS) - 1;
+                let mut h = vec![0f64; n << DIGIT_BITS];
+                self.blocks(Stage::Dropped, &range, args, |_, len, d, _| {
+                    for t in 0..n {
+                        let prefix = self.select[t].prefix;
+                        let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
+                        for v in &d[t * W..t * W + len] {
+                            let key = v.abs_key();
+                            if high >= 64 || key >> high == prefix {
+                                ht[((key >> shift) & mask) as usize] += 1.0;
+                            }
+                        }
+                    }
+                });
+                h
+            }
+            Pass::L1 => {
+                // Per model: Σ|δ| of the whole delta and of the entries kept by drop and trim.
+                let mut sums = vec![0f64; 2 * n];
+                for (t, x) in args[1..].iter().enumerate() {
+                    sums[2 * t] = x
+                        .iter()
+                        .zip(args[0])
+                        .map(|(&v, &b)| (v - b).abs().to_f64())
+                        .sum();
+                }
+                self.blocks(Stage::Voted, &range, args, |_, len, d, _| {
+                    for t in 0..n {
+                        sums[2 * t + 1] += d[t * W..t * W + len]
+                            .iter()
+                            .map(|v| v.abs().to_f64())
+                            .sum::<f64>();
+                    }
+                });
+                sums
+            }
+            Pass::Gram => {
+                // The filtered deltas of the whole block, one row per model, then one matrix
+                // product.
+                let total = range.len();
+                let mut rows = vec![0f64; n * total];
+                self.blocks(Stage::Filtered, &range, args, |at, len, d, _| {
+                    for t in 0..n {
+                        for (o, &v) in rows[t * total + at..t * total + at + len]
+                            .iter_mut()
+                            .zip(&d[t * W..t * W + len])
+                        {
+                            *o = v.to_f64();
+                        }
+                    }
+                });
+                let mut g = vec![0.0; n * n];
+                add_centred_gram(&mut rows, n, total, &mut g);
+                g
+            }
+        }
+    }
+
+    fn absorb_block(&mut self, pass: usize, _block: usize, stats: Vec<f64>) {
+        match self.pass(pass) {
+            Pass::Histogram => {
+                let n = self.streams.len();
+                let d = self.della.as_mut().expect("histogram pass of DELLA");
+                if d.hist.is_empty() {
+                    d.hist = (0..n).map(|_| RankHistogram::new()).collect();
+                }
+                let mut at = 0;
+                for h in &mut d.hist {
+                    at += h.absorb(&stats[at..]);
                 }
             }
-        } else if self.is_l1_pass(pass) {
-            accumulate(&mut self.l1, stats);
-        } else {
-            accumulate(&mut self.gram, stats);
+            Pass::Trim(_) => {
+                for (t, s) in self.select.iter_mut().enumerate() {
+                    if s.counts.is_empty() {
+                        s.counts = vec![0; 1 << DIGIT_BITS];
+                    }
+                    let h = &stats[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
+                    for (c, &x) in s.counts.iter_mut().zip(h) {
+                        *c += x as u64;
+                    }
+                }
+            }
+            Pass::L1 => accumulate(&mut self.l1, stats),
+            Pass::Gram => accumulate(&mut self.gram, stats),
         }
     }
 
     fn finish_pass(&mut self, pass: usize) -> Result<()> {
-        if pass < self.trim_passes {
-            for (t, s) in self.select.iter_mut().enumerate() {
-                let mut below = 0u64;
-                let mut digit = 0u64;
-                for (dgt, &c) in s.counts.iter().enumerate() {
-                    if below + c >= s.rank {
-                        digit = dgt as u64;
-                        break;
+        match self.pass(pass) {
+            Pass::Histogram => {
+                let numel = self.numel;
+                let d = self.della.as_mut().expect("histogram pass of DELLA");
+                d.bound = d
+                    .hist
+                    .iter_mut()
+                    .map(|h| h.finish(d.config.eps, numel))
+                    .fold(0.0, f64::max);
+            }
+            Pass::Trim(trim) => {
+                for (t, s) in self.select.iter_mut().enumerate() {
+                    let mut below = 0u64;
+                    let mut digit = 0u64;
+                    for (dgt, &c) in s.counts.iter().enumerate() {
+                        if below + c >= s.rank {
+                            digit = dgt as u64;
+                            break;
+                        }
+                        below += c;
                     }
-                    below += c;
-                }
-                s.rank -= below;
-                s.prefix = (s.prefix << DIGIT_BITS) | digit;
-                s.counts = Vec::new();
-                if pass + 1 == self.trim_passes {
-                    // All digits resolved: the prefix is the threshold key (the top padding bits
-                    // above the key width are zero).
-                    self.thresholds[t] = s.prefix;
+                    s.rank -= below;
+                    s.prefix = (s.prefix << DIGIT_BITS) | digit;
+                    s.counts = Vec::new();
+                    if trim + 1 == self.trim_passes {
+                        // All digits resolved: the prefix is the threshold key (the top padding
+                        // bits above the key width are zero).
+                        self.thresholds[t] = s.prefix;
+                    }
                 }
             }
-        } else if self.is_l1_pass(pass) {
-            let l1 = std::mem::take(&mut self.l1);
-            self.scales = l1
-                .chunks(2)
-                .map(|s| {
-                    let (full, kept) = (s[0], s[1]);
-                    T::from_f64(if full < 1e-7 || kept < 1e-7 {
-                        1.0
-                    } else {
-                        full / kept
+            Pass::L1 => {
+                let l1 = std::mem::take(&mut self.l1);
+                self.scales = l1
+                    .chunks(2)
+                    .map(|s| {
+                        let (full, kept) = (s[0], s[1]);
+                        T::from_f64(if full < 1e-7 || kept < 1e-7 {
+                            1.0
+                        } else {
+                            full / kept
+                        })
                     })
-                })
-                .collect();
-        } else if let Fuse::GeometricMedian(w) = self.config.fuse {
-            let gram = std::mem::take(&mut self.gram);
-            let n = self.streams.len();
-            let (gram, points) = if self.config.base_point {
-                // The base is the zero delta: a zero row and column.
-                let m = n + 1;
-                let mut g = vec![0.0; m * m];
-                for s in 0..n {
-                    for t in 0..n {
-                        g[s * m + t] = gram[s * n + t];
-                    }
+                    .collect();
+            }
+            Pass::Gram => {
+                if let Fuse::GeometricMedian(w) = self.config.fuse {
+                    let gram = std::mem::take(&mut self.gram);
+                    let n = self.streams.len();
+                    let (gram, points) = if self.config.base_point {
+                        // The base is the zero delta: a zero row and column.
+                        let m = n + 1;
+                        let mut g = vec![0.0; m * m];
+                        for s in 0..n {
+                            for t in 0..n {
+                                g[s * m + t] = gram[s * n + t];
+                            }
+                        }
+                        (g, m)
+                    } else {
+                        (gram, n)
+                    };
+                    self.coefficients = w
+                        .coefficients(&gram, points)
+                        .into_iter()
+                        .take(n)
+                        .map(T::from_f64)
+                        .collect();
                 }
-                (g, m)
-            } else {
-                (gram, n)
-            };
-            self.coefficients = w
-                .coefficients(&gram, points)
-                .into_iter()
-                .take(n)
-                .map(T::from_f64)
-                .collect();
+            }
         }
         Ok(())
     }
@@ -618,7 +908,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]) {
         let n = self.streams.len();
         let scale = match (self.config.rescale, self.config.drop) {
-            (Rescale::InverseKeep, Drop::Dare { p }) => self.config.lambda / (1.0 - p),
+            (Rescale::InverseKeep, drop) => self.config.lambda / (1.0 - drop.p()),
             _ => self.config.lambda,
         };
         let scale = T::from_f64(scale);
