@@ -321,9 +321,29 @@ fn random_and_statistic_methods_are_byte_identical_across_threads_and_chunks() {
         })
         .collect();
     let refs: Vec<&[f32]> = models.iter().map(|m| m.as_slice()).collect();
-    for (method, params) in [
-        ("tsd", vec![]),
-        ("tgmd", vec![("base_point", Bool(true))]),
+    // Budgets: two that sort each DELLA tensor exactly, two that need the histogram pass.
+    let exact = [
+        (1, None, 1u64 << 30),
+        (2, None, 64 << 20),
+        (2, Some(16_384), 1 << 30),
+    ];
+    let histogram = [
+        (1, None, 2u64 << 20),
+        (2, None, 8 << 20),
+        (2, Some(32_768), 4 << 20),
+    ];
+    let della = |rank: &str| {
+        vec![
+            ("drop", Text("della".into())),
+            ("p", Number(0.3)),
+            ("della_eps", Number(0.2)),
+            ("rank", Text(rank.into())),
+            ("k", Number(0.5)),
+        ]
+    };
+    for (method, params, runs) in [
+        ("tsd", vec![], &exact),
+        ("tgmd", vec![("base_point", Bool(true))], &exact),
         (
             "ties",
             vec![
@@ -331,11 +351,19 @@ fn random_and_statistic_methods_are_byte_identical_across_threads_and_chunks() {
                 ("drop", Text("dare".into())),
                 ("p", Number(0.2)),
             ],
+            &exact,
         ),
+        ("dgmla", vec![], &exact),
+        ("dgmla", vec![], &histogram),
+        ("ties", della("tensor"), &exact),
+        ("ties", della("tensor"), &histogram),
+        ("della", vec![], &exact),
     ] {
         let mut outputs = Vec::new();
-        for (threads, chunk) in [(1, None), (2, None), (2, Some(16_384)), (1, Some(32_768))] {
-            let sub = dir.path().join(format!("{method}-{threads}-{chunk:?}"));
+        for &(threads, chunk, budget) in runs.iter() {
+            let sub = dir
+                .path()
+                .join(format!("{method}-{threads}-{chunk:?}-{budget}"));
             std::fs::create_dir_all(&sub).unwrap();
             let r = run_in(
                 &sub,
@@ -345,6 +373,7 @@ fn random_and_statistic_methods_are_byte_identical_across_threads_and_chunks() {
                 |o| {
                     o.threads = threads;
                     o.chunk_override = chunk;
+                    o.memory_budget = budget;
                     o.seed = 114514;
                 },
             );
@@ -353,7 +382,7 @@ fn random_and_statistic_methods_are_byte_identical_across_threads_and_chunks() {
         for o in &outputs[1..] {
             assert!(
                 o == &outputs[0],
-                "{method}: output depends on threads or chunking"
+                "{method} {params:?}: output depends on threads, chunking or budget"
             );
         }
     }
@@ -392,7 +421,7 @@ fn pipeline_options_are_validated() {
         .contains("expected one of: mass, count, none"));
     assert!(err("ties", vec![("k", Number(0.0))]).contains("(0, 1]"));
     assert!(err("dare", vec![("p", Number(1.0))]).contains("[0, 1)"));
-    assert!(err("ties", vec![("rescale", Text("inverse_keep".into()))]).contains("needs `drop"));
+    assert!(err("ties", vec![("rescale", Text("inverse_keep".into()))]).contains("needs a drop"));
     assert!(err("ties", vec![("election", Text("none".into()))]).contains("needs an election"));
     assert!(err("ties", vec![("base_point", Bool(true))]).contains("only applies"));
     assert!(err("ties", vec![("vote_sgn", Bool(true))]).contains("unknown parameter `vote_sgn`"));
@@ -598,5 +627,200 @@ fn per_element_and_l1_rescale() {
         run(&[&d], "ties_soup", &[("rescale", Text("l1".into()))]),
         &d,
         0.0,
+    );
+}
+
+/// The model `w` whose rows are `rows × cols` distinct magnitudes in a scrambled order (signs
+/// alternate), and the rank of each entry within its row and within the tensor.
+fn scrambled(rows: usize, cols: usize) -> (Vec<f32>, Vec<usize>, Vec<usize>) {
+    let n = rows * cols;
+    let pos = |i: usize| (i * 7919 + 13) % n; // a permutation (7919 is prime, n not a multiple)
+    let mut v = vec![0.0f32; n];
+    let mut tensor_rank = vec![0; n];
+    for r in 0..n {
+        let i = pos(r);
+        v[i] = (1.0 + r as f32) * if i % 2 == 0 { 1e-4 } else { -1e-4 };
+        tensor_rank[i] = r + 1;
+    }
+    let mut row_rank = vec![0; n];
+    for row in 0..rows {
+        let mut idx: Vec<usize> = (row * cols..(row + 1) * cols).collect();
+        idx.sort_by(|&a, &b| v[a].abs().total_cmp(&v[b].abs()));
+        for (r, &i) in idx.iter().enumerate() {
+            row_rank[i] = r + 1;
+        }
+    }
+    (v, tensor_rank, row_rank)
+}
+
+/// The keep rate per tenth of the ranks (`units` of `len` entries each).
+fn keep_rate_by_decile(out: &[f32], rank: &[usize], len: usize) -> Vec<(f64, f64)> {
+    let mut kept = [0f64; 10];
+    let mut total = [0f64; 10];
+    for (&x, &r) in out.iter().zip(rank) {
+        let d = ((r - 1) * 10 / len).min(9);
+        total[d] += 1.0;
+        kept[d] += f64::from(u8::from(x != 0.0));
+    }
+    kept.iter().zip(&total).map(|(&k, &t)| (k / t, t)).collect()
+}
+
+#[test]
+fn della_keep_probabilities_follow_the_rank_both_variants_and_signs() {
+    let (rows, cols) = (2, 30_001);
+    let (v, tensor_rank, row_rank) = scrambled(rows, cols);
+    let n = rows * cols;
+    for (rank, ranks, len) in [("tensor", &tensor_rank, n), ("row", &row_rank, cols)] {
+        for eps in [0.8, -0.8] {
+            let params = [
+                ("drop", Text("della".into())),
+                ("p", Number(0.5)),
+                ("della_eps", Number(eps)),
+                ("rank", Text(rank.into())),
+            ];
+            for out in run(&[&v], "dare", &params) {
+                // The `dare` preset sums and rescales by 1 / (1 − p): kept entries are δ / 0.5.
+                for (x, y) in out.iter().zip(&v) {
+                    assert!(*x == 0.0 || (x - y / 0.5).abs() <= 1e-6 * y.abs().max(1e-4));
+                }
+                for (d, (rate, count)) in keep_rate_by_decile(&out, ranks, len).iter().enumerate() {
+                    // The mean keep probability of the decile's ranks.
+                    let centre = (d as f64 + 0.5) / 10.0 - 0.5;
+                    let q = 0.5 + eps * centre;
+                    let sd = (q * (1.0 - q) / count).sqrt();
+                    assert!(
+                        (rate - q).abs() < 5.0 * sd + 2e-3,
+                        "{rank} eps {eps} decile {d}: kept {rate}, expected {q}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn della_hand_worked_ranks_ties_and_per_element_rescale() {
+    // p = 0.5, della_eps = 4 over P = 4 ranks: q = 0.5 + 4·(r/4 − 5/8) = −1, 0, 1, 2, clamped:
+    // the two smallest |δ| are always dropped, the two largest always kept, whatever the draws.
+    let della = |eps: f64, rank: &str| {
+        vec![
+            ("drop", Text("della".into())),
+            ("p", Number(0.5)),
+            ("della_eps", Number(eps)),
+            ("rank", Text(rank.into())),
+            ("k", Number(1.0)),
+            ("election", Text("none".into())),
+            ("fuse", Text("sum".into())),
+        ]
+    };
+    // The model is laid out as [2, 2]; its |δ| are 0.2, 0.1, 0.2, 0.1.
+    check(
+        run(&[&[0.2, -0.1, 0.2, 0.1]], "ties", &della(4.0, "tensor")),
+        &[0.2, 0.0, 0.2, 0.0],
+        0.0,
+    );
+    // Exact ties are ranked by position: of four equal entries the last two are the largest.
+    check(
+        run(&[&[0.1, 0.1, 0.1, -0.1]], "ties", &della(4.0, "tensor")),
+        &[0.0, 0.0, 0.1, -0.1],
+        0.0,
+    );
+    // A negative window keeps the small ones instead.
+    check(
+        run(&[&[0.1, 0.1, 0.1, -0.1]], "ties", &della(-4.0, "tensor")),
+        &[0.1, 0.1, 0.0, 0.0],
+        0.0,
+    );
+    // Per row ([2, 4]): q = 0.5 + 4·((r − 1)/3 − 1/2) = −1.5, −0.17, 1.17, 2.5 per row.
+    check(
+        run(
+            &[&[0.4, 0.3, 0.2, 0.1, -0.1, -0.1, 0.5, -0.2]],
+            "ties",
+            &della(4.0, "row"),
+        ),
+        &[0.4, 0.3, 0.0, 0.0, 0.0, 0.0, 0.5, -0.2],
+        0.0,
+    );
+    // mergekit's `epsilon` is half the window: epsilon = 2 is della_eps = 4.
+    let mut half = della(0.0, "row");
+    half.retain(|(k, _)| *k != "della_eps");
+    half.push(("epsilon", Number(2.0)));
+    check(
+        run(
+            &[&[0.4, 0.3, 0.2, 0.1, -0.1, -0.1, 0.5, -0.2]],
+            "ties",
+            &half,
+        ),
+        &[0.4, 0.3, 0.0, 0.0, 0.0, 0.0, 0.5, -0.2],
+        0.0,
+    );
+    // per_element: a kept entry is divided by its own q. p = 0.5, della_eps = 1 over P = 4:
+    // q = 0.125, 0.375, 0.625, 0.875 for ranks 1..4.
+    let d = [0.4f32, 0.1, 0.3, 0.2];
+    let q = [0.875f32, 0.125, 0.625, 0.375];
+    let mut params = della(1.0, "tensor");
+    params.push(("rescale", Text("per_element".into())));
+    let mut dropped = 0;
+    for seed in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        for out in run_in(dir.path(), &[&d], "ties", &params, |o| o.seed = seed) {
+            for i in 0..4 {
+                if out[i] == 0.0 {
+                    dropped += 1;
+                } else {
+                    assert!((out[i] - d[i] / q[i]).abs() < 1e-6, "{out:?}");
+                }
+            }
+        }
+    }
+    assert!(dropped > 0);
+}
+
+#[test]
+fn della_histogram_ranks_agree_with_exact_ranks() {
+    // The same merge with a budget too small to sort the tensor: ranks come from the histogram
+    // pass. With continuous magnitudes the keep decisions differ only where the keep probability
+    // moved past the draw, on a fraction of entries within the bound.
+    let (rows, cols) = (2, 30_001);
+    let (v, _, _) = scrambled(rows, cols);
+    let dir = tempfile::tempdir().unwrap();
+    let params = [("p", Number(0.1)), ("della_eps", Number(-0.1))];
+    let mut outs = Vec::new();
+    for budget in [1u64 << 30, 1 << 20] {
+        let out = dir.path().join(format!("{budget}.safetensors"));
+        let base = write_file(
+            &dir.path().join("base.safetensors"),
+            &[f32t("w", &[rows, cols], &vec![0.0; v.len()])],
+            true,
+        );
+        let m = write_file(
+            &dir.path().join("m.safetensors"),
+            &[f32t("w", &[rows, cols], &v)],
+            true,
+        );
+        let g = one_node(&[&base, &m], "dgmla", vec![vec![0], vec![1]], &params);
+        let mut o = MergeOptions::new(&out);
+        o.output_dtype = OutputDtype::F32;
+        o.memory_budget = budget;
+        let report = merge(&g, &o, &NoProgress).unwrap();
+        let histogram = report
+            .key_notes
+            .iter()
+            .any(|(k, n)| k == "w" && n.contains("histogram"));
+        assert_eq!(histogram, budget < 1 << 30, "{:?}", report.key_notes);
+        assert!(report
+            .notes
+            .iter()
+            .any(|n| n.contains("0.9500") && n.contains("0.8500")));
+        outs.push(read_f32(&out, "w"));
+    }
+    let differ = outs[0]
+        .iter()
+        .zip(&outs[1])
+        .filter(|(a, b)| (**a == 0.0) != (**b == 0.0))
+        .count();
+    assert!(
+        differ as f64 <= 1e-3 * v.len() as f64,
+        "{differ} decisions differ"
     );
 }
