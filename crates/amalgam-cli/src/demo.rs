@@ -78,19 +78,19 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
     eprintln!("{report}");
 
     eprintln!(
-        "\n== shorthand: amalgam merge --method tgmd --base base m000 ... m003 -o tgmd.safetensors"
+        "\n== shorthand: amalgam merge --method dgmla --base base m000 ... m003 -o dgmla.safetensors"
     );
     eprintln!(
-        "   (DARE drop p = 0.1, TIES-SOUP vote, geometric median of the filtered task vectors)"
+        "   (DELLA drop by magnitude rank, p = 0.1, della_eps = -0.1; TIES-SOUP vote; geometric median\n    of the filtered task vectors with the base as a zero point: the AstolfoMix x215a recipe)"
     );
-    let tgmd_out = dir.join("tgmd.safetensors");
+    let dgmla_out = dir.join("dgmla.safetensors");
     let graph = amalgam::Graph::single(
-        "tgmd",
+        "dgmla",
         Some(paths[0].clone()),
         paths[1..].to_vec(),
         Default::default(),
     )?;
-    let (opts, settings) = crate::merge_options(&tgmd_out, &engine, &Default::default(), true);
+    let (opts, settings) = crate::merge_options(&dgmla_out, &engine, &Default::default(), true);
     let report = crate::run_merge(&graph, opts, &settings, false)?;
     eprintln!("{report}");
 

@@ -63,19 +63,64 @@ impl Della {
     }
 }
 
+/// Reusable buffers of [`ordinal_ranks`].
+#[derive(Default)]
+pub struct RankScratch {
+    keys: [Vec<u64>; 2],
+    index: [Vec<u32>; 2],
+}
+
+/// Bits per pass of the radix sort.
+const RADIX_BITS: u32 = 11;
+
 /// The ordinal ranks (1-based, ascending |v|, ties by position) of `values`, into `ranks`.
-pub fn ordinal_ranks<T: Real>(values: &[T], sort: &mut Vec<u128>, ranks: &mut [u32]) {
-    debug_assert!(values.len() <= u32::MAX as usize);
-    sort.clear();
-    sort.extend(
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| ((v.abs_key() as u128) << 32) | i as u128),
-    );
-    sort.sort_unstable();
-    for (r, &k) in sort.iter().enumerate() {
-        ranks[(k as u32) as usize] = r as u32 + 1;
+///
+/// A least-significant-digit radix sort of the magnitude keys carrying the positions: it is
+/// stable, so equal keys stay in position order, which is the ordinal tie-break. Digits that
+/// every key shares are skipped.
+pub fn ordinal_ranks<T: Real>(values: &[T], scratch: &mut RankScratch, ranks: &mut [u32]) {
+    let n = values.len();
+    debug_assert!(n <= u32::MAX as usize && ranks.len() == n);
+    let [k0, k1] = &mut scratch.keys;
+    let [i0, i1] = &mut scratch.index;
+    k0.clear();
+    k0.extend(values.iter().map(|v| v.abs_key()));
+    i0.clear();
+    i0.extend(0..n as u32);
+    k1.resize(n, 0);
+    i1.resize(n, 0);
+    let (mut src_k, mut src_i, mut dst_k, mut dst_i) = (k0, i0, k1, i1);
+    let buckets = 1usize << RADIX_BITS;
+    let mask = (buckets - 1) as u64;
+    let mut count = vec![0usize; buckets];
+    let mut shift = 0;
+    while shift < T::KEY_BITS {
+        count.fill(0);
+        for &k in src_k.iter() {
+            count[((k >> shift) & mask) as usize] += 1;
+        }
+        if count.iter().any(|&c| c == n) {
+            shift += RADIX_BITS;
+            continue;
+        }
+        let mut sum = 0;
+        for c in count.iter_mut() {
+            let here = *c;
+            *c = sum;
+            sum += here;
+        }
+        for (&k, &i) in src_k.iter().zip(src_i.iter()) {
+            let d = ((k >> shift) & mask) as usize;
+            dst_k[count[d]] = k;
+            dst_i[count[d]] = i;
+            count[d] += 1;
+        }
+        std::mem::swap(&mut src_k, &mut dst_k);
+        std::mem::swap(&mut src_i, &mut dst_i);
+        shift += RADIX_BITS;
+    }
+    for (r, &i) in src_i.iter().enumerate() {
+        ranks[i as usize] = r as u32 + 1;
     }
 }
 
@@ -302,7 +347,7 @@ mod tests {
     fn ordinal_ranks_break_ties_by_position() {
         let v = [0.5f32, -0.1, 0.0, 0.1, 0.5, -2.0, 0.0];
         let mut ranks = [0u32; 7];
-        ordinal_ranks(&v, &mut Vec::new(), &mut ranks);
+        ordinal_ranks(&v, &mut RankScratch::default(), &mut ranks);
         // |v| ascending: 0.0 (pos 2), 0.0 (pos 6), 0.1 (pos 1), 0.1 (pos 3), 0.5 (0), 0.5 (4), 2.0.
         assert_eq!(ranks, [5, 3, 1, 4, 6, 7, 2]);
     }
@@ -346,7 +391,7 @@ mod tests {
     fn rank_errors(v: &[f32]) -> (f64, f64, f64) {
         let n = v.len();
         let mut exact = vec![0u32; n];
-        ordinal_ranks(v, &mut Vec::new(), &mut exact);
+        ordinal_ranks(v, &mut RankScratch::default(), &mut exact);
         let mut h = RankHistogram::new();
         let mut stats = Vec::new();
         for block in v.chunks(16384) {

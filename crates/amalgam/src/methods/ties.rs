@@ -9,12 +9,13 @@
 //! Every stage is a named option; the presets (`ties`, `ties_soup`, `dare`, `della`, `tsd`,
 //! `tgmd`, `dgmla`) differ only in their defaults, so each can be tuned into any other.
 
-use super::della::{key32, ordinal_ranks, Della, Rank, RankHistogram};
+use super::della::{key32, ordinal_ranks, Della, Rank, RankHistogram, RankScratch};
 use super::geometric_median::{add_centred_gram, Weiszfeld};
 use crate::error::{Error, Result};
 use crate::method::*;
 use crate::real::Real;
 use crate::rng;
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// Which entries of the deltas are dropped at random before anything else.
@@ -388,6 +389,8 @@ impl<T: Real> Method<T> for Pipeline {
                     exact,
                     hist: Vec::new(),
                     bound: 0.0,
+                    cache_masks: exact && self.config.rescale != Rescale::PerElement,
+                    masks: Vec::new(),
                 })
             }
             _ => None,
@@ -441,6 +444,12 @@ struct DellaKey {
     hist: Vec<RankHistogram>,
     /// The bound on the keep-probability error of the estimate.
     bound: f64,
+    /// With exact ranks and statistic passes: the first pass computes the masks (one bit per
+    /// element and model) and the later passes and the merge reuse them, instead of ranking
+    /// again. Not with `per_element` rescale, which needs each entry's probability.
+    cache_masks: bool,
+    /// Per model, the keep bit of every element (once the first pass has run).
+    masks: Vec<Vec<u64>>,
 }
 
 struct KeyPipeline<T> {
@@ -531,49 +540,70 @@ impl<T: Real> KeyPipeline<T> {
     /// 0 for a dropped entry, else 1 (or `1 / q` with `per_element`). `range` spans whole units.
     fn della_factors(&self, d: &DellaKey, range: &Range<usize>, args: &[&[T]]) -> Vec<T> {
         let len = range.len();
-        let per_element = self.config.rescale == Rescale::PerElement;
         let mut factors = vec![T::ZERO; self.streams.len() * len];
-        let mut deltas = vec![T::ZERO; d.unit];
-        let mut ranks = vec![0u32; d.unit];
-        let mut words = vec![0u32; d.unit];
-        let mut sort = Vec::new();
-        for (t, x) in args[1..].iter().enumerate() {
-            for u in (0..len).step_by(d.unit) {
-                let unit = u..u + d.unit;
-                for ((o, &a), &b) in deltas
-                    .iter_mut()
-                    .zip(&x[unit.clone()])
-                    .zip(&args[0][unit.clone()])
-                {
-                    *o = a - b;
-                }
-                ordinal_ranks(&deltas, &mut sort, &mut ranks);
-                rng::words(
-                    self.seed,
-                    &self.key,
-                    self.streams[t],
-                    range.start + u,
-                    &mut words,
-                );
-                for ((f, &r), &w) in factors[t * len + u..t * len + u + d.unit]
-                    .iter_mut()
-                    .zip(&ranks)
-                    .zip(&words)
-                {
-                    let q = d.config.keep(r as f64, d.unit);
-                    *f = if (w as u64) < rng::threshold(q) {
-                        if per_element {
-                            T::from_f64(1.0 / q)
-                        } else {
-                            T::ONE
-                        }
+        if !d.masks.is_empty() {
+            for (f, bits) in factors.chunks_mut(len).zip(&d.masks) {
+                for (i, f) in f.iter_mut().enumerate() {
+                    let e = range.start + i;
+                    *f = if bits[e / 64] >> (e % 64) & 1 == 1 {
+                        T::ONE
                     } else {
                         T::ZERO
                     };
                 }
             }
+            return factors;
         }
+        let per_element = self.config.rescale == Rescale::PerElement;
+        // The models are ranked in parallel (one sort buffer per worker).
         factors
+            .par_chunks_mut(len)
+            .zip(&args[1..])
+            .zip(&self.streams)
+            .for_each_init(
+                || {
+                    (
+                        RankScratch::default(),
+                        vec![T::ZERO; d.unit],
+                        vec![0u32; d.unit],
+                        vec![0u32; d.unit],
+                    )
+                },
+                |(sort, deltas, ranks, words), ((factors, x), &stream)| {
+                    for u in (0..len).step_by(d.unit) {
+                        let unit = u..u + d.unit;
+                        for ((o, &a), &b) in deltas
+                            .iter_mut()
+                            .zip(&x[unit.clone()])
+                            .zip(&args[0][unit.clone()])
+                        {
+                            *o = a - b;
+                        }
+                        ordinal_ranks(deltas, sort, ranks);
+                        rng::words(self.seed, &self.key, stream, range.start + u, words);
+                        for ((f, &r), &w) in
+                            factors[unit].iter_mut().zip(ranks.iter()).zip(words.iter())
+                        {
+                            let q = d.config.keep(r as f64, d.unit);
+                            *f = if (w as u64) < rng::threshold(q) {
+                                if per_element {
+                                    T::from_f64(1.0 / q)
+                                } else {
+                                    T::ONE
+                                }
+                            } else {
+                                T::ZERO
+                            };
+                        }
+                    }
+                },
+            );
+        factors
+    }
+
+    /// Whether statistic pass `pass` computes the masks that the later passes reuse.
+    fn computes_masks(&self, pass: usize) -> bool {
+        pass == 0 && self.della.as_ref().is_some_and(|d| d.cache_masks)
     }
 
     /// Runs the pipeline up to `stage` over `range` (`args[0]` is the base), a block of `W`
@@ -584,6 +614,7 @@ impl<T: Real> KeyPipeline<T> {
         stage: Stage,
         range: &Range<usize>,
         args: &[&[T]],
+        factors: Option<&[T]>,
         mut sink: impl FnMut(usize, usize, &[T], &[T]),
     ) {
         let base = args[0];
@@ -609,8 +640,13 @@ impl<T: Real> KeyPipeline<T> {
             ),
             _ => (1 << 32, T::ONE),
         };
-        let della_exact = match &self.della {
-            Some(dk) if dk.exact => Some(self.della_factors(dk, range, args)),
+        let computed;
+        let della_exact = match (&self.della, factors) {
+            (_, Some(f)) => Some(f),
+            (Some(dk), None) if dk.exact => {
+                computed = self.della_factors(dk, range, args);
+                Some(computed.as_slice())
+            }
             _ => None,
         };
         let total = range.len();
@@ -623,7 +659,7 @@ impl<T: Real> KeyPipeline<T> {
                 for ((o, &x), &bb) in dt.iter_mut().zip(&models[t][at..at + len]).zip(b) {
                     *o = x - bb;
                 }
-                if let Some(f) = &della_exact {
+                if let Some(f) = della_exact {
                     for (o, &f) in dt.iter_mut().zip(&f[t * total + at..t * total + at + len]) {
                         *o *= f;
                     }
@@ -730,103 +766,50 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     }
 
     fn stat_block(&self, pass: usize, range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
-        let n = self.streams.len();
-        match self.pass(pass) {
-            Pass::Histogram => {
-                let mut out = Vec::new();
-                for x in &args[1..] {
-                    let deltas = x.iter().zip(args[0]).map(|(&a, &b)| a - b);
-                    RankHistogram::block_stats(deltas, &mut out);
-                }
-                out
-            }
-            Pass::Trim(trim) => {
-                // Histogram of the next digit of |δ| among the keys matching each model's prefix.
-                let (shift, high) = Self::digit_shift(trim);
-                let mask = (1u64 << DIGIT_BITS) - 1;
-                let mut h = vec![0f64; n << DIGIT_BITS];
-                self.blocks(Stage::Dropped, &range, args, |_, len, d, _| {
-                    for t in 0..n {
-                        let prefix = self.select[t].prefix;
-                        let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
-                        for v in &d[t * W..t * W + len] {
-                            let key = v.abs_key();
-                            if high >= 64 || key >> high == prefix {
-                                ht[((key >> shift) & mask) as usize] += 1.0;
-                            }
-                        }
-                    }
-                });
-                h
-            }
-            Pass::L1 => {
-                // Per model: Σ|δ| of the whole delta and of the entries kept by drop and trim.
-                let mut sums = vec![0f64; 2 * n];
-                for (t, x) in args[1..].iter().enumerate() {
-                    sums[2 * t] = x
+        if self.computes_masks(pass) {
+            // The block's keep bits, then the pass's own statistics.
+            let d = self.della.as_ref().expect("DELLA");
+            let factors = self.della_factors(d, &range, args);
+            let mut out = vec![range.start as f64, range.len() as f64];
+            for f in factors.chunks(range.len()) {
+                for word in f.chunks(64) {
+                    let bits = word
                         .iter()
-                        .zip(args[0])
-                        .map(|(&v, &b)| (v - b).abs().to_f64())
-                        .sum();
+                        .enumerate()
+                        .fold(0u64, |w, (i, &x)| w | (u64::from(x != T::ZERO) << i));
+                    out.push(f64::from_bits(bits));
                 }
-                self.blocks(Stage::Voted, &range, args, |_, len, d, _| {
-                    for t in 0..n {
-                        sums[2 * t + 1] += d[t * W..t * W + len]
-                            .iter()
-                            .map(|v| v.abs().to_f64())
-                            .sum::<f64>();
-                    }
-                });
-                sums
             }
-            Pass::Gram => {
-                // The filtered deltas of the whole block, one row per model, then one matrix
-                // product.
-                let total = range.len();
-                let mut rows = vec![0f64; n * total];
-                self.blocks(Stage::Filtered, &range, args, |at, len, d, _| {
-                    for t in 0..n {
-                        for (o, &v) in rows[t * total + at..t * total + at + len]
-                            .iter_mut()
-                            .zip(&d[t * W..t * W + len])
-                        {
-                            *o = v.to_f64();
-                        }
-                    }
-                });
-                let mut g = vec![0.0; n * n];
-                add_centred_gram(&mut rows, n, total, &mut g);
-                g
-            }
+            out.extend(self.pass_stats(pass, range, args, Some(&factors)));
+            out
+        } else {
+            self.pass_stats(pass, range, args, None)
         }
     }
 
-    fn absorb_block(&mut self, pass: usize, _block: usize, stats: Vec<f64>) {
-        match self.pass(pass) {
-            Pass::Histogram => {
-                let n = self.streams.len();
-                let d = self.della.as_mut().expect("histogram pass of DELLA");
-                if d.hist.is_empty() {
-                    d.hist = (0..n).map(|_| RankHistogram::new()).collect();
-                }
-                let mut at = 0;
-                for h in &mut d.hist {
-                    at += h.absorb(&stats[at..]);
-                }
+    fn absorb_block(&mut self, pass: usize, block: usize, stats: Vec<f64>) {
+        if self.computes_masks(pass) {
+            let (start, len) = (stats[0] as usize, stats[1] as usize);
+            let n = self.streams.len();
+            let numel = self.numel;
+            let d = self.della.as_mut().expect("DELLA");
+            if d.masks.is_empty() {
+                d.masks = vec![vec![0u64; numel.div_ceil(64)]; n];
             }
-            Pass::Trim(_) => {
-                for (t, s) in self.select.iter_mut().enumerate() {
-                    if s.counts.is_empty() {
-                        s.counts = vec![0; 1 << DIGIT_BITS];
-                    }
-                    let h = &stats[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
-                    for (c, &x) in s.counts.iter_mut().zip(h) {
-                        *c += x as u64;
+            let words = len.div_ceil(64);
+            for (t, m) in d.masks.iter_mut().enumerate() {
+                for w in 0..words {
+                    let bits = stats[2 + t * words + w].to_bits();
+                    for i in 0..64.min(len - w * 64) {
+                        let e = start + w * 64 + i;
+                        m[e / 64] |= (bits >> i & 1) << (e % 64);
                     }
                 }
             }
-            Pass::L1 => accumulate(&mut self.l1, stats),
-            Pass::Gram => accumulate(&mut self.gram, stats),
+            let rest = stats[2 + n * words..].to_vec();
+            self.absorb_stats(pass, block, rest);
+        } else {
+            self.absorb_stats(pass, block, stats);
         }
     }
 
@@ -919,7 +902,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             Fuse::GeometricMedian(_) => Stage::Filtered,
             _ => Stage::Voted,
         };
-        self.blocks(stage, &range, args, |at, len, d, gamma| {
+        self.blocks(stage, &range, args, None, |at, len, d, gamma| {
             let o = &mut out[at..at + len];
             o.fill(T::ZERO);
             match self.config.fuse {
@@ -968,5 +951,116 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 *s = b + scale * *s;
             }
         });
+    }
+}
+
+impl<T: Real> KeyPipeline<T> {
+    /// The statistics of pass `pass` for one block; `factors` are the DELLA factors when the
+    /// caller has computed them already.
+    fn pass_stats(
+        &self,
+        pass: usize,
+        range: Range<usize>,
+        args: &[&[T]],
+        factors: Option<&[T]>,
+    ) -> Vec<f64> {
+        let n = self.streams.len();
+        match self.pass(pass) {
+            Pass::Histogram => {
+                let mut out = Vec::new();
+                for x in &args[1..] {
+                    let deltas = x.iter().zip(args[0]).map(|(&a, &b)| a - b);
+                    RankHistogram::block_stats(deltas, &mut out);
+                }
+                out
+            }
+            Pass::Trim(trim) => {
+                // Histogram of the next digit of |δ| among the keys matching each model's prefix.
+                let (shift, high) = Self::digit_shift(trim);
+                let mask = (1u64 << DIGIT_BITS) - 1;
+                let mut h = vec![0f64; n << DIGIT_BITS];
+                self.blocks(Stage::Dropped, &range, args, factors, |_, len, d, _| {
+                    for t in 0..n {
+                        let prefix = self.select[t].prefix;
+                        let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
+                        for v in &d[t * W..t * W + len] {
+                            let key = v.abs_key();
+                            if high >= 64 || key >> high == prefix {
+                                ht[((key >> shift) & mask) as usize] += 1.0;
+                            }
+                        }
+                    }
+                });
+                h
+            }
+            Pass::L1 => {
+                // Per model: Σ|δ| of the whole delta and of the entries kept by drop and trim.
+                let mut sums = vec![0f64; 2 * n];
+                for (t, x) in args[1..].iter().enumerate() {
+                    sums[2 * t] = x
+                        .iter()
+                        .zip(args[0])
+                        .map(|(&v, &b)| (v - b).abs().to_f64())
+                        .sum();
+                }
+                self.blocks(Stage::Voted, &range, args, factors, |_, len, d, _| {
+                    for t in 0..n {
+                        sums[2 * t + 1] += d[t * W..t * W + len]
+                            .iter()
+                            .map(|v| v.abs().to_f64())
+                            .sum::<f64>();
+                    }
+                });
+                sums
+            }
+            Pass::Gram => {
+                // The filtered deltas of the whole block, one row per model, then one matrix
+                // product.
+                let total = range.len();
+                let mut rows = vec![0f64; n * total];
+                self.blocks(Stage::Filtered, &range, args, factors, |at, len, d, _| {
+                    for t in 0..n {
+                        for (o, &v) in rows[t * total + at..t * total + at + len]
+                            .iter_mut()
+                            .zip(&d[t * W..t * W + len])
+                        {
+                            *o = v.to_f64();
+                        }
+                    }
+                });
+                let mut g = vec![0.0; n * n];
+                add_centred_gram(&mut rows, n, total, &mut g);
+                g
+            }
+        }
+    }
+
+    fn absorb_stats(&mut self, pass: usize, _block: usize, stats: Vec<f64>) {
+        match self.pass(pass) {
+            Pass::Histogram => {
+                let n = self.streams.len();
+                let d = self.della.as_mut().expect("histogram pass of DELLA");
+                if d.hist.is_empty() {
+                    d.hist = (0..n).map(|_| RankHistogram::new()).collect();
+                }
+                let mut at = 0;
+                for h in &mut d.hist {
+                    at += h.absorb(&stats[at..]);
+                }
+            }
+            Pass::Trim(_) => {
+                for (t, s) in self.select.iter_mut().enumerate() {
+                    if s.counts.is_empty() {
+                        s.counts = vec![0; 1 << DIGIT_BITS];
+                    }
+                    let h = &stats[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
+                    for (c, &x) in s.counts.iter_mut().zip(h) {
+                        *c += x as u64;
+                    }
+                }
+            }
+            Pass::L1 => accumulate(&mut self.l1, stats),
+            Pass::Gram => accumulate(&mut self.gram, stats),
+        }
     }
 }
