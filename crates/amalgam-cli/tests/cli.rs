@@ -172,9 +172,9 @@ fn merge_errors_are_clear_and_leave_no_output() {
     let e = fails(&["merge", "--method", "soup", s(&a), s(&b), "-o", s(&a)]);
     assert!(e.contains("refusing to overwrite an input"), "{e}");
 
-    let e = fails(&["merge", "--method", "della", s(&a), s(&b), "-o", s(&out)]);
+    let e = fails(&["merge", "--method", "iso_cts", s(&a), s(&b), "-o", s(&out)]);
     assert!(
-        e.contains("unknown method `della`") && e.contains("task_arithmetic"),
+        e.contains("unknown method `iso_cts`") && e.contains("task_arithmetic"),
         "{e}"
     );
 
