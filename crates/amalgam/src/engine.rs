@@ -309,8 +309,17 @@ impl KeyTable {
 
 /// What to do for one output key.
 enum Job<T: Real> {
-    Compute { expr: Expr<T>, numel: usize },
-    CopyRaw { model: usize, offset: u64, len: u64 },
+    Compute {
+        expr: Expr<T>,
+        numel: usize,
+    },
+    CopyRaw {
+        model: usize,
+        offset: u64,
+        len: u64,
+    },
+    /// Written; the key's state (statistics, masks) is dropped.
+    Done,
 }
 
 struct PlannedKey<T: Real> {
@@ -712,7 +721,7 @@ fn run<T: Real>(
                 name: row.name.clone(),
                 dtype: match &p.job {
                     Job::CopyRaw { .. } => row.dtype(),
-                    Job::Compute { .. } => opts.output_dtype.safetensors(),
+                    Job::Compute { .. } | Job::Done => opts.output_dtype.safetensors(),
                 },
                 shape: row.shape.clone(),
             }
@@ -728,6 +737,7 @@ fn run<T: Real>(
         .sum();
     progress.start(total_bytes, planned.len());
 
+    report.bytes_read = bytes_read(&planned, rows);
     let workers = Workers::<T>::new(threads);
     let out_dtype = opts.output_dtype;
     let written = std::sync::atomic::AtomicU64::new(0);
@@ -770,8 +780,12 @@ fn run<T: Real>(
         progress.advance(bytes, done, &rows[planned[task.key].row].name);
         Ok(())
     };
-    let run_batch = |tasks: &mut Vec<Task>, planned: &[PlannedKey<T>]| -> Result<()> {
+    // Runs the tasks gathered so far, then drops the state of their keys.
+    let run_batch = |tasks: &mut Vec<Task>, planned: &mut [PlannedKey<T>]| -> Result<()> {
         tasks.par_iter().try_for_each(|t| run_task(t, planned))?;
+        for t in tasks.iter() {
+            planned[t.key].job = Job::Done;
+        }
         tasks.clear();
         Ok(())
     };
@@ -811,7 +825,7 @@ fn run<T: Real>(
         let large = unit > sub;
         let has_stats = expr.has_stats();
         if has_stats || large {
-            run_batch(&mut tasks, &planned)?;
+            run_batch(&mut tasks, &mut planned)?;
         }
         if has_stats {
             let row = &rows[planned[ki].row];
@@ -855,12 +869,12 @@ fn run<T: Real>(
             for g in tasks.chunks(group) {
                 g.par_iter().try_for_each(|t| run_task(t, &planned))?;
             }
+            planned[ki].job = Job::Done;
             tasks.clear();
         }
     }
-    run_batch(&mut tasks, &planned)?;
+    run_batch(&mut tasks, &mut planned)?;
     report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
-    report.bytes_read = bytes_read(&planned, rows);
     report.output = Some(out.commit()?);
     progress.finish();
     report.elapsed = started.elapsed();
@@ -880,6 +894,7 @@ fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) -> u64 {
         .map(|p| match &p.job {
             Job::CopyRaw { len, .. } => *len,
             Job::Compute { expr, .. } => leaves(expr, &rows[p.row]),
+            Job::Done => 0,
         })
         .sum()
 }

@@ -23,6 +23,17 @@ pub enum Rank {
     Row,
 }
 
+/// How the ranks are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ranks {
+    /// Exact when a unit of all models fits a quarter of the memory budget, else histogram.
+    Auto,
+    /// Always exact (an error when a unit does not fit).
+    Exact,
+    /// Always estimated from the histogram pass (`rank = tensor` only): faster, no sort.
+    Histogram,
+}
+
 /// The MagPrune drop configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Della {
@@ -31,6 +42,7 @@ pub struct Della {
     /// Total width of the keep-probability window (negative: large |δ| dropped more).
     pub eps: f64,
     pub rank: Rank,
+    pub ranks: Ranks,
 }
 
 impl Della {
@@ -72,6 +84,8 @@ pub struct RankScratch {
 
 /// Bits per pass of the radix sort.
 const RADIX_BITS: u32 = 11;
+/// Up to this many values are ranked with a comparison sort.
+const SMALL_SORT: usize = 4096;
 
 /// The ordinal ranks (1-based, ascending |v|, ties by position) of `values`, into `ranks`.
 ///
@@ -81,6 +95,34 @@ const RADIX_BITS: u32 = 11;
 pub fn ordinal_ranks<T: Real>(values: &[T], scratch: &mut RankScratch, ranks: &mut [u32]) {
     let n = values.len();
     debug_assert!(n <= u32::MAX as usize && ranks.len() == n);
+    if n <= SMALL_SORT {
+        // Few elements: a comparison sort of (key, position) costs less than the radix passes.
+        let sort = &mut scratch.keys[0];
+        if T::KEY_BITS <= 32 {
+            sort.clear();
+            sort.extend(
+                values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v.abs_key() << 32) | i as u64),
+            );
+            sort.sort_unstable();
+            for (r, &k) in sort.iter().enumerate() {
+                ranks[(k as u32) as usize] = r as u32 + 1;
+            }
+        } else {
+            let mut wide: Vec<(u64, u32)> = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v.abs_key(), i as u32))
+                .collect();
+            wide.sort_unstable();
+            for (r, &(_, i)) in wide.iter().enumerate() {
+                ranks[i as usize] = r as u32 + 1;
+            }
+        }
+        return;
+    }
     let [k0, k1] = &mut scratch.keys;
     let [i0, i1] = &mut scratch.index;
     k0.clear();
@@ -155,8 +197,10 @@ pub struct RankHistogram {
     /// The smallest and largest key within the bin (its low bits).
     min: Vec<u16>,
     max: Vec<u16>,
-    /// While absorbing: per bin still counted exactly, its (key, count) pairs in key order.
-    exact: std::collections::HashMap<u32, Vec<(u32, u32)>>,
+    /// While absorbing: per bin, the index in `lists` of its (key, count) pairs in key order
+    /// while it is counted exactly (`NONE` before its first entry).
+    slot: Vec<u32>,
+    lists: Vec<Vec<(u32, u32)>>,
     /// Bins with too many keys (a bit per bin).
     overflow: Vec<u64>,
     /// After `finish`: entries in the bins below.
@@ -168,6 +212,7 @@ pub struct RankHistogram {
 }
 
 const LOW_MASK: u32 = (1 << LOW_BITS) - 1;
+const NONE: u32 = u32::MAX;
 
 impl RankHistogram {
     pub fn new() -> Self {
@@ -175,7 +220,8 @@ impl RankHistogram {
             count: vec![0; BINS],
             min: vec![u16::MAX; BINS],
             max: vec![0; BINS],
-            exact: Default::default(),
+            slot: vec![NONE; BINS],
+            lists: Vec::new(),
             overflow: vec![0; BINS / 64],
             below: Vec::new(),
             first: Vec::new(),
@@ -229,6 +275,13 @@ impl RankHistogram {
         self.overflow[bin / 64] >> (bin % 64) & 1 == 1
     }
 
+    fn set_overflow(&mut self, bin: usize) {
+        if self.slot[bin] != NONE {
+            self.lists[self.slot[bin] as usize] = Vec::new();
+        }
+        self.overflow[bin / 64] |= 1 << (bin % 64);
+    }
+
     /// Adds one model's part of a block's statistics (from `stats`); returns the numbers read.
     pub fn absorb(&mut self, stats: &[f64]) -> usize {
         let used = stats[0] as usize;
@@ -254,7 +307,11 @@ impl RankHistogram {
                     note(k);
                 }
                 if !self.overflowed(bin) {
-                    let list = self.exact.entry(bin as u32).or_default();
+                    if self.slot[bin] == NONE {
+                        self.slot[bin] = self.lists.len() as u32;
+                        self.lists.push(Vec::new());
+                    }
+                    let list = &mut self.lists[self.slot[bin] as usize];
                     for (k, c) in pairs {
                         match list.binary_search_by_key(&k, |e| e.0) {
                             Ok(i) => list[i].1 += c,
@@ -262,8 +319,7 @@ impl RankHistogram {
                         }
                     }
                     if list.len() > EXACT_KEYS {
-                        self.exact.remove(&(bin as u32));
-                        self.overflow[bin / 64] |= 1 << (bin % 64);
+                        self.set_overflow(bin);
                     }
                 }
             } else {
@@ -271,8 +327,7 @@ impl RankHistogram {
                 at += 1;
                 note((v % low) as u32);
                 note((v / low) as u32);
-                self.exact.remove(&(bin as u32));
-                self.overflow[bin / 64] |= 1 << (bin % 64);
+                self.set_overflow(bin);
             }
         }
         at
@@ -290,18 +345,22 @@ impl RankHistogram {
             below.push(sum);
             sum += self.count[b];
             first.push(keys.len() as u32);
-            if let Some(list) = self.exact.get(&(b as u32)) {
+            if self.count[b] == 0 {
+                continue;
+            }
+            if self.overflowed(b) {
+                worst = worst.max(self.count[b] - 1);
+            } else {
                 let mut cum = 0;
-                for &(k, c) in list {
+                for &(k, c) in &self.lists[self.slot[b] as usize] {
                     keys.push((k, c, cum));
                     cum += c;
                 }
-            } else if self.count[b] > 1 {
-                worst = worst.max(self.count[b] - 1);
             }
         }
         first.push(keys.len() as u32);
-        self.exact = Default::default();
+        self.slot = Vec::new();
+        self.lists = Vec::new();
         self.below = below;
         self.first = first;
         self.keys = keys;
@@ -358,6 +417,7 @@ mod tests {
             p: 0.1,
             eps: -0.1,
             rank: Rank::Tensor,
+            ranks: Ranks::Auto,
         };
         // P = 4: r/P − (P+1)/(2P) = −0.375, −0.125, 0.125, 0.375.
         let q: Vec<f64> = (1..=4).map(|r| t.keep(r as f64, 4)).collect();
@@ -368,6 +428,7 @@ mod tests {
             p: 0.3,
             eps: 0.28,
             rank: Rank::Row,
+            ranks: Ranks::Auto,
         };
         // (r − 1)/(n − 1) − 1/2 over n = 3: −0.5, 0, 0.5 → 0.56, 0.7, 0.84 (mergekit's
         // density 0.7 ± epsilon 0.14).
@@ -381,6 +442,7 @@ mod tests {
             p: 0.1,
             eps: 0.5,
             rank: Rank::Row,
+            ranks: Ranks::Auto,
         };
         assert_eq!(wide.keep(3.0, 3), 1.0);
         assert_eq!(wide.range(), (0.65, 1.0));

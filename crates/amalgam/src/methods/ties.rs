@@ -9,7 +9,7 @@
 //! Every stage is a named option; the presets (`ties`, `ties_soup`, `dare`, `della`, `tsd`,
 //! `tgmd`, `dgmla`) differ only in their defaults, so each can be tuned into any other.
 
-use super::della::{key32, ordinal_ranks, Della, Rank, RankHistogram, RankScratch};
+use super::della::{key32, ordinal_ranks, Della, Rank, RankHistogram, RankScratch, Ranks};
 use super::geometric_median::{add_centred_gram, Weiszfeld};
 use crate::error::{Error, Result};
 use crate::method::*;
@@ -122,6 +122,7 @@ macro_rules! pipeline_info {
                 ParamInfo { name: "della_eps", default: Some($della_eps), doc: "della: total width of the keep-probability window, kept with 1 - p - della_eps/2 (smallest |delta|) to 1 - p + della_eps/2 (largest); negative drops large deltas more (sd-mecha's della_eps)" },
                 ParamInfo { name: "epsilon", default: None, doc: "della: half width of the window instead (mergekit's epsilon); della_eps = 2 * epsilon" },
                 ParamInfo { name: "rank", default: Some($rank), doc: "della: rank |delta| over the whole tensor (sd-mecha) | row (official DELLA, mergekit)" },
+                ParamInfo { name: "ranks", default: Some("auto"), doc: "della: auto (exact when the tensor of all models fits a quarter of the memory budget, else histogram) | exact | histogram (estimated in one pass without sorting, for tensors over 65536 elements; rank = tensor)" },
                 ParamInfo { name: "k", default: Some($k), doc: "fraction kept by magnitude per model and tensor, (0, 1]; entries equal to the threshold are all kept" },
                 ParamInfo { name: "election", default: Some($election), doc: "mass (sign of the sum) | count (sign of the sum of signs) | none" },
                 ParamInfo { name: "sign_tie", default: Some("zero"), doc: "zero (keep the base) | positive" },
@@ -223,9 +224,25 @@ impl Pipeline {
                 "`della_eps` and `epsilon` only apply to `drop = \"della\"`".into(),
             ));
         }
+        let ranks = match params.choice("ranks", &["auto", "exact", "histogram"], "auto")? {
+            "exact" => Ranks::Exact,
+            "histogram" => Ranks::Histogram,
+            _ => Ranks::Auto,
+        };
+        if ranks == Ranks::Histogram && rank == Rank::Row {
+            return Err(bad(
+                "`ranks = \"histogram\"` estimates whole-tensor ranks: it needs `rank = \"tensor\"`"
+                    .into(),
+            ));
+        }
         let drop = match drop_kind {
             "dare" => Drop::Dare { p },
-            "della" => Drop::Della(Della { p, eps, rank }),
+            "della" => Drop::Della(Della {
+                p,
+                eps,
+                rank,
+                ranks,
+            }),
             _ => Drop::None,
         };
         let k = params.number("k", default("k").parse().unwrap())?;
@@ -367,13 +384,22 @@ impl<T: Real> Method<T> for Pipeline {
                 let unit: usize = d.unit_len(ctx.shape).max(1);
                 // The unit's inputs, their deltas and masks, and a sort buffer.
                 let unit_bytes = (unit * ((2 * n + 2) * std::mem::size_of::<T>() + 16)) as u64;
-                let exact = unit_bytes <= ctx.unit_budget;
-                if !exact && d.rank == Rank::Row {
+                let fits = unit_bytes <= ctx.unit_budget;
+                let exact = match d.ranks {
+                    // Rows are always ranked exactly (they are short).
+                    Ranks::Auto => fits || d.rank == Rank::Row,
+                    Ranks::Exact => true,
+                    // Sorting a small tensor costs less than a histogram's bins.
+                    Ranks::Histogram => fits && numel <= SMALL_TENSOR,
+                };
+                if exact && !fits {
                     return Err(Error::method(
                         self.info.name,
                         format!(
-                            "rows of {unit} elements of {n} models need {} to rank; raise the memory budget",
-                            crate::size::format_bytes(unit_bytes * 4)
+                            "ranking {} of {unit} elements of {n} models exactly needs a memory budget of {}; raise it{}",
+                            if d.rank == Rank::Row { "rows" } else { "tensors" },
+                            crate::size::format_bytes(unit_bytes * 4),
+                            if d.rank == Rank::Row { "" } else { " or use `ranks = \"histogram\"`" }
                         ),
                     ));
                 }
@@ -432,6 +458,9 @@ struct Select {
     /// state exists from planning on, so it must stay small until then).
     counts: Vec<u64>,
 }
+
+/// Tensors up to this many elements are ranked exactly even with `ranks = histogram`.
+const SMALL_TENSOR: usize = 1 << 16;
 
 /// The DELLA drop of one key.
 struct DellaKey {
@@ -555,49 +584,54 @@ impl<T: Real> KeyPipeline<T> {
             return factors;
         }
         let per_element = self.config.rescale == Rescale::PerElement;
-        // The models are ranked in parallel (one sort buffer per worker).
-        factors
-            .par_chunks_mut(len)
-            .zip(&args[1..])
-            .zip(&self.streams)
-            .for_each_init(
-                || {
-                    (
-                        RankScratch::default(),
-                        vec![T::ZERO; d.unit],
-                        vec![0u32; d.unit],
-                        vec![0u32; d.unit],
-                    )
-                },
-                |(sort, deltas, ranks, words), ((factors, x), &stream)| {
-                    for u in (0..len).step_by(d.unit) {
-                        let unit = u..u + d.unit;
-                        for ((o, &a), &b) in deltas
-                            .iter_mut()
-                            .zip(&x[unit.clone()])
-                            .zip(&args[0][unit.clone()])
-                        {
-                            *o = a - b;
+        type Buffers<T> = (RankScratch, Vec<T>, Vec<u32>, Vec<u32>);
+        let buffers = || -> Buffers<T> {
+            (
+                RankScratch::default(),
+                vec![T::ZERO; d.unit],
+                vec![0u32; d.unit],
+                vec![0u32; d.unit],
+            )
+        };
+        let rank_model = |(sort, deltas, ranks, words): &mut Buffers<T>,
+                          factors: &mut [T],
+                          x: &[T],
+                          stream| {
+            for u in (0..len).step_by(d.unit) {
+                let unit = u..u + d.unit;
+                for ((o, &a), &b) in deltas
+                    .iter_mut()
+                    .zip(&x[unit.clone()])
+                    .zip(&args[0][unit.clone()])
+                {
+                    *o = a - b;
+                }
+                ordinal_ranks(deltas, sort, ranks);
+                rng::words(self.seed, &self.key, stream, range.start + u, words);
+                for ((f, &r), &w) in factors[unit].iter_mut().zip(ranks.iter()).zip(words.iter()) {
+                    let q = d.config.keep(r as f64, d.unit);
+                    *f = if (w as u64) < rng::threshold(q) {
+                        if per_element {
+                            T::from_f64(1.0 / q)
+                        } else {
+                            T::ONE
                         }
-                        ordinal_ranks(deltas, sort, ranks);
-                        rng::words(self.seed, &self.key, stream, range.start + u, words);
-                        for ((f, &r), &w) in
-                            factors[unit].iter_mut().zip(ranks.iter()).zip(words.iter())
-                        {
-                            let q = d.config.keep(r as f64, d.unit);
-                            *f = if (w as u64) < rng::threshold(q) {
-                                if per_element {
-                                    T::from_f64(1.0 / q)
-                                } else {
-                                    T::ONE
-                                }
-                            } else {
-                                T::ZERO
-                            };
-                        }
-                    }
-                },
-            );
+                    } else {
+                        T::ZERO
+                    };
+                }
+            }
+        };
+        let parallel = factors.len() >= 1 << 16;
+        let work = factors.chunks_mut(len).zip(&args[1..]).zip(&self.streams);
+        if parallel {
+            // Large units: the models are ranked in parallel, a sort buffer per worker.
+            work.par_bridge()
+                .for_each_init(buffers, |b, ((f, x), &stream)| rank_model(b, f, x, stream));
+        } else {
+            let mut b = buffers();
+            work.for_each(|((f, x), &stream)| rank_model(&mut b, f, x, stream));
+        }
         factors
     }
 
@@ -758,7 +792,12 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     fn notes(&self) -> Vec<String> {
         match &self.della {
             Some(d) if !d.exact => vec![format!(
-                "DELLA ranks estimated from a histogram (the tensor of all models does not fit a quarter of the memory budget); keep-probability error <= {:.1e} off exact ties, whose positions are interpolated",
+                "DELLA ranks estimated from a histogram ({}); keep-probability error <= {:.1e} off exact ties, whose positions are interpolated",
+                if d.config.ranks == Ranks::Histogram {
+                    "ranks = histogram"
+                } else {
+                    "the tensor of all models does not fit a quarter of the memory budget"
+                },
                 d.bound
             )],
             _ => Vec::new(),
