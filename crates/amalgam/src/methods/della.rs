@@ -141,7 +141,7 @@ pub fn ordinal_ranks<T: Real>(values: &[T], scratch: &mut RankScratch, ranks: &m
         for &k in src_k.iter() {
             count[((k >> shift) & mask) as usize] += 1;
         }
-        if count.iter().any(|&c| c == n) {
+        if count.contains(&n) {
             shift += RADIX_BITS;
             continue;
         }
