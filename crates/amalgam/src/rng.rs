@@ -35,8 +35,11 @@ impl Stream {
     }
     /// The words of the next `out.len()` elements.
     pub fn fill(&mut self, out: &mut [u32]) {
-        for w in out.iter_mut() {
-            *w = self.0.next_u32();
+        // The bytes of consecutive words, little-endian: the same words as `next_u32` calls,
+        // generated a block at a time.
+        self.0.fill_bytes(bytemuck::cast_slice_mut(out));
+        if cfg!(target_endian = "big") {
+            out.iter_mut().for_each(|w| *w = u32::from_le(*w));
         }
     }
 }
@@ -81,6 +84,19 @@ mod tests {
         assert_ne!(other, whole[..16]);
         words(8, "a.weight", 3, 0, &mut other);
         assert_ne!(other, whole[..16]);
+    }
+
+    #[test]
+    fn filled_words_are_the_stream_words() {
+        let mut a = Stream::new(3, "k", 1, 5);
+        let mut filled = vec![0u32; 100];
+        a.fill(&mut filled[..37]);
+        a.fill(&mut filled[37..]);
+        let mut r = ChaCha8Rng::from_seed(key_seed(3, "k"));
+        r.set_stream(1);
+        r.set_word_pos(5);
+        let one_by_one: Vec<u32> = (0..100).map(|_| r.next_u32()).collect();
+        assert_eq!(filled, one_by_one);
     }
 
     #[test]
