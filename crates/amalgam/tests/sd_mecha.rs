@@ -80,11 +80,11 @@ fn merge_f64(
     read_f64(&out, "w")
 }
 
-/// The amalgam equivalent of an sd-mecha case: (method, params, with a zero base), or why it
-/// is left out.
-fn translate(
-    case: &Value,
-) -> Result<(&'static str, Vec<(&'static str, ParamValue)>, bool), String> {
+/// An amalgam merge: method, parameters, and whether a zero base takes the first slot.
+type Translated = (&'static str, Vec<(&'static str, ParamValue)>, bool);
+
+/// The amalgam equivalent of an sd-mecha case, or why it is left out.
+fn translate(case: &Value) -> Result<Translated, String> {
     let p = &case["params"];
     let flag = |name: &str| p[name].as_bool().unwrap();
     // sd-mecha 1.1.x: vote_sgn = false is the count vote, true the sign of the sum.
