@@ -58,6 +58,15 @@ impl Della {
         (1.0 - self.p + self.eps * centred).clamp(0.0, 1.0)
     }
 
+    /// `(a, b)` with `keep(r, n) = clamp(a + b·r)` for whole-tensor ranks.
+    pub fn tensor_affine(&self, n: usize) -> (f64, f64) {
+        let n = n as f64;
+        (
+            1.0 - self.p - self.eps * (n + 1.0) / (2.0 * n),
+            self.eps / n,
+        )
+    }
+
     /// The keep probabilities of the smallest and of the largest |δ| of a large unit.
     pub fn range(&self) -> (f64, f64) {
         let at = |c: f64| (1.0 - self.p + self.eps * c).clamp(0.0, 1.0);
@@ -179,6 +188,35 @@ pub fn key32<T: Real>(v: T) -> u32 {
     (v.to_f64().abs() as f32).to_bits() & 0x7fff_ffff
 }
 
+/// Sorts 31-bit keys: three passes of 11 bits, skipping a digit every key shares.
+fn radix_sort_u32(keys: &mut Vec<u32>) {
+    let n = keys.len();
+    let mut other = vec![0u32; n];
+    let mut count = [0usize; 1 << RADIX_BITS];
+    let mask = (1u32 << RADIX_BITS) - 1;
+    for shift in (0..32).step_by(RADIX_BITS as usize) {
+        count.fill(0);
+        for &k in keys.iter() {
+            count[((k >> shift) & mask) as usize] += 1;
+        }
+        if count.contains(&n) {
+            continue;
+        }
+        let mut sum = 0;
+        for c in count.iter_mut() {
+            let here = *c;
+            *c = sum;
+            sum += here;
+        }
+        for &k in keys.iter() {
+            let d = ((k >> shift) & mask) as usize;
+            other[count[d]] = k;
+            count[d] += 1;
+        }
+        std::mem::swap(keys, &mut other);
+    }
+}
+
 /// Distinct keys a bin counts exactly; a bin with more is summarised by its smallest and largest.
 const EXACT_KEYS: usize = 16;
 
@@ -203,12 +241,13 @@ pub struct RankHistogram {
     lists: Vec<Vec<(u32, u32)>>,
     /// Bins with too many keys (a bit per bin).
     overflow: Vec<u64>,
-    /// After `finish`: entries in the bins below.
-    below: Vec<u32>,
+    /// After `finish`, per bin counted by range: the rank is `coef[b][0] + coef[b][1]·low` for
+    /// a key whose low bits are `low`.
+    coef: Vec<[f32; 2]>,
     /// After `finish`: bin `b`'s exact keys are `keys[first[b]..first[b + 1]]`.
     first: Vec<u32>,
-    /// (key, count, entries of the bin with smaller keys).
-    keys: Vec<(u32, u32, u32)>,
+    /// Per exact key: (key, r0, r1): the rank is `r0 + r1·position`.
+    keys: Vec<(u32, f32, f32)>,
 }
 
 const LOW_MASK: u32 = (1 << LOW_BITS) - 1;
@@ -223,7 +262,7 @@ impl RankHistogram {
             slot: vec![NONE; BINS],
             lists: Vec::new(),
             overflow: vec![0; BINS / 64],
-            below: Vec::new(),
+            coef: Vec::new(),
             first: Vec::new(),
             keys: Vec::new(),
         }
@@ -234,7 +273,7 @@ impl RankHistogram {
     /// `m` values `key + count·2^16` when `m ≤ 16`, else `min + max·2^16` (keys within the bin).
     pub fn block_stats<T: Real>(deltas: impl Iterator<Item = T>, out: &mut Vec<f64>) {
         let mut keys: Vec<u32> = deltas.map(key32).collect();
-        keys.sort_unstable();
+        radix_sort_u32(&mut keys);
         let header = out.len();
         out.push(0.0);
         let mut used = 0;
@@ -336,59 +375,70 @@ impl RankHistogram {
     /// Ends the pass; returns the bound on the keep-probability error off exact ties, for a
     /// window of width `eps` over `n` entries.
     pub fn finish(&mut self, eps: f64, n: usize) -> f64 {
-        let mut below = Vec::with_capacity(BINS);
+        let mut coef = vec![[0f32; 2]; BINS];
         let mut first = Vec::with_capacity(BINS + 1);
         let mut keys = Vec::new();
-        let mut sum = 0u32;
+        let mut below = 0u64;
         let mut worst = 0u32;
+        // Ties: the place among `c` equal keys interpolated in the position.
+        let per_position = 1.0 / (n.max(2) - 1) as f64;
         for b in 0..BINS {
-            below.push(sum);
-            sum += self.count[b];
             first.push(keys.len() as u32);
-            if self.count[b] == 0 {
+            let c = self.count[b];
+            if c == 0 {
                 continue;
             }
+            let start = below as f64 + 1.0;
             if self.overflowed(b) {
-                worst = worst.max(self.count[b] - 1);
+                worst = worst.max(c - 1);
+                let (lo, hi) = (self.min[b] as f64, self.max[b] as f64);
+                let slope = if c > 1 && hi > lo {
+                    (c - 1) as f64 / (hi - lo)
+                } else {
+                    0.0
+                };
+                coef[b] = [(start - slope * lo) as f32, slope as f32];
             } else {
-                let mut cum = 0;
-                for &(k, c) in &self.lists[self.slot[b] as usize] {
-                    keys.push((k, c, cum));
-                    cum += c;
+                let mut cum = 0u64;
+                for &(k, kc) in &self.lists[self.slot[b] as usize] {
+                    let r0 = start + cum as f64;
+                    keys.push((k, r0 as f32, ((kc - 1) as f64 * per_position) as f32));
+                    cum += kc as u64;
                 }
             }
+            below += c as u64;
         }
         first.push(keys.len() as u32);
         self.slot = Vec::new();
         self.lists = Vec::new();
-        self.below = below;
+        self.count = Vec::new();
+        self.min = Vec::new();
+        self.max = Vec::new();
+        self.coef = coef;
         self.first = first;
         self.keys = keys;
         eps.abs() * worst as f64 / n.max(1) as f64
     }
 
-    /// The estimated rank (1-based) of the entry with key `k` at `position` of `n`.
+    /// The estimated rank (1-based) of the entry with key `k` at `position`.
     #[inline]
-    pub fn rank(&self, k: u32, position: usize, n: usize) -> f64 {
+    pub fn rank(&self, k: u32, position: usize) -> f32 {
         let b = (k >> LOW_BITS) as usize;
         let low = k & LOW_MASK;
         let (s, e) = (self.first[b] as usize, self.first[b + 1] as usize);
-        let place = if s < e {
+        if s < e {
             // Exact key counts: the entries with smaller keys, then the place among the ties.
             let list = &self.keys[s..e];
-            let i = list.partition_point(|x| x.0 < low).min(list.len() - 1);
-            let (_, c, cum) = list[i];
-            cum as f64 + (c.max(1) - 1) as f64 * (position as f64 / (n.max(2) - 1) as f64)
+            let i = list
+                .iter()
+                .position(|x| x.0 >= low)
+                .unwrap_or(list.len() - 1);
+            let (_, r0, r1) = list[i];
+            r0 + r1 * position as f32
         } else {
-            let c = self.count[b];
-            let (lo, hi) = (self.min[b] as u32, self.max[b] as u32);
-            if c <= 1 || lo >= hi {
-                0.0
-            } else {
-                (c - 1) as f64 * (low.clamp(lo, hi) - lo) as f64 / (hi - lo) as f64
-            }
-        };
-        self.below[b] as f64 + 1.0 + place
+            let [r0, r1] = self.coef[b];
+            r0 + r1 * low as f32
+        }
     }
 }
 
@@ -468,7 +518,7 @@ mod tests {
         }
         let (mut off_ties, mut on_ties) = (0f64, 0f64);
         for (i, &x) in v.iter().enumerate() {
-            let err = (h.rank(key32(x), i, n) - exact[i] as f64).abs() / n as f64;
+            let err = (h.rank(key32(x), i) as f64 - exact[i] as f64).abs() / n as f64;
             if seen[&x.abs().to_bits()] > 1 {
                 on_ties = on_ties.max(err);
             } else {

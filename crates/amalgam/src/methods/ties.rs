@@ -584,13 +584,13 @@ impl<T: Real> KeyPipeline<T> {
             return factors;
         }
         let per_element = self.config.rescale == Rescale::PerElement;
-        type Buffers<T> = (RankScratch, Vec<T>, Vec<u32>, Vec<u32>);
+        type Buffers<T> = (RankScratch, Vec<T>, Vec<u32>, Vec<u16>);
         let buffers = || -> Buffers<T> {
             (
                 RankScratch::default(),
                 vec![T::ZERO; d.unit],
                 vec![0u32; d.unit],
-                vec![0u32; d.unit],
+                vec![0u16; d.unit],
             )
         };
         let rank_model = |(sort, deltas, ranks, words): &mut Buffers<T>,
@@ -607,10 +607,10 @@ impl<T: Real> KeyPipeline<T> {
                     *o = a - b;
                 }
                 ordinal_ranks(deltas, sort, ranks);
-                rng::words(self.seed, &self.key, stream, range.start + u, words);
+                rng::draws(self.seed, &self.key, stream, range.start + u, words);
                 for ((f, &r), &w) in factors[unit].iter_mut().zip(ranks.iter()).zip(words.iter()) {
                     let q = d.config.keep(r as f64, d.unit);
-                    *f = if (w as u64) < rng::threshold(q) {
+                    *f = if (w as u32) < rng::threshold(q) {
                         if per_element {
                             T::from_f64(1.0 / q)
                         } else {
@@ -656,7 +656,7 @@ impl<T: Real> KeyPipeline<T> {
         let n = models.len();
         let mut d = vec![T::ZERO; n * W];
         let mut gamma = [T::ZERO; W];
-        let mut words = vec![0u32; W];
+        let mut words = vec![0u16; W];
         let per_element = self.config.rescale == Rescale::PerElement;
         let mut streams: Vec<rng::Stream> = match &self.config.drop {
             Drop::None => Vec::new(),
@@ -672,7 +672,7 @@ impl<T: Real> KeyPipeline<T> {
                 rng::threshold(1.0 - p),
                 T::from_f64(if per_element { 1.0 / (1.0 - p) } else { 1.0 }),
             ),
-            _ => (1 << 32, T::ONE),
+            _ => (1 << 16, T::ONE),
         };
         let computed;
         let della_exact = match (&self.della, factors) {
@@ -703,12 +703,15 @@ impl<T: Real> KeyPipeline<T> {
                         (Drop::Della(cfg), Some(dk)) => {
                             // Ranks estimated from the histogram.
                             let h = &dk.hist[t];
+                            let (qa, qb) = cfg.tensor_affine(self.numel);
+                            let (qa, qb) = (qa as f32, qb as f32);
+                            let at = range.start + at;
                             for (i, (o, &w)) in dt.iter_mut().zip(&words[..len]).enumerate() {
-                                let r = h.rank(key32(*o), range.start + at + i, self.numel);
-                                let q = cfg.keep(r, self.numel);
-                                *o *= if (w as u64) < rng::threshold(q) {
+                                let r = h.rank(key32(*o), at + i);
+                                let q = (qa + qb * r).clamp(0.0, 1.0);
+                                *o *= if (w as f32) < q * 65_536.0 {
                                     if per_element {
-                                        T::from_f64(1.0 / q)
+                                        T::from_f64(1.0 / q as f64)
                                     } else {
                                         T::ONE
                                     }
@@ -719,7 +722,7 @@ impl<T: Real> KeyPipeline<T> {
                         }
                         _ => {
                             for (o, &w) in dt.iter_mut().zip(&words[..len]) {
-                                *o *= if (w as u64) < dare_keep {
+                                *o *= if (w as u32) < dare_keep {
                                     dare_scale
                                 } else {
                                     T::ZERO
