@@ -382,7 +382,7 @@ impl RankHistogram {
         let mut worst = 0u32;
         // Ties: the place among `c` equal keys interpolated in the position.
         let per_position = 1.0 / (n.max(2) - 1) as f64;
-        for b in 0..BINS {
+        for (b, coef) in coef.iter_mut().enumerate() {
             first.push(keys.len() as u32);
             let c = self.count[b];
             if c == 0 {
@@ -397,7 +397,7 @@ impl RankHistogram {
                 } else {
                     0.0
                 };
-                coef[b] = [(start - slope * lo) as f32, slope as f32];
+                *coef = [(start - slope * lo) as f32, slope as f32];
             } else {
                 let mut cum = 0u64;
                 for &(k, kc) in &self.lists[self.slot[b] as usize] {
