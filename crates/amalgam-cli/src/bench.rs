@@ -79,7 +79,7 @@ fn ensure_models(dir: &Path, n: usize, shrink: usize) -> Result<Vec<PathBuf>> {
         n + 1,
         dir.display()
     );
-    let mut o = SynthOptions::new(Layout::Sdxl, n);
+    let mut o = SynthOptions::new(Layout::SdxlSgm, n);
     o.shrink = shrink;
     o.overwrite = true;
     let t = Instant::now();

@@ -47,7 +47,7 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
         "== synthesising 1 base + 4 fine-tuned SD1-layout models (1/64 size) in {}",
         dir.display()
     );
-    let mut o = SynthOptions::new(Layout::Sd1, 4);
+    let mut o = SynthOptions::new(Layout::Sd1Ldm, 4);
     o.shrink = 8;
     o.prune_vae = 1;
     o.int_keys = true;

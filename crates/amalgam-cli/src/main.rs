@@ -114,6 +114,9 @@ struct InspectArgs {
     /// Print the `__metadata__` values in full (e.g. the recipe an amalgam output was made with)
     #[arg(long)]
     metadata: bool,
+    /// Skip the AutoV2 hash (it reads the whole file)
+    #[arg(long)]
+    no_hash: bool,
 }
 
 #[derive(Args)]
@@ -336,6 +339,15 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             }
         }
     }
+    let detection = amalgam::arch::detect(
+        m.tensors()
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
+    );
+    print_detection(&detection, m.tensors().len());
+    if !a.no_hash {
+        println!("AutoV2:     {}", amalgam::arch::autov2_hash(&a.file)?);
+    }
     if a.keys {
         println!("keys:");
         for (k, t) in m.tensors() {
@@ -343,6 +355,61 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The architecture part of `inspect`.
+fn print_detection(d: &amalgam::arch::Detection, keys: usize) {
+    let Some(layout) = d.layout else {
+        println!(
+            "architecture: unknown (no known layout has most of its keys; it merges key by key)"
+        );
+        return;
+    };
+    println!(
+        "architecture: {layout} ({:?}; {} of its {keys} keys are in the layout)",
+        layout.arch(),
+        d.matched
+    );
+    println!("components:");
+    for c in &d.components {
+        if c.required == 0 {
+            // All-optional components (EMA, scheduler buffers): shown when present.
+            if c.optional_present > 0 {
+                println!(
+                    "  {:<10} {:>5} optional keys {:>10} parameters",
+                    c.name, c.optional_present, c.parameters
+                );
+            }
+            continue;
+        }
+        let state = if c.is_absent() {
+            "MISSING (pruned)".to_string()
+        } else if c.missing.is_empty() {
+            "complete".to_string()
+        } else {
+            format!("{} keys missing, e.g. {}", c.missing.len(), c.missing[0])
+        };
+        println!(
+            "  {:<10} {:>5}/{:<5} keys {:>14} parameters  {state}",
+            c.name, c.present, c.required, c.parameters
+        );
+    }
+    if d.missing_optional > 0 {
+        println!(
+            "optional keys missing: {} (EMA, position ids, scheduler buffers and the like)",
+            d.missing_optional
+        );
+    }
+    if d.reshaped > 0 {
+        println!("keys with other shapes than the layout's: {}", d.reshaped);
+    }
+    if !d.extra.is_empty() {
+        println!(
+            "keys not in the layout: {} (e.g. {})",
+            d.extra.len(),
+            d.extra[0]
+        );
+    }
 }
 
 fn cmd_synth(a: SynthArgs) -> Result<()> {

@@ -6,8 +6,11 @@
 //! - [`engine`]: planning (key policy, shapes) and chunked, parallel, deterministic execution.
 //! - [`method`]: the trait methods implement; [`methods`]: the methods, one file each.
 //! - [`graph`] and [`recipe`]: what to merge, from a recipe file or the command line.
+//! - [`arch`]: the known key layouts (SD1, SDXL, SD3, FLUX in their tools' namings), detection,
+//!   components and block ids.
 //! - [`synth`]: synthetic checkpoints with real SD key layouts, for demos, tests and benchmarks.
 
+pub mod arch;
 pub mod dtype;
 pub mod engine;
 pub mod error;

@@ -17,69 +17,7 @@ use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// A key layout embedded in the binary.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    /// Stable Diffusion 1.x, original (ldm) key names.
-    Sd1,
-    /// Stable Diffusion XL, original (sgm) key names.
-    Sdxl,
-}
-
-impl std::str::FromStr for Layout {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "sd1" | "sd1-ldm" | "sd15" => Ok(Layout::Sd1),
-            "sdxl" | "sdxl-sgm" => Ok(Layout::Sdxl),
-            _ => Err(format!("unknown layout `{s}` (expected sd1 or sdxl)")),
-        }
-    }
-}
-
-/// One key of a layout.
-#[derive(Clone, Debug)]
-pub struct LayoutKey {
-    pub component: String,
-    pub key: String,
-    pub shape: Vec<usize>,
-    pub dtype: String,
-    pub optional: bool,
-}
-
-impl Layout {
-    fn text(self) -> &'static str {
-        match self {
-            Layout::Sd1 => include_str!("../data/sd1-ldm.tsv"),
-            Layout::Sdxl => include_str!("../data/sdxl-sgm.tsv"),
-        }
-    }
-
-    /// Every key of the layout, in file order.
-    pub fn keys(self) -> Vec<LayoutKey> {
-        self.text()
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                let shape = if f[2] == "scalar" {
-                    Vec::new()
-                } else {
-                    f[2].split('x')
-                        .map(|d| d.parse().expect("layout shape"))
-                        .collect()
-                };
-                LayoutKey {
-                    component: f[0].to_string(),
-                    key: f[1].to_string(),
-                    shape,
-                    dtype: f[3].to_string(),
-                    optional: f[4] == "1",
-                }
-            })
-            .collect()
-    }
-}
+pub use crate::arch::{Layout, LayoutKey};
 
 /// What to synthesise.
 #[derive(Clone, Debug)]
@@ -166,7 +104,8 @@ pub fn synthesize(dir: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
     let keys: Vec<LayoutKey> = opts
         .layout
         .keys()
-        .into_iter()
+        .iter()
+        .cloned()
         .filter(|k| k.component != "scheduler")
         .filter(|k| opts.components.is_empty() || opts.components.contains(&k.component))
         .filter(|k| {
@@ -174,7 +113,7 @@ pub fn synthesize(dir: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
             if int {
                 opts.int_keys
             } else {
-                !k.optional && !k.shape.is_empty()
+                !k.optional
             }
         })
         .map(|mut k| {

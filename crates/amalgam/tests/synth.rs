@@ -5,8 +5,8 @@ use amalgam::synth::{synthesize, Layout, SynthOptions};
 
 #[test]
 fn layouts_have_the_real_keys() {
-    let sd1 = Layout::Sd1.keys();
-    let sdxl = Layout::Sdxl.keys();
+    let sd1 = Layout::Sd1Ldm.keys();
+    let sdxl = Layout::SdxlSgm.keys();
     let find = |keys: &[amalgam::synth::LayoutKey], k: &str| {
         keys.iter()
             .find(|x| x.key == k)
@@ -38,7 +38,7 @@ fn synth_is_shrunk_pruned_and_identical_whatever_the_threads() {
     let mut outputs = Vec::new();
     for threads in [1, 2] {
         let dir = tempfile::tempdir().unwrap();
-        let mut o = SynthOptions::new(Layout::Sd1, 2);
+        let mut o = SynthOptions::new(Layout::Sd1Ldm, 2);
         o.shrink = 8;
         o.prune_vae = 1;
         o.int_keys = true;
