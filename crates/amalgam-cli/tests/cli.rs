@@ -293,3 +293,66 @@ fn methods_lists_every_method() {
         assert!(text.contains(m), "{m} missing from:\n{text}");
     }
 }
+
+#[test]
+fn inspect_reports_architecture_components_and_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&[
+        "synth",
+        "-o",
+        s(d),
+        "--layout",
+        "sdxl",
+        "-n",
+        "1",
+        "--shrink",
+        "32",
+        "--prune-vae",
+        "1",
+    ]);
+    let out = ok(&["inspect", s(&d.join("m000.safetensors"))]);
+    assert!(out.contains("architecture: sdxl-sgm (Sdxl;"), "{out}");
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} line: {out}"))
+            .to_string()
+    };
+    assert!(line("vae").contains("0/248") && line("vae").contains("MISSING (pruned)"));
+    assert!(line("diffuser").contains("complete"), "{out}");
+    assert!(line("clip_g").contains("complete"), "{out}");
+    // AutoV2: 10 hex digits, the same as sha256sum's first 10 where the tool exists.
+    let hash = line("AutoV2:")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert_eq!(hash.len(), 10);
+    assert!(hash.chars().all(|c| c.is_ascii_hexdigit()));
+    if let Ok(o) = Command::new("sha256sum")
+        .arg(d.join("m000.safetensors"))
+        .output()
+    {
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with(&hash));
+    }
+    let base = ok(&["inspect", "--no-hash", s(&d.join("base.safetensors"))]);
+    assert!(line_of(&base, "vae").contains("complete"), "{base}");
+    assert!(!base.contains("AutoV2"));
+    // A file of another kind is "unknown" but still inspected.
+    let llm = d.join("llm.safetensors");
+    let header =
+        br#"{"model.embed_tokens.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&llm, bytes).unwrap();
+    assert!(ok(&["inspect", "--no-hash", s(&llm)]).contains("architecture: unknown"));
+}
+
+fn line_of(out: &str, name: &str) -> String {
+    out.lines()
+        .find(|l| l.trim_start().starts_with(name))
+        .unwrap_or_default()
+        .to_string()
+}
