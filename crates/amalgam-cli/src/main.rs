@@ -39,6 +39,8 @@ enum Command {
     Synth(SynthArgs),
     /// Synthesise a small model pool in a temporary folder and merge it (no files needed).
     Demo(DemoArgs),
+    /// Complete a pruned model (e.g. one without its VAE) from a base model of its architecture.
+    Repair(RepairArgs),
     /// List the merge methods and their parameters.
     Methods,
     /// Measure merge speed and memory against simply reading the inputs.
@@ -89,6 +91,10 @@ struct MergeArgs {
     /// Any parameter as NAME=VALUE (number, true/false, comma list); repeatable
     #[arg(long = "param", short = 'p')]
     params: Vec<String>,
+    /// Complete models that lack keys (pruned files) from the --base model, instead of leaving
+    /// them out of those keys
+    #[arg(long)]
+    repair: bool,
     /// Replace the output file if it exists
     #[arg(long)]
     force: bool,
@@ -103,6 +109,24 @@ struct MergeArgs {
     chunk: Option<usize>,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+#[derive(Args)]
+struct RepairArgs {
+    /// The pruned model
+    model: PathBuf,
+    /// A complete model of the same architecture (e.g. the SDXL 1.0 base)
+    #[arg(long)]
+    base: PathBuf,
+    /// Output file
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Replace the output file if it exists
+    #[arg(long)]
+    force: bool,
+    /// Output dtype [default: the pruned model's most common float dtype]
+    #[arg(long)]
+    dtype: Option<OutputDtype>,
 }
 
 #[derive(Args)]
@@ -169,6 +193,7 @@ fn main() {
         Command::Inspect(a) => cmd_inspect(a),
         Command::Synth(a) => cmd_synth(a),
         Command::Demo(a) => demo::run(a.keep),
+        Command::Repair(a) => cmd_repair(a),
         Command::Methods => cmd_methods(),
         Command::Bench(a) => bench::run(a),
     };
@@ -230,7 +255,13 @@ fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings)> {
             if !missing.is_empty() {
                 bail!("missing model files: {}", missing.join(", "));
             }
-            let graph = Graph::single(method, a.base.clone(), a.inputs.clone(), params)?;
+            let mut graph = Graph::single(method, a.base.clone(), a.inputs.clone(), params)?;
+            if a.repair {
+                if a.base.is_none() {
+                    bail!("--repair completes pruned models from the base: give --base FILE");
+                }
+                graph.repair = Some(0);
+            }
             Ok((graph, RecipeSettings::default()))
         }
         None => {
@@ -305,6 +336,54 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
         eprintln!("{report}");
         eprintln!("wrote {}", a.output.display());
     }
+    Ok(())
+}
+
+fn cmd_repair(a: RepairArgs) -> Result<()> {
+    let m = ModelFile::open(&a.model)?;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for t in m.tensors().values() {
+        if t.float_dtype().is_some() {
+            *counts.entry(dtype_name(t.dtype)).or_default() += t.numel();
+        }
+    }
+    let dtype = match a.dtype {
+        Some(d) => d,
+        None => counts
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .and_then(|(d, _)| d.to_ascii_lowercase().parse().ok())
+            .unwrap_or(OutputDtype::F16),
+    };
+    drop(m);
+    let graph = Graph {
+        models: vec![
+            amalgam::graph::ModelInput {
+                name: "model".into(),
+                path: a.model.clone(),
+            },
+            amalgam::graph::ModelInput {
+                name: "base".into(),
+                path: a.base.clone(),
+            },
+        ],
+        nodes: Vec::new(),
+        output: amalgam::graph::Ref::Model(0),
+        fallback: Some(0),
+        components: Default::default(),
+        repair: Some(1),
+    };
+    let mut opts = MergeOptions::new(&a.output);
+    opts.output_dtype = dtype;
+    opts.overwrite = a.force;
+    opts.metadata.insert(
+        "amalgam_repair".into(),
+        format!("{} completed from {}", a.model.display(), a.base.display()),
+    );
+    let bar = progress::Bar::new(false);
+    let report = amalgam::merge(&graph, &opts, &bar)?;
+    eprintln!("{report}");
+    eprintln!("wrote {}", a.output.display());
     Ok(())
 }
 

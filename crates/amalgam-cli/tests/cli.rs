@@ -356,3 +356,49 @@ fn line_of(out: &str, name: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+#[test]
+fn repair_completes_a_pruned_model_from_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&[
+        "synth",
+        "-o",
+        s(d),
+        "--layout",
+        "sdxl",
+        "-n",
+        "1",
+        "--shrink",
+        "32",
+        "--prune-vae",
+        "1",
+    ]);
+    let pruned = d.join("m000.safetensors");
+    let out = d.join("repaired.safetensors");
+    let log = ok(&[
+        "repair",
+        s(&pruned),
+        "--base",
+        s(&d.join("base.safetensors")),
+        "-o",
+        s(&out),
+    ]);
+    assert!(log.contains("repaired: 248 completed from base"), "{log}");
+    let inspected = ok(&["inspect", "--no-hash", s(&out)]);
+    assert!(
+        line_of(&inspected, "vae").contains("complete"),
+        "{inspected}"
+    );
+    assert!(inspected.contains("amalgam_repair"), "{inspected}");
+    // Nothing is overwritten without --force.
+    let e = fails(&[
+        "repair",
+        s(&pruned),
+        "--base",
+        s(&d.join("base.safetensors")),
+        "-o",
+        s(&out),
+    ]);
+    assert!(e.contains("already exists"), "{e}");
+}

@@ -16,6 +16,7 @@
 //!    output. Per element the summation order over models is fixed by the methods, so the bytes
 //!    do not depend on threads, task or sub-chunk size.
 
+use crate::arch::Layout;
 use crate::dtype::{dtype_name, FloatDtype, OutputDtype};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Ref};
@@ -87,24 +88,86 @@ impl Progress for NoProgress {}
 /// Merges the graph's inputs into `opts.output`.
 pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     graph.validate()?;
-    let (models, rows) = open_inputs(graph, &opts.output)?;
+    let (models, rows, layouts) = open_inputs(graph, &opts.output)?;
+    let layout = graph_layout(graph, &layouts)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let inputs = RunInputs {
+        models: &models,
+        rows: &rows,
+        layouts: &layouts,
+        layout,
+    };
     pool.install(|| match opts.compute_dtype {
-        ComputeDtype::F32 => run::<f32>(graph, &models, &rows, opts, progress),
-        ComputeDtype::F64 => run::<f64>(graph, &models, &rows, opts, progress),
+        ComputeDtype::F32 => run::<f32>(graph, &inputs, opts, progress),
+        ComputeDtype::F64 => run::<f64>(graph, &inputs, opts, progress),
     })
 }
 
+/// What `run` works on.
+struct RunInputs<'a> {
+    models: &'a [ModelFile],
+    rows: &'a [KeyRow],
+    layouts: &'a [Option<Layout>],
+    /// The layout components are taken from.
+    layout: Option<Layout>,
+}
+
+/// The layout that decides the components of keys: the fallback model's, else the one most
+/// inputs have (the first such in input order). Checks the recipe's component names against it.
+fn graph_layout(graph: &Graph, layouts: &[Option<Layout>]) -> Result<Option<Layout>> {
+    let layout = match graph.fallback.and_then(|f| layouts[f]) {
+        Some(l) => Some(l),
+        None => {
+            let mut best: Option<(Layout, usize)> = None;
+            for l in layouts.iter().flatten() {
+                let n = layouts.iter().filter(|x| **x == Some(*l)).count();
+                if best.is_none_or(|(_, bn)| n > bn) {
+                    best = Some((*l, n));
+                }
+            }
+            best.map(|(l, _)| l)
+        }
+    };
+    if graph.components.is_empty() {
+        return Ok(layout);
+    }
+    let Some(layout) = layout else {
+        return Err(Error::Invalid(format!(
+            "the recipe routes components ({}) but no input has a known architecture",
+            graph
+                .components
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let known = layout.components();
+    for c in graph.components.keys() {
+        if !known.contains(&c.as_str()) {
+            return Err(Error::Invalid(format!(
+                "component `{c}` is not a component of {layout} (its components: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(Some(layout))
+}
+
 /// Opens every input, refusing an output path that is one of them, and builds the key table.
-fn open_inputs(graph: &Graph, output: &Path) -> Result<(Vec<ModelFile>, Vec<KeyRow>)> {
+/// The inputs, the key table, and each input's detected layout.
+type Inputs = (Vec<ModelFile>, Vec<KeyRow>, Vec<Option<Layout>>);
+
+fn open_inputs(graph: &Graph, output: &Path) -> Result<Inputs> {
     let out_id = file_identity(output);
     let paths: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
     let mut table = KeyTable {
         rows: BTreeMap::new(),
         n: paths.len(),
+        layouts: Vec::new(),
     };
     let mut models = Vec::with_capacity(graph.models.len());
     for (i, m) in graph.models.iter().enumerate() {
@@ -116,10 +179,19 @@ fn open_inputs(graph: &Graph, output: &Path) -> Result<(Vec<ModelFile>, Vec<KeyR
         }
         let mut model = ModelFile::open(&m.path)?;
         table.add(i, &model, &paths)?;
+        table.layouts.push(
+            crate::arch::detect(
+                model
+                    .tensors()
+                    .iter()
+                    .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
+            )
+            .layout,
+        );
         model.forget_index();
         models.push(model);
     }
-    Ok((models, table.rows.into_values().collect()))
+    Ok((models, table.rows.into_values().collect(), table.layouts))
 }
 
 #[cfg(unix)]
@@ -257,6 +329,7 @@ impl KeyRow {
 struct KeyTable {
     rows: BTreeMap<String, KeyRow>,
     n: usize,
+    layouts: Vec<Option<Layout>>,
 }
 
 impl KeyTable {
@@ -340,7 +413,15 @@ fn resolve<T: Real>(
     notes: &mut Vec<String>,
 ) -> Result<Option<Expr<T>>> {
     match r {
-        Ref::Model(m) => Ok(row.locs[m].is_some().then(|| Expr::Leaf(Leaf::new(row, m)))),
+        Ref::Model(m) => Ok(if row.locs[m].is_some() {
+            Some(Expr::Leaf(Leaf::new(row, m)))
+        } else {
+            // A pruned model completed from the repair model.
+            graph
+                .repair
+                .filter(|&r| row.locs[r].is_some())
+                .map(|r| Expr::Leaf(Leaf::new(row, r)))
+        }),
         Ref::Node(n) => {
             let node = &graph.nodes[n];
             let mut args = Vec::new();
@@ -404,6 +485,7 @@ fn resolve<T: Real>(
 fn plan<T: Real>(
     graph: &Graph,
     rows: &[KeyRow],
+    layout: Option<Layout>,
     opts: &MergeOptions,
     report: &mut MergeReport,
 ) -> Result<Vec<PlannedKey<T>>> {
@@ -431,8 +513,17 @@ fn plan<T: Real>(
         for (i, loc) in row.locs.iter().enumerate() {
             if loc.is_none() {
                 report.lacking[i].push(row.name.clone());
+                if graph.repair.is_some_and(|r| row.locs[r].is_some()) {
+                    report.repaired[i] += 1;
+                }
             }
         }
+        // The node (or model) this key's component is routed to.
+        let target = layout
+            .and_then(|l| l.component_of(&row.name))
+            .and_then(|c| graph.components.get(c))
+            .copied()
+            .unwrap_or(graph.output);
         if !row.is_float() {
             report.actions.push((
                 row.name.clone(),
@@ -450,7 +541,7 @@ fn plan<T: Real>(
         }
         let mut notes = Vec::new();
         let expr = resolve(
-            graph.output,
+            target,
             row,
             graph,
             &methods,
@@ -659,14 +750,20 @@ const TASK_OUTPUT_MAX: u64 = 16 << 20;
 
 fn run<T: Real>(
     graph: &Graph,
-    models: &[ModelFile],
-    rows: &[KeyRow],
+    inputs: &RunInputs,
     opts: &MergeOptions,
     progress: &dyn Progress,
 ) -> Result<MergeReport> {
+    let (models, rows) = (inputs.models, inputs.rows);
     let started = Instant::now();
     let mut report = MergeReport::new(graph);
-    let mut planned = plan::<T>(graph, rows, opts, &mut report)?;
+    report.layouts = inputs
+        .layouts
+        .iter()
+        .map(|l| l.map(|l| l.name().to_string()))
+        .collect();
+    report.architecture = inputs.layout.map(|l| l.name().to_string());
+    let mut planned = plan::<T>(graph, rows, inputs.layout, opts, &mut report)?;
 
     // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
     // Sub-chunks get shorter as the number of inputs grows, so the memory used does not grow
@@ -964,6 +1061,7 @@ mod tests {
         let mut table = KeyTable {
             rows: BTreeMap::new(),
             n: 1,
+            layouts: Vec::new(),
         };
         table.add(0, &model, &[path.as_path()]).unwrap();
         model.forget_index();

@@ -52,6 +52,12 @@ pub struct Graph {
     /// The model keys are taken from when the output node has no value for them (see the key
     /// policy); `None` means the first model (in input order) that has the key.
     pub fallback: Option<usize>,
+    /// Per component (`vae`, `clip_l`, ...): the node or model its keys come from instead of
+    /// `output`. Components follow the architecture detected from the inputs' headers.
+    pub components: BTreeMap<String, Ref>,
+    /// Complete models that lack keys (pruned files) from this model: where a model lacks a key
+    /// this one has, the key is read from this one instead of leaving the model out.
+    pub repair: Option<usize>,
 }
 
 impl Graph {
@@ -145,6 +151,8 @@ impl Graph {
                 slots,
             }],
             output: Ref::Node(0),
+            components: BTreeMap::new(),
+            repair: None,
         };
         graph.validate()?;
         Ok(graph)
@@ -153,6 +161,22 @@ impl Graph {
     /// Checks the graph's structure and builds every method once, so that parameter errors are
     /// reported before any tensor is read.
     pub fn validate(&self) -> Result<()> {
+        let check = |r: &Ref, what: &str| match *r {
+            Ref::Model(m) if m >= self.models.len() => Err(Error::Invalid(format!(
+                "{what} refers to model #{m}, which does not exist"
+            ))),
+            Ref::Node(n) if n >= self.nodes.len() => Err(Error::Invalid(format!(
+                "{what} refers to node #{n}, which does not exist"
+            ))),
+            _ => Ok(()),
+        };
+        check(&self.output, "the output")?;
+        for (c, r) in &self.components {
+            check(r, &format!("component `{c}`"))?;
+        }
+        if let Some(m) = self.repair {
+            check(&Ref::Model(m), "repair")?;
+        }
         for (ni, node) in self.nodes.iter().enumerate() {
             let info = methods::info(node.method)?;
             if node.slots.len() != info.slots.len() {

@@ -50,6 +50,9 @@ struct RawOutput {
     compute_dtype: Option<Spanned<String>>,
     fallback: Option<Spanned<String>>,
     seed: Option<Spanned<i64>>,
+    repair: Option<Spanned<String>>,
+    #[serde(default)]
+    components: BTreeMap<String, Spanned<String>>,
 }
 
 struct Ctx<'a> {
@@ -407,6 +410,39 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
             }
         },
     };
+    let one_model = |f: &Spanned<String>, what: &str| -> Result<usize> {
+        match names.get(f.get_ref()) {
+            Some(Named::Models(ix)) if ix.len() == 1 => Ok(ix[0]),
+            _ => Err(cx.err(
+                f.span(),
+                "output",
+                format!("`{what}` must name one model, got `{}`", f.get_ref()),
+            )),
+        }
+    };
+    let repair = out
+        .repair
+        .as_ref()
+        .map(|r| one_model(r, "repair"))
+        .transpose()?;
+    let mut components = BTreeMap::new();
+    for (c, target) in &out.components {
+        let r = match names.get(target.get_ref()) {
+            Some(Named::Node(n)) => Ref::Node(node_index[n.as_str()]),
+            Some(Named::Models(ix)) if ix.len() == 1 => Ref::Model(ix[0]),
+            _ => {
+                return Err(cx.err(
+                    target.span(),
+                    "output.components",
+                    format!(
+                        "component `{c}` must name one node or one model, got `{}`",
+                        target.get_ref()
+                    ),
+                ))
+            }
+        };
+        components.insert(c.clone(), r);
+    }
     let mut settings = RecipeSettings::default();
     if let Some(d) = &out.dtype {
         settings.dtype = Some(
@@ -439,6 +475,8 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
         nodes,
         output,
         fallback,
+        components,
+        repair,
     };
     graph.validate().map_err(|e| Error::Recipe {
         origin: origin.to_string(),
@@ -528,6 +566,9 @@ pub fn to_toml(graph: &Graph, settings: &RecipeSettings) -> String {
     if let Some(f) = graph.fallback {
         s += &format!("fallback = {}\n", quote(&model_key(f)));
     }
+    if let Some(r) = graph.repair {
+        s += &format!("repair = {}\n", quote(&model_key(r)));
+    }
     if let Some(d) = settings.dtype {
         s += &format!("dtype = {}\n", quote(d.name()));
     }
@@ -536,6 +577,12 @@ pub fn to_toml(graph: &Graph, settings: &RecipeSettings) -> String {
     }
     if let Some(seed) = settings.seed {
         s += &format!("seed = {seed}\n");
+    }
+    if !graph.components.is_empty() {
+        s += "\n[output.components]\n";
+        for (c, r) in &graph.components {
+            s += &format!("{} = {}\n", quote(c), quote(&name_of(r)));
+        }
     }
     s
 }

@@ -35,6 +35,14 @@ pub struct MergeReport {
     pub models: Vec<(String, PathBuf)>,
     /// Per input, the keys some other input has and it lacks.
     pub lacking: Vec<Vec<String>>,
+    /// Per input, how many of the keys it lacks were completed from the repair model.
+    pub repaired: Vec<usize>,
+    /// The repair model's name, when the merge completes pruned models.
+    pub repair: Option<String>,
+    /// Per input, the layout detected from its header (`None`: unknown).
+    pub layouts: Vec<Option<String>>,
+    /// The layout components were taken from.
+    pub architecture: Option<String>,
     /// Per output key, in output order.
     pub actions: Vec<(String, KeyAction)>,
     pub bytes_read: u64,
@@ -62,6 +70,8 @@ impl MergeReport {
                 .map(|m| (m.name.clone(), m.path.clone()))
                 .collect(),
             lacking: vec![Vec::new(); graph.models.len()],
+            repaired: vec![0; graph.models.len()],
+            repair: graph.repair.map(|r| graph.models[r].name.clone()),
             ..Default::default()
         }
     }
@@ -96,6 +106,20 @@ fn group_keys(keys: &[String]) -> Vec<(String, usize)> {
 impl fmt::Display for MergeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (merged, partly, taken, copied) = self.counts();
+        if let Some(a) = &self.architecture {
+            let other: Vec<String> = self
+                .models
+                .iter()
+                .zip(&self.layouts)
+                .filter(|(_, l)| l.as_deref() != Some(a.as_str()))
+                .map(|((n, _), l)| format!("{n}: {}", l.as_deref().unwrap_or("unknown")))
+                .collect();
+            if other.is_empty() {
+                writeln!(f, "architecture {a} (every input)")?;
+            } else {
+                writeln!(f, "architecture {a} (but {})", other.join(", "))?;
+            }
+        }
         writeln!(
             f,
             "{} keys: {merged} merged from all their inputs, {partly} merged from the inputs that have them, {taken} taken unchanged from one model, {copied} non-float copied",
@@ -114,11 +138,15 @@ impl fmt::Display for MergeReport {
                 .collect();
             writeln!(
                 f,
-                "  {name} ({}) lacks {} keys: {}{}",
+                "  {name} ({}) lacks {} keys: {}{}{}",
                 path.display(),
                 keys.len(),
                 shown.join(", "),
-                if groups.len() > 4 { ", ..." } else { "" }
+                if groups.len() > 4 { ", ..." } else { "" },
+                match (&self.repair, self.repaired[i]) {
+                    (Some(r), n) if n > 0 => format!("; repaired: {n} completed from {r}"),
+                    _ => String::new(),
+                }
             )?;
         }
         // Keys not merged from all their inputs, grouped by what was done.

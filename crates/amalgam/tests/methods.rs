@@ -220,6 +220,8 @@ fn bad_parameters_are_rejected_before_reading() {
         }],
         output: amalgam::graph::Ref::Node(0),
         fallback: None,
+        components: Default::default(),
+        repair: None,
     };
     let e = graph(vec![("weigths", Number(1.0))])
         .validate()

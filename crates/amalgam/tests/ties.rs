@@ -415,6 +415,8 @@ fn pipeline_options_are_validated() {
         }],
         output: amalgam::graph::Ref::Node(0),
         fallback: None,
+        components: Default::default(),
+        repair: None,
     };
     let err = |m: &str, p: Vec<(&str, ParamValue)>| graph(m, p).validate().unwrap_err().to_string();
     assert!(err("ties", vec![("election", Text("majority".into()))])

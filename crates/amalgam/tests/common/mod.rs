@@ -160,6 +160,8 @@ pub fn one_node(
         }],
         output: Ref::Node(0),
         fallback: None,
+        components: Default::default(),
+        repair: None,
     };
     graph.validate().unwrap();
     graph
