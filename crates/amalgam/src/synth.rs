@@ -105,7 +105,6 @@ pub fn synthesize(dir: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
         .layout
         .keys()
         .iter()
-        .cloned()
         .filter(|k| k.component != "scheduler")
         .filter(|k| opts.components.is_empty() || opts.components.contains(&k.component))
         .filter(|k| {
@@ -116,9 +115,9 @@ pub fn synthesize(dir: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
                 !k.optional
             }
         })
-        .map(|mut k| {
-            k.shape = shrink_shape(&k.shape, opts.shrink);
-            k
+        .map(|k| LayoutKey {
+            shape: shrink_shape(&k.shape, opts.shrink),
+            ..k.clone()
         })
         .collect();
     if keys.is_empty() {
