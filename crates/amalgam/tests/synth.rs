@@ -13,20 +13,17 @@ fn layouts_have_the_real_keys() {
             .unwrap_or_else(|| panic!("{k}"))
             .clone()
     };
-    let emb = find(
-        &sdxl,
-        "conditioner.embedders.1.model.token_embedding.weight",
-    );
+    let emb = find(sdxl, "conditioner.embedders.1.model.token_embedding.weight");
     assert_eq!(
         (emb.component.as_str(), emb.shape.clone()),
         ("clip_g", vec![49408, 1280])
     );
-    let conv = find(&sd1, "model.diffusion_model.input_blocks.0.0.weight");
+    let conv = find(sd1, "model.diffusion_model.input_blocks.0.0.weight");
     assert_eq!(conv.shape, vec![320, 4, 3, 3]);
     assert!(sd1.iter().any(|k| k.component == "vae"));
     assert!(
         find(
-            &sd1,
+            sd1,
             "cond_stage_model.transformer.text_model.embeddings.position_ids"
         )
         .optional
