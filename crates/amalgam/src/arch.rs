@@ -358,3 +358,91 @@ pub fn autov2_hash(path: &std::path::Path) -> crate::Result<String> {
     let digest = h.finalize();
     Ok(digest.iter().take(5).map(|b| format!("{b:02x}")).collect())
 }
+
+/// The supermerger block ids of an architecture (MBW), in list order: SD1 has 26 (`BASE`,
+/// `IN00`-`IN11`, `M00`, `OUT00`-`OUT11`), SDXL 20 (`BASE`, `IN00`-`IN08`, `M00`,
+/// `OUT00`-`OUT08`, `VAE`).
+pub fn block_ids(arch: Arch) -> Option<&'static [&'static str]> {
+    const SD1: [&str; 26] = [
+        "BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "IN07", "IN08", "IN09",
+        "IN10", "IN11", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05", "OUT06",
+        "OUT07", "OUT08", "OUT09", "OUT10", "OUT11",
+    ];
+    const SDXL: [&str; 21] = [
+        "BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "IN07", "IN08", "M00",
+        "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "VAE",
+    ];
+    match arch {
+        Arch::Sd1 => Some(&SD1),
+        Arch::Sdxl => Some(&SDXL),
+        _ => None,
+    }
+}
+
+/// The block id of `key` in `layout` (SD1 ldm and SDXL sgm names), following supermerger:
+/// `input_blocks.i` → `IN{i}`, `middle_block` → `M00`, `output_blocks.j` → `OUT{j}`, the UNet's
+/// final `out.` → the last OUT block, `time_embed` and `label_emb` → `IN00` (sd-mecha puts them
+/// in BASE), the text encoders → `BASE`, the VAE → `VAE` on SDXL (supermerger: BASE; sd-mecha:
+/// VAE) and `BASE` on SD1. `None` for layouts without block ids.
+pub fn block_of(layout: Layout, key: &str) -> Option<&'static str> {
+    let ids = block_ids(layout.arch())?;
+    if !matches!(layout, Layout::Sd1Ldm | Layout::SdxlSgm) {
+        return None;
+    }
+    let find = |name: String| ids.iter().copied().find(|&i| i == name);
+    let Some(rest) = key.strip_prefix("model.diffusion_model.") else {
+        return Some(
+            if layout == Layout::SdxlSgm && key.starts_with("first_stage_model.") {
+                "VAE"
+            } else {
+                "BASE"
+            },
+        );
+    };
+    let index = |s: &str| -> Option<usize> { s.split('.').next()?.parse().ok() };
+    let last_out = if layout == Layout::Sd1Ldm {
+        "OUT11"
+    } else {
+        "OUT08"
+    };
+    if let Some(r) = rest.strip_prefix("input_blocks.") {
+        find(format!("IN{:02}", index(r)?))
+    } else if rest.starts_with("middle_block.") {
+        Some("M00")
+    } else if let Some(r) = rest.strip_prefix("output_blocks.") {
+        find(format!("OUT{:02}", index(r)?))
+    } else if rest.starts_with("out.") {
+        Some(last_out)
+    } else if rest.starts_with("time_embed.") || rest.starts_with("label_emb.") {
+        Some("IN00")
+    } else {
+        Some("BASE")
+    }
+}
+
+/// Expands a supermerger list (the comma-separated values users paste) into block ids: 25 values
+/// (SD1: `IN00`-`OUT11`), 26 (SD1 with `BASE` first), 19 (SDXL: `IN00`-`OUT08`) or 20 (SDXL with
+/// `BASE` first).
+pub fn expand_block_list(list: &str) -> Result<Vec<(&'static str, f64)>, String> {
+    let values: Vec<f64> = list
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<f64>()
+                .map_err(|_| format!("`{}` in the block list is not a number", v.trim()))
+        })
+        .collect::<Result<_, _>>()?;
+    let (ids, with_base) = match values.len() {
+        25 => (block_ids(Arch::Sd1).unwrap(), false),
+        26 => (block_ids(Arch::Sd1).unwrap(), true),
+        19 => (block_ids(Arch::Sdxl).unwrap(), false),
+        20 => (block_ids(Arch::Sdxl).unwrap(), true),
+        n => {
+            return Err(format!(
+                "a block list has 25 or 26 values (SD1) or 19 or 20 (SDXL), got {n}"
+            ))
+        }
+    };
+    let ids = if with_base { &ids[..] } else { &ids[1..] };
+    Ok(ids.iter().copied().zip(values).collect())
+}

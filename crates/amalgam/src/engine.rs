@@ -401,13 +401,80 @@ struct PlannedKey<T: Real> {
     job: Job<T>,
 }
 
+/// A node's method: one instance, or one per block id when parameters are given per block.
+struct NodeMethods<T: Real> {
+    /// The block id of each instance; empty for a single instance.
+    blocks: Vec<&'static str>,
+    instances: Vec<Box<dyn Method<T>>>,
+}
+
+impl<T: Real> NodeMethods<T> {
+    fn build(node: &crate::graph::Node, layout: Option<Layout>) -> Result<Self> {
+        let build = |params| {
+            methods::build::<T>(
+                node.method,
+                Params::new(node.method, params),
+                &node.counts(),
+            )
+        };
+        if !node.has_block_params() {
+            return Ok(NodeMethods {
+                blocks: Vec::new(),
+                instances: vec![build(node.params.clone())?],
+            });
+        }
+        let ids = layout
+            .filter(|&l| crate::arch::block_of(l, "").is_some())
+            .and_then(|l| crate::arch::block_ids(l.arch()))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "node `{}` has per-block parameters, which need SD1 (ldm) or SDXL (sgm) checkpoints; the inputs are {}",
+                    node.name,
+                    layout.map_or("of no known architecture".to_string(), |l| l.to_string())
+                ))
+            })?;
+        for v in node.params.values() {
+            if let crate::method::ParamValue::Blocks(map) = v {
+                if let Some(bad) = map
+                    .keys()
+                    .find(|k| *k != "default" && !ids.contains(&k.as_str()))
+                {
+                    return Err(Error::Invalid(format!(
+                        "node `{}`: block `{bad}` does not exist in {} (blocks: {})",
+                        node.name,
+                        layout.unwrap(),
+                        ids.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(NodeMethods {
+            blocks: ids.to_vec(),
+            instances: ids
+                .iter()
+                .map(|b| build(crate::method::params_for_block(&node.params, Some(b))))
+                .collect::<Result<_>>()
+                .map_err(|e| Error::Invalid(format!("node `{}`: {e}", node.name)))?,
+        })
+    }
+
+    /// The instance for a key of block `block` (`BASE` for keys without one).
+    fn get(&self, block: Option<&str>) -> &dyn Method<T> {
+        let i = block
+            .and_then(|b| self.blocks.iter().position(|x| *x == b))
+            .unwrap_or(0);
+        &*self.instances[i]
+    }
+}
+
 /// Resolves `r` for `key`: `None` when it has no value for the key.
 #[allow(clippy::too_many_arguments)]
 fn resolve<T: Real>(
     r: Ref,
     row: &KeyRow,
+    block: Option<&str>,
     graph: &Graph,
-    methods: &[Box<dyn Method<T>>],
+    methods: &[NodeMethods<T>],
     seed: u64,
     unit_budget: u64,
     notes: &mut Vec<String>,
@@ -426,7 +493,16 @@ fn resolve<T: Real>(
             let node = &graph.nodes[n];
             let mut args = Vec::new();
             for a in node.flat_args() {
-                args.push(resolve(a, row, graph, methods, seed, unit_budget, notes)?);
+                args.push(resolve(
+                    a,
+                    row,
+                    block,
+                    graph,
+                    methods,
+                    seed,
+                    unit_budget,
+                    notes,
+                )?);
             }
             let present: Vec<bool> = args.iter().map(Option::is_some).collect();
             if !present.iter().any(|&p| p) {
@@ -436,7 +512,7 @@ fn resolve<T: Real>(
             let decision = if all {
                 OnMissing::MergePresent
             } else {
-                methods[n].on_missing(&present)
+                methods[n].get(block).on_missing(&present)
             };
             match decision {
                 OnMissing::Absent => {
@@ -469,7 +545,7 @@ fn resolve<T: Real>(
                         seed,
                         unit_budget,
                     };
-                    let state = methods[n].begin_key(&ctx).map_err(|e| {
+                    let state = methods[n].get(block).begin_key(&ctx).map_err(|e| {
                         Error::Invalid(format!("node `{}`, key `{}`: {e}", node.name, row.name))
                     })?;
                     Ok(Some(Expr::Node(Box::new(NodeExpr {
@@ -489,19 +565,13 @@ fn plan<T: Real>(
     opts: &MergeOptions,
     report: &mut MergeReport,
 ) -> Result<Vec<PlannedKey<T>>> {
-    let methods: Vec<Box<dyn Method<T>>> = graph
+    let methods: Vec<NodeMethods<T>> = graph
         .nodes
         .iter()
-        .map(|n| {
-            methods::build::<T>(
-                n.method,
-                Params::new(n.method, n.params.clone()),
-                &n.counts(),
-            )
-        })
+        .map(|n| NodeMethods::build(n, layout))
         .collect::<Result<_>>()?;
     for (node, method) in graph.nodes.iter().zip(&methods) {
-        for note in method.notes() {
+        for note in method.get(None).notes() {
             report
                 .notes
                 .push(format!("node `{}` ({}): {note}", node.name, node.method));
@@ -540,9 +610,11 @@ fn plan<T: Real>(
             continue;
         }
         let mut notes = Vec::new();
+        let block = layout.and_then(|l| crate::arch::block_of(l, &row.name));
         let expr = resolve(
             target,
             row,
+            block,
             graph,
             &methods,
             opts.seed,

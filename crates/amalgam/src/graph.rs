@@ -41,6 +41,12 @@ impl Node {
     pub fn counts(&self) -> Vec<usize> {
         self.slots.iter().map(Vec::len).collect()
     }
+    /// Whether any parameter is given per block.
+    pub fn has_block_params(&self) -> bool {
+        self.params
+            .values()
+            .any(|v| matches!(v, ParamValue::Blocks(_)))
+    }
 }
 
 /// A validated merge graph. Nodes only refer to models and to earlier nodes.
@@ -207,7 +213,10 @@ impl Graph {
             }
             crate::methods::build::<f32>(
                 node.method,
-                crate::method::Params::new(node.method, node.params.clone()),
+                crate::method::Params::new(
+                    node.method,
+                    crate::method::params_for_block(&node.params, None),
+                ),
                 &node.counts(),
             )
             .map_err(|e| Error::Invalid(format!("node `{}`: {e}", node.name)))?;

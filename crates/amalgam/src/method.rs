@@ -58,6 +58,31 @@ pub enum ParamValue {
     Number(f64),
     List(Vec<f64>),
     Text(String),
+    /// A scalar given per block (MBW): block id (`BASE`, `IN00`, ..., or `default`) → value.
+    /// The engine resolves it to a `Number` for each key's block before building the method.
+    Blocks(BTreeMap<String, f64>),
+}
+
+/// `params` with every per-block value replaced by its value for `block` (or its `default`;
+/// without either the parameter is left out, so the method's default applies). With `block =
+/// None`, by any one of its values (to check the other parameters).
+pub fn params_for_block(
+    params: &BTreeMap<String, ParamValue>,
+    block: Option<&str>,
+) -> BTreeMap<String, ParamValue> {
+    params
+        .iter()
+        .filter_map(|(k, v)| match v {
+            ParamValue::Blocks(map) => {
+                let value = match block {
+                    Some(b) => map.get(b).or_else(|| map.get("default")),
+                    None => map.values().next(),
+                };
+                value.map(|x| (k.clone(), ParamValue::Number(*x)))
+            }
+            other => Some((k.clone(), other.clone())),
+        })
+        .collect()
 }
 
 impl ParamValue {
@@ -67,6 +92,7 @@ impl ParamValue {
             ParamValue::Number(_) => "a number",
             ParamValue::List(_) => "a list of numbers",
             ParamValue::Text(_) => "a string",
+            ParamValue::Blocks(_) => "a table of per-block values",
         }
     }
 }

@@ -348,22 +348,14 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
             if k == "method" || method.slots.iter().any(|s| s.name == k) {
                 continue;
             }
-            let pv = to_param(v.get_ref()).ok_or_else(|| {
-                cx.err(
-                    v.span(),
-                    &what,
-                    format!(
-                        "parameter `{k}` must be a number, a boolean, a string or a list of numbers, got {}",
-                        v.get_ref().type_str()
-                    ),
-                )
-            })?;
+            let pv = to_param(v.get_ref())
+                .map_err(|e| cx.err(v.span(), &what, format!("parameter `{k}` {e}")))?;
             params.insert(k.clone(), pv);
         }
         let counts: Vec<usize> = slots.iter().map(Vec::len).collect();
         methods::build::<f32>(
             method.name,
-            Params::new(method.name, params.clone()),
+            Params::new(method.name, crate::method::params_for_block(&params, None)),
             &counts,
         )
         .map_err(|e| cx.err(table.span(), &what, e.to_string()))?;
@@ -493,7 +485,62 @@ fn refs_in(v: &toml::Value) -> Vec<&str> {
     }
 }
 
-fn to_param(v: &toml::Value) -> Option<ParamValue> {
+fn to_param(v: &toml::Value) -> std::result::Result<ParamValue, String> {
+    if let toml::Value::Table(t) = v {
+        return block_param(t);
+    }
+    simple_param(v).ok_or_else(|| {
+        format!(
+            "must be a number, a boolean, a string, a list of numbers or a table of per-block values, got {}",
+            v.type_str()
+        )
+    })
+}
+
+/// A per-block parameter: `{ IN00 = 0.1, M00 = 0.5, default = 0.3 }`, or a supermerger list
+/// `{ list = "0.1,0.2,...", BASE = 0.5 }` (25/26 values for SD1, 19/20 for SDXL).
+fn block_param(t: &toml::Table) -> std::result::Result<ParamValue, String> {
+    let mut map = BTreeMap::new();
+    if let Some(list) = t.get("list") {
+        let list = list
+            .as_str()
+            .ok_or("`list` must be a string of comma-separated values")?;
+        for (id, v) in crate::arch::expand_block_list(list)? {
+            map.insert(id.to_string(), v);
+        }
+    }
+    let known: Vec<&str> = [crate::arch::Arch::Sd1, crate::arch::Arch::Sdxl]
+        .iter()
+        .flat_map(|a| crate::arch::block_ids(*a).unwrap().iter().copied())
+        .collect();
+    for (k, v) in t {
+        if k == "list" {
+            continue;
+        }
+        if k != "default" && !known.contains(&k.as_str()) {
+            return Err(format!(
+                "`{k}` is not a block id (BASE, IN00..IN11, M00, OUT00..OUT11, VAE, default, list)"
+            ));
+        }
+        let x = match v {
+            toml::Value::Integer(i) => *i as f64,
+            toml::Value::Float(f) => *f,
+            other => {
+                return Err(format!(
+                    "block `{k}` must be a number, got {}",
+                    other.type_str()
+                ))
+            }
+        };
+        map.insert(k.clone(), x);
+    }
+    if map.is_empty() {
+        return Err("a per-block table needs block values or a `list`".into());
+    }
+    Ok(ParamValue::Blocks(map))
+}
+
+fn simple_param(v: &toml::Value) -> Option<ParamValue> {
     Some(match v {
         toml::Value::Boolean(b) => ParamValue::Bool(*b),
         toml::Value::Integer(i) => ParamValue::Number(*i as f64),
@@ -558,6 +605,13 @@ pub fn to_toml(graph: &Graph, settings: &RecipeSettings) -> String {
                         .join(", ")
                 ),
                 ParamValue::Text(t) => quote(t),
+                ParamValue::Blocks(map) => format!(
+                    "{{ {} }}",
+                    map.iter()
+                        .map(|(b, x)| format!("{} = {}", quote(b), Value::Float(*x)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             };
             s += &format!("{} = {value}\n", quote(k));
         }
