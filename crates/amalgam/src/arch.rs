@@ -443,6 +443,6 @@ pub fn expand_block_list(list: &str) -> Result<Vec<(&'static str, f64)>, String>
             ))
         }
     };
-    let ids = if with_base { &ids[..] } else { &ids[1..] };
+    let ids = if with_base { ids } else { &ids[1..] };
     Ok(ids.iter().copied().zip(values).collect())
 }
