@@ -16,10 +16,9 @@ pub enum Layout {
     Sd1DiffusersUnet,
     /// Stable Diffusion XL, original (sgm) key names.
     SdxlSgm,
-    /// Stable Diffusion XL as kohya's scripts save it (diffusers UNet, HF CLIP names).
+    /// Stable Diffusion XL as kohya's scripts save it (original UNet names under `unet.`, HF CLIP
+    /// names).
     SdxlKohya,
-    /// Only the UNet of SDXL, in diffusers names.
-    SdxlDiffusersUnet,
     /// Stable Diffusion 3 as ComfyUI saves it.
     Sd3ComfyUi,
     /// FLUX.1 with its text encoders and VAE (original names).
@@ -46,13 +45,12 @@ pub struct LayoutKey {
 }
 
 impl Layout {
-    pub const ALL: [Layout; 8] = [
+    pub const ALL: [Layout; 7] = [
         Layout::Sd1Ldm,
         Layout::Sd1Kohya,
         Layout::Sd1DiffusersUnet,
         Layout::SdxlSgm,
         Layout::SdxlKohya,
-        Layout::SdxlDiffusersUnet,
         Layout::Sd3ComfyUi,
         Layout::Flux,
     ];
@@ -65,7 +63,6 @@ impl Layout {
             Layout::Sd1DiffusersUnet => "sd1-diffusers_unet",
             Layout::SdxlSgm => "sdxl-sgm",
             Layout::SdxlKohya => "sdxl-kohya",
-            Layout::SdxlDiffusersUnet => "sdxl-diffusers_unet",
             Layout::Sd3ComfyUi => "sd3-comfyui",
             Layout::Flux => "flux-flux",
         }
@@ -74,7 +71,7 @@ impl Layout {
     pub fn arch(self) -> Arch {
         match self {
             Layout::Sd1Ldm | Layout::Sd1Kohya | Layout::Sd1DiffusersUnet => Arch::Sd1,
-            Layout::SdxlSgm | Layout::SdxlKohya | Layout::SdxlDiffusersUnet => Arch::Sdxl,
+            Layout::SdxlSgm | Layout::SdxlKohya => Arch::Sdxl,
             Layout::Sd3ComfyUi => Arch::Sd3,
             Layout::Flux => Arch::Flux,
         }
@@ -89,7 +86,6 @@ impl Layout {
             Layout::Sd1DiffusersUnet => (include_str!("../data/sd1-kohya.tsv"), Some("unet.")),
             Layout::SdxlSgm => (include_str!("../data/sdxl-sgm.tsv"), None),
             Layout::SdxlKohya => (include_str!("../data/sdxl-kohya.tsv"), None),
-            Layout::SdxlDiffusersUnet => (include_str!("../data/sdxl-kohya.tsv"), Some("unet.")),
             Layout::Sd3ComfyUi => (include_str!("../data/sd3-comfyui.tsv"), None),
             Layout::Flux => (include_str!("../data/flux-flux.tsv"), None),
         }

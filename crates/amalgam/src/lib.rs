@@ -8,12 +8,14 @@
 //! - [`graph`] and [`recipe`]: what to merge, from a recipe file or the command line.
 //! - [`arch`]: the known key layouts (SD1, SDXL, SD3, FLUX in their tools' namings), detection,
 //!   components and block ids.
+//! - [`formats`]: reading kohya and diffusers key names as the ldm/sgm layout.
 //! - [`synth`]: synthetic checkpoints with real SD key layouts, for demos, tests and benchmarks.
 
 pub mod arch;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod formats;
 pub mod graph;
 pub mod input;
 pub mod method;

@@ -126,8 +126,8 @@ fn renamed_and_foreign_keys() {
     );
     assert_eq!(detect_file(&llm).layout, None);
     // The diffusers UNet alone is told apart from the full kohya file.
-    let p = synth_one(dir.path(), Layout::SdxlDiffusersUnet, false);
-    assert_eq!(detect_file(&p).layout, Some(Layout::SdxlDiffusersUnet));
+    let p = synth_one(dir.path(), Layout::Sd1DiffusersUnet, false);
+    assert_eq!(detect_file(&p).layout, Some(Layout::Sd1DiffusersUnet));
 }
 
 #[test]
