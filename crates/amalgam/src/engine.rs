@@ -118,6 +118,12 @@ struct RunInputs<'a> {
 /// The layout that decides the components of keys: the fallback model's, else the one most
 /// inputs have (the first such in input order). Checks the recipe's component names against it.
 fn graph_layout(graph: &Graph, layouts: &[Option<Layout>]) -> Result<Option<Layout>> {
+    // Files in another key format are read as the original layout.
+    let layouts: Vec<Option<Layout>> = layouts
+        .iter()
+        .map(|l| l.map(|l| crate::formats::canonical(l).unwrap_or(l)))
+        .collect();
+    let layouts = layouts.as_slice();
     let layout = match graph.fallback.and_then(|f| layouts[f]) {
         Some(l) => Some(l),
         None => {
@@ -178,16 +184,15 @@ fn open_inputs(graph: &Graph, output: &Path) -> Result<Inputs> {
             });
         }
         let mut model = ModelFile::open(&m.path)?;
-        table.add(i, &model, &paths)?;
-        table.layouts.push(
-            crate::arch::detect(
-                model
-                    .tensors()
-                    .iter()
-                    .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
-            )
-            .layout,
-        );
+        let layout = crate::arch::detect(
+            model
+                .tensors()
+                .iter()
+                .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
+        )
+        .layout;
+        table.add(i, &model, layout, &paths)?;
+        table.layouts.push(layout);
         model.forget_index();
         models.push(model);
     }
@@ -285,13 +290,13 @@ impl Leaf {
             model: model as u32,
         }
     }
-    /// Where this leaf's model stores the key of `row`, and in which float dtype.
-    fn loc(&self, row: &KeyRow) -> (u64, FloatDtype) {
-        let loc = row.locs[self.model as usize].expect("model has the key");
-        (
-            loc.offset,
-            FloatDtype::from_safetensors(loc.dtype).expect("float key"),
-        )
+    /// Where this leaf's model stores the key of `row`.
+    fn loc(&self, row: &KeyRow) -> Loc {
+        row.locs[self.model as usize].expect("model has the key")
+    }
+    /// The float dtype it is stored in.
+    fn dtype(&self, row: &KeyRow) -> FloatDtype {
+        FloatDtype::from_safetensors(self.loc(row).dtype).expect("float key")
     }
 }
 
@@ -300,6 +305,67 @@ impl Leaf {
 struct Loc {
     offset: u64,
     dtype: safetensors::Dtype,
+    view: View,
+}
+
+/// How a key's elements are laid out in a file saved in another key format (see [`formats`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum View {
+    /// Stored as is.
+    Plain,
+    /// Three tensors of `part` elements each, stacked (the first at `offset`).
+    Concat3 { part: u64, second: u64, third: u64 },
+    /// Stored transposed: the file's tensor is `[rows, cols]`.
+    Transposed { rows: u64, cols: u64 },
+}
+
+impl Loc {
+    /// Decodes elements `start..start + dst.len()` of the key.
+    fn read<T: Real>(
+        &self,
+        model: &ModelFile,
+        start: usize,
+        dst: &mut [T],
+        scratch: &mut Vec<u64>,
+    ) -> Result<()> {
+        let dtype = FloatDtype::from_safetensors(self.dtype).expect("float key");
+        match self.view {
+            View::Plain => model.decode(self.offset, dtype, start, dst, scratch),
+            View::Concat3 {
+                part,
+                second,
+                third,
+            } => {
+                let part = part as usize;
+                let offsets = [self.offset, second, third];
+                let mut at = 0;
+                while at < dst.len() {
+                    let e = start + at;
+                    let within = e % part;
+                    let n = (part - within).min(dst.len() - at);
+                    model.decode(
+                        offsets[e / part],
+                        dtype,
+                        within,
+                        &mut dst[at..at + n],
+                        scratch,
+                    )?;
+                    at += n;
+                }
+                Ok(())
+            }
+            View::Transposed { rows, cols } => {
+                let (rows, cols) = (rows as usize, cols as usize);
+                let mut full = vec![T::ZERO; rows * cols];
+                model.decode(self.offset, dtype, 0, &mut full, scratch)?;
+                for (k, d) in dst.iter_mut().enumerate() {
+                    let e = start + k;
+                    *d = full[(e % rows) * cols + e / rows];
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// One key of the union of the inputs' keys.
@@ -333,42 +399,63 @@ struct KeyTable {
 }
 
 impl KeyTable {
-    fn add(&mut self, i: usize, model: &ModelFile, paths: &[&Path]) -> Result<()> {
-        for (name, e) in model.tensors() {
-            let loc = Some(Loc {
-                offset: e.offset,
-                dtype: e.dtype,
-            });
+    /// Adds the keys of input `i`, read as the original layout when it was saved in another key
+    /// format (`layout`).
+    fn add(
+        &mut self,
+        i: usize,
+        model: &ModelFile,
+        layout: Option<Layout>,
+        paths: &[&Path],
+    ) -> Result<()> {
+        for (name, shape, loc) in viewed_keys(model, layout, paths[i])? {
+            self.insert(i, &name, shape, loc, paths)?;
+        }
+        Ok(())
+    }
+
+    fn insert(
+        &mut self,
+        i: usize,
+        name: &str,
+        shape: Vec<usize>,
+        loc: Loc,
+        paths: &[&Path],
+    ) -> Result<()> {
+        {
+            let e_dtype = loc.dtype;
+            let float = FloatDtype::from_safetensors(e_dtype).is_some();
+            let loc = Some(loc);
             match self.rows.get_mut(name) {
                 None => {
                     let mut locs = vec![None; self.n];
                     locs[i] = loc;
                     self.rows.insert(
-                        name.clone(),
+                        name.to_string(),
                         KeyRow {
-                            name: name.clone(),
-                            shape: e.shape.clone(),
+                            name: name.to_string(),
+                            shape,
                             first: i,
                             locs,
                         },
                     );
                 }
                 Some(row) => {
-                    if row.shape != e.shape {
+                    if row.shape != shape {
                         return Err(Error::ShapeMismatch {
-                            key: name.clone(),
+                            key: name.to_string(),
                             first_path: paths[row.first].to_path_buf(),
                             first_shape: row.shape.clone(),
                             second_path: paths[i].to_path_buf(),
-                            second_shape: e.shape.clone(),
+                            second_shape: shape,
                         });
                     }
-                    if e.float_dtype().is_some() != row.is_float() {
+                    if float != row.is_float() {
                         return Err(Error::Invalid(format!(
                             "key `{name}` is {} in {} but {} in {}",
                             dtype_name(row.dtype()),
                             paths[row.first].display(),
-                            dtype_name(e.dtype),
+                            dtype_name(e_dtype),
                             paths[i].display()
                         )));
                     }
@@ -378,6 +465,105 @@ impl KeyTable {
         }
         Ok(())
     }
+}
+
+/// The keys of a model as the engine sees them: its own, or for a file saved in another key
+/// format (kohya, diffusers), the original layout's keys read through a [`View`].
+fn viewed_keys(
+    model: &ModelFile,
+    layout: Option<Layout>,
+    path: &Path,
+) -> Result<Vec<(String, Vec<usize>, Loc)>> {
+    let tensors = model.tensors();
+    let plain = |e: &crate::input::TensorEntry| Loc {
+        offset: e.offset,
+        dtype: e.dtype,
+        view: View::Plain,
+    };
+    let (Some(from), Some(to)) = (layout, layout.and_then(crate::formats::canonical)) else {
+        return Ok(tensors
+            .iter()
+            .map(|(k, e)| (k.clone(), e.shape.clone(), plain(e)))
+            .collect());
+    };
+    let names: Vec<&str> = tensors.keys().map(String::as_str).collect();
+    let map = crate::formats::to_canonical(from, &names);
+    let mut used = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(tensors.len());
+    for (key, src) in &map {
+        let entries: Vec<&crate::input::TensorEntry> =
+            src.keys().iter().map(|k| &tensors[*k]).collect();
+        used.extend(src.keys().into_iter().map(str::to_string));
+        let e = entries[0];
+        let (shape, view) = match src {
+            crate::formats::Source::Rename(_) => {
+                // The same elements; unit dimensions as the original layout has them
+                // (ldm's 1×1 convolutions are diffusers' linear layers).
+                let mut shape = e.shape.clone();
+                if let Some(lk) = to.get(key) {
+                    let ones = |s: &[usize]| s.iter().rev().take_while(|&&d| d == 1).count();
+                    while shape.len() < lk.shape.len() && ones(&lk.shape) > ones(&shape) {
+                        shape.push(1);
+                    }
+                    while shape.len() > lk.shape.len() && shape.last() == Some(&1) {
+                        shape.pop();
+                    }
+                }
+                (shape, View::Plain)
+            }
+            crate::formats::Source::Concat(_) => {
+                let same = entries
+                    .iter()
+                    .all(|x| x.shape == e.shape && x.dtype == e.dtype);
+                if !same {
+                    return Err(Error::Invalid(format!(
+                        "{}: the q/k/v parts of `{key}` ({}) differ in shape or dtype",
+                        path.display(),
+                        src.keys().join(", ")
+                    )));
+                }
+                let mut shape = e.shape.clone();
+                shape[0] *= 3;
+                let view = View::Concat3 {
+                    part: e.numel() as u64,
+                    second: entries[1].offset,
+                    third: entries[2].offset,
+                };
+                (shape, view)
+            }
+            crate::formats::Source::Transpose(_) => {
+                let [rows, cols] = e.shape[..] else {
+                    return Err(Error::Invalid(format!(
+                        "{}: `{}` should be 2-D to be transposed into `{key}`",
+                        path.display(),
+                        src.keys()[0]
+                    )));
+                };
+                (
+                    vec![cols, rows],
+                    View::Transposed {
+                        rows: rows as u64,
+                        cols: cols as u64,
+                    },
+                )
+            }
+        };
+        out.push((
+            key.clone(),
+            shape,
+            Loc {
+                offset: e.offset,
+                dtype: e.dtype,
+                view,
+            },
+        ));
+    }
+    for (k, e) in tensors {
+        if !used.contains(k) {
+            out.push((k.clone(), e.shape.clone(), plain(e)));
+        }
+    }
+    Ok(out)
 }
 
 /// What to do for one output key.
@@ -729,10 +915,8 @@ fn eval<T: Real>(
     match expr {
         Expr::Leaf(l) => {
             let mut buf = s.take(len);
-            let (offset, dtype) = l.loc(row);
-            models[l.model as usize].decode(
-                offset,
-                dtype,
+            l.loc(row).read(
+                &models[l.model as usize],
                 range.start,
                 &mut buf[..len],
                 &mut s.raw,
@@ -1054,7 +1238,7 @@ fn run<T: Real>(
 fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) -> u64 {
     fn leaves<T: Real>(e: &Expr<T>, row: &KeyRow) -> u64 {
         match e {
-            Expr::Leaf(l) => (row.numel() * l.loc(row).1.size()) as u64,
+            Expr::Leaf(l) => (row.numel() * l.dtype(row).size()) as u64,
             Expr::Node(node) => node.args.iter().map(|a| leaves(a, row)).sum(),
         }
     }
@@ -1135,7 +1319,7 @@ mod tests {
             n: 1,
             layouts: Vec::new(),
         };
-        table.add(0, &model, &[path.as_path()]).unwrap();
+        table.add(0, &model, None, &[path.as_path()]).unwrap();
         model.forget_index();
         let rows: Vec<KeyRow> = table.rows.into_values().collect();
         let models = vec![model];

@@ -97,7 +97,9 @@ fn map_key(from: Layout, key: &str) -> Option<Mapped> {
     }
     if from == Layout::Sd1Kohya {
         if let Some(rest) = key.strip_prefix("te.") {
-            return Some(Mapped::Whole(format!("cond_stage_model.transformer.{rest}")));
+            return Some(Mapped::Whole(format!(
+                "cond_stage_model.transformer.{rest}"
+            )));
         }
         if let Some(rest) = key.strip_prefix("vae.") {
             return vae_to_ldm(rest).map(|v| Mapped::Whole(format!("first_stage_model.{v}")));
@@ -122,7 +124,11 @@ fn map_key(from: Layout, key: &str) -> Option<Mapped> {
 /// A UNet key in diffusers names (without prefix) → the ldm/sgm name (without prefix).
 fn unet_to_ldm(k: &str, from: Layout) -> Option<String> {
     let target = canonical(from)?;
-    let exists = |name: &str| target.get(&format!("model.diffusion_model.{name}")).is_some();
+    let exists = |name: &str| {
+        target
+            .get(&format!("model.diffusion_model.{name}"))
+            .is_some()
+    };
     let parts: Vec<&str> = k.split('.').collect();
     let num = |i: usize| -> Option<usize> { parts.get(i)?.parse().ok() };
     let tail = |from: usize| parts[from..].join(".");
@@ -144,9 +150,17 @@ fn unet_to_ldm(k: &str, from: Layout) -> Option<String> {
         &"down_blocks" => {
             let (i, kind) = (num(1)?, *parts.get(2)?);
             match kind {
-                "resnets" => format!("input_blocks.{}.0.{}", 1 + 3 * i + num(3)?, resnet(&tail(4))),
+                "resnets" => format!(
+                    "input_blocks.{}.0.{}",
+                    1 + 3 * i + num(3)?,
+                    resnet(&tail(4))
+                ),
                 "attentions" => format!("input_blocks.{}.1.{}", 1 + 3 * i + num(3)?, tail(4)),
-                "downsamplers" => format!("input_blocks.{}.0.op.{}", 3 * (i + 1), tail(4).strip_prefix("conv.")?),
+                "downsamplers" => format!(
+                    "input_blocks.{}.0.op.{}",
+                    3 * (i + 1),
+                    tail(4).strip_prefix("conv.")?
+                ),
                 _ => return None,
             }
         }
@@ -249,8 +263,12 @@ fn clip_g_to_openclip(k: &str) -> Option<Mapped> {
     const P: &str = "conditioner.embedders.1.model.";
     let whole = |s: String| Some(Mapped::Whole(format!("{P}{s}")));
     match k {
-        "text_model.embeddings.token_embedding.weight" => return whole("token_embedding.weight".into()),
-        "text_model.embeddings.position_embedding.weight" => return whole("positional_embedding".into()),
+        "text_model.embeddings.token_embedding.weight" => {
+            return whole("token_embedding.weight".into())
+        }
+        "text_model.embeddings.position_embedding.weight" => {
+            return whole("positional_embedding".into())
+        }
         "text_projection.weight" => return Some(Mapped::Transposed(format!("{P}text_projection"))),
         _ => {}
     }
@@ -261,7 +279,10 @@ fn clip_g_to_openclip(k: &str) -> Option<Mapped> {
     let (n, rest) = r.split_once('.')?;
     let block = format!("transformer.resblocks.{n}.");
     for (i, part) in ["q_proj.", "k_proj.", "v_proj."].iter().enumerate() {
-        if let Some(wb) = rest.strip_prefix("self_attn.").and_then(|s| s.strip_prefix(part)) {
+        if let Some(wb) = rest
+            .strip_prefix("self_attn.")
+            .and_then(|s| s.strip_prefix(part))
+        {
             return Some(Mapped::Part(format!("{P}{block}attn.in_proj_{wb}"), i));
         }
     }
@@ -301,12 +322,16 @@ mod tests {
             let target = to
                 .get(c)
                 .unwrap_or_else(|| panic!("{from}: {c} (from {src:?}) is not in {to}"));
-            let shapes: Vec<&Vec<usize>> =
-                src.keys().iter().map(|k| &from.get(k).unwrap().shape).collect();
+            let shapes: Vec<&Vec<usize>> = src
+                .keys()
+                .iter()
+                .map(|k| &from.get(k).unwrap().shape)
+                .collect();
             match src {
                 Source::Rename(_) => {
                     assert_eq!(numel(shapes[0]), numel(&target.shape), "{c}");
-                    let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+                    let squeeze =
+                        |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
                     assert_eq!(squeeze(shapes[0]), squeeze(&target.shape), "{c}");
                 }
                 Source::Concat(_) => {
@@ -326,7 +351,11 @@ mod tests {
             }
         }
         let unused: Vec<&&str> = keys.iter().filter(|k| !used.contains(**k)).collect();
-        assert!(unused.is_empty(), "{from}: unmapped keys {:?}", &unused[..unused.len().min(5)]);
+        assert!(
+            unused.is_empty(),
+            "{from}: unmapped keys {:?}",
+            &unused[..unused.len().min(5)]
+        );
         let components: BTreeSet<&str> = from.keys().iter().map(|k| k.component.as_str()).collect();
         let missing: Vec<&str> = to
             .keys()
@@ -335,7 +364,12 @@ mod tests {
             .filter(|k| !map.contains_key(&k.key))
             .map(|k| k.key.as_str())
             .collect();
-        assert!(missing.is_empty(), "{from}: {} not produced, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+        assert!(
+            missing.is_empty(),
+            "{from}: {} not produced, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
     }
 
     #[test]
