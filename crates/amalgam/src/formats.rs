@@ -146,8 +146,8 @@ fn unet_to_ldm(k: &str, from: Layout) -> Option<String> {
             return Some(format!("{l}{rest}"));
         }
     }
-    let name = match parts.first()? {
-        &"down_blocks" => {
+    let name = match *parts.first()? {
+        "down_blocks" => {
             let (i, kind) = (num(1)?, *parts.get(2)?);
             match kind {
                 "resnets" => format!(
@@ -164,12 +164,12 @@ fn unet_to_ldm(k: &str, from: Layout) -> Option<String> {
                 _ => return None,
             }
         }
-        &"mid_block" => match *parts.get(1)? {
+        "mid_block" => match *parts.get(1)? {
             "resnets" => format!("middle_block.{}.{}", 2 * num(2)?, resnet(&tail(3))),
             "attentions" => format!("middle_block.1.{}", tail(3)),
             _ => return None,
         },
-        &"up_blocks" => {
+        "up_blocks" => {
             let (i, kind) = (num(1)?, *parts.get(2)?);
             match kind {
                 "resnets" => format!("output_blocks.{}.0.{}", 3 * i + num(3)?, resnet(&tail(4))),
