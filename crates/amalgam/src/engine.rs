@@ -88,7 +88,7 @@ impl Progress for NoProgress {}
 /// Merges the graph's inputs into `opts.output`.
 pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     graph.validate()?;
-    let (models, rows, layouts) = open_inputs(graph, &opts.output)?;
+    let (models, rows, layouts, notes) = open_inputs(graph, &opts.output)?;
     let layout = graph_layout(graph, &layouts)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
@@ -99,6 +99,7 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
         rows: &rows,
         layouts: &layouts,
         layout,
+        notes: &notes,
     };
     pool.install(|| match opts.compute_dtype {
         ComputeDtype::F32 => run::<f32>(graph, &inputs, opts, progress),
@@ -113,6 +114,8 @@ struct RunInputs<'a> {
     layouts: &'a [Option<Layout>],
     /// The layout components are taken from.
     layout: Option<Layout>,
+    /// How inputs were read (other key formats, LoRA files).
+    notes: &'a [String],
 }
 
 /// The layout that decides the components of keys: the fallback model's, else the one most
@@ -165,7 +168,12 @@ fn graph_layout(graph: &Graph, layouts: &[Option<Layout>]) -> Result<Option<Layo
 
 /// Opens every input, refusing an output path that is one of them, and builds the key table.
 /// The inputs, the key table, and each input's detected layout.
-type Inputs = (Vec<ModelFile>, Vec<KeyRow>, Vec<Option<Layout>>);
+type Inputs = (
+    Vec<ModelFile>,
+    Vec<KeyRow>,
+    Vec<Option<Layout>>,
+    Vec<String>,
+);
 
 fn open_inputs(graph: &Graph, output: &Path) -> Result<Inputs> {
     let out_id = file_identity(output);
@@ -174,6 +182,7 @@ fn open_inputs(graph: &Graph, output: &Path) -> Result<Inputs> {
         rows: BTreeMap::new(),
         n: paths.len(),
         layouts: Vec::new(),
+        notes: Vec::new(),
     };
     let mut models = Vec::with_capacity(graph.models.len());
     for (i, m) in graph.models.iter().enumerate() {
@@ -192,11 +201,15 @@ fn open_inputs(graph: &Graph, output: &Path) -> Result<Inputs> {
         )
         .layout;
         table.add(i, &model, layout, &paths)?;
-        table.layouts.push(layout);
         model.forget_index();
         models.push(model);
     }
-    Ok((models, table.rows.into_values().collect(), table.layouts))
+    Ok((
+        models,
+        table.rows.into_values().collect(),
+        table.layouts,
+        table.notes,
+    ))
 }
 
 #[cfg(unix)]
@@ -317,12 +330,30 @@ enum View {
     Concat3 { part: u64, second: u64, third: u64 },
     /// Stored transposed: the file's tensor is `[rows, cols]`.
     Transposed { rows: u64, cols: u64 },
+    /// The delta of a LoRA module: `scale · up · down`, spec `i` of the row's `lora`.
+    Lora(u32),
+}
+
+/// Where the two factors of a LoRA module are and how they combine.
+#[derive(Clone, Debug)]
+struct LoraSpec {
+    up: u64,
+    up_dtype: FloatDtype,
+    down: u64,
+    down_dtype: FloatDtype,
+    /// `up` is `[out, rank]`, `down` is `[rank, inner]` (inner = in · kh · kw).
+    out: usize,
+    rank: usize,
+    inner: usize,
+    /// `alpha / rank`.
+    scale: f64,
 }
 
 impl Loc {
-    /// Decodes elements `start..start + dst.len()` of the key.
+    /// Decodes elements `start..start + dst.len()` of the key of `row`.
     fn read<T: Real>(
         &self,
+        row: &KeyRow,
         model: &ModelFile,
         start: usize,
         dst: &mut [T],
@@ -330,6 +361,24 @@ impl Loc {
     ) -> Result<()> {
         let dtype = FloatDtype::from_safetensors(self.dtype).expect("float key");
         match self.view {
+            View::Lora(i) => {
+                let sp = &row.lora[i as usize];
+                let mut up = vec![T::ZERO; sp.out * sp.rank];
+                let mut down = vec![T::ZERO; sp.rank * sp.inner];
+                model.decode(sp.up, sp.up_dtype, 0, &mut up, scratch)?;
+                model.decode(sp.down, sp.down_dtype, 0, &mut down, scratch)?;
+                let scale = T::from_f64(sp.scale);
+                for (k, d) in dst.iter_mut().enumerate() {
+                    let e = start + k;
+                    let (o, c) = (e / sp.inner, e % sp.inner);
+                    let mut sum = T::ZERO;
+                    for r in 0..sp.rank {
+                        sum += up[o * sp.rank + r] * down[r * sp.inner + c];
+                    }
+                    *d = sum * scale;
+                }
+                Ok(())
+            }
             View::Plain => model.decode(self.offset, dtype, start, dst, scratch),
             View::Concat3 {
                 part,
@@ -376,6 +425,8 @@ struct KeyRow {
     first: usize,
     /// Per model, where it stores the key.
     locs: Vec<Option<Loc>>,
+    /// The LoRA modules of the inputs that are LoRA files (see [`View::Lora`]).
+    lora: Vec<LoraSpec>,
 }
 
 impl KeyRow {
@@ -396,6 +447,8 @@ struct KeyTable {
     rows: BTreeMap<String, KeyRow>,
     n: usize,
     layouts: Vec<Option<Layout>>,
+    /// Lines for the report about how inputs were read.
+    notes: Vec<String>,
 }
 
 impl KeyTable {
@@ -408,9 +461,12 @@ impl KeyTable {
         layout: Option<Layout>,
         paths: &[&Path],
     ) -> Result<()> {
-        for (name, shape, loc) in viewed_keys(model, layout, paths[i])? {
-            self.insert(i, &name, shape, loc, paths)?;
+        let viewed = viewed_keys(model, layout, paths[i])?;
+        self.notes.extend(viewed.notes);
+        for (name, shape, loc, lora) in viewed.keys {
+            self.insert(i, &name, shape, loc, lora, paths)?;
         }
+        self.layouts.push(viewed.layout);
         Ok(())
     }
 
@@ -419,17 +475,22 @@ impl KeyTable {
         i: usize,
         name: &str,
         shape: Vec<usize>,
-        loc: Loc,
+        mut loc: Loc,
+        lora: Option<LoraSpec>,
         paths: &[&Path],
     ) -> Result<()> {
         {
             let e_dtype = loc.dtype;
             let float = FloatDtype::from_safetensors(e_dtype).is_some();
-            let loc = Some(loc);
             match self.rows.get_mut(name) {
                 None => {
                     let mut locs = vec![None; self.n];
-                    locs[i] = loc;
+                    let mut specs = Vec::new();
+                    if let Some(spec) = lora {
+                        loc.view = View::Lora(0);
+                        specs.push(spec);
+                    }
+                    locs[i] = Some(loc);
                     self.rows.insert(
                         name.to_string(),
                         KeyRow {
@@ -437,10 +498,16 @@ impl KeyTable {
                             shape,
                             first: i,
                             locs,
+                            lora: specs,
                         },
                     );
                 }
                 Some(row) => {
+                    if let Some(spec) = lora {
+                        loc.view = View::Lora(row.lora.len() as u32);
+                        row.lora.push(spec);
+                    }
+                    let loc = Some(loc);
                     if row.shape != shape {
                         return Err(Error::ShapeMismatch {
                             key: name.to_string(),
@@ -467,26 +534,138 @@ impl KeyTable {
     }
 }
 
-/// The keys of a model as the engine sees them: its own, or for a file saved in another key
-/// format (kohya, diffusers), the original layout's keys read through a [`View`].
-fn viewed_keys(
-    model: &ModelFile,
+/// One key of a model as the engine sees it.
+type ViewedKey = (String, Vec<usize>, Loc, Option<LoraSpec>);
+
+/// A model's keys as the engine sees them, the layout it counts as, and notes for the report.
+struct Viewed {
+    keys: Vec<ViewedKey>,
     layout: Option<Layout>,
-    path: &Path,
-) -> Result<Vec<(String, Vec<usize>, Loc)>> {
+    notes: Vec<String>,
+}
+
+/// `shape` with trailing unit dimensions added or removed to match the layout's key `key`
+/// (ldm's 1×1 convolutions are diffusers' and LoRA's linear layers).
+fn unit_dims_like(mut shape: Vec<usize>, to: Layout, key: &str) -> Vec<usize> {
+    if let Some(lk) = to.get(key) {
+        let ones = |s: &[usize]| s.iter().rev().take_while(|&&d| d == 1).count();
+        while shape.len() < lk.shape.len() && ones(&lk.shape) > ones(&shape) {
+            shape.push(1);
+        }
+        while shape.len() > lk.shape.len() && shape.last() == Some(&1) {
+            shape.pop();
+        }
+    }
+    shape
+}
+
+/// A kohya LoRA file read as a delta model of the original layout.
+fn lora_keys(model: &ModelFile, path: &Path) -> Result<Viewed> {
     let tensors = model.tensors();
+    let names: Vec<&str> = tensors.keys().map(String::as_str).collect();
+    let (layout, modules, unknown) = crate::formats::lora_modules(&names);
+    let Some(to) = layout else {
+        return Err(Error::Invalid(format!(
+            "{}: a LoRA file, but none of its modules names an SD1 or SDXL key (e.g. `{}`)",
+            path.display(),
+            unknown.first().map_or("", String::as_str)
+        )));
+    };
+    let float = |k: &str| -> Result<(&crate::input::TensorEntry, FloatDtype)> {
+        let e = &tensors[k];
+        let d = e.float_dtype().ok_or_else(|| {
+            Error::Invalid(format!("{}: `{k}` is not a float tensor", path.display()))
+        })?;
+        Ok((e, d))
+    };
+    let mut keys = Vec::new();
+    for m in &modules {
+        let (up, up_dtype) = float(&m.up)?;
+        let (down, down_dtype) = float(&m.down)?;
+        let rank = *down.shape.first().unwrap_or(&0);
+        let out = *up.shape.first().unwrap_or(&0);
+        if rank == 0 || up.shape.get(1) != Some(&rank) || up.numel() != out * rank {
+            return Err(Error::Invalid(format!(
+                "{}: LoRA module `{}`: up {:?} and down {:?} do not share a rank",
+                path.display(),
+                m.up.trim_end_matches(".lora_up.weight"),
+                up.shape,
+                down.shape
+            )));
+        }
+        let alpha = match &m.alpha {
+            Some(a) => {
+                let (e, d) = float(a)?;
+                let mut v = [0f64];
+                model.decode(e.offset, d, 0, &mut v, &mut Vec::new())?;
+                v[0]
+            }
+            None => rank as f64,
+        };
+        let mut shape = vec![out];
+        shape.extend_from_slice(&down.shape[1..]);
+        let shape = unit_dims_like(shape, to, &m.target);
+        let spec = LoraSpec {
+            up: up.offset,
+            up_dtype,
+            down: down.offset,
+            down_dtype,
+            out,
+            rank,
+            inner: down.numel() / rank,
+            scale: alpha / rank as f64,
+        };
+        let loc = Loc {
+            offset: up.offset,
+            dtype: up.dtype,
+            view: View::Plain,
+        };
+        keys.push((m.target.clone(), shape, loc, Some(spec)));
+    }
+    let mut notes = vec![format!(
+        "{}: a LoRA for {to}: {} modules read as deltas",
+        path.display(),
+        modules.len()
+    )];
+    if !unknown.is_empty() {
+        notes.push(format!(
+            "{}: {} LoRA modules left out: they name no whole key of {to} (e.g. `{}`; CLIP-G q/k/v are parts of a fused key)",
+            path.display(),
+            unknown.len(),
+            unknown[0]
+        ));
+    }
+    Ok(Viewed {
+        keys,
+        layout: Some(to),
+        notes,
+    })
+}
+
+/// The keys of a model as the engine sees them: its own, or for a file saved in another key
+/// format (kohya, diffusers), the original layout's keys read through a [`View`], or for a LoRA
+/// file, the deltas it encodes.
+fn viewed_keys(model: &ModelFile, layout: Option<Layout>, path: &Path) -> Result<Viewed> {
+    let tensors = model.tensors();
+    let names: Vec<&str> = tensors.keys().map(String::as_str).collect();
+    if crate::formats::is_lora(&names) {
+        return lora_keys(model, path);
+    }
     let plain = |e: &crate::input::TensorEntry| Loc {
         offset: e.offset,
         dtype: e.dtype,
         view: View::Plain,
     };
     let (Some(from), Some(to)) = (layout, layout.and_then(crate::formats::canonical)) else {
-        return Ok(tensors
-            .iter()
-            .map(|(k, e)| (k.clone(), e.shape.clone(), plain(e)))
-            .collect());
+        return Ok(Viewed {
+            keys: tensors
+                .iter()
+                .map(|(k, e)| (k.clone(), e.shape.clone(), plain(e), None))
+                .collect(),
+            layout,
+            notes: Vec::new(),
+        });
     };
-    let names: Vec<&str> = tensors.keys().map(String::as_str).collect();
     let map = crate::formats::to_canonical(from, &names);
     let mut used = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(tensors.len());
@@ -497,19 +676,7 @@ fn viewed_keys(
         let e = entries[0];
         let (shape, view) = match src {
             crate::formats::Source::Rename(_) => {
-                // The same elements; unit dimensions as the original layout has them
-                // (ldm's 1×1 convolutions are diffusers' linear layers).
-                let mut shape = e.shape.clone();
-                if let Some(lk) = to.get(key) {
-                    let ones = |s: &[usize]| s.iter().rev().take_while(|&&d| d == 1).count();
-                    while shape.len() < lk.shape.len() && ones(&lk.shape) > ones(&shape) {
-                        shape.push(1);
-                    }
-                    while shape.len() > lk.shape.len() && shape.last() == Some(&1) {
-                        shape.pop();
-                    }
-                }
-                (shape, View::Plain)
+                (unit_dims_like(e.shape.clone(), to, key), View::Plain)
             }
             crate::formats::Source::Concat(_) => {
                 let same = entries
@@ -556,14 +723,22 @@ fn viewed_keys(
                 dtype: e.dtype,
                 view,
             },
+            None,
         ));
     }
     for (k, e) in tensors {
         if !used.contains(k) {
-            out.push((k.clone(), e.shape.clone(), plain(e)));
+            out.push((k.clone(), e.shape.clone(), plain(e), None));
         }
     }
-    Ok(out)
+    Ok(Viewed {
+        keys: out,
+        layout: Some(from),
+        notes: vec![format!(
+            "{}: {from} key names, read as {to}",
+            path.display()
+        )],
+    })
 }
 
 /// What to do for one output key.
@@ -916,6 +1091,7 @@ fn eval<T: Real>(
         Expr::Leaf(l) => {
             let mut buf = s.take(len);
             l.loc(row).read(
+                row,
                 &models[l.model as usize],
                 range.start,
                 &mut buf[..len],
@@ -1019,6 +1195,7 @@ fn run<T: Real>(
         .map(|l| l.map(|l| l.name().to_string()))
         .collect();
     report.architecture = inputs.layout.map(|l| l.name().to_string());
+    report.notes.extend(inputs.notes.iter().cloned());
     let mut planned = plan::<T>(graph, rows, inputs.layout, opts, &mut report)?;
 
     // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
@@ -1318,6 +1495,7 @@ mod tests {
             rows: BTreeMap::new(),
             n: 1,
             layouts: Vec::new(),
+            notes: Vec::new(),
         };
         table.add(0, &model, None, &[path.as_path()]).unwrap();
         model.forget_index();

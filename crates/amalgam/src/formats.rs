@@ -383,3 +383,91 @@ mod tests {
         }
     }
 }
+
+/// One module of a kohya LoRA (or LoCon) file and the original-layout key it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoraModule {
+    /// The key of the original layout (ldm/sgm) the module's delta applies to.
+    pub target: String,
+    /// `<module>.lora_up.weight`, `[out, rank]` (or `[out, rank, 1, 1]`).
+    pub up: String,
+    /// `<module>.lora_down.weight`, `[rank, in]` (or `[rank, in, kh, kw]`).
+    pub down: String,
+    /// `<module>.alpha`, a scalar; without it the scale is 1.
+    pub alpha: Option<String>,
+}
+
+/// Whether the keys are those of a kohya LoRA file.
+pub fn is_lora(keys: &[&str]) -> bool {
+    keys.iter().any(|k| k.ends_with(".lora_up.weight"))
+}
+
+/// The modules of a kohya LoRA file mapped to original-layout keys, trying the SD1 and SDXL
+/// module names (`lora_unet_...`, `lora_te_...`, `lora_te1_...`, `lora_te2_...`); returns the
+/// layout that names the most modules, its modules, and the module names it does not know
+/// (e.g. CLIP-G q/k/v, which are parts of a fused key).
+pub fn lora_modules(keys: &[&str]) -> (Option<Layout>, Vec<LoraModule>, Vec<String>) {
+    let modules: Vec<&str> = keys
+        .iter()
+        .filter_map(|k| k.strip_suffix(".lora_up.weight"))
+        .collect();
+    let present: std::collections::HashSet<&str> = keys.iter().copied().collect();
+    let mut best: (Option<Layout>, Vec<LoraModule>, Vec<String>) = (
+        None,
+        Vec::new(),
+        modules.iter().map(|m| m.to_string()).collect(),
+    );
+    for kohya in [Layout::Sd1Kohya, Layout::SdxlKohya] {
+        let names: Vec<&str> = kohya.keys().iter().map(|k| k.key.as_str()).collect();
+        // kohya key → original key, for keys read as a whole.
+        let canon: std::collections::HashMap<String, String> = to_canonical(kohya, &names)
+            .into_iter()
+            .filter_map(|(c, s)| match s {
+                Source::Rename(k) => Some((k, c)),
+                _ => None,
+            })
+            .collect();
+        let mut table = std::collections::HashMap::new();
+        for k in &names {
+            let Some(module) = k.strip_suffix(".weight") else {
+                continue;
+            };
+            let Some(c) = canon.get(*k) else { continue };
+            let lora = [
+                ("unet.", "lora_unet_"),
+                ("te.", "lora_te_"),
+                ("te1.", "lora_te1_"),
+                ("te2.", "lora_te2_"),
+            ]
+            .iter()
+            .find_map(|(p, l)| {
+                module
+                    .strip_prefix(p)
+                    .map(|r| format!("{l}{}", r.replace('.', "_")))
+            });
+            if let Some(lora) = lora {
+                table.insert(lora, c.clone());
+            }
+        }
+        let mut found = Vec::new();
+        let mut unknown = Vec::new();
+        for m in &modules {
+            match table.get(*m) {
+                Some(target) => {
+                    let alpha = format!("{m}.alpha");
+                    found.push(LoraModule {
+                        target: target.clone(),
+                        up: format!("{m}.lora_up.weight"),
+                        down: format!("{m}.lora_down.weight"),
+                        alpha: present.contains(alpha.as_str()).then_some(alpha),
+                    })
+                }
+                None => unknown.push(m.to_string()),
+            }
+        }
+        if found.len() > best.1.len() {
+            best = (canonical(kohya), found, unknown);
+        }
+    }
+    best
+}

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::method::{Method, MethodInfo, Params};
 use crate::real::Real;
 
+pub mod add;
 pub mod add_difference;
 pub mod della;
 pub mod geometric_median;
@@ -43,6 +44,7 @@ registry!(
     soup::INFO => soup::Soup::new,
     linear::INFO => linear::Linear::new,
     add_difference::INFO => add_difference::AddDifference::new,
+    add::INFO => add::Add::new,
     subtract::INFO => subtract::Subtract::new,
     task_arithmetic::INFO => task_arithmetic::TaskArithmetic::new,
     ties::TIES => ties::Pipeline::ties,
