@@ -72,6 +72,7 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
         memory_budget: 256 << 20,
         threads: 0,
         seed: None,
+        layout: None,
     };
     let (opts, settings) = crate::merge_options(&soup_out, &engine, &Default::default(), true);
     let report = crate::run_merge(&graph, opts, &settings, false)?;

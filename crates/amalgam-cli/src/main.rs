@@ -64,6 +64,10 @@ pub struct EngineArgs {
     /// Seed for methods with random masks [default: 0, or the recipe's]
     #[arg(long)]
     seed: Option<u64>,
+    /// Write the output in this key layout, e.g. sdxl-kohya or sd1-kohya [default: the original
+    /// (ldm/sgm) layout, or the recipe's]
+    #[arg(long)]
+    layout: Option<amalgam::arch::Layout>,
 }
 
 #[derive(Args)]
@@ -299,7 +303,9 @@ pub fn merge_options(
                 .unwrap_or(ComputeDtype::F32),
         ),
         seed: Some(engine.seed.or(settings.seed).unwrap_or(0)),
+        layout: engine.layout.or(settings.layout),
     };
+    opts.output_layout = effective.layout;
     opts.output_dtype = effective.dtype.unwrap();
     opts.compute_dtype = effective.compute_dtype.unwrap();
     opts.seed = effective.seed.unwrap();

@@ -54,6 +54,9 @@ pub struct MergeOptions {
     /// Force this chunk length (elements, rounded to [`BLOCK`]) instead of deriving it from the
     /// budget. For tests of chunk-size invariance.
     pub chunk_override: Option<usize>,
+    /// Write the output in this layout (e.g. `sdxl-kohya`) instead of the original one the
+    /// merge is computed in.
+    pub output_layout: Option<Layout>,
 }
 
 impl MergeOptions {
@@ -68,6 +71,7 @@ impl MergeOptions {
             overwrite: false,
             metadata: BTreeMap::new(),
             chunk_override: None,
+            output_layout: None,
         }
     }
 }
@@ -741,6 +745,137 @@ fn viewed_keys(model: &ModelFile, layout: Option<Layout>, path: &Path) -> Result
     })
 }
 
+/// Where a computed key goes in the output file.
+enum OutView {
+    /// Output tensor `i`, as computed.
+    Same(usize),
+    /// Split in three row blocks (q, k, v) of `part` elements into output tensors `ids`.
+    Split3 { ids: [usize; 3], part: usize },
+    /// Output tensor `i` is the computed `[rows, cols]` tensor transposed.
+    Transposed { i: usize, rows: usize, cols: usize },
+}
+
+impl OutView {
+    /// Writes the encoded elements starting at element `start` (`size` bytes each).
+    fn write(&self, out: &OutputFile, start: usize, size: usize, bytes: &mut [u8]) -> Result<()> {
+        match *self {
+            OutView::Same(i) => out.write_at(i, (start * size) as u64, bytes),
+            OutView::Split3 { ids, part } => {
+                let total = bytes.len() / size;
+                let mut at = 0;
+                while at < total {
+                    let e = start + at;
+                    let within = e % part;
+                    let n = (part - within).min(total - at);
+                    out.write_at(
+                        ids[e / part],
+                        (within * size) as u64,
+                        &bytes[at * size..(at + n) * size],
+                    )?;
+                    at += n;
+                }
+                Ok(())
+            }
+            OutView::Transposed { i, rows, cols } => {
+                debug_assert_eq!((start, bytes.len()), (0, rows * cols * size));
+                let mut t = vec![0u8; bytes.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
+                        t[to..to + size].copy_from_slice(&bytes[from..from + size]);
+                    }
+                }
+                out.write_at(i, 0, &t)
+            }
+        }
+    }
+}
+
+/// The output tensors and where each planned key goes: the keys as computed, or with
+/// `opts.output_layout`, the names, shapes and splits of that layout.
+fn output_views<T: Real>(
+    planned: &[PlannedKey<T>],
+    rows: &[KeyRow],
+    layout: Option<Layout>,
+    opts: &MergeOptions,
+) -> Result<(Vec<OutputTensor>, Vec<OutView>)> {
+    let dtype_of = |p: &PlannedKey<T>| match &p.job {
+        Job::CopyRaw { .. } => rows[p.row].dtype(),
+        Job::Compute { .. } | Job::Done => opts.output_dtype.safetensors(),
+    };
+    let mut tensors = Vec::with_capacity(planned.len());
+    let mut views = Vec::with_capacity(planned.len());
+    let map = match opts.output_layout {
+        None => None,
+        Some(target) => {
+            let canonical = crate::formats::canonical(target).unwrap_or(target);
+            if Some(canonical) != layout {
+                return Err(Error::Invalid(format!(
+                    "cannot write the output as {target}: the merge is {}",
+                    layout.map_or("of no known architecture".to_string(), |l| l.to_string())
+                )));
+            }
+            let names: Vec<&str> = target.keys().iter().map(|k| k.key.as_str()).collect();
+            Some((target, crate::formats::to_canonical(target, &names)))
+        }
+    };
+    for p in planned {
+        let row = &rows[p.row];
+        let dtype = dtype_of(p);
+        let source = map
+            .as_ref()
+            .and_then(|(t, m)| Some((*t, m.get(&row.name)?)));
+        let float = matches!(p.job, Job::Compute { .. } | Job::Done);
+        match source {
+            Some((target, crate::formats::Source::Rename(k))) => {
+                views.push(OutView::Same(tensors.len()));
+                tensors.push(OutputTensor {
+                    name: k.clone(),
+                    dtype,
+                    shape: unit_dims_like(row.shape.clone(), target, k),
+                });
+            }
+            Some((_, crate::formats::Source::Concat(ks))) if float && row.shape[0] % 3 == 0 => {
+                let mut shape = row.shape.clone();
+                shape[0] /= 3;
+                let first = tensors.len();
+                for k in ks {
+                    tensors.push(OutputTensor {
+                        name: k.clone(),
+                        dtype,
+                        shape: shape.clone(),
+                    });
+                }
+                views.push(OutView::Split3 {
+                    ids: [first, first + 1, first + 2],
+                    part: row.numel() / 3,
+                });
+            }
+            Some((_, crate::formats::Source::Transpose(k))) if float && row.shape.len() == 2 => {
+                views.push(OutView::Transposed {
+                    i: tensors.len(),
+                    rows: row.shape[0],
+                    cols: row.shape[1],
+                });
+                tensors.push(OutputTensor {
+                    name: k.clone(),
+                    dtype,
+                    shape: vec![row.shape[1], row.shape[0]],
+                });
+            }
+            _ => {
+                views.push(OutView::Same(tensors.len()));
+                tensors.push(OutputTensor {
+                    name: row.name.clone(),
+                    dtype,
+                    shape: row.shape.clone(),
+                });
+            }
+        }
+    }
+    Ok((tensors, views))
+}
+
 /// What to do for one output key.
 enum Job<T: Real> {
     Compute {
@@ -1243,20 +1378,7 @@ fn run<T: Real>(
     report.threads = threads;
     report.working_set_bytes = (threads * (sub * sub_bytes_per_elem + chunk * out_size)) as u64;
 
-    let out_tensors: Vec<OutputTensor> = planned
-        .iter()
-        .map(|p| {
-            let row = &rows[p.row];
-            OutputTensor {
-                name: row.name.clone(),
-                dtype: match &p.job {
-                    Job::CopyRaw { .. } => row.dtype(),
-                    Job::Compute { .. } | Job::Done => opts.output_dtype.safetensors(),
-                },
-                shape: row.shape.clone(),
-            }
-        })
-        .collect();
+    let (out_tensors, views) = output_views(&planned, rows, inputs.layout, opts)?;
     let mut metadata: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
     metadata.insert("amalgam_version".into(), crate::VERSION.into());
     metadata.insert("format".into(), "pt".into());
@@ -1291,7 +1413,7 @@ fn run<T: Real>(
                 s.free.push(buf);
                 at = r.end;
             }
-            let result = out.write_at(task.key, (task.range.start * out_size) as u64, bytes);
+            let result = views[task.key].write(&out, task.range.start, out_size, bytes);
             s.out = out_words;
             if step > sub {
                 // Buffers of a large unit are not kept for the small chunks that follow.
@@ -1339,7 +1461,9 @@ fn run<T: Real>(
                 let n = (len - at).min(8 << 20) as usize;
                 raw_buf.resize(n, 0u8);
                 models[model].read_at(offset + at, &mut raw_buf)?;
-                out.write_at(ki, at, &raw_buf)?;
+                // Non-float keys are only renamed (e.g. position_ids).
+                let esize = (rows[planned[ki].row].dtype().bitsize() / 8).max(1);
+                views[ki].write(&out, at as usize / esize, esize, &mut raw_buf)?;
                 at += n as u64;
             }
             written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
@@ -1351,7 +1475,12 @@ fn run<T: Real>(
             unreachable!()
         };
         let numel = *numel;
-        let unit = expr.unit().min(numel.max(1));
+        // A key written transposed is computed whole.
+        let unit = if matches!(views[ki], OutView::Transposed { .. }) {
+            numel.max(1)
+        } else {
+            expr.unit().min(numel.max(1))
+        };
         let large = unit > sub;
         let has_stats = expr.has_stats();
         if has_stats || large {

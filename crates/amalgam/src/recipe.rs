@@ -21,6 +21,8 @@ pub struct RecipeSettings {
     pub dtype: Option<OutputDtype>,
     pub compute_dtype: Option<ComputeDtype>,
     pub seed: Option<u64>,
+    /// The key layout to write (`sdxl-kohya`, ...), when not the original one.
+    pub layout: Option<crate::arch::Layout>,
 }
 
 /// A parsed recipe.
@@ -50,6 +52,7 @@ struct RawOutput {
     compute_dtype: Option<Spanned<String>>,
     fallback: Option<Spanned<String>>,
     seed: Option<Spanned<i64>>,
+    layout: Option<Spanned<String>>,
     repair: Option<Spanned<String>>,
     #[serde(default)]
     components: BTreeMap<String, Spanned<String>>,
@@ -450,6 +453,13 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
                 .map_err(|e: String| cx.err(d.span(), "output", e))?,
         );
     }
+    if let Some(l) = &out.layout {
+        settings.layout = Some(
+            l.get_ref()
+                .parse()
+                .map_err(|e: String| cx.err(l.span(), "output", e))?,
+        );
+    }
     if let Some(s) = &out.seed {
         settings.seed =
             Some(u64::try_from(*s.get_ref()).map_err(|_| {
@@ -628,6 +638,9 @@ pub fn to_toml(graph: &Graph, settings: &RecipeSettings) -> String {
     }
     if let Some(d) = settings.compute_dtype {
         s += &format!("compute_dtype = {}\n", quote(d.name()));
+    }
+    if let Some(l) = settings.layout {
+        s += &format!("layout = {}\n", quote(l.name()));
     }
     if let Some(seed) = settings.seed {
         s += &format!("seed = {seed}\n");
