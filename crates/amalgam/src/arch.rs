@@ -14,6 +14,8 @@ pub enum Layout {
     Sd1Kohya,
     /// Only the UNet of SD1, in diffusers names (`diffusion_pytorch_model.safetensors`).
     Sd1DiffusersUnet,
+    /// Only the UNet of SDXL, in diffusers names (derived from the sgm layout).
+    SdxlDiffusersUnet,
     /// Stable Diffusion XL, original (sgm) key names.
     SdxlSgm,
     /// Stable Diffusion XL as kohya's scripts save it (original UNet names under `unet.`, HF CLIP
@@ -45,12 +47,13 @@ pub struct LayoutKey {
 }
 
 impl Layout {
-    pub const ALL: [Layout; 7] = [
+    pub const ALL: [Layout; 8] = [
         Layout::Sd1Ldm,
         Layout::Sd1Kohya,
         Layout::Sd1DiffusersUnet,
         Layout::SdxlSgm,
         Layout::SdxlKohya,
+        Layout::SdxlDiffusersUnet,
         Layout::Sd3ComfyUi,
         Layout::Flux,
     ];
@@ -63,6 +66,7 @@ impl Layout {
             Layout::Sd1DiffusersUnet => "sd1-diffusers_unet",
             Layout::SdxlSgm => "sdxl-sgm",
             Layout::SdxlKohya => "sdxl-kohya",
+            Layout::SdxlDiffusersUnet => "sdxl-diffusers_unet",
             Layout::Sd3ComfyUi => "sd3-comfyui",
             Layout::Flux => "flux-flux",
         }
@@ -71,7 +75,7 @@ impl Layout {
     pub fn arch(self) -> Arch {
         match self {
             Layout::Sd1Ldm | Layout::Sd1Kohya | Layout::Sd1DiffusersUnet => Arch::Sd1,
-            Layout::SdxlSgm | Layout::SdxlKohya => Arch::Sdxl,
+            Layout::SdxlSgm | Layout::SdxlKohya | Layout::SdxlDiffusersUnet => Arch::Sdxl,
             Layout::Sd3ComfyUi => Arch::Sd3,
             Layout::Flux => Arch::Flux,
         }
@@ -86,6 +90,8 @@ impl Layout {
             Layout::Sd1DiffusersUnet => (include_str!("../data/sd1-kohya.tsv"), Some("unet.")),
             Layout::SdxlSgm => (include_str!("../data/sdxl-sgm.tsv"), None),
             Layout::SdxlKohya => (include_str!("../data/sdxl-kohya.tsv"), None),
+            // Derived below from the sgm UNet keys.
+            Layout::SdxlDiffusersUnet => (include_str!("../data/sdxl-sgm.tsv"), None),
             Layout::Sd3ComfyUi => (include_str!("../data/sd3-comfyui.tsv"), None),
             Layout::Flux => (include_str!("../data/flux-flux.tsv"), None),
         }
@@ -98,6 +104,20 @@ impl Layout {
     }
 
     fn parse_keys(self) -> Vec<LayoutKey> {
+        if self == Layout::SdxlDiffusersUnet {
+            return Layout::SdxlSgm
+                .parse_keys()
+                .into_iter()
+                .filter(|k| k.component == "diffuser")
+                .filter_map(|k| {
+                    let ldm = k.key.strip_prefix("model.diffusion_model.")?;
+                    Some(LayoutKey {
+                        key: crate::formats::ldm_to_unet(ldm)?,
+                        ..k
+                    })
+                })
+                .collect();
+        }
         let (text, prefix) = self.source();
         text.lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())

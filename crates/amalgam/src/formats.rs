@@ -39,7 +39,7 @@ impl Source {
 pub fn canonical(layout: Layout) -> Option<Layout> {
     match layout {
         Layout::Sd1Kohya | Layout::Sd1DiffusersUnet => Some(Layout::Sd1Ldm),
-        Layout::SdxlKohya => Some(Layout::SdxlSgm),
+        Layout::SdxlKohya | Layout::SdxlDiffusersUnet => Some(Layout::SdxlSgm),
         _ => None,
     }
 }
@@ -85,7 +85,7 @@ fn map_key(from: Layout, key: &str) -> Option<Mapped> {
             return Some(Mapped::Whole(format!("model.diffusion_model.{rest}")));
         }
     }
-    let unet_prefix = if from == Layout::Sd1DiffusersUnet {
+    let unet_prefix = if matches!(from, Layout::Sd1DiffusersUnet | Layout::SdxlDiffusersUnet) {
         ""
     } else {
         "unet."
@@ -191,6 +191,95 @@ fn unet_to_ldm(k: &str, from: Layout) -> Option<String> {
         _ => return None,
     };
     Some(name)
+}
+
+/// A UNet key in ldm/sgm names (without `model.diffusion_model.`) → the diffusers name: the
+/// inverse of [`unet_to_ldm`].
+pub fn ldm_to_unet(k: &str) -> Option<String> {
+    let simple = [
+        ("input_blocks.0.0.", "conv_in."),
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
+        ("out.0.", "conv_norm_out."),
+        ("out.2.", "conv_out."),
+    ];
+    for (l, d) in simple {
+        if let Some(rest) = k.strip_prefix(l) {
+            return Some(format!("{d}{rest}"));
+        }
+    }
+    let parts: Vec<&str> = k.split('.').collect();
+    let num = |i: usize| -> Option<usize> { parts.get(i)?.parse().ok() };
+    let tail = |from: usize| parts[from..].join(".");
+    match *parts.first()? {
+        "input_blocks" => {
+            let (n, sub) = (num(1)?, num(2)?);
+            if n == 0 {
+                return None;
+            }
+            if parts.get(3) == Some(&"op") {
+                return Some(format!(
+                    "down_blocks.{}.downsamplers.0.conv.{}",
+                    n / 3 - 1,
+                    tail(4)
+                ));
+            }
+            let (i, j) = ((n - 1) / 3, (n - 1) % 3);
+            match sub {
+                0 => Some(format!(
+                    "down_blocks.{i}.resnets.{j}.{}",
+                    resnet_inv(&tail(3))
+                )),
+                1 => Some(format!("down_blocks.{i}.attentions.{j}.{}", tail(3))),
+                _ => None,
+            }
+        }
+        "middle_block" => match num(1)? {
+            0 | 2 => Some(format!(
+                "mid_block.resnets.{}.{}",
+                num(1)? / 2,
+                resnet_inv(&tail(2))
+            )),
+            1 => Some(format!("mid_block.attentions.0.{}", tail(2))),
+            _ => None,
+        },
+        "output_blocks" => {
+            let (n, sub) = (num(1)?, num(2)?);
+            let (i, j) = (n / 3, n % 3);
+            if parts.get(3) == Some(&"conv") && sub >= 1 {
+                return Some(format!("up_blocks.{i}.upsamplers.0.conv.{}", tail(4)));
+            }
+            match sub {
+                0 => Some(format!(
+                    "up_blocks.{i}.resnets.{j}.{}",
+                    resnet_inv(&tail(3))
+                )),
+                1 => Some(format!("up_blocks.{i}.attentions.{j}.{}", tail(3))),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Resnet part names, ldm → diffusers.
+fn resnet_inv(rest: &str) -> String {
+    let map = [
+        ("in_layers.0.", "norm1."),
+        ("in_layers.2.", "conv1."),
+        ("emb_layers.1.", "time_emb_proj."),
+        ("out_layers.0.", "norm2."),
+        ("out_layers.3.", "conv2."),
+        ("skip_connection.", "conv_shortcut."),
+    ];
+    for (l, d) in map {
+        if let Some(r) = rest.strip_prefix(l) {
+            return format!("{d}{r}");
+        }
+    }
+    rest.to_string()
 }
 
 /// Resnet part names, diffusers → ldm.
@@ -378,8 +467,42 @@ mod tests {
             Layout::Sd1Kohya,
             Layout::Sd1DiffusersUnet,
             Layout::SdxlKohya,
+            Layout::SdxlDiffusersUnet,
         ] {
             check(from);
+        }
+    }
+
+    #[test]
+    fn the_inverse_unet_names_are_the_real_diffusers_names() {
+        // SD1: the original names map onto kohya's real diffusers names, one to one.
+        let kohya: BTreeSet<String> = Layout::Sd1Kohya
+            .keys()
+            .iter()
+            .filter_map(|k| k.key.strip_prefix("unet.").map(str::to_string))
+            .collect();
+        let mapped: BTreeSet<String> = Layout::Sd1Ldm
+            .keys()
+            .iter()
+            .filter(|k| k.component == "diffuser")
+            .filter_map(|k| k.key.strip_prefix("model.diffusion_model."))
+            .map(|k| ldm_to_unet(k).unwrap())
+            .collect();
+        assert_eq!(mapped, kohya);
+        // Both architectures: there and back again.
+        for (layout, diffusers) in [
+            (Layout::Sd1Ldm, Layout::Sd1DiffusersUnet),
+            (Layout::SdxlSgm, Layout::SdxlDiffusersUnet),
+        ] {
+            for k in layout.keys().iter().filter(|k| k.component == "diffuser") {
+                // (SDXL's optional prediction-type markers are not UNet weights.)
+                let Some(ldm) = k.key.strip_prefix("model.diffusion_model.") else {
+                    assert!(k.optional, "{}", k.key);
+                    continue;
+                };
+                let d = ldm_to_unet(ldm).unwrap_or_else(|| panic!("{ldm}"));
+                assert_eq!(unet_to_ldm(&d, diffusers).as_deref(), Some(ldm), "{d}");
+            }
         }
     }
 }
