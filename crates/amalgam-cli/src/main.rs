@@ -429,7 +429,24 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             .iter()
             .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
     );
-    print_detection(&detection, m.tensors().len());
+    let names: Vec<&str> = m.tensors().keys().map(String::as_str).collect();
+    if amalgam::formats::is_lora(&names) {
+        let (layout, modules, unknown) = amalgam::formats::lora_modules(&names);
+        match layout {
+            Some(l) => println!(
+                "architecture: a kohya LoRA for {l}: {} modules map to its keys{}",
+                modules.len(),
+                if unknown.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} do not (e.g. {})", unknown.len(), unknown[0])
+                }
+            ),
+            None => println!("architecture: a kohya LoRA whose modules name no SD1 or SDXL key"),
+        }
+    } else {
+        print_detection(&detection, m.tensors().len());
+    }
     if !a.no_hash {
         println!("AutoV2:     {}", amalgam::arch::autov2_hash(&a.file)?);
     }

@@ -402,3 +402,22 @@ fn repair_completes_a_pruned_model_from_the_base() {
     ]);
     assert!(e.contains("already exists"), "{e}");
 }
+
+#[test]
+fn inspect_recognises_a_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("lora.safetensors");
+    let m = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
+    let header = format!(
+        r#"{{"{m}.lora_down.weight":{{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]}},"{m}.lora_up.weight":{{"dtype":"F32","shape":[2,1],"data_offsets":[8,16]}}}}"#
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(&p, bytes).unwrap();
+    let out = ok(&["inspect", "--no-hash", s(&p)]);
+    assert!(
+        out.contains("architecture: a kohya LoRA for sd1-ldm: 1 modules map to its keys"),
+        "{out}"
+    );
+}
