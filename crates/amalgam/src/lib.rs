@@ -5,7 +5,8 @@
 //! - [`input`] and [`output`]: lazy safetensors reading, incremental writing.
 //! - [`engine`]: planning (key policy, shapes) and chunked, parallel, deterministic execution.
 //! - [`method`]: the trait methods implement; [`methods`]: the methods, one file each.
-//! - [`graph`] and [`recipe`]: what to merge, from a recipe file or the command line.
+//! - [`graph`] and [`recipe`]: what to merge, from a recipe file or the command line; [`mecha`]:
+//!   sd-mecha's `.mecha` recipe format.
 //! - [`arch`]: the known key layouts (SD1, SDXL, SD3, FLUX in their tools' namings), detection,
 //!   components and block ids.
 //! - [`formats`]: reading kohya and diffusers key names as the ldm/sgm layout.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod formats;
 pub mod graph;
 pub mod input;
+pub mod mecha;
 pub mod method;
 pub mod methods;
 pub mod output;
