@@ -905,19 +905,8 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 if let Fuse::GeometricMedian(w) = self.config.fuse {
                     let gram = std::mem::take(&mut self.gram);
                     let n = self.streams.len();
-                    let (gram, points) = if self.config.base_point {
-                        // The base is the zero delta: a zero row and column.
-                        let m = n + 1;
-                        let mut g = vec![0.0; m * m];
-                        for s in 0..n {
-                            for t in 0..n {
-                                g[s * m + t] = gram[s * n + t];
-                            }
-                        }
-                        (g, m)
-                    } else {
-                        (gram, n)
-                    };
+                    // With `base_point` the Gram matrix has the zero delta as its last point.
+                    let points = n + usize::from(self.config.base_point);
                     self.coefficients = w
                         .coefficients(&gram, points)
                         .into_iter()
@@ -1059,7 +1048,10 @@ impl<T: Real> KeyPipeline<T> {
                 // The filtered deltas of the whole block, one row per model, then one matrix
                 // product.
                 let total = range.len();
-                let mut rows = vec![0f64; n * total];
+                // With `base_point`, a last row of zeros: the base as a zero delta. It enters
+                // the centring like every other point.
+                let points = n + usize::from(self.config.base_point);
+                let mut rows = vec![0f64; points * total];
                 self.blocks(Stage::Filtered, &range, args, factors, |at, len, d, _| {
                     for t in 0..n {
                         for (o, &v) in rows[t * total + at..t * total + at + len]
@@ -1070,8 +1062,8 @@ impl<T: Real> KeyPipeline<T> {
                         }
                     }
                 });
-                let mut g = vec![0.0; n * n];
-                add_centred_gram(&mut rows, n, total, &mut g);
+                let mut g = vec![0.0; points * points];
+                add_centred_gram(&mut rows, points, total, &mut g);
                 g
             }
         }
