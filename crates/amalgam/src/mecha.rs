@@ -344,3 +344,496 @@ mod tests {
         assert!(m.contains("no commands"), "{m}");
     }
 }
+
+/// The result of one command during translation.
+#[derive(Clone, Debug)]
+enum Item {
+    /// A `dict`.
+    Dict(std::collections::BTreeMap<String, Value>),
+    /// A `literal` over a dict, with its model config.
+    Literal {
+        dict: std::collections::BTreeMap<String, Value>,
+        config: Option<String>,
+    },
+    /// A parameter value (`convert_singleton`, block conversions, `fallback` of parameters).
+    Param(crate::method::ParamValue),
+    /// A model or node: something with tensors.
+    Tensors(crate::graph::Ref),
+    /// `pick_component(model, component)`: the model's keys of one component.
+    Component(crate::graph::Ref, String),
+}
+
+/// The sd-mecha methods amalgam runs, as they appear in `.mecha` files.
+pub const SUPPORTED: &[&str] = &[
+    "n_average",
+    "weighted_sum",
+    "subtract",
+    "add_difference",
+    "ties_sum",
+    "ties_sum_extended",
+    "ties_sum_with_dropout",
+    "model_stock",
+    "geometric_median",
+    "fallback",
+    "pick_component",
+    "convert_singleton",
+    "convert_sdxl_blocks_to_sgm",
+    "convert_sd1_blocks_to_ldm",
+];
+
+/// A recipe translated into an amalgam graph, and the seed it asks for.
+pub struct Translated {
+    pub graph: crate::graph::Graph,
+    pub seed: Option<u64>,
+}
+
+/// Translates a parsed recipe into a graph. Relative model paths are resolved against
+/// `model_dirs` (first match), then against `dir` (the recipe's folder); all missing models are
+/// reported at once, with the paths tried. Unsupported methods are an error listing the ones
+/// that are supported, before any tensor is read.
+pub fn translate(
+    recipe: &Recipe,
+    origin: &str,
+    dir: &std::path::Path,
+    model_dirs: &[std::path::PathBuf],
+) -> Result<Translated> {
+    use crate::graph::{Graph, ModelInput, Node, Ref};
+    use crate::method::ParamValue;
+    use std::collections::BTreeMap;
+
+    let e = |line: usize, m: String| err(origin, line, m);
+    // Unsupported methods first, all of them.
+    let unsupported: Vec<(usize, String)> = recipe
+        .commands
+        .iter()
+        .filter(|c| c.kind == Kind::Merge)
+        .filter_map(|c| match c.positional().next() {
+            Some(Value::Str(m)) if !SUPPORTED.contains(&m.as_str()) => Some((c.line, m.clone())),
+            _ => None,
+        })
+        .collect();
+    if let Some((line, m)) = unsupported.first() {
+        return Err(e(
+            *line,
+            format!(
+                "method `{m}` is not supported (amalgam runs: {})",
+                SUPPORTED.join(", ")
+            ),
+        ));
+    }
+    let mut models: Vec<ModelInput> = Vec::new();
+    let mut missing: Vec<String> = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut items: Vec<Item> = Vec::new();
+    let mut components: BTreeMap<String, Ref> = BTreeMap::new();
+    let mut seed: Option<u64> = None;
+
+    let param = |v: &Value, items: &[Item], line: usize| -> Result<ParamValue> {
+        Ok(match v {
+            Value::Bool(b) => ParamValue::Bool(*b),
+            Value::Int(i) => ParamValue::Number(*i as f64),
+            Value::Float(f) => ParamValue::Number(*f),
+            Value::Str(s) => ParamValue::Text(s.clone()),
+            Value::Ref(r) => match &items[*r] {
+                Item::Param(p) => p.clone(),
+                other => {
+                    return Err(e(
+                        line,
+                        format!("&{r} is not a parameter value ({other:?})"),
+                    ))
+                }
+            },
+            Value::Null => return Err(e(line, "a parameter is null".into())),
+        })
+    };
+    let tensors = |v: &Value, items: &[Item], line: usize| -> Result<Ref> {
+        match v {
+            Value::Ref(r) => match &items[*r] {
+                Item::Tensors(t) => Ok(*t),
+                _ => Err(e(line, format!("&{r} is not a model or a merge of models"))),
+            },
+            other => Err(e(
+                line,
+                format!("expected a model reference, got {other:?}"),
+            )),
+        }
+    };
+
+    for c in &recipe.commands {
+        let item = match c.kind {
+            Kind::Dict => Item::Dict(
+                c.args
+                    .iter()
+                    .filter_map(|a| Some((a.name.clone()?, a.value.clone())))
+                    .collect(),
+            ),
+            Kind::Literal => {
+                let Some(Value::Ref(d)) = c.positional().next() else {
+                    unreachable!()
+                };
+                let Item::Dict(dict) = &items[*d] else {
+                    return Err(e(
+                        c.line,
+                        format!("`literal` refers to &{d}, which is not a dict"),
+                    ));
+                };
+                let config = match c.keyword("model_config") {
+                    Some(Value::Str(s)) => Some(s.clone()),
+                    _ => None,
+                };
+                Item::Literal {
+                    dict: dict.clone(),
+                    config,
+                }
+            }
+            Kind::Model => {
+                let Some(Value::Str(p)) = c.positional().next() else {
+                    unreachable!()
+                };
+                let path = std::path::Path::new(p);
+                let mut tried = Vec::new();
+                let candidates: Vec<std::path::PathBuf> = if path.is_absolute() {
+                    std::iter::once(path.to_path_buf())
+                        .chain(
+                            model_dirs
+                                .iter()
+                                .filter_map(|d| path.file_name().map(|f| d.join(f))),
+                        )
+                        .collect()
+                } else {
+                    model_dirs
+                        .iter()
+                        .map(|d| d.join(path))
+                        .chain(std::iter::once(dir.join(path)))
+                        .collect()
+                };
+                let found = candidates.iter().find(|c| {
+                    tried.push(c.display().to_string());
+                    c.is_file()
+                });
+                let resolved = match found {
+                    Some(f) => f.clone(),
+                    None => {
+                        missing.push(format!("{p} (line {}; tried {})", c.line, tried.join(", ")));
+                        candidates.last().cloned().unwrap_or_default()
+                    }
+                };
+                models.push(ModelInput {
+                    name: format!("m{}", models.len()),
+                    path: resolved,
+                });
+                Item::Tensors(Ref::Model(models.len() - 1))
+            }
+            Kind::Merge => {
+                let mut pos = c.positional();
+                let Some(Value::Str(method)) = pos.next() else {
+                    unreachable!()
+                };
+                let args: Vec<&Value> = pos.collect();
+                let kw = |name: &str| c.keyword(name);
+                let mut node =
+                    |method: &'static str,
+                     slots: Vec<Vec<Ref>>,
+                     params: BTreeMap<String, ParamValue>| {
+                        nodes.push(Node {
+                            name: format!("line{}", c.line),
+                            method,
+                            params,
+                            slots,
+                        });
+                        Item::Tensors(Ref::Node(nodes.len() - 1))
+                    };
+                match method.as_str() {
+                    "convert_singleton" => {
+                        let Some(Value::Ref(l)) = args.first() else {
+                            return Err(e(c.line, "`convert_singleton` takes a literal".into()));
+                        };
+                        let Item::Literal { dict, config } = &items[*l] else {
+                            return Err(e(c.line, format!("&{l} is not a literal")));
+                        };
+                        if config.as_deref().is_some_and(|c| c != "singleton-mecha") {
+                            return Err(e(
+                                c.line,
+                                format!(
+                                    "`convert_singleton` of a `{}` literal",
+                                    config.as_deref().unwrap_or("")
+                                ),
+                            ));
+                        }
+                        let v = dict
+                            .get("key")
+                            .ok_or_else(|| e(c.line, "the singleton has no `key`".into()))?;
+                        Item::Param(param(v, &items, c.line)?)
+                    }
+                    "convert_sdxl_blocks_to_sgm" | "convert_sd1_blocks_to_ldm" => {
+                        let Some(Value::Ref(l)) = args.first() else {
+                            return Err(e(c.line, format!("`{method}` takes a literal")));
+                        };
+                        let Item::Literal { dict, config } = &items[*l] else {
+                            return Err(e(c.line, format!("&{l} is not a literal")));
+                        };
+                        let want = if method == "convert_sdxl_blocks_to_sgm" {
+                            "sdxl-supermerger_blocks"
+                        } else {
+                            "sd1-supermerger_blocks"
+                        };
+                        if config.as_deref().is_some_and(|c| c != want) {
+                            return Err(e(
+                                c.line,
+                                format!("`{method}` expects a `{want}` literal"),
+                            ));
+                        }
+                        let mut map = BTreeMap::new();
+                        for (k, v) in dict {
+                            let x = match v {
+                                Value::Int(i) => *i as f64,
+                                Value::Float(f) => *f,
+                                other => {
+                                    return Err(e(
+                                        c.line,
+                                        format!("block `{k}` is {other:?}, not a number"),
+                                    ))
+                                }
+                            };
+                            map.insert(k.clone(), x);
+                        }
+                        Item::Param(ParamValue::Blocks(map))
+                    }
+                    "pick_component" => {
+                        let m = tensors(
+                            args.first().copied().unwrap_or(&Value::Null),
+                            &items,
+                            c.line,
+                        )?;
+                        let comp = match kw("component").or(args.get(1).copied()) {
+                            Some(v) => match param(v, &items, c.line)? {
+                                ParamValue::Text(t) => t,
+                                other => {
+                                    return Err(e(
+                                        c.line,
+                                        format!("component must be a string, got {other:?}"),
+                                    ))
+                                }
+                            },
+                            None => {
+                                return Err(e(c.line, "`pick_component` needs a component".into()))
+                            }
+                        };
+                        Item::Component(m, comp)
+                    }
+                    "fallback" => {
+                        let (Some(a), Some(b)) = (args.first(), args.get(1)) else {
+                            return Err(e(c.line, "`fallback` takes two arguments".into()));
+                        };
+                        let (Value::Ref(a), Value::Ref(b)) = (a, b) else {
+                            return Err(e(c.line, "`fallback` takes two references".into()));
+                        };
+                        match (&items[*a], &items[*b]) {
+                            // Block values with a default for the other blocks.
+                            (Item::Param(ParamValue::Blocks(map)), Item::Param(ParamValue::Number(d))) => {
+                                let mut map = map.clone();
+                                map.insert("default".into(), *d);
+                                Item::Param(ParamValue::Blocks(map))
+                            }
+                            // One component from a model, everything else from the merge.
+                            (Item::Component(m, comp), Item::Tensors(rest)) => {
+                                components.insert(comp.clone(), *m);
+                                Item::Tensors(*rest)
+                            }
+                            (x, y) => {
+                                return Err(e(
+                                    c.line,
+                                    format!("`fallback` of {x:?} and {y:?} is not supported (supported: a component with a merge, block values with a default)"),
+                                ))
+                            }
+                        }
+                    }
+                    "n_average" => {
+                        let ms = args
+                            .iter()
+                            .map(|a| tensors(a, &items, c.line))
+                            .collect::<Result<Vec<_>>>()?;
+                        node("soup", vec![ms], BTreeMap::new())
+                    }
+                    "subtract" => {
+                        let ms = args
+                            .iter()
+                            .map(|a| tensors(a, &items, c.line))
+                            .collect::<Result<Vec<_>>>()?;
+                        if ms.len() != 2 {
+                            return Err(e(c.line, "`subtract` takes two models".into()));
+                        }
+                        node("subtract", vec![vec![ms[0]], vec![ms[1]]], BTreeMap::new())
+                    }
+                    "weighted_sum" | "add_difference" => {
+                        let a = tensors(
+                            args.first().copied().unwrap_or(&Value::Null),
+                            &items,
+                            c.line,
+                        )?;
+                        let b =
+                            tensors(args.get(1).copied().unwrap_or(&Value::Null), &items, c.line)?;
+                        let mut params = BTreeMap::new();
+                        if let Some(v) = kw("alpha").or(args.get(2).copied()) {
+                            params.insert("alpha".to_string(), param(v, &items, c.line)?);
+                        }
+                        // sd-mecha's registered add_difference adds a delta: a + alpha·b.
+                        let method = if method == "weighted_sum" {
+                            "weighted_sum"
+                        } else {
+                            "add"
+                        };
+                        node(method, vec![vec![a], vec![b]], params)
+                    }
+                    "model_stock"
+                    | "geometric_median"
+                    | "ties_sum"
+                    | "ties_sum_extended"
+                    | "ties_sum_with_dropout" => {
+                        let ms = args
+                            .iter()
+                            .map(|a| tensors(a, &items, c.line))
+                            .collect::<Result<Vec<_>>>()?;
+                        if ms.is_empty() {
+                            return Err(e(c.line, format!("`{method}` needs at least one input")));
+                        }
+                        let get = |name: &str| -> Result<Option<ParamValue>> {
+                            kw(name).map(|v| param(v, &items, c.line)).transpose()
+                        };
+                        let number = |name: &str, default: f64| -> Result<f64> {
+                            Ok(match get(name)? {
+                                Some(ParamValue::Number(x)) => x,
+                                Some(ParamValue::Bool(b)) => f64::from(u8::from(b)),
+                                None => default,
+                                Some(other) => {
+                                    return Err(e(c.line, format!("`{name}` is {other:?}")))
+                                }
+                            })
+                        };
+                        let flag = |name: &str, default: bool| -> Result<bool> {
+                            Ok(number(name, f64::from(u8::from(default)))? > 0.0)
+                        };
+                        let mut params: BTreeMap<String, ParamValue> = BTreeMap::new();
+                        let mut set = |k: &str, v: ParamValue| {
+                            params.insert(k.to_string(), v);
+                        };
+                        if method == "geometric_median" {
+                            for (k, d) in [("eps", 1e-6), ("maxiter", 100.0), ("ftol", 1e-20)] {
+                                set(k, ParamValue::Number(number(k, d)?));
+                            }
+                            node("geometric_median", vec![ms], params)
+                        } else {
+                            // Delta-space methods: amalgam's take a base, here a zero tensor
+                            // (the first input minus itself), and return base + result.
+                            let zero =
+                                node("subtract", vec![vec![ms[0]], vec![ms[0]]], BTreeMap::new());
+                            let Item::Tensors(zero) = zero else {
+                                unreachable!()
+                            };
+                            if method == "model_stock" {
+                                set("pairs", ParamValue::Text("adjacent".into()));
+                                set("unit", ParamValue::Text("row".into()));
+                                set("cos_eps", ParamValue::Number(number("cos_eps", 1e-6)?));
+                                node("model_stock", vec![vec![zero], ms], params)
+                            } else {
+                                let default_k = if method == "ties_sum" { 1.0 } else { 0.2 };
+                                set("k", ParamValue::Number(number("k", default_k)?));
+                                // sd-mecha 1.1.x: vote_sgn = false is the count vote.
+                                let election = if flag("vote_sgn", false)? {
+                                    "mass"
+                                } else {
+                                    "count"
+                                };
+                                set("election", ParamValue::Text(election.into()));
+                                if method != "ties_sum" {
+                                    if flag("apply_median", false)? {
+                                        set("fuse", ParamValue::Text("geometric_median".into()));
+                                        for (k, d) in
+                                            [("eps", 1e-6), ("maxiter", 100.0), ("ftol", 1e-20)]
+                                        {
+                                            set(k, ParamValue::Number(number(k, d)?));
+                                        }
+                                    } else if !flag("apply_stock", false)? {
+                                        // The inverted flag: false multiplies by the model-stock factor.
+                                        return Err(e(c.line, format!("`{method}` with apply_median = false and apply_stock = false (the TIES mean times the model-stock factor) is not supported yet")));
+                                    }
+                                }
+                                if method == "ties_sum_with_dropout" {
+                                    let p = number("probability", 0.9)?;
+                                    let eps = number("della_eps", 0.0)?;
+                                    if p > 0.0 {
+                                        if eps != 0.0 {
+                                            set("drop", ParamValue::Text("della".into()));
+                                            set("della_eps", ParamValue::Number(eps));
+                                            set("rank", ParamValue::Text("tensor".into()));
+                                        } else {
+                                            set("drop", ParamValue::Text("dare".into()));
+                                        }
+                                        set("p", ParamValue::Number(p));
+                                        let rescale = if flag("rescale", true)? {
+                                            "inverse_keep"
+                                        } else {
+                                            "none"
+                                        };
+                                        set("rescale", ParamValue::Text(rescale.into()));
+                                    }
+                                    if let Some(ParamValue::Number(s)) = get("seed")? {
+                                        if seed.is_some_and(|x| x != s as u64) {
+                                            return Err(e(c.line, "the recipe uses several seeds; amalgam runs with one".into()));
+                                        }
+                                        seed = Some(s as u64);
+                                    }
+                                }
+                                node("ties", vec![vec![zero], ms], params)
+                            }
+                        }
+                    }
+                    other => unreachable!("{other} is in SUPPORTED"),
+                }
+            }
+        };
+        items.push(item);
+    }
+    if !missing.is_empty() {
+        return Err(Error::Recipe {
+            origin: origin.to_string(),
+            message: format!("missing models: {}", missing.join("; ")),
+        });
+    }
+    let last = recipe.commands.last().expect("a recipe has commands");
+    let output = match items.last() {
+        Some(Item::Tensors(r)) => *r,
+        _ => {
+            return Err(e(
+                last.line,
+                "the recipe's result is not a model or a merge".into(),
+            ))
+        }
+    };
+    let graph = Graph {
+        models,
+        nodes,
+        output,
+        fallback: None,
+        components,
+        repair: None,
+    };
+    graph.validate().map_err(|x| Error::Recipe {
+        origin: origin.to_string(),
+        message: x.to_string(),
+    })?;
+    Ok(Translated { graph, seed })
+}
+
+/// Reads and translates a `.mecha` file.
+pub fn load(path: &std::path::Path, model_dirs: &[std::path::PathBuf]) -> Result<Translated> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let origin = path.display().to_string();
+    let recipe = parse(&text, &origin)?;
+    translate(
+        &recipe,
+        &origin,
+        path.parent().unwrap_or(std::path::Path::new(".")),
+        model_dirs,
+    )
+}

@@ -97,3 +97,165 @@ fn dgmla_recipe_has_the_published_parameters() {
         ]
     );
 }
+
+mod common;
+use amalgam::arch::Layout;
+use amalgam::dtype::OutputDtype;
+use amalgam::synth::{synthesize, SynthOptions};
+use amalgam::{merge, recipe, MergeOptions, NoProgress};
+use std::collections::BTreeMap;
+
+/// Every tensor of a file: name → values.
+fn tensors(p: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(k, v)| {
+            let x = v
+                .data()
+                .chunks(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (k, x)
+        })
+        .collect()
+}
+
+/// Runs example recipe `name` and the native recipe `native` on the same synthetic SDXL pool;
+/// their outputs agree to `tol` relative (0 = bit for bit).
+fn same_as_native(name: &str, native: &str, tol: f32) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut o = SynthOptions::new(Layout::SdxlSgm, 4);
+    o.shrink = 64;
+    o.dtype = OutputDtype::F32;
+    synthesize(d, &o).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mecha")
+        .join(name);
+    let m = d.join(name);
+    std::fs::copy(&src, &m).unwrap();
+    let t = amalgam::mecha::load(&m, &[]).unwrap();
+    let mut opts = MergeOptions::new(d.join("mecha.safetensors"));
+    opts.output_dtype = OutputDtype::F32;
+    opts.seed = t.seed.unwrap_or(0);
+    merge(&t.graph, &opts, &NoProgress).unwrap();
+    let n = d.join("native.toml");
+    std::fs::write(&n, native).unwrap();
+    let r = recipe::load(&n).unwrap();
+    let mut opts = MergeOptions::new(d.join("native.safetensors"));
+    opts.output_dtype = OutputDtype::F32;
+    opts.seed = r.settings.seed.unwrap_or(0);
+    merge(&r.graph, &opts, &NoProgress).unwrap();
+    let (a, b) = (
+        tensors(&d.join("mecha.safetensors")),
+        tensors(&d.join("native.safetensors")),
+    );
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{name}"
+    );
+    for (k, x) in &a {
+        let y = &b[k];
+        let scale = y
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(1e-6);
+        for (i, (p, q)) in x.iter().zip(y).enumerate() {
+            // (Equal infinities too: model stock's factor is infinite where cos θ = −1/(N−1).)
+            assert!(
+                p == q || (p - q).abs() <= tol * scale,
+                "{name}: {k}[{i}]: {p} vs {q}"
+            );
+        }
+    }
+}
+
+const POOL: &str = "[models]\nbase = \"base.safetensors\"\npool = [\"m000.safetensors\", \"m001.safetensors\", \"m002.safetensors\", \"m003.safetensors\"]\n";
+
+#[test]
+fn soup_vae_from_base_and_mbw_run_as_their_native_equivalents() {
+    same_as_native(
+        "soup.mecha",
+        &format!(
+            "{POOL}[nodes.s]\nmethod = \"soup\"\nmodels = [\"pool\"]\n[output]\nnode = \"s\"\n"
+        ),
+        0.0,
+    );
+    same_as_native(
+        "vae_from_base.mecha",
+        &format!("{POOL}[nodes.s]\nmethod = \"soup\"\nmodels = [\"pool\"]\n[output]\nnode = \"s\"\n[output.components]\nvae = \"base\"\n"),
+        0.0,
+    );
+    same_as_native(
+        "mbw_weighted_sum.mecha",
+        "[models]\na = \"m000.safetensors\"\nb = \"m001.safetensors\"\n[nodes.w]\nmethod = \"weighted_sum\"\na = \"a\"\nb = \"b\"\nalpha = { IN00 = 0.2, IN04 = 0.5, M00 = 0.8, OUT08 = 1.0, default = 0.5 }\n[output]\nnode = \"w\"\n",
+        0.0,
+    );
+    same_as_native(
+        "geometric_median.mecha",
+        &format!("{POOL}[nodes.g]\nmethod = \"geometric_median\"\nmodels = [\"pool\"]\n[output]\nnode = \"g\"\n"),
+        0.0,
+    );
+}
+
+#[test]
+fn ties_family_recipes_run_as_their_native_presets() {
+    same_as_native(
+        "ties_soup.mecha",
+        &format!("{POOL}[nodes.t]\nmethod = \"ties_soup\"\nbase = \"base\"\nmodels = [\"pool\"]\n[output]\nnode = \"t\"\n"),
+        0.0,
+    );
+    same_as_native(
+        "tgmd.mecha",
+        &format!("{POOL}[nodes.t]\nmethod = \"tgmd\"\nbase = \"base\"\nmodels = [\"pool\"]\n[output]\nnode = \"t\"\nseed = 240603\n"),
+        0.0,
+    );
+    // The base as a fifth, zero delta (sd-mecha) or as base_point (amalgam): the same median,
+    // through differently centred Gram matrices.
+    same_as_native(
+        "dgmla.mecha",
+        &format!("{POOL}[nodes.t]\nmethod = \"dgmla\"\nbase = \"base\"\nmodels = [\"pool\"]\n[output]\nnode = \"t\"\nseed = 241011\n"),
+        1e-5,
+    );
+    same_as_native(
+        "model_stock_gm.mecha",
+        &format!("{POOL}[nodes.t]\nmethod = \"model_stock\"\nbase = \"base\"\nmodels = [\"pool\"]\npairs = \"adjacent\"\nunit = \"row\"\n[output]\nnode = \"t\"\n"),
+        1e-6,
+    );
+}
+
+#[test]
+fn unsupported_methods_and_missing_models_are_reported_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = d.join("r.mecha");
+    std::fs::write(&p, "version 0.1.0\nmodel \"a.safetensors\" model_config=null merge_space=\"weight\"\nmodel \"b.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"slerp\" &0 &1").unwrap();
+    let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
+    assert!(
+        e.contains("r.mecha:4")
+            && e.contains("method `slerp` is not supported")
+            && e.contains("ties_sum_with_dropout"),
+        "{e}"
+    );
+    std::fs::write(&p, "version 0.1.0\nmodel \"/nowhere/a.safetensors\" model_config=null merge_space=\"weight\"\nmodel \"b.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"n_average\" &0 &1").unwrap();
+    let elsewhere = d.join("models");
+    let e = amalgam::mecha::load(&p, std::slice::from_ref(&elsewhere))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("missing models")
+            && e.contains("/nowhere/a.safetensors")
+            && e.contains("b.safetensors"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&elsewhere.join("a.safetensors").display().to_string()),
+        "the paths tried: {e}"
+    );
+}
