@@ -99,6 +99,10 @@ struct MergeArgs {
     /// them out of those keys
     #[arg(long)]
     repair: bool,
+    /// Folders where the models of a `.mecha` recipe are looked for (by relative path, or by
+    /// file name for absolute paths written on another machine); repeatable
+    #[arg(long = "model-dir")]
+    model_dirs: Vec<PathBuf>,
     /// Replace the output file if it exists
     #[arg(long)]
     force: bool,
@@ -279,6 +283,14 @@ fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings)> {
                 || a.base.is_some()
             {
                 bail!("--alpha, --lambda, --weights, --param and --base go with --method; a recipe sets parameters per node");
+            }
+            if recipe_path.extension().is_some_and(|e| e == "mecha") {
+                let t = amalgam::mecha::load(recipe_path, &a.model_dirs)?;
+                let settings = RecipeSettings {
+                    seed: t.seed,
+                    ..Default::default()
+                };
+                return Ok((t.graph, settings));
             }
             let r = recipe::load(recipe_path)?;
             Ok((r.graph, r.settings))

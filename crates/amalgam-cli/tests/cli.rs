@@ -421,3 +421,57 @@ fn inspect_recognises_a_lora() {
         "{out}"
     );
 }
+
+#[test]
+fn a_mecha_recipe_with_someone_elses_paths_runs_with_model_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&[
+        "synth",
+        "-o",
+        s(d),
+        "--layout",
+        "sd1",
+        "-n",
+        "2",
+        "--shrink",
+        "32",
+    ]);
+    let recipe = d.join("soup.mecha");
+    std::fs::write(
+        &recipe,
+        "version 0.1.0\n\
+         model \"/home/someone/models/m000.safetensors\" model_config=\"sd1-ldm\" merge_space=\"weight\"\n\
+         model \"/home/someone/models/m001.safetensors\" model_config=\"sd1-ldm\" merge_space=\"weight\"\n\
+         merge \"n_average\" &0 &1\n",
+    )
+    .unwrap();
+    let out = d.join("out.safetensors");
+    let e = fails(&["merge", s(&recipe), "-o", s(&out)]);
+    assert!(
+        e.contains("missing models")
+            && e.contains("/home/someone/models/m000.safetensors")
+            && e.contains("m001"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let log = ok(&["merge", s(&recipe), "--model-dir", s(d), "-o", s(&out)]);
+    assert!(log.contains("wrote"), "{log}");
+    let native = d.join("native.safetensors");
+    ok(&[
+        "merge",
+        "--method",
+        "soup",
+        s(&d.join("m000.safetensors")),
+        s(&d.join("m001.safetensors")),
+        "-o",
+        s(&native),
+    ]);
+    // The same tensors as the native soup (the metadata differ: each records its recipe).
+    let strip = |p: &Path| {
+        let b = std::fs::read(p).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        b[8 + n..].to_vec()
+    };
+    assert_eq!(strip(&out), strip(&native));
+}
