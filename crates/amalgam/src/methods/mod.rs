@@ -14,6 +14,7 @@ pub mod geometric_median;
 pub mod karcher;
 pub mod linear;
 pub mod model_stock;
+pub mod slerp;
 pub mod soup;
 pub mod subtract;
 pub mod task_arithmetic;
@@ -57,6 +58,7 @@ registry!(
     geometric_median::INFO => geometric_median::GeometricMedian::new,
     model_stock::INFO => model_stock::ModelStock::new,
     karcher::INFO => karcher::Karcher::new,
+    slerp::INFO => slerp::Slerp::new,
 );
 
 /// Other names users know the methods by (sd-mecha, mergekit, A1111).
