@@ -367,6 +367,7 @@ enum Item {
 pub const SUPPORTED: &[&str] = &[
     "n_average",
     "weighted_sum",
+    "slerp",
     "subtract",
     "add_difference",
     "ties_sum",
@@ -665,7 +666,7 @@ pub fn translate(
                         }
                         node("subtract", vec![vec![ms[0]], vec![ms[1]]], BTreeMap::new())
                     }
-                    "weighted_sum" | "add_difference" => {
+                    "weighted_sum" | "add_difference" | "slerp" => {
                         let a = tensors(
                             args.first().copied().unwrap_or(&Value::Null),
                             &items,
@@ -678,10 +679,10 @@ pub fn translate(
                             params.insert("alpha".to_string(), param(v, &items, c.line)?);
                         }
                         // sd-mecha's registered add_difference adds a delta: a + alpha·b.
-                        let method = if method == "weighted_sum" {
-                            "weighted_sum"
-                        } else {
-                            "add"
+                        let method = match method.as_str() {
+                            "weighted_sum" => "weighted_sum",
+                            "slerp" => "slerp",
+                            _ => "add",
                         };
                         node(method, vec![vec![a], vec![b]], params)
                     }
