@@ -375,6 +375,7 @@ pub const SUPPORTED: &[&str] = &[
     "ties_sum_with_dropout",
     "model_stock",
     "geometric_median",
+    "dropout",
     "fallback",
     "pick_component",
     "convert_singleton",
@@ -690,7 +691,8 @@ pub fn translate(
                     | "geometric_median"
                     | "ties_sum"
                     | "ties_sum_extended"
-                    | "ties_sum_with_dropout" => {
+                    | "ties_sum_with_dropout"
+                    | "dropout" => {
                         let ms = args
                             .iter()
                             .map(|a| tensors(a, &items, c.line))
@@ -731,7 +733,24 @@ pub fn translate(
                             let Item::Tensors(zero) = zero else {
                                 unreachable!()
                             };
-                            if method == "model_stock" {
+                            if method == "dropout" {
+                                if number("overlap", 1.0)? != 1.0 {
+                                    return Err(e(c.line, "`dropout` with overlap other than 1 is not supported (it is broken in sd-mecha itself)".into()));
+                                }
+                                set("p", ParamValue::Number(number("probability", 0.9)?));
+                                set("rescale", ParamValue::Number(number("rescale", 1.0)?));
+                                if let Some(ParamValue::Number(s)) = get("seed")? {
+                                    if seed.is_some_and(|x| x != s as u64) {
+                                        return Err(e(
+                                            c.line,
+                                            "the recipe uses several seeds; amalgam runs with one"
+                                                .into(),
+                                        ));
+                                    }
+                                    seed = Some(s as u64);
+                                }
+                                node("dropout", vec![vec![zero], ms], params)
+                            } else if method == "model_stock" {
                                 set("pairs", ParamValue::Text("adjacent".into()));
                                 set("unit", ParamValue::Text("row".into()));
                                 set("cos_eps", ParamValue::Number(number("cos_eps", 1e-6)?));

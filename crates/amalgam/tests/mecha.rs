@@ -259,3 +259,41 @@ fn unsupported_methods_and_missing_models_are_reported_before_reading() {
         "the paths tried: {e}"
     );
 }
+
+#[test]
+fn dropout_and_slerp_recipes_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut o = SynthOptions::new(Layout::Sd1Ldm, 2);
+    o.shrink = 64;
+    o.dtype = OutputDtype::F32;
+    synthesize(d, &o).unwrap();
+    let run = |name: &str, text: &str| -> BTreeMap<String, Vec<f32>> {
+        let p = d.join(format!("{name}.mecha"));
+        std::fs::write(&p, text).unwrap();
+        let t = amalgam::mecha::load(&p, &[]).unwrap();
+        let out = d.join(format!("{name}.safetensors"));
+        let mut opts = MergeOptions::new(&out);
+        opts.output_dtype = OutputDtype::F32;
+        opts.seed = t.seed.unwrap_or(0);
+        merge(&t.graph, &opts, &NoProgress).unwrap();
+        tensors(&out)
+    };
+    let models = "version 0.1.0\nmodel \"base.safetensors\" model_config=null merge_space=\"weight\"\nmodel \"m000.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"subtract\" &1 &0\nmodel \"m001.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"subtract\" &3 &0\n";
+    // Nothing dropped: base + the mean of the deltas, the average of the two models.
+    let none = run("dropout", &format!("{models}merge \"dropout\" &2 &4 probability=0.0 rescale=1.0 overlap=1.0 seed=7\nmerge \"add_difference\" &0 &5 alpha=1.0"));
+    let base = tensors(&d.join("base.safetensors"));
+    let m0 = tensors(&d.join("m000.safetensors"));
+    let m1 = tensors(&d.join("m001.safetensors"));
+    for (k, x) in &none {
+        for i in 0..x.len() {
+            let want = base[k][i] + ((m0[k][i] - base[k][i]) + (m1[k][i] - base[k][i])) / 2.0;
+            assert!((x[i] - want).abs() <= 1e-6, "{k}[{i}]");
+        }
+    }
+    // slerp at 0 is the first model.
+    let s = run("slerp", "version 0.1.0\nmodel \"m000.safetensors\" model_config=null merge_space=\"weight\"\nmodel \"m001.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"slerp\" &0 &1 alpha=0.0");
+    for (k, x) in &s {
+        assert_eq!(x, &m0[k], "{k}");
+    }
+}

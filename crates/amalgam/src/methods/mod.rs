@@ -10,6 +10,7 @@ use crate::real::Real;
 pub mod add;
 pub mod add_difference;
 pub mod della;
+pub mod dropout;
 pub mod geometric_median;
 pub mod karcher;
 pub mod linear;
@@ -55,6 +56,7 @@ registry!(
     ties::TSD => ties::Pipeline::tsd,
     ties::TGMD => ties::Pipeline::tgmd,
     ties::DGMLA => ties::Pipeline::dgmla,
+    dropout::INFO => dropout::Dropout::new,
     geometric_median::INFO => geometric_median::GeometricMedian::new,
     model_stock::INFO => model_stock::ModelStock::new,
     karcher::INFO => karcher::Karcher::new,
