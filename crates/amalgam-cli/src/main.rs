@@ -41,6 +41,8 @@ enum Command {
     Demo(DemoArgs),
     /// Complete a pruned model (e.g. one without its VAE) from a base model of its architecture.
     Repair(RepairArgs),
+    /// Recipe tools: `recipe convert IN OUT` between amalgam's TOML and sd-mecha's .mecha.
+    Recipe(RecipeArgs),
     /// List the merge methods and their parameters.
     Methods,
     /// Measure merge speed and memory against simply reading the inputs.
@@ -117,6 +119,29 @@ struct MergeArgs {
     chunk: Option<usize>,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+#[derive(Args)]
+struct RecipeArgs {
+    #[command(subcommand)]
+    command: RecipeCommand,
+}
+
+#[derive(Subcommand)]
+enum RecipeCommand {
+    /// Convert a recipe between the native TOML format and sd-mecha's .mecha (by extension).
+    Convert {
+        /// The recipe to read (.toml or .mecha)
+        input: PathBuf,
+        /// The recipe to write (.mecha or .toml)
+        output: PathBuf,
+        /// Folders where a .mecha recipe's models are looked for; repeatable
+        #[arg(long = "model-dir")]
+        model_dirs: Vec<PathBuf>,
+        /// Replace the output file if it exists
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]
@@ -202,6 +227,7 @@ fn main() {
         Command::Synth(a) => cmd_synth(a),
         Command::Demo(a) => demo::run(a.keep),
         Command::Repair(a) => cmd_repair(a),
+        Command::Recipe(a) => cmd_recipe(a),
         Command::Methods => cmd_methods(),
         Command::Bench(a) => bench::run(a),
     };
@@ -357,6 +383,58 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_recipe(a: RecipeArgs) -> Result<()> {
+    let RecipeCommand::Convert {
+        input,
+        output,
+        model_dirs,
+        force,
+    } = a.command;
+    if output.exists() && !force {
+        bail!(
+            "{} already exists (pass --force to replace it)",
+            output.display()
+        );
+    }
+    let is_mecha = |p: &Path| p.extension().is_some_and(|e| e == "mecha");
+    let (graph, settings) = if is_mecha(&input) {
+        let t = amalgam::mecha::load(&input, &model_dirs)?;
+        let settings = RecipeSettings {
+            seed: t.seed,
+            ..Default::default()
+        };
+        (t.graph, settings)
+    } else {
+        let r = recipe::load(&input)?;
+        (r.graph, r.settings)
+    };
+    let text = if is_mecha(&output) {
+        // Each model's layout from its header, for `model_config` and block conversions.
+        let layouts: Vec<Option<amalgam::arch::Layout>> = graph
+            .models
+            .iter()
+            .map(|m| {
+                let f = ModelFile::open(&m.path)?;
+                Ok(amalgam::arch::detect(
+                    f.tensors()
+                        .iter()
+                        .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
+                )
+                .layout)
+            })
+            .collect::<Result<_>>()?;
+        let arch = layouts.iter().flatten().next().map(|l| l.arch());
+        amalgam::mecha::to_mecha(&graph, &layouts, arch, settings.seed.unwrap_or(0)).ok_or_else(
+            || anyhow::anyhow!("{} uses a method or option sd-mecha does not have; it cannot be written as .mecha", input.display()),
+        )?
+    } else {
+        recipe::to_toml(&graph, &settings)
+    };
+    std::fs::write(&output, text).with_context(|| format!("writing {}", output.display()))?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}
+
 fn cmd_repair(a: RepairArgs) -> Result<()> {
     let m = ModelFile::open(&a.model)?;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -425,6 +503,20 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     println!("parameters: {params}");
     for (d, (n, p)) in &by_dtype {
         println!("  {d:<8} {n} tensors, {p} parameters");
+    }
+    let recipes: Vec<&str> = [
+        ("amalgam_recipe", "amalgam (TOML)"),
+        ("mecha_recipe", "sd-mecha (.mecha)"),
+    ]
+    .iter()
+    .filter(|(k, _)| m.metadata().contains_key(*k))
+    .map(|(_, what)| *what)
+    .collect();
+    if !recipes.is_empty() {
+        println!(
+            "recipe:     embedded as {} (--metadata prints it; `amalgam merge` runs it once saved to a file)",
+            recipes.join(" and ")
+        );
     }
     if !m.metadata().is_empty() {
         println!("metadata:");

@@ -475,3 +475,64 @@ fn a_mecha_recipe_with_someone_elses_paths_runs_with_model_dir() {
     };
     assert_eq!(strip(&out), strip(&native));
 }
+
+#[test]
+fn recipe_convert_both_ways_and_outputs_embed_both_recipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&[
+        "synth",
+        "-o",
+        s(d),
+        "--layout",
+        "sd1",
+        "-n",
+        "2",
+        "--shrink",
+        "32",
+    ]);
+    let toml = d.join("r.toml");
+    std::fs::write(
+        &toml,
+        "[models]\nbase = \"base.safetensors\"\npool = \"m*.safetensors\"\n\n[nodes.t]\nmethod = \"tgmd\"\nbase = \"base\"\nmodels = [\"pool\"]\n\n[output]\nnode = \"t\"\nseed = 5\n",
+    )
+    .unwrap();
+    let mecha = d.join("r.mecha");
+    ok(&["recipe", "convert", s(&toml), s(&mecha)]);
+    let text = std::fs::read_to_string(&mecha).unwrap();
+    assert!(
+        text.starts_with("version 0.1.0\n") && text.contains("\"ties_sum_with_dropout\""),
+        "{text}"
+    );
+    let back = d.join("back.toml");
+    ok(&["recipe", "convert", s(&mecha), s(&back)]);
+    // All three merge to the same tensors.
+    let strip = |p: &Path| {
+        let b = std::fs::read(p).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        b[8 + n..].to_vec()
+    };
+    let mut outs = Vec::new();
+    for (i, r) in [&toml, &mecha, &back].iter().enumerate() {
+        let out = d.join(format!("out{i}.safetensors"));
+        ok(&["merge", s(r), "-o", s(&out)]);
+        outs.push(strip(&out));
+    }
+    assert!(outs[0] == outs[1] && outs[1] == outs[2]);
+    let info = ok(&["inspect", "--no-hash", s(&d.join("out0.safetensors"))]);
+    assert!(
+        info.contains("embedded as amalgam (TOML) and sd-mecha (.mecha)"),
+        "{info}"
+    );
+    // A method sd-mecha lacks cannot be written as .mecha.
+    std::fs::write(
+        &toml,
+        "[models]\nbase = \"base.safetensors\"\npool = \"m*.safetensors\"\n\n[nodes.t]\nmethod = \"karcher\"\nmodels = [\"pool\"]\n\n[output]\nnode = \"t\"\n",
+    )
+    .unwrap();
+    let e = fails(&["recipe", "convert", s(&toml), s(&d.join("k.mecha"))]);
+    assert!(e.contains("cannot be written as .mecha"), "{e}");
+    // Nothing is overwritten without --force.
+    let e = fails(&["recipe", "convert", s(&mecha), s(&back)]);
+    assert!(e.contains("already exists"), "{e}");
+}

@@ -1380,6 +1380,14 @@ fn run<T: Real>(
 
     let (out_tensors, views) = output_views(&planned, rows, inputs.layout, opts)?;
     let mut metadata: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
+    // The recipe in sd-mecha's format too, where it can express it, so that sd-mecha and
+    // ComfyUI-mecha users can read where the model came from.
+    if !metadata.contains_key("mecha_recipe") {
+        let arch = inputs.layout.map(|l| l.arch());
+        if let Some(text) = crate::mecha::to_mecha(graph, inputs.layouts, arch, opts.seed) {
+            metadata.insert("mecha_recipe".into(), text);
+        }
+    }
     metadata.insert("amalgam_version".into(), crate::VERSION.into());
     metadata.insert("format".into(), "pt".into());
     let out = OutputFile::create(&opts.output, &out_tensors, metadata, opts.overwrite)?;

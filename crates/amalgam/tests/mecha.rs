@@ -297,3 +297,64 @@ fn dropout_and_slerp_recipes_run() {
         assert_eq!(x, &m0[k], "{k}");
     }
 }
+
+#[test]
+fn recipes_written_back_as_mecha_run_the_same_and_outputs_carry_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut o = SynthOptions::new(Layout::SdxlSgm, 4);
+    o.shrink = 64;
+    o.dtype = OutputDtype::F32;
+    synthesize(d, &o).unwrap();
+    let layouts = vec![Some(Layout::SdxlSgm); 5];
+    for name in [
+        "soup.mecha",
+        "ties_soup.mecha",
+        "tgmd.mecha",
+        "dgmla.mecha",
+        "geometric_median.mecha",
+        "model_stock_gm.mecha",
+        "mbw_weighted_sum.mecha",
+        "vae_from_base.mecha",
+    ] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/mecha")
+            .join(name);
+        let p = d.join(name);
+        std::fs::copy(&src, &p).unwrap();
+        let first = amalgam::mecha::load(&p, &[]).unwrap();
+        let seed = first.seed.unwrap_or(0);
+        let text = amalgam::mecha::to_mecha(
+            &first.graph,
+            &layouts[..first.graph.models.len()],
+            Some(amalgam::arch::Arch::Sdxl),
+            seed,
+        )
+        .unwrap_or_else(|| panic!("{name} is expressible in .mecha"));
+        let again = d.join(format!("again-{name}"));
+        std::fs::write(&again, &text).unwrap();
+        let second = amalgam::mecha::load(&again, &[]).unwrap();
+        assert_eq!(second.seed.unwrap_or(0), seed, "{name}");
+        let run = |g: &amalgam::Graph, out: &str| {
+            let mut opts = MergeOptions::new(d.join(out));
+            opts.output_dtype = OutputDtype::F32;
+            opts.seed = seed;
+            merge(g, &opts, &NoProgress).unwrap();
+            tensors(&d.join(out))
+        };
+        let a = run(&first.graph, &format!("{name}.1.safetensors"));
+        let b = run(&second.graph, &format!("{name}.2.safetensors"));
+        assert!(
+            a == b,
+            "{name}: the written-back recipe merges differently\n{text}"
+        );
+        // The output records the recipe in sd-mecha's format; it parses and means the same.
+        let bytes = std::fs::read(d.join(format!("{name}.1.safetensors"))).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let recorded = meta.metadata().as_ref().unwrap()["mecha_recipe"].clone();
+        assert!(
+            amalgam::mecha::parse(&recorded, "recorded").is_ok(),
+            "{recorded}"
+        );
+    }
+}

@@ -343,6 +343,14 @@ impl Pipeline {
     pub fn config(&self) -> &Config {
         &self.config
     }
+
+    /// The pipeline of preset `name` with `params`, or `None` when `name` is not one of them.
+    pub fn named(name: &str, params: Params) -> Option<Result<Self>> {
+        let info = [&TIES, &TIES_SOUP, &DARE, &DELLA, &TSD, &TGMD, &DGMLA]
+            .into_iter()
+            .find(|i| i.name == name)?;
+        Some(Self::build(info, params))
+    }
 }
 
 impl<T: Real> Method<T> for Pipeline {
