@@ -306,7 +306,7 @@ fn recipes_written_back_as_mecha_run_the_same_and_outputs_carry_them() {
     o.shrink = 64;
     o.dtype = OutputDtype::F32;
     synthesize(d, &o).unwrap();
-    let layouts = vec![Some(Layout::SdxlSgm); 5];
+    let layouts = [Some(Layout::SdxlSgm); 5];
     for name in [
         "soup.mecha",
         "ties_soup.mecha",
