@@ -105,6 +105,10 @@ struct MergeArgs {
     /// file name for absolute paths written on another machine); repeatable
     #[arg(long = "model-dir")]
     model_dirs: Vec<PathBuf>,
+    /// Rename a model of a `.mecha` recipe (a whole path or a file name) before looking for it,
+    /// as OLD=NEW; repeatable
+    #[arg(long = "rename", value_parser = parse_rename)]
+    renames: Vec<(String, String)>,
     /// Replace the output file if it exists
     #[arg(long)]
     force: bool,
@@ -138,6 +142,9 @@ enum RecipeCommand {
         /// Folders where a .mecha recipe's models are looked for; repeatable
         #[arg(long = "model-dir")]
         model_dirs: Vec<PathBuf>,
+        /// Rename a model of a .mecha recipe, OLD=NEW; repeatable
+        #[arg(long = "rename", value_parser = parse_rename)]
+        renames: Vec<(String, String)>,
         /// Replace the output file if it exists
         #[arg(long)]
         force: bool,
@@ -311,7 +318,7 @@ fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings)> {
                 bail!("--alpha, --lambda, --weights, --param and --base go with --method; a recipe sets parameters per node");
             }
             if recipe_path.extension().is_some_and(|e| e == "mecha") {
-                let t = amalgam::mecha::load(recipe_path, &a.model_dirs)?;
+                let t = amalgam::mecha::load_with(recipe_path, &a.model_dirs, &a.renames)?;
                 let settings = RecipeSettings {
                     seed: t.seed,
                     ..Default::default()
@@ -383,11 +390,21 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_rename(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((old, new)) if !old.is_empty() && !new.is_empty() => {
+            Ok((old.to_string(), new.to_string()))
+        }
+        _ => Err(format!("`{s}`: expected OLD=NEW")),
+    }
+}
+
 fn cmd_recipe(a: RecipeArgs) -> Result<()> {
     let RecipeCommand::Convert {
         input,
         output,
         model_dirs,
+        renames,
         force,
     } = a.command;
     if output.exists() && !force {
@@ -398,7 +415,7 @@ fn cmd_recipe(a: RecipeArgs) -> Result<()> {
     }
     let is_mecha = |p: &Path| p.extension().is_some_and(|e| e == "mecha");
     let (graph, settings) = if is_mecha(&input) {
-        let t = amalgam::mecha::load(&input, &model_dirs)?;
+        let t = amalgam::mecha::load_with(&input, &model_dirs, &renames)?;
         let settings = RecipeSettings {
             seed: t.seed,
             ..Default::default()

@@ -457,6 +457,22 @@ fn a_mecha_recipe_with_someone_elses_paths_runs_with_model_dir() {
     assert!(!out.exists());
     let log = ok(&["merge", s(&recipe), "--model-dir", s(d), "-o", s(&out)]);
     assert!(log.contains("wrote"), "{log}");
+    // A model saved under another name: --rename.
+    std::fs::rename(d.join("m001.safetensors"), d.join("mine.safetensors")).unwrap();
+    let renamed = d.join("renamed.safetensors");
+    let e = fails(&["merge", s(&recipe), "--model-dir", s(d), "-o", s(&renamed)]);
+    assert!(e.contains("m001.safetensors"), "{e}");
+    ok(&[
+        "merge",
+        s(&recipe),
+        "--model-dir",
+        s(d),
+        "--rename",
+        "m001.safetensors=mine.safetensors",
+        "-o",
+        s(&renamed),
+    ]);
+    std::fs::rename(d.join("mine.safetensors"), d.join("m001.safetensors")).unwrap();
     let native = d.join("native.safetensors");
     ok(&[
         "merge",

@@ -398,6 +398,7 @@ pub fn translate(
     origin: &str,
     dir: &std::path::Path,
     model_dirs: &[std::path::PathBuf],
+    renames: &[(String, String)],
 ) -> Result<Translated> {
     use crate::graph::{Graph, ModelInput, Node, Ref};
     use crate::method::ParamValue;
@@ -492,6 +493,18 @@ pub fn translate(
                 let Some(Value::Str(p)) = c.positional().next() else {
                     unreachable!()
                 };
+                // `--rename old=new`: a whole path or a file name.
+                let renamed = renames.iter().find_map(|(old, new)| {
+                    let name = std::path::Path::new(p).file_name()?.to_str()?;
+                    (p == old || name == old).then(|| {
+                        if p == old {
+                            new.clone()
+                        } else {
+                            p[..p.len() - name.len()].to_string() + new
+                        }
+                    })
+                });
+                let p = renamed.as_ref().unwrap_or(p);
                 let path = std::path::Path::new(p);
                 let mut tried = Vec::new();
                 let candidates: Vec<std::path::PathBuf> = if path.is_absolute() {
@@ -858,6 +871,15 @@ pub fn translate(
 
 /// Reads and translates a `.mecha` file.
 pub fn load(path: &std::path::Path, model_dirs: &[std::path::PathBuf]) -> Result<Translated> {
+    load_with(path, model_dirs, &[])
+}
+
+/// [`load`], with model paths or file names renamed first (`(old, new)` pairs).
+pub fn load_with(
+    path: &std::path::Path,
+    model_dirs: &[std::path::PathBuf],
+    renames: &[(String, String)],
+) -> Result<Translated> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let origin = path.display().to_string();
     let recipe = parse(&text, &origin)?;
@@ -866,6 +888,7 @@ pub fn load(path: &std::path::Path, model_dirs: &[std::path::PathBuf]) -> Result
         &origin,
         path.parent().unwrap_or(std::path::Path::new(".")),
         model_dirs,
+        renames,
     )
 }
 
