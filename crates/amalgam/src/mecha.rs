@@ -361,6 +361,8 @@ enum Item {
     Tensors(crate::graph::Ref),
     /// `pick_component(model, component)`: the model's keys of one component.
     Component(crate::graph::Ref, String),
+    /// `omit_component(model, component)`: the model's keys of the other components.
+    Omitted(crate::graph::Ref, String),
 }
 
 /// The sd-mecha methods amalgam runs, as they appear in `.mecha` files.
@@ -378,6 +380,8 @@ pub const SUPPORTED: &[&str] = &[
     "dropout",
     "fallback",
     "pick_component",
+    "omit_component",
+    "cast",
     "convert_singleton",
     "convert_sdxl_blocks_to_sgm",
     "convert_sd1_blocks_to_ldm",
@@ -625,7 +629,15 @@ pub fn translate(
                         }
                         Item::Param(ParamValue::Blocks(map))
                     }
-                    "pick_component" => {
+                    "cast" => {
+                        // The output dtype is the run's (`--dtype`); computing is in f32/f64.
+                        Item::Tensors(tensors(
+                            args.first().copied().unwrap_or(&Value::Null),
+                            &items,
+                            c.line,
+                        )?)
+                    }
+                    "pick_component" | "omit_component" => {
                         let m = tensors(
                             args.first().copied().unwrap_or(&Value::Null),
                             &items,
@@ -645,7 +657,11 @@ pub fn translate(
                                 return Err(e(c.line, "`pick_component` needs a component".into()))
                             }
                         };
-                        Item::Component(m, comp)
+                        if method == "pick_component" {
+                            Item::Component(m, comp)
+                        } else {
+                            Item::Omitted(m, comp)
+                        }
                     }
                     "fallback" => {
                         let (Some(a), Some(b)) = (args.first(), args.get(1)) else {
@@ -665,6 +681,11 @@ pub fn translate(
                             (Item::Component(m, comp), Item::Tensors(rest)) => {
                                 components.insert(comp.clone(), *m);
                                 Item::Tensors(*rest)
+                            }
+                            // Everything but one component from a model, that one from another.
+                            (Item::Omitted(m, comp), Item::Tensors(other)) => {
+                                components.insert(comp.clone(), *other);
+                                Item::Tensors(*m)
                             }
                             (x, y) => {
                                 return Err(e(

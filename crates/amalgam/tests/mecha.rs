@@ -358,3 +358,40 @@ fn recipes_written_back_as_mecha_run_the_same_and_outputs_carry_them() {
         );
     }
 }
+
+#[test]
+fn omit_component_and_cast_run() {
+    // Everything but the VAE from the soup, the VAE from the base, then a cast: the same as
+    // the example `vae_from_base` recipe.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut o = SynthOptions::new(Layout::SdxlSgm, 4);
+    o.shrink = 64;
+    o.dtype = OutputDtype::F32;
+    synthesize(d, &o).unwrap();
+    let text = "version 0.1.0\n\
+        model \"base.safetensors\" model_config=null merge_space=\"weight\"\n\
+        model \"m000.safetensors\" model_config=null merge_space=\"weight\"\n\
+        model \"m001.safetensors\" model_config=null merge_space=\"weight\"\n\
+        model \"m002.safetensors\" model_config=null merge_space=\"weight\"\n\
+        model \"m003.safetensors\" model_config=null merge_space=\"weight\"\n\
+        merge \"n_average\" &1 &2 &3 &4\n\
+        merge \"omit_component\" &5 component=\"vae\"\n\
+        merge \"fallback\" &6 &0\n\
+        merge \"cast\" &7 device=null dtype=\"float16\"";
+    let run = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        let t = amalgam::mecha::load(&p, &[]).unwrap();
+        let out = d.join(format!("{name}.safetensors"));
+        let mut opts = MergeOptions::new(&out);
+        opts.output_dtype = OutputDtype::F32;
+        merge(&t.graph, &opts, &NoProgress).unwrap();
+        tensors(&out)
+    };
+    let a = run("omit.mecha", text);
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mecha/vae_from_base.mecha");
+    let b = run("pick.mecha", &std::fs::read_to_string(src).unwrap());
+    assert!(a == b);
+}
