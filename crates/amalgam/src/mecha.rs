@@ -819,8 +819,13 @@ pub fn translate(
                                             set(k, ParamValue::Number(number(k, d)?));
                                         }
                                     } else if !flag("apply_stock", false)? {
-                                        // The inverted flag: false multiplies by the model-stock factor.
-                                        return Err(e(c.line, format!("`{method}` with apply_median = false and apply_stock = false (the TIES mean times the model-stock factor) is not supported yet")));
+                                        // The inverted flag: false multiplies the TIES mean by
+                                        // the model-stock factor of the filtered deltas.
+                                        set("stock", ParamValue::Text("adjacent_rows".into()));
+                                        set(
+                                            "cos_eps",
+                                            ParamValue::Number(number("cos_eps", 1e-6)?),
+                                        );
                                     }
                                 }
                                 if method == "ties_sum_with_dropout" {
@@ -1164,8 +1169,8 @@ pub fn to_mecha(
                                 w.scalar(Value::Bool(c.election == Election::Mass)),
                             ),
                             // sd-mecha's inverted flag: true is the plain mean.
-                            ("apply_stock", w.scalar(Value::Bool(true))),
-                            ("cos_eps", w.scalar(Value::Float(1e-6))),
+                            ("apply_stock", w.scalar(Value::Bool(c.stock.is_none()))),
+                            ("cos_eps", w.scalar(Value::Float(c.stock.unwrap_or(1e-6)))),
                             ("apply_median", w.scalar(Value::Bool(median))),
                             ("eps", w.scalar(Value::Float(wz.eps))),
                             ("maxiter", w.scalar(Value::Int(wz.maxiter as i64))),

@@ -395,3 +395,41 @@ fn omit_component_and_cast_run() {
     let b = run("pick.mecha", &std::fs::read_to_string(src).unwrap());
     assert!(a == b);
 }
+
+#[test]
+fn the_inverted_apply_stock_round_trips() {
+    // sd-mecha's default (apply_stock = false): the TIES mean times the model-stock factor.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut o = SynthOptions::new(Layout::Sd1Ldm, 3);
+    o.shrink = 64;
+    o.dtype = OutputDtype::F32;
+    synthesize(d, &o).unwrap();
+    let text = "version 0.1.0\n\
+        model \"base.safetensors\" model_config=null merge_space=\"weight\"\n\
+        model \"m000.safetensors\" model_config=null merge_space=\"weight\"\n\
+        merge \"subtract\" &1 &0\n\
+        model \"m001.safetensors\" model_config=null merge_space=\"weight\"\n\
+        merge \"subtract\" &3 &0\n\
+        model \"m002.safetensors\" model_config=null merge_space=\"weight\"\n\
+        merge \"subtract\" &5 &0\n\
+        merge \"ties_sum_extended\" &2 &4 &6 k=1.0 vote_sgn=false apply_stock=false apply_median=false\n\
+        merge \"add_difference\" &0 &7 alpha=1.0";
+    let p = d.join("stock.mecha");
+    std::fs::write(&p, text).unwrap();
+    let t = amalgam::mecha::load(&p, &[]).unwrap();
+    let node = t.graph.nodes.iter().find(|n| n.method == "ties").unwrap();
+    assert_eq!(
+        node.params.get("stock"),
+        Some(&amalgam::method::ParamValue::Text("adjacent_rows".into()))
+    );
+    let back = amalgam::mecha::to_mecha(&t.graph, &[Some(Layout::Sd1Ldm); 4], None, 0).unwrap();
+    assert!(back.contains("apply_stock=&"), "{back}");
+    let again = amalgam::mecha::parse(&back, "back").unwrap();
+    let p2 = d.join("back.mecha");
+    std::fs::write(&p2, &back).unwrap();
+    let t2 = amalgam::mecha::load(&p2, &[]).unwrap();
+    let node2 = t2.graph.nodes.iter().find(|n| n.method == "ties").unwrap();
+    assert_eq!(node.params.get("stock"), node2.params.get("stock"));
+    assert!(!again.commands.is_empty());
+}

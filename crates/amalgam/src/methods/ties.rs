@@ -101,6 +101,10 @@ pub struct Config {
     pub lambda: f64,
     /// Add the base itself as a zero-delta point (geometric median only, as the DGMLA recipe).
     pub base_point: bool,
+    /// Multiply the fused result by the model-stock factor of the filtered deltas (cosines of
+    /// adjacent models along the last dimension, one factor per row; sd-mecha's
+    /// `ties_sum_extended` with `apply_stock = false`), with this `cos_eps`.
+    pub stock: Option<f64>,
 }
 
 macro_rules! pipeline_info {
@@ -130,6 +134,8 @@ macro_rules! pipeline_info {
                 ParamInfo { name: "rescale", default: Some($rescale), doc: "none | inverse_keep (the result divided by 1 - p) | per_element (kept entries divided by their keep probability before the vote) | l1 (each model's kept entries scaled back to its delta's L1 norm)" },
                 ParamInfo { name: "lambda", default: Some("1.0"), doc: "scale of the merged delta" },
                 ParamInfo { name: "base_point", default: Some($base_point), doc: "geometric median: add the base as a zero-delta point" },
+                ParamInfo { name: "stock", default: Some("none"), doc: "none | adjacent_rows: multiply the fused result by the model-stock factor t = N cos / (1 + (N - 1) cos) of the filtered deltas, cos the mean over adjacent models along the last dimension (sd-mecha's ties_sum_extended with its inverted apply_stock = false)" },
+                ParamInfo { name: "cos_eps", default: Some("1e-6"), doc: "stock: guard of the norms in the cosines" },
                 ParamInfo { name: "eps", default: Some("1e-6"), doc: "geometric median: smallest distance" },
                 ParamInfo { name: "maxiter", default: Some("100"), doc: "geometric median: most iterations" },
                 ParamInfo { name: "ftol", default: Some("1e-20"), doc: "geometric median: relative objective change to stop at" },
@@ -297,6 +303,18 @@ impl Pipeline {
         }
         let lambda = params.number("lambda", 1.0)?;
         let base_point = params.boolean("base_point", default("base_point") == "true")?;
+        let cos_eps = params.number("cos_eps", 1e-6)?;
+        let stock = match params.choice("stock", &["none", "adjacent_rows"], "none")? {
+            "adjacent_rows" => {
+                if matches!(fuse, Fuse::GeometricMedian(_)) {
+                    return Err(bad(
+                        "`stock` applies to the mean fuses, not to `geometric_median`".into(),
+                    ));
+                }
+                Some(cos_eps)
+            }
+            _ => None,
+        };
         if base_point && !matches!(fuse, Fuse::GeometricMedian(_)) {
             return Err(bad(
                 "`base_point` only applies to `fuse = \"geometric_median\"`".into(),
@@ -314,6 +332,7 @@ impl Pipeline {
                 rescale,
                 lambda,
                 base_point,
+                stock,
             },
         })
     }
@@ -431,6 +450,11 @@ impl<T: Real> Method<T> for Pipeline {
         };
         Ok(Box::new(KeyPipeline {
             della,
+            stock_row: if self.config.stock.is_some() {
+                ctx.shape.last().copied().unwrap_or(1).max(1)
+            } else {
+                0
+            },
             numel,
             config: self.config,
             key: ctx.key.to_string(),
@@ -491,6 +515,8 @@ struct DellaKey {
 
 struct KeyPipeline<T> {
     della: Option<DellaKey>,
+    /// With `stock`: the row length (the last dimension); 0 otherwise.
+    stock_row: usize,
     numel: usize,
     config: Config,
     key: String,
@@ -641,6 +667,48 @@ impl<T: Real> KeyPipeline<T> {
             work.for_each(|((f, x), &stream)| rank_model(&mut b, f, x, stream));
         }
         factors
+    }
+
+    /// With `stock`: the model-stock factor of each row of `range` (empty otherwise), from the
+    /// cosines of adjacent models' filtered deltas along the row, as PyTorch's
+    /// `CosineSimilarity(dim=-1, eps)`: `x·y / (max(‖x‖, eps) · max(‖y‖, eps))`.
+    fn stock_factors(&self, range: &Range<usize>, args: &[&[T]]) -> Vec<T> {
+        let Some(eps) = self.config.stock else {
+            return Vec::new();
+        };
+        let n = self.streams.len();
+        let row = self.stock_row;
+        let rows = range.len() / row;
+        if n < 2 {
+            return vec![T::ONE; rows];
+        }
+        let mut dots = vec![0f64; rows * (n - 1)];
+        let mut norms = vec![0f64; rows * n];
+        self.blocks(Stage::Filtered, range, args, None, |at, len, d, _| {
+            for t in 0..n {
+                for i in 0..len {
+                    let r = (at + i) / row;
+                    let v = d[t * W + i].to_f64();
+                    norms[r * n + t] += v * v;
+                    if t + 1 < n {
+                        dots[r * (n - 1) + t] += v * d[(t + 1) * W + i].to_f64();
+                    }
+                }
+            }
+        });
+        let nf = n as f64;
+        (0..rows)
+            .map(|r| {
+                let mean = (0..n - 1)
+                    .map(|t| {
+                        let (a, b) = (norms[r * n + t].sqrt(), norms[r * n + t + 1].sqrt());
+                        (dots[r * (n - 1) + t] / (a.max(eps) * b.max(eps))).clamp(-1.0, 1.0)
+                    })
+                    .sum::<f64>()
+                    / (nf - 1.0);
+                T::from_f64(nf * mean / (1.0 + (nf - 1.0) * mean))
+            })
+            .collect()
     }
 
     /// Whether statistic pass `pass` computes the masks that the later passes reuse.
@@ -797,7 +865,10 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     }
 
     fn unit(&self) -> usize {
-        self.della.as_ref().map_or(1, |d| d.unit)
+        // DELLA units (rows of `[rows, rest]`, or the tensor) are whole rows of the last
+        // dimension too.
+        let della = self.della.as_ref().map_or(1, |d| d.unit);
+        della.max(self.stock_row)
     }
 
     fn notes(&self) -> Vec<String> {
@@ -941,6 +1012,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             Fuse::GeometricMedian(_) => Stage::Filtered,
             _ => Stage::Voted,
         };
+        let stock = self.stock_factors(&range, args);
         self.blocks(stage, &range, args, None, |at, len, d, gamma| {
             let o = &mut out[at..at + len];
             o.fill(T::ZERO);
@@ -986,8 +1058,17 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                     }
                 }
             }
-            for (s, &b) in o.iter_mut().zip(&args[0][at..at + len]) {
-                *s = b + scale * *s;
+            if stock.is_empty() {
+                for (s, &b) in o.iter_mut().zip(&args[0][at..at + len]) {
+                    *s = b + scale * *s;
+                }
+            } else {
+                let row = self.stock_row;
+                for (i, (s, &b)) in o.iter_mut().zip(&args[0][at..at + len]).enumerate() {
+                    let v = stock[(at + i) / row] * *s;
+                    // sd-mecha turns a non-finite result into 0 (the base).
+                    *s = b + scale * if v.to_f64().is_finite() { v } else { T::ZERO };
+                }
             }
         });
     }
