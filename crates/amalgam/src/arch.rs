@@ -401,6 +401,20 @@ pub fn block_ids(arch: Arch) -> Option<&'static [&'static str]> {
 /// in BASE), the text encoders → `BASE`, the VAE → `VAE` on SDXL (supermerger: BASE; sd-mecha:
 /// VAE) and `BASE` on SD1. `None` for layouts without block ids.
 pub fn block_of(layout: Layout, key: &str) -> Option<&'static str> {
+    block_of_with(layout, key, BlockMapping::Supermerger)
+}
+
+/// Which tool's key → block assignment to follow where they disagree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockMapping {
+    /// `time_embed` and `label_emb` in `IN00` (supermerger; amalgam's default).
+    Supermerger,
+    /// `time_embed` and `label_emb` in `BASE` (sd-mecha's block conversions).
+    SdMecha,
+}
+
+/// [`block_of`] with the given mapping.
+pub fn block_of_with(layout: Layout, key: &str, mapping: BlockMapping) -> Option<&'static str> {
     let ids = block_ids(layout.arch())?;
     if !matches!(layout, Layout::Sd1Ldm | Layout::SdxlSgm) {
         return None;
@@ -430,7 +444,10 @@ pub fn block_of(layout: Layout, key: &str) -> Option<&'static str> {
     } else if rest.starts_with("out.") {
         Some(last_out)
     } else if rest.starts_with("time_embed.") || rest.starts_with("label_emb.") {
-        Some("IN00")
+        Some(match mapping {
+            BlockMapping::Supermerger => "IN00",
+            BlockMapping::SdMecha => "BASE",
+        })
     } else {
         Some("BASE")
     }

@@ -902,6 +902,9 @@ struct NodeMethods<T: Real> {
     /// The block id of each instance; empty for a single instance.
     blocks: Vec<&'static str>,
     instances: Vec<Box<dyn Method<T>>>,
+    /// The layout and key → block mapping the blocks are found with.
+    layout: Option<Layout>,
+    mapping: crate::arch::BlockMapping,
 }
 
 impl<T: Real> NodeMethods<T> {
@@ -913,10 +916,27 @@ impl<T: Real> NodeMethods<T> {
                 &node.counts(),
             )
         };
+        let mapping = match node.params.get(crate::method::BLOCK_MAPPING) {
+            None => crate::arch::BlockMapping::Supermerger,
+            Some(crate::method::ParamValue::Text(t)) if t == "supermerger" => {
+                crate::arch::BlockMapping::Supermerger
+            }
+            Some(crate::method::ParamValue::Text(t)) if t == "sd_mecha" => {
+                crate::arch::BlockMapping::SdMecha
+            }
+            Some(other) => {
+                return Err(Error::Invalid(format!(
+                    "node `{}`: `blocks` is `supermerger` or `sd_mecha`, got {other:?}",
+                    node.name
+                )))
+            }
+        };
         if !node.has_block_params() {
             return Ok(NodeMethods {
                 blocks: Vec::new(),
-                instances: vec![build(node.params.clone())?],
+                instances: vec![build(crate::method::params_for_block(&node.params, None))?],
+                layout,
+                mapping,
             });
         }
         let ids = layout
@@ -945,6 +965,8 @@ impl<T: Real> NodeMethods<T> {
             }
         }
         Ok(NodeMethods {
+            layout,
+            mapping,
             blocks: ids.to_vec(),
             instances: ids
                 .iter()
@@ -954,8 +976,12 @@ impl<T: Real> NodeMethods<T> {
         })
     }
 
-    /// The instance for a key of block `block` (`BASE` for keys without one).
-    fn get(&self, block: Option<&str>) -> &dyn Method<T> {
+    /// The instance for key `key` (the `BASE` one for keys without a block).
+    fn get(&self, key: Option<&str>) -> &dyn Method<T> {
+        if self.blocks.is_empty() {
+            return &*self.instances[0];
+        }
+        let block = key.and_then(|k| crate::arch::block_of_with(self.layout?, k, self.mapping));
         let i = block
             .and_then(|b| self.blocks.iter().position(|x| *x == b))
             .unwrap_or(0);
@@ -963,12 +989,13 @@ impl<T: Real> NodeMethods<T> {
     }
 }
 
-/// Resolves `r` for `key`: `None` when it has no value for the key.
+/// Resolves `r` for the key of `row` (`key` is its name, for per-block methods): `None` when
+/// it has no value for the key.
 #[allow(clippy::too_many_arguments)]
 fn resolve<T: Real>(
     r: Ref,
     row: &KeyRow,
-    block: Option<&str>,
+    key: Option<&str>,
     graph: &Graph,
     methods: &[NodeMethods<T>],
     seed: u64,
@@ -992,7 +1019,7 @@ fn resolve<T: Real>(
                 args.push(resolve(
                     a,
                     row,
-                    block,
+                    key,
                     graph,
                     methods,
                     seed,
@@ -1008,7 +1035,7 @@ fn resolve<T: Real>(
             let decision = if all {
                 OnMissing::MergePresent
             } else {
-                methods[n].get(block).on_missing(&present)
+                methods[n].get(key).on_missing(&present)
             };
             match decision {
                 OnMissing::Absent => {
@@ -1041,7 +1068,7 @@ fn resolve<T: Real>(
                         seed,
                         unit_budget,
                     };
-                    let state = methods[n].get(block).begin_key(&ctx).map_err(|e| {
+                    let state = methods[n].get(key).begin_key(&ctx).map_err(|e| {
                         Error::Invalid(format!("node `{}`, key `{}`: {e}", node.name, row.name))
                     })?;
                     Ok(Some(Expr::Node(Box::new(NodeExpr {
@@ -1106,11 +1133,10 @@ fn plan<T: Real>(
             continue;
         }
         let mut notes = Vec::new();
-        let block = layout.and_then(|l| crate::arch::block_of(l, &row.name));
         let expr = resolve(
             target,
             row,
-            block,
+            Some(row.name.as_str()),
             graph,
             &methods,
             opts.seed,

@@ -880,6 +880,13 @@ pub fn translate(
             ))
         }
     };
+    // Block values from sd-mecha's block conversions follow its key → block mapping.
+    for n in nodes.iter_mut().filter(|n| n.has_block_params()) {
+        n.params.insert(
+            crate::method::BLOCK_MAPPING.to_string(),
+            ParamValue::Text("sd_mecha".into()),
+        );
+    }
     let graph = Graph {
         models,
         nodes,

@@ -63,6 +63,10 @@ pub enum ParamValue {
     Blocks(BTreeMap<String, f64>),
 }
 
+/// The node parameter that picks the key → block mapping of per-block parameters
+/// (`supermerger` or `sd_mecha`); the engine reads it, methods never see it.
+pub const BLOCK_MAPPING: &str = "blocks";
+
 /// `params` with every per-block value replaced by its value for `block` (or its `default`;
 /// without either the parameter is left out, so the method's default applies). With `block =
 /// None`, by any one of its values (to check the other parameters).
@@ -72,6 +76,7 @@ pub fn params_for_block(
 ) -> BTreeMap<String, ParamValue> {
     params
         .iter()
+        .filter(|(k, _)| k.as_str() != BLOCK_MAPPING)
         .filter_map(|(k, v)| match v {
             ParamValue::Blocks(map) => {
                 let value = match block {

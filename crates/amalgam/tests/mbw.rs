@@ -189,3 +189,50 @@ fn block_weighted_weighted_sum_sdxl_from_a_table() {
     let e = merged(d, "{ IN99 = 0.5 }", "bad3").unwrap_err();
     assert!(e.contains("`IN99` is not a block id"), "{e}");
 }
+
+#[test]
+fn time_embed_and_label_emb_follow_the_chosen_mapping() {
+    use amalgam::arch::{block_of_with, BlockMapping};
+    for key in [
+        "model.diffusion_model.time_embed.0.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+    ] {
+        assert_eq!(
+            block_of_with(Layout::SdxlSgm, key, BlockMapping::Supermerger),
+            Some("IN00")
+        );
+        assert_eq!(
+            block_of_with(Layout::SdxlSgm, key, BlockMapping::SdMecha),
+            Some("BASE")
+        );
+    }
+    // A recipe picks it per node with `blocks`; the table form then gives time_embed BASE's
+    // value (here the default) instead of IN00's.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pair(d, Layout::SdxlSgm);
+    merged(
+        d,
+        "{ IN00 = 0.9, default = 0.1 }\nblocks = \"sd_mecha\"",
+        "mecha",
+    )
+    .unwrap();
+    for (key, alpha) in [
+        ("model.diffusion_model.time_embed.0.weight", 0.1f32),
+        ("model.diffusion_model.label_emb.0.0.bias", 0.1),
+        ("model.diffusion_model.input_blocks.0.0.weight", 0.9),
+    ] {
+        let a = read_f32(&d.join("base.safetensors"), key);
+        let b = read_f32(&d.join("m000.safetensors"), key);
+        let got = read_f32(&d.join("mecha.safetensors"), key);
+        for i in 0..a.len() {
+            let want = (1.0 - alpha) * a[i] + alpha * b[i];
+            assert!(
+                (got[i] - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "{key}"
+            );
+        }
+    }
+    let e = merged(d, "{ IN00 = 0.9 }\nblocks = \"other\"", "bad").unwrap_err();
+    assert!(e.contains("`blocks` is `supermerger` or `sd_mecha`"), "{e}");
+}

@@ -193,7 +193,7 @@ fn soup_vae_from_base_and_mbw_run_as_their_native_equivalents() {
     );
     same_as_native(
         "mbw_weighted_sum.mecha",
-        "[models]\na = \"m000.safetensors\"\nb = \"m001.safetensors\"\n[nodes.w]\nmethod = \"weighted_sum\"\na = \"a\"\nb = \"b\"\nalpha = { IN00 = 0.2, IN04 = 0.5, M00 = 0.8, OUT08 = 1.0, default = 0.5 }\n[output]\nnode = \"w\"\n",
+        "[models]\na = \"m000.safetensors\"\nb = \"m001.safetensors\"\n[nodes.w]\nmethod = \"weighted_sum\"\na = \"a\"\nb = \"b\"\nalpha = { IN00 = 0.2, IN04 = 0.5, M00 = 0.8, OUT08 = 1.0, default = 0.5 }\nblocks = \"sd_mecha\"\n[output]\nnode = \"w\"\n",
         0.0,
     );
     same_as_native(
