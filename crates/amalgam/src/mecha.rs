@@ -840,7 +840,13 @@ pub fn translate(
                                             set("drop", ParamValue::Text("dare".into()));
                                         }
                                         set("p", ParamValue::Number(p));
-                                        let rescale = if flag("rescale", true)? {
+                                        // `rescale` is a bool, or in older recipes the exponent
+                                        // of 1 / (1 - p): 0 and 1 are those two.
+                                        let exponent = number("rescale", 1.0)?;
+                                        if exponent != 0.0 && exponent != 1.0 {
+                                            return Err(e(c.line, format!("`rescale = {exponent}` (an exponent of 1 / (1 - p) other than 0 or 1) is not supported")));
+                                        }
+                                        let rescale = if exponent == 1.0 {
                                             "inverse_keep"
                                         } else {
                                             "none"
