@@ -31,11 +31,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Merge models: from a recipe file, or with --method and a list of models.
+    /// Merge models: from a recipe file (.toml or .mecha), or with --method and a list of models.
     Merge(MergeArgs),
     /// Show a safetensors file's keys, dtypes, shapes, parameter count and metadata.
     Inspect(InspectArgs),
-    /// Write synthetic models with a real SD1/SDXL key layout.
+    /// Write synthetic models with a real key layout (SD1, SDXL, SD3, FLUX, kohya, diffusers).
     Synth(SynthArgs),
     /// Synthesise a small model pool in a temporary folder and merge it (no files needed).
     Demo(DemoArgs),
@@ -74,7 +74,7 @@ pub struct EngineArgs {
 
 #[derive(Args)]
 struct MergeArgs {
-    /// A recipe file (.toml), or with --method the models to merge
+    /// A recipe file (.toml, or an sd-mecha .mecha), or with --method the models to merge
     inputs: Vec<PathBuf>,
     /// Merge method for the shorthand form (see `amalgam methods`)
     #[arg(long, short)]
