@@ -188,7 +188,7 @@ struct SynthArgs {
     /// Folder to write base.safetensors and m000.safetensors, ...
     #[arg(long, short)]
     output: PathBuf,
-    /// Key layout: sd1 or sdxl
+    /// Key layout: sd1, sdxl, sd3, flux, sd1-kohya, sdxl-kohya, sd1-diffusers_unet, sdxl-diffusers_unet
     #[arg(long, default_value = "sdxl")]
     layout: Layout,
     /// Number of fine-tuned models
