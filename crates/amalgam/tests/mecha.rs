@@ -107,20 +107,7 @@ use std::collections::BTreeMap;
 
 /// Every tensor of a file: name → values.
 fn tensors(p: &Path) -> BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(p).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(k, v)| {
-            let x = v
-                .data()
-                .chunks(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (k, x)
-        })
-        .collect()
+    common::all_f32(p)
 }
 
 /// Runs example recipe `name` and the native recipe `native` on the same synthetic SDXL pool;

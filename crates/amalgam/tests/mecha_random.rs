@@ -4,6 +4,7 @@
 //! cosine to it, against sd-mecha 1.1.8's values over four seeds
 //! (`tests/fixtures/sd_mecha_random_stats.json`, from `tools/sd_mecha_random_stats.py`).
 
+mod common;
 use amalgam::arch::Layout;
 use amalgam::dtype::OutputDtype;
 use amalgam::real::ComputeDtype;
@@ -14,20 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 fn tensors(p: &Path) -> BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(p).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(k, v)| {
-            let x = v
-                .data()
-                .chunks(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (k, x)
-        })
-        .collect()
+    common::all_f32(p)
 }
 
 /// (mean changed fraction, median |δ| ratio, mean cosine to the mean task vector) over all keys.

@@ -186,3 +186,21 @@ pub fn files_containing(dir: &Path, part: &str) -> Vec<String> {
         .filter(|n| n.contains(part))
         .collect()
 }
+
+/// Every f32 tensor of a file, read at once: name → values.
+pub fn all_f32(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(k, v)| {
+            let x = v
+                .data()
+                .chunks(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (k, x)
+        })
+        .collect()
+}
