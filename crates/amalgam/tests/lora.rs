@@ -150,3 +150,93 @@ fn a_baked_lora_changes_exactly_its_targets_by_s_up_down_alpha_over_rank() {
         shape("model.diffusion_model.middle_block.1.proj_in.weight")
     );
 }
+
+#[test]
+fn sdxl_lora_modules_map_to_unet_clip_l_and_clip_g_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut o = SynthOptions::new(Layout::SdxlSgm, 0);
+    o.shrink = 64;
+    o.dtype = OutputDtype::F32;
+    let ckpt = synthesize(d, &o).unwrap().remove(0);
+    let m = ModelFile::open(&ckpt).unwrap();
+    // kohya's SDXL module names: the UNet in original names, TE1 (CLIP-L) and TE2 (CLIP-G) in HF
+    // names; the CLIP-G out_proj is a whole OpenCLIP key.
+    let targets = [
+        (
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k",
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+        ),
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        ),
+        (
+            "lora_te2_text_model_encoder_layers_0_self_attn_out_proj",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj.weight",
+        ),
+        (
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+            "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight",
+        ),
+    ];
+    let rank = 2;
+    let mut lora = Vec::new();
+    let mut expected = BTreeMap::new();
+    for (t, (module, key)) in targets.iter().enumerate() {
+        let s = m.tensors()[*key].shape.clone();
+        let (out, inner) = (s[0], s[1..].iter().product::<usize>());
+        let up: Vec<f32> = (0..out * rank).map(|i| v(i, 2 * t)).collect();
+        let down: Vec<f32> = (0..rank * inner).map(|i| v(i, 2 * t + 1)).collect();
+        lora.push(f32t(&format!("{module}.lora_up.weight"), &[out, rank], &up));
+        lora.push(f32t(
+            &format!("{module}.lora_down.weight"),
+            &[rank, inner],
+            &down,
+        ));
+        let w = read_f32(&ckpt, key);
+        let want: Vec<f64> = (0..out * inner)
+            .map(|e| {
+                let (o, c) = (e / inner, e % inner);
+                let delta: f64 = (0..rank)
+                    .map(|r| up[o * rank + r] as f64 * down[r * inner + c] as f64)
+                    .sum();
+                w[e] as f64 + delta
+            })
+            .collect();
+        expected.insert(*key, want);
+    }
+    // A CLIP-G q/k/v module is part of a fused key: left out, and said so.
+    lora.push(f32t(
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+        &[4, 1],
+        &[1.0; 4],
+    ));
+    lora.push(f32t(
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+        &[1, 4],
+        &[1.0; 4],
+    ));
+    let lora_path = write_file(&d.join("xl.safetensors"), &lora, true);
+    let g = Graph::single("add", None, vec![ckpt.clone(), lora_path], BTreeMap::new()).unwrap();
+    let out = d.join("baked.safetensors");
+    let mut o = MergeOptions::new(&out);
+    o.output_dtype = OutputDtype::F32;
+    o.compute_dtype = amalgam::real::ComputeDtype::F64;
+    let report = merge(&g, &o, &NoProgress).unwrap();
+    let notes = report.notes.join("\n");
+    assert!(notes.contains("a LoRA for sdxl-sgm: 4 modules"), "{notes}");
+    assert!(notes.contains("self_attn_q_proj"), "{notes}");
+    for (key, want) in &expected {
+        let got = read_f32(&out, key);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                "{key}[{i}]: {g} vs {w}"
+            );
+        }
+    }
+    // A key no module targets is untouched.
+    let other = "model.diffusion_model.out.2.weight";
+    assert_eq!(read_f32(&out, other), read_f32(&ckpt, other));
+}
