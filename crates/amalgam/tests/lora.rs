@@ -5,7 +5,6 @@ use amalgam::arch::Layout;
 use amalgam::dtype::OutputDtype;
 use amalgam::input::ModelFile;
 use amalgam::method::ParamValue;
-use amalgam::synth::{synthesize, SynthOptions};
 use amalgam::{merge, Graph, MergeOptions, NoProgress};
 use common::*;
 use std::collections::BTreeMap;
@@ -19,10 +18,7 @@ fn v(i: usize, salt: usize) -> f32 {
 fn a_baked_lora_changes_exactly_its_targets_by_s_up_down_alpha_over_rank() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut o = SynthOptions::new(Layout::Sd1Ldm, 0);
-    o.shrink = 32;
-    o.dtype = OutputDtype::F32;
-    let ckpt = synthesize(d, &o).unwrap().remove(0);
+    let ckpt = f32_pool(d, Layout::Sd1Ldm, 0, 32).remove(0);
     let m = ModelFile::open(&ckpt).unwrap();
     let shape = |k: &str| m.tensors()[k].shape.clone();
     // (LoRA module, target key, rank, alpha): a linear attention layer, a 3×3 convolution
@@ -155,10 +151,7 @@ fn a_baked_lora_changes_exactly_its_targets_by_s_up_down_alpha_over_rank() {
 fn sdxl_lora_modules_map_to_unet_clip_l_and_clip_g_keys() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut o = SynthOptions::new(Layout::SdxlSgm, 0);
-    o.shrink = 64;
-    o.dtype = OutputDtype::F32;
-    let ckpt = synthesize(d, &o).unwrap().remove(0);
+    let ckpt = f32_pool(d, Layout::SdxlSgm, 0, 64).remove(0);
     let m = ModelFile::open(&ckpt).unwrap();
     // kohya's SDXL module names: the UNet in original names, TE1 (CLIP-L) and TE2 (CLIP-G) in HF
     // names; the CLIP-G out_proj is a whole OpenCLIP key.

@@ -5,7 +5,6 @@ mod common;
 use amalgam::arch::{block_ids, block_of, expand_block_list, Arch, Layout};
 use amalgam::dtype::OutputDtype;
 use amalgam::input::ModelFile;
-use amalgam::synth::{synthesize, SynthOptions};
 use amalgam::{merge, recipe, MergeOptions, NoProgress};
 use common::*;
 use std::collections::BTreeMap;
@@ -88,10 +87,7 @@ fn supermerger_lists_expand_to_block_ids() {
 }
 
 fn pair(dir: &Path, layout: Layout) {
-    let mut o = SynthOptions::new(layout, 1);
-    o.shrink = 64;
-    o.dtype = OutputDtype::F32;
-    synthesize(dir, &o).unwrap();
+    f32_pool(dir, layout, 1, 64);
 }
 
 fn merged(dir: &Path, alpha: &str, name: &str) -> Result<(), String> {

@@ -101,8 +101,8 @@ fn dgmla_recipe_has_the_published_parameters() {
 mod common;
 use amalgam::arch::Layout;
 use amalgam::dtype::OutputDtype;
-use amalgam::synth::{synthesize, SynthOptions};
 use amalgam::{merge, recipe, MergeOptions, NoProgress};
+use common::f32_pool;
 use std::collections::BTreeMap;
 
 /// Every tensor of a file: name → values.
@@ -115,10 +115,7 @@ fn tensors(p: &Path) -> BTreeMap<String, Vec<f32>> {
 fn same_as_native(name: &str, native: &str, tol: f32) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut o = SynthOptions::new(Layout::SdxlSgm, 4);
-    o.shrink = 64;
-    o.dtype = OutputDtype::F32;
-    synthesize(d, &o).unwrap();
+    f32_pool(d, Layout::SdxlSgm, 4, 64);
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/mecha")
         .join(name);
@@ -251,10 +248,7 @@ fn unsupported_methods_and_missing_models_are_reported_before_reading() {
 fn dropout_and_slerp_recipes_run() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut o = SynthOptions::new(Layout::Sd1Ldm, 2);
-    o.shrink = 64;
-    o.dtype = OutputDtype::F32;
-    synthesize(d, &o).unwrap();
+    f32_pool(d, Layout::Sd1Ldm, 2, 64);
     let run = |name: &str, text: &str| -> BTreeMap<String, Vec<f32>> {
         let p = d.join(format!("{name}.mecha"));
         std::fs::write(&p, text).unwrap();
@@ -289,10 +283,7 @@ fn dropout_and_slerp_recipes_run() {
 fn recipes_written_back_as_mecha_run_the_same_and_outputs_carry_them() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut o = SynthOptions::new(Layout::SdxlSgm, 4);
-    o.shrink = 64;
-    o.dtype = OutputDtype::F32;
-    synthesize(d, &o).unwrap();
+    f32_pool(d, Layout::SdxlSgm, 4, 64);
     let layouts = [Some(Layout::SdxlSgm); 5];
     for name in [
         "soup.mecha",
@@ -352,10 +343,7 @@ fn omit_component_and_cast_run() {
     // the example `vae_from_base` recipe.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut o = SynthOptions::new(Layout::SdxlSgm, 4);
-    o.shrink = 64;
-    o.dtype = OutputDtype::F32;
-    synthesize(d, &o).unwrap();
+    f32_pool(d, Layout::SdxlSgm, 4, 64);
     let text = "version 0.1.0\n\
         model \"base.safetensors\" model_config=null merge_space=\"weight\"\n\
         model \"m000.safetensors\" model_config=null merge_space=\"weight\"\n\
@@ -388,10 +376,7 @@ fn the_inverted_apply_stock_round_trips() {
     // sd-mecha's default (apply_stock = false): the TIES mean times the model-stock factor.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut o = SynthOptions::new(Layout::Sd1Ldm, 3);
-    o.shrink = 64;
-    o.dtype = OutputDtype::F32;
-    synthesize(d, &o).unwrap();
+    f32_pool(d, Layout::Sd1Ldm, 3, 64);
     let text = "version 0.1.0\n\
         model \"base.safetensors\" model_config=null merge_space=\"weight\"\n\
         model \"m000.safetensors\" model_config=null merge_space=\"weight\"\n\

@@ -8,8 +8,8 @@ mod common;
 use amalgam::arch::Layout;
 use amalgam::dtype::OutputDtype;
 use amalgam::real::ComputeDtype;
-use amalgam::synth::{synthesize, SynthOptions};
 use amalgam::{merge, MergeOptions, NoProgress};
+use common::f32_pool;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -71,10 +71,7 @@ fn random_recipes_agree_with_sd_mecha_in_their_statistics() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut o = SynthOptions::new(Layout::SdxlSgm, 4);
-    o.shrink = 64;
-    o.dtype = OutputDtype::F32;
-    synthesize(d, &o).unwrap();
+    f32_pool(d, Layout::SdxlSgm, 4, 64);
     let base = tensors(&d.join("base.safetensors"));
     let models: Vec<_> = (0..4)
         .map(|i| tensors(&d.join(format!("m00{i}.safetensors"))))

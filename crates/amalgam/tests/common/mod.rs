@@ -204,3 +204,17 @@ pub fn all_f32(path: &Path) -> BTreeMap<String, Vec<f32>> {
         })
         .collect()
 }
+
+/// Writes `base.safetensors` and `n` fine-tunes `m000...` of `layout` in f32 into `dir`, every
+/// dimension above 16 divided by `shrink`; returns their paths (base first).
+pub fn f32_pool(
+    dir: &Path,
+    layout: amalgam::arch::Layout,
+    n: usize,
+    shrink: usize,
+) -> Vec<PathBuf> {
+    let mut o = amalgam::synth::SynthOptions::new(layout, n);
+    o.shrink = shrink;
+    o.dtype = amalgam::dtype::OutputDtype::F32;
+    amalgam::synth::synthesize(dir, &o).unwrap()
+}
