@@ -272,6 +272,13 @@ impl<T: Real> Expr<T> {
                 .fold(node.state.unit().max(1), |u, a| lcm(u, a.unit())),
         }
     }
+    /// Whether a leaf reads the key transposed from its file.
+    fn reads_transposed(&self, row: &KeyRow) -> bool {
+        match self {
+            Expr::Leaf(l) => matches!(l.loc(row).view, View::Transposed { .. }),
+            Expr::Node(node) => node.args.iter().any(|a| a.reads_transposed(row)),
+        }
+    }
     /// The notes of every node, children first.
     fn notes(&self, out: &mut Vec<String>) {
         if let Expr::Node(node) = self {
@@ -1505,12 +1512,16 @@ fn run<T: Real>(
             progress.advance(len, done, name);
             continue;
         }
+        let row = &rows[planned[ki].row];
         let Job::Compute { expr, numel } = &mut planned[ki].job else {
             unreachable!()
         };
         let numel = *numel;
-        // A key written transposed is computed whole.
-        let unit = if matches!(views[ki], OutView::Transposed { .. }) {
+        // A key written transposed, or read from a transposed input, is computed whole (the
+        // transpose needs the whole tensor; read in parts, it would be decoded once per part).
+        let transposed =
+            matches!(views[ki], OutView::Transposed { .. }) || expr.reads_transposed(row);
+        let unit = if transposed {
             numel.max(1)
         } else {
             expr.unit().min(numel.max(1))
