@@ -275,7 +275,7 @@ impl<T: Real> Expr<T> {
     /// Whether a leaf reads the key transposed from its file.
     fn reads_transposed(&self, row: &KeyRow) -> bool {
         match self {
-            Expr::Leaf(l) => matches!(l.loc(row).view, View::Transposed { .. }),
+            Expr::Leaf(l) => matches!(row.view(&l.loc(row)), View::Transposed { .. }),
             Expr::Node(node) => node.args.iter().any(|a| a.reads_transposed(row)),
         }
     }
@@ -324,13 +324,28 @@ impl Leaf {
     }
 }
 
-/// Where one model stores one key.
+/// Where one model stores one key, and how (as a model's keys are listed).
 #[derive(Clone, Copy, Debug)]
-struct Loc {
+struct Place {
     offset: u64,
     dtype: safetensors::Dtype,
     view: View,
 }
+
+/// Where one model stores one key, as the key table holds it: 16 bytes, since the table has one
+/// per key and model. A view other than [`View::Plain`] is in the row's `views`.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    offset: u64,
+    /// Index in [`KeyRow::views`], or [`PLAIN`].
+    view: u32,
+    dtype: safetensors::Dtype,
+}
+
+/// [`Loc::view`] of a key stored as is.
+const PLAIN: u32 = u32::MAX;
+
+const _: () = assert!(std::mem::size_of::<Option<Loc>>() == 16);
 
 /// How a key's elements are laid out in a file saved in another key format (see [`formats`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -371,7 +386,7 @@ impl Loc {
         scratch: &mut Vec<u64>,
     ) -> Result<()> {
         let dtype = FloatDtype::from_safetensors(self.dtype).expect("float key");
-        match self.view {
+        match row.view(self) {
             View::Lora(i) => {
                 let sp = &row.lora[i as usize];
                 let mut up = vec![T::ZERO; sp.out * sp.rank];
@@ -438,9 +453,32 @@ struct KeyRow {
     locs: Vec<Option<Loc>>,
     /// The LoRA modules of the inputs that are LoRA files (see [`View::Lora`]).
     lora: Vec<LoraSpec>,
+    /// The views of the locations that are not plain.
+    views: Vec<View>,
 }
 
 impl KeyRow {
+    fn view(&self, loc: &Loc) -> View {
+        if loc.view == PLAIN {
+            View::Plain
+        } else {
+            self.views[loc.view as usize]
+        }
+    }
+    /// Files `place` as input `i`'s location of the key.
+    fn locate(&mut self, i: usize, place: Place) {
+        let view = if place.view == View::Plain {
+            PLAIN
+        } else {
+            self.views.push(place.view);
+            (self.views.len() - 1) as u32
+        };
+        self.locs[i] = Some(Loc {
+            offset: place.offset,
+            view,
+            dtype: place.dtype,
+        });
+    }
     fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -486,7 +524,7 @@ impl KeyTable {
         i: usize,
         name: &str,
         shape: Vec<usize>,
-        mut loc: Loc,
+        mut loc: Place,
         lora: Option<LoraSpec>,
         paths: &[&Path],
     ) -> Result<()> {
@@ -495,30 +533,27 @@ impl KeyTable {
             let float = FloatDtype::from_safetensors(e_dtype).is_some();
             match self.rows.get_mut(name) {
                 None => {
-                    let mut locs = vec![None; self.n];
                     let mut specs = Vec::new();
                     if let Some(spec) = lora {
                         loc.view = View::Lora(0);
                         specs.push(spec);
                     }
-                    locs[i] = Some(loc);
-                    self.rows.insert(
-                        name.to_string(),
-                        KeyRow {
-                            name: name.to_string(),
-                            shape,
-                            first: i,
-                            locs,
-                            lora: specs,
-                        },
-                    );
+                    let mut row = KeyRow {
+                        name: name.to_string(),
+                        shape,
+                        first: i,
+                        locs: vec![None; self.n],
+                        lora: specs,
+                        views: Vec::new(),
+                    };
+                    row.locate(i, loc);
+                    self.rows.insert(name.to_string(), row);
                 }
                 Some(row) => {
                     if let Some(spec) = lora {
                         loc.view = View::Lora(row.lora.len() as u32);
                         row.lora.push(spec);
                     }
-                    let loc = Some(loc);
                     if row.shape != shape {
                         return Err(Error::ShapeMismatch {
                             key: name.to_string(),
@@ -537,7 +572,7 @@ impl KeyTable {
                             paths[i].display()
                         )));
                     }
-                    row.locs[i] = loc;
+                    row.locate(i, loc);
                 }
             }
         }
@@ -546,7 +581,7 @@ impl KeyTable {
 }
 
 /// One key of a model as the engine sees it.
-type ViewedKey = (String, Vec<usize>, Loc, Option<LoraSpec>);
+type ViewedKey = (String, Vec<usize>, Place, Option<LoraSpec>);
 
 /// A model's keys as the engine sees them, the layout it counts as, and notes for the report.
 struct Viewed {
@@ -626,7 +661,7 @@ fn lora_keys(model: &ModelFile, path: &Path) -> Result<Viewed> {
             inner: down.numel() / rank,
             scale: alpha / rank as f64,
         };
-        let loc = Loc {
+        let loc = Place {
             offset: up.offset,
             dtype: up.dtype,
             view: View::Plain,
@@ -662,7 +697,7 @@ fn viewed_keys(model: &ModelFile, layout: Option<Layout>, path: &Path) -> Result
     if crate::formats::is_lora(&names) {
         return lora_keys(model, path);
     }
-    let plain = |e: &crate::input::TensorEntry| Loc {
+    let plain = |e: &crate::input::TensorEntry| Place {
         offset: e.offset,
         dtype: e.dtype,
         view: View::Plain,
@@ -729,7 +764,7 @@ fn viewed_keys(model: &ModelFile, layout: Option<Layout>, path: &Path) -> Result
         out.push((
             key.clone(),
             shape,
-            Loc {
+            Place {
                 offset: e.offset,
                 dtype: e.dtype,
                 view,

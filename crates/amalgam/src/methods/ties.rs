@@ -459,16 +459,18 @@ impl<T: Real> Method<T> for Pipeline {
             config: self.config,
             key: ctx.key.to_string(),
             seed: ctx.seed,
-            streams: ctx.present[1..].iter().map(|&i| i as u64).collect(),
+            streams: ctx.present[1..].iter().map(|&i| i as u32).collect(),
             trim_passes,
-            select: (0..n)
+            // Only a trim has a selection state per model (every key's state exists from planning
+            // on: without a trim it takes no memory per model).
+            select: (0..if trim_passes > 0 { n } else { 0 })
                 .map(|_| Select {
                     prefix: 0,
                     rank,
                     counts: Vec::new(),
                 })
                 .collect(),
-            thresholds: vec![0; n],
+            thresholds: Vec::new(),
             scales: Vec::new(),
             l1: Vec::new(),
             gram: Vec::new(),
@@ -522,10 +524,10 @@ struct KeyPipeline<T> {
     key: String,
     seed: u64,
     /// The random stream of each present model (its position among the node's arguments).
-    streams: Vec<u64>,
+    streams: Vec<u32>,
     trim_passes: usize,
     select: Vec<Select>,
-    /// Per model, the smallest |δ| key that is kept (0 keeps everything).
+    /// Per model, the smallest |δ| key that is kept (0 keeps everything; empty without a trim).
     thresholds: Vec<u64>,
     /// Per model, the factor its kept entries are scaled by (`l1`; empty = 1).
     scales: Vec<T>,
@@ -544,8 +546,8 @@ const W: usize = 256;
 enum Stage {
     /// After the drop only (what the trim threshold is selected from).
     Dropped,
-    /// After drop, trim and election; the sign filter is left to the caller.
-    Voted,
+    /// After drop, trim and the `l1` scale; the election is left to the caller.
+    Kept,
     /// After drop, trim, election and sign filter.
     Filtered,
 }
@@ -661,10 +663,12 @@ impl<T: Real> KeyPipeline<T> {
         if parallel {
             // Large units: the models are ranked in parallel, a sort buffer per worker.
             work.par_bridge()
-                .for_each_init(buffers, |b, ((f, x), &stream)| rank_model(b, f, x, stream));
+                .for_each_init(buffers, |b, ((f, x), &stream)| {
+                    rank_model(b, f, x, stream.into())
+                });
         } else {
             let mut b = buffers();
-            work.for_each(|((f, x), &stream)| rank_model(&mut b, f, x, stream));
+            work.for_each(|((f, x), &stream)| rank_model(&mut b, f, x, stream.into()));
         }
         factors
     }
@@ -740,7 +744,7 @@ impl<T: Real> KeyPipeline<T> {
             _ => self
                 .streams
                 .iter()
-                .map(|&m| rng::Stream::new(self.seed, &self.key, m, range.start))
+                .map(|&m| rng::Stream::new(self.seed, &self.key, m.into(), range.start))
                 .collect(),
         };
         let (dare_keep, dare_scale) = match self.config.drop {
@@ -807,8 +811,8 @@ impl<T: Real> KeyPipeline<T> {
                         }
                     }
                 }
-                if stage != Stage::Dropped && self.thresholds[t] > 0 {
-                    let thr = self.thresholds[t];
+                let thr = self.thresholds.get(t).copied().unwrap_or(0);
+                if stage != Stage::Dropped && thr > 0 {
                     for o in dt.iter_mut() {
                         *o *= if o.abs_key() >= thr { T::ONE } else { T::ZERO };
                     }
@@ -820,7 +824,7 @@ impl<T: Real> KeyPipeline<T> {
                 }
             }
             let g = &mut gamma[..len];
-            if stage != Stage::Dropped && self.config.election != Election::None {
+            if stage == Stage::Filtered && self.config.election != Election::None {
                 g.fill(T::ZERO);
                 for t in 0..n {
                     let dt = &d[t * W..t * W + len];
@@ -839,9 +843,6 @@ impl<T: Real> KeyPipeline<T> {
                     };
                 }
                 for t in 0..n {
-                    if stage != Stage::Filtered {
-                        break;
-                    }
                     let dt = &mut d[t * W..t * W + len];
                     // Multiplying by 1 or 0 instead of a conditional store, which the compiler
                     // turns into a masked store, very slow on some CPUs.
@@ -946,7 +947,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                     .fold(0.0, f64::max);
             }
             Pass::Trim(trim) => {
-                for (t, s) in self.select.iter_mut().enumerate() {
+                for s in self.select.iter_mut() {
                     let mut below = 0u64;
                     let mut digit = 0u64;
                     for (dgt, &c) in s.counts.iter().enumerate() {
@@ -962,7 +963,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                     if trim + 1 == self.trim_passes {
                         // All digits resolved: the prefix is the threshold key (the top padding
                         // bits above the key width are zero).
-                        self.thresholds[t] = s.prefix;
+                        self.thresholds.push(s.prefix);
                     }
                 }
             }
@@ -1006,57 +1007,23 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
         };
         let scale = T::from_f64(scale);
         let inv_n = T::ONE / T::from_f64(n as f64);
-        let mut count = [T::ZERO; W];
         let voting = self.config.election != Election::None;
         let stage = match self.config.fuse {
             Fuse::GeometricMedian(_) => Stage::Filtered,
-            _ => Stage::Voted,
+            _ => Stage::Kept,
         };
         let stock = self.stock_factors(&range, args);
-        self.blocks(stage, &range, args, None, |at, len, d, gamma| {
-            let o = &mut out[at..at + len];
-            o.fill(T::ZERO);
-            match self.config.fuse {
-                Fuse::DisjointMean => {
-                    // The sign filter and the mean in one loop: an entry counts when it has the
-                    // elected sign (δ·γ > 0, so zeros and a zero γ never count).
-                    let c = &mut count[..len];
-                    c.fill(T::ZERO);
-                    for t in 0..n {
-                        for (((s, k), &v), &e) in o
-                            .iter_mut()
-                            .zip(c.iter_mut())
-                            .zip(&d[t * W..t * W + len])
-                            .zip(gamma)
-                        {
-                            let keep = v * e > T::ZERO;
-                            *s += if keep { v } else { T::ZERO };
-                            *k += if keep { T::ONE } else { T::ZERO };
-                        }
-                    }
-                    for (s, &k) in o.iter_mut().zip(c.iter()) {
-                        *s = if k == T::ZERO { T::ZERO } else { *s / k };
-                    }
-                }
-                Fuse::Mean | Fuse::Sum => {
-                    for t in 0..n {
-                        for ((s, &v), &e) in o.iter_mut().zip(&d[t * W..t * W + len]).zip(gamma) {
-                            let keep = !voting || v * e > T::ZERO;
-                            *s += if keep { v } else { T::ZERO };
-                        }
-                    }
-                    if self.config.fuse == Fuse::Mean {
-                        o.iter_mut().for_each(|s| *s *= inv_n);
-                    }
-                }
-                Fuse::GeometricMedian(_) => {
-                    for t in 0..n {
-                        let c = self.coefficients[t];
-                        for (s, &v) in o.iter_mut().zip(&d[t * W..t * W + len]) {
-                            *s += c * v;
-                        }
-                    }
-                }
+        // Without drop, trim or scale the deltas are the inputs' differences: they are summed
+        // straight from the inputs, without the block buffer.
+        let plain = self.config.drop == Drop::None
+            && self.thresholds.iter().all(|&t| t == 0)
+            && self.scales.is_empty()
+            && voting
+            && stage == Stage::Kept;
+        let mut sums = Signed::<T>::new();
+        let fuse = |at: usize, len: usize, o: &mut [T], sums: &Signed<T>| {
+            if voting && stage == Stage::Kept {
+                sums.fuse(len, self.config, inv_n, o);
             }
             if stock.is_empty() {
                 for (s, &b) in o.iter_mut().zip(&args[0][at..at + len]) {
@@ -1070,7 +1037,165 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                     *s = b + scale * if v.to_f64().is_finite() { v } else { T::ZERO };
                 }
             }
+        };
+        if plain {
+            let mass = self.config.election == Election::Mass;
+            for at in (0..range.len()).step_by(W) {
+                let len = W.min(range.len() - at);
+                let b = &args[0][at..at + len];
+                sums.clear(len);
+                for x in &args[1..] {
+                    sums.add_differences(&x[at..at + len], b, mass);
+                }
+                fuse(at, len, &mut out[at..at + len], &sums);
+            }
+            return;
+        }
+        self.blocks(stage, &range, args, None, |at, len, d, gamma| {
+            let o = &mut out[at..at + len];
+            o.fill(T::ZERO);
+            match self.config.fuse {
+                _ if voting && stage == Stage::Kept => {
+                    // The election and the fuse in one sweep over the models: the sums and counts
+                    // of the positive and of the negative entries decide both.
+                    let mass = self.config.election == Election::Mass;
+                    sums.clear(len);
+                    for t in 0..n {
+                        sums.add(&d[t * W..t * W + len], mass);
+                    }
+                }
+                Fuse::Mean | Fuse::Sum | Fuse::DisjointMean => {
+                    // No election: every entry counts (`disjoint_mean` needs one).
+                    for t in 0..n {
+                        for (s, &v) in o.iter_mut().zip(&d[t * W..t * W + len]) {
+                            *s += v;
+                        }
+                    }
+                    if self.config.fuse == Fuse::Mean {
+                        o.iter_mut().for_each(|s| *s *= inv_n);
+                    }
+                }
+                Fuse::GeometricMedian(_) => {
+                    let _ = gamma;
+                    for t in 0..n {
+                        let c = self.coefficients[t];
+                        for (s, &v) in o.iter_mut().zip(&d[t * W..t * W + len]) {
+                            *s += c * v;
+                        }
+                    }
+                }
+            }
+            fuse(at, len, o, &sums);
         });
+    }
+}
+
+/// Per element of a block, what an election and a sign-filtered fuse need: the sums and counts of
+/// the positive and of the negative entries, and (for `mass`) the sum of all of them in model
+/// order.
+struct Signed<T> {
+    pos: [T; W],
+    neg: [T; W],
+    npos: [T; W],
+    nneg: [T; W],
+    total: [T; W],
+}
+
+impl<T: Real> Signed<T> {
+    fn new() -> Self {
+        Signed {
+            pos: [T::ZERO; W],
+            neg: [T::ZERO; W],
+            npos: [T::ZERO; W],
+            nneg: [T::ZERO; W],
+            total: [T::ZERO; W],
+        }
+    }
+
+    fn clear(&mut self, len: usize) {
+        for a in [
+            &mut self.pos,
+            &mut self.neg,
+            &mut self.npos,
+            &mut self.nneg,
+            &mut self.total,
+        ] {
+            a[..len].fill(T::ZERO);
+        }
+    }
+
+    /// Adds one model's deltas `v`.
+    #[inline(always)]
+    fn add(&mut self, v: &[T], mass: bool) {
+        let len = v.len();
+        let (pos, neg) = (&mut self.pos[..len], &mut self.neg[..len]);
+        let (npos, nneg) = (&mut self.npos[..len], &mut self.nneg[..len]);
+        let total = &mut self.total[..len];
+        for i in 0..len {
+            let x = v[i];
+            let (p, m) = (x > T::ZERO, x < T::ZERO);
+            // Selects rather than branches, so that the loop vectorises.
+            pos[i] += if p { x } else { T::ZERO };
+            npos[i] += if p { T::ONE } else { T::ZERO };
+            neg[i] += if m { x } else { T::ZERO };
+            nneg[i] += if m { T::ONE } else { T::ZERO };
+            if mass {
+                total[i] += x;
+            }
+        }
+    }
+
+    /// Adds the deltas `x − b` of one model.
+    #[inline(always)]
+    fn add_differences(&mut self, x: &[T], b: &[T], mass: bool) {
+        let len = x.len();
+        let (pos, neg) = (&mut self.pos[..len], &mut self.neg[..len]);
+        let (npos, nneg) = (&mut self.npos[..len], &mut self.nneg[..len]);
+        let (total, b) = (&mut self.total[..len], &b[..len]);
+        for i in 0..len {
+            let v = x[i] - b[i];
+            let (p, m) = (v > T::ZERO, v < T::ZERO);
+            pos[i] += if p { v } else { T::ZERO };
+            npos[i] += if p { T::ONE } else { T::ZERO };
+            neg[i] += if m { v } else { T::ZERO };
+            nneg[i] += if m { T::ONE } else { T::ZERO };
+            if mass {
+                total[i] += v;
+            }
+        }
+    }
+
+    /// Elects the sign of each element and fuses the entries of that sign into `o`.
+    #[inline(always)]
+    fn fuse(&self, len: usize, config: Config, inv_n: T, o: &mut [T]) {
+        let positive_tie = config.sign_tie == SignTie::Positive;
+        let mass = config.election == Election::Mass;
+        // The loop is written with selects only: the elected sign of random data is
+        // unpredictable, and a branch per element would cost more than the whole sweep.
+        let (pos, neg, npos, nneg, total) = (
+            &self.pos[..len],
+            &self.neg[..len],
+            &self.npos[..len],
+            &self.nneg[..len],
+            &self.total[..len],
+        );
+        let o = &mut o[..len];
+        // 0/1 factors rather than selects: the compiler turns selects of loads into branches,
+        // and the elected sign of random data is unpredictable.
+        let one = |c: bool| if c { T::ONE } else { T::ZERO };
+        for i in 0..len {
+            let vote = if mass { total[i] } else { npos[i] - nneg[i] };
+            let up = one(vote > T::ZERO || (positive_tie && vote == T::ZERO));
+            let down = one(vote < T::ZERO);
+            let sum = up * pos[i] + down * neg[i];
+            let count = up * npos[i] + down * nneg[i];
+            o[i] = match config.fuse {
+                // No entry of the elected sign: the sum is 0 too.
+                Fuse::DisjointMean => sum / (count + one(count == T::ZERO)),
+                Fuse::Mean => sum * inv_n,
+                _ => sum,
+            };
+        }
     }
 }
 
@@ -1123,7 +1248,7 @@ impl<T: Real> KeyPipeline<T> {
                         .map(|(&v, &b)| (v - b).abs().to_f64())
                         .sum();
                 }
-                self.blocks(Stage::Voted, &range, args, factors, |_, len, d, _| {
+                self.blocks(Stage::Kept, &range, args, factors, |_, len, d, _| {
                     for t in 0..n {
                         sums[2 * t + 1] += d[t * W..t * W + len]
                             .iter()
