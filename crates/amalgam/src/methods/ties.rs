@@ -126,7 +126,7 @@ macro_rules! pipeline_info {
                 ParamInfo { name: "della_eps", default: Some($della_eps), doc: "della: total width of the keep-probability window, kept with 1 - p - della_eps/2 (smallest |delta|) to 1 - p + della_eps/2 (largest); negative drops large deltas more (sd-mecha's della_eps)" },
                 ParamInfo { name: "epsilon", default: None, doc: "della: half width of the window instead (mergekit's epsilon); della_eps = 2 * epsilon" },
                 ParamInfo { name: "rank", default: Some($rank), doc: "della: rank |delta| over the whole tensor (sd-mecha) | row (official DELLA, mergekit)" },
-                ParamInfo { name: "ranks", default: Some("auto"), doc: "della: auto (exact when the tensor of all models fits a quarter of the memory budget, else histogram) | exact | histogram (estimated in one pass without sorting, for tensors over 65536 elements; rank = tensor)" },
+                ParamInfo { name: "ranks", default: Some("auto"), doc: "della, rank = tensor: auto (exact for tensors up to 65536 elements, estimated from a histogram above) | exact (sorts each tensor of every model; needs the tensor of all models in a quarter of the memory budget) | histogram (estimated wherever a tensor has over 65536 elements); estimates keep each entry within |della_eps| * (fullest 1/128-octave bin) / elements of its exact probability, reported per key" },
                 ParamInfo { name: "k", default: Some($k), doc: "fraction kept by magnitude per model and tensor, (0, 1]; entries equal to the threshold are all kept" },
                 ParamInfo { name: "election", default: Some($election), doc: "mass (sign of the sum) | count (sign of the sum of signs) | none" },
                 ParamInfo { name: "sign_tie", default: Some("zero"), doc: "zero (keep the base) | positive" },
@@ -413,8 +413,9 @@ impl<T: Real> Method<T> for Pipeline {
                 let unit_bytes = (unit * ((2 * n + 2) * std::mem::size_of::<T>() + 16)) as u64;
                 let fits = unit_bytes <= ctx.unit_budget;
                 let exact = match d.ranks {
-                    // Rows are always ranked exactly (they are short).
-                    Ranks::Auto => fits || d.rank == Rank::Row,
+                    // Rows are always ranked exactly (they are short); whole tensors when they
+                    // are small, else from a histogram (a sort per model costs ~30 times more).
+                    Ranks::Auto => d.rank == Rank::Row || (fits && numel <= SMALL_TENSOR),
                     Ranks::Exact => true,
                     // Sorting a small tensor costs less than a histogram's bins.
                     Ranks::Histogram => fits && numel <= SMALL_TENSOR,
@@ -441,6 +442,7 @@ impl<T: Real> Method<T> for Pipeline {
                     unit: if exact { unit } else { 1 },
                     exact,
                     hist: Vec::new(),
+                    counting: std::sync::Mutex::new(Vec::new()),
                     bound: 0.0,
                     cache_masks: exact && self.config.rescale != Rescale::PerElement,
                     masks: Vec::new(),
@@ -505,6 +507,10 @@ struct DellaKey {
     exact: bool,
     /// Per model, the histogram (estimated ranks only).
     hist: Vec<RankHistogram>,
+    /// Per model, the histogram while its pass runs: the blocks add their counts here as they
+    /// are computed (integer counts, so the order does not matter), rather than each block
+    /// returning a table to absorb.
+    counting: std::sync::Mutex<Vec<RankHistogram>>,
     /// The bound on the keep-probability error of the estimate.
     bound: f64,
     /// With exact ranks and statistic passes: the first pass computes the masks (one bit per
@@ -785,19 +791,45 @@ impl<T: Real> KeyPipeline<T> {
                             let h = &dk.hist[t];
                             let (qa, qb) = cfg.tensor_affine(self.numel);
                             let (qa, qb) = (qa as f32, qb as f32);
-                            let at = range.start + at;
-                            for (i, (o, &w)) in dt.iter_mut().zip(&words[..len]).enumerate() {
-                                let r = h.rank(key32(*o), at + i);
-                                let q = (qa + qb * r).clamp(0.0, 1.0);
-                                *o *= if (w as f32) < q * 65_536.0 {
-                                    if per_element {
+                            let keep = |o: T, w: u16| {
+                                let q = (qa + qb * h.rank(key32(o))).clamp(0.0, 1.0);
+                                ((w as f32) < q * 65_536.0, q)
+                            };
+                            if per_element {
+                                for (o, &w) in dt.iter_mut().zip(&words[..len]) {
+                                    let (kept, q) = keep(*o, w);
+                                    *o *= if kept {
                                         T::from_f64(1.0 / q as f64)
                                     } else {
-                                        T::ONE
-                                    }
-                                } else {
-                                    T::ZERO
-                                };
+                                        T::ZERO
+                                    };
+                                }
+                            } else {
+                                // A draw below every keep probability keeps the entry and one
+                                // above all of them drops it, whatever its rank: only the draws
+                                // within the window (a fraction |ε| of them) need the rank.
+                                let (small, large) = cfg.range();
+                                let lo = (small.min(large) * 65_536.0) as f32;
+                                let hi = (small.max(large) * 65_536.0) as f32;
+                                let w = &words[..len];
+                                let mut open = [0u8; W];
+                                for ((o, u), &w) in dt.iter_mut().zip(open.iter_mut()).zip(w) {
+                                    let wf = w as f32;
+                                    *u = u8::from(wf >= lo && wf < hi);
+                                    *o *= if wf < lo { T::ONE } else { T::ZERO };
+                                }
+                                // The open draws' positions, appended without a branch.
+                                let mut list = [0u16; W];
+                                let mut m = 0;
+                                for (i, &u) in open[..len].iter().enumerate() {
+                                    list[m] = i as u16;
+                                    m += u as usize;
+                                }
+                                for &i in &list[..m] {
+                                    let i = i as usize;
+                                    let delta = models[t][at + i] - b[i];
+                                    dt[i] = if keep(delta, w[i]).0 { delta } else { T::ZERO };
+                                }
                             }
                         }
                         _ => {
@@ -875,11 +907,11 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     fn notes(&self) -> Vec<String> {
         match &self.della {
             Some(d) if !d.exact => vec![format!(
-                "DELLA ranks estimated from a histogram ({}); keep-probability error <= {:.1e} off exact ties, whose positions are interpolated",
+                "DELLA ranks estimated from a histogram ({}); keep-probability error <= {:.1e}",
                 if d.config.ranks == Ranks::Histogram {
                     "ranks = histogram"
                 } else {
-                    "the tensor of all models does not fit a quarter of the memory budget"
+                    "ranks = auto, a tensor of more than 65536 elements"
                 },
                 d.bound
             )],
@@ -940,6 +972,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             Pass::Histogram => {
                 let numel = self.numel;
                 let d = self.della.as_mut().expect("histogram pass of DELLA");
+                d.hist = std::mem::take(d.counting.get_mut().expect("histogram lock"));
                 d.bound = d
                     .hist
                     .iter_mut()
@@ -1212,12 +1245,19 @@ impl<T: Real> KeyPipeline<T> {
         let n = self.streams.len();
         match self.pass(pass) {
             Pass::Histogram => {
-                let mut out = Vec::new();
-                for x in &args[1..] {
+                let d = self.della.as_ref().expect("histogram pass of DELLA");
+                let mut counts = Vec::new();
+                for (t, x) in args[1..].iter().enumerate() {
                     let deltas = x.iter().zip(args[0]).map(|(&a, &b)| a - b);
-                    RankHistogram::block_stats(deltas, &mut out);
+                    counts.clear();
+                    RankHistogram::block_stats(deltas, &mut counts);
+                    let mut hist = d.counting.lock().expect("histogram lock");
+                    if hist.is_empty() {
+                        hist.extend((0..n).map(|_| RankHistogram::new()));
+                    }
+                    hist[t].absorb(&counts);
                 }
-                out
+                Vec::new()
             }
             Pass::Trim(trim) => {
                 // Histogram of the next digit of |δ| among the keys matching each model's prefix.
@@ -1285,17 +1325,8 @@ impl<T: Real> KeyPipeline<T> {
 
     fn absorb_stats(&mut self, pass: usize, _block: usize, stats: Vec<f64>) {
         match self.pass(pass) {
-            Pass::Histogram => {
-                let n = self.streams.len();
-                let d = self.della.as_mut().expect("histogram pass of DELLA");
-                if d.hist.is_empty() {
-                    d.hist = (0..n).map(|_| RankHistogram::new()).collect();
-                }
-                let mut at = 0;
-                for h in &mut d.hist {
-                    at += h.absorb(&stats[at..]);
-                }
-            }
+            // The blocks have added their counts already.
+            Pass::Histogram => {}
             Pass::Trim(_) => {
                 for (t, s) in self.select.iter_mut().enumerate() {
                     if s.counts.is_empty() {
