@@ -190,35 +190,69 @@ pub fn key32<T: Real>(v: T) -> u32 {
 
 /// An estimate of the ordinal rank of |δ| within a tensor from one streamed pass.
 ///
-/// It counts the entries per bin (1/128 of an octave of |δ|), and places an entry within its bin
-/// by linear interpolation of the key's low bits. The estimate is off by less than the bin's
-/// count, so the keep probability by less than `|ε|·count/P` for the fullest bin, the bound
-/// [`RankHistogram::finish`] returns. (Bin 0, the exact zeros, is left out of the bound: a zero
-/// delta is the same dropped or kept, and the zeros' count is exact, so the other entries' ranks
-/// are not affected.) The counting is a table increment per entry and a lookup is one table
-/// read, with no sort: the tables of the bins a tensor uses stay in the CPU caches.
+/// It counts the entries per bin (1/128 of an octave of |δ|). The entries whose key is the bin's
+/// lower edge (low bits all zero) are counted apart: they are exact ties, and the heaviest ones
+/// for deltas of f16 or bf16 weights, which lie on a coarse grid (a delta of at most 8
+/// significant bits is such a key). Ties are ordered by position, as the ordinal rank does: an
+/// entry's place among them is interpolated from its position in the tensor, which is exact when
+/// the ties are spread evenly over it. The other entries of a bin are placed by linear
+/// interpolation of their key between the smallest and the largest of them (by position too if
+/// they are all one value): that estimate is off by less than their count, so the keep
+/// probability by less than `|ε|·count/P` for the fullest bin, the bound
+/// [`RankHistogram::finish`] returns. (Bin 0, the exact zeros, is left out of the bound: a zero delta is
+/// the same dropped or kept, and the zeros' count is exact, so the other entries' ranks are not
+/// affected.) The counting is a few table updates per entry and a lookup one table read, with no
+/// sort: the tables of the bins a tensor uses stay in the CPU caches.
 pub struct RankHistogram {
-    /// The first bin of `count` and `coef`: both span only the bins the tensor uses.
+    /// The first bin of the tables: they span only the bins the tensor uses.
     first: usize,
-    /// While absorbing: the entries per bin.
+    /// While absorbing: per bin, the entries, those at the lower edge, and the smallest and
+    /// largest low bits of the others.
     count: Vec<u32>,
-    /// After `finish`: per bin, `[r0, r1]` with rank `r0 + r1·low` for a key whose low bits are
-    /// `low`.
-    coef: Vec<[f32; 2]>,
+    edge: Vec<u32>,
+    min: Vec<u32>,
+    max: Vec<u32>,
+    /// After `finish`: per bin, two pairs `[r0, r1]`, for the edge key and for the others: the
+    /// rank is `r0 + r1·low` for a key whose low bits are `low`, or for ties (`r1 < 0`)
+    /// `r0 − r1·position`.
+    coef: Vec<[[f32; 2]; 2]>,
 }
 
 const LOW_MASK: u32 = (1 << LOW_BITS) - 1;
+
+/// The counts of one block of one model's deltas, over bins `lo..lo + count.len()`.
+#[derive(Default)]
+pub struct BlockCounts {
+    lo: usize,
+    count: Vec<u32>,
+    edge: Vec<u32>,
+    min: Vec<u32>,
+    max: Vec<u32>,
+}
 
 /// Tables a block is counted into, element `i` into table `i % LANES`: consecutive entries in the
 /// same bin (frequent: the bins near the mode hold the most) then do not wait on each other's
 /// increment.
 const LANES: usize = 4;
 
+/// Per-thread tables of [`RankHistogram::count_block`], reused: only the bins a block used are
+/// reset after it.
+struct Scratch {
+    lanes: Vec<u32>,
+    edge: Vec<u32>,
+    min: Vec<u32>,
+    max: Vec<u32>,
+    keys: Vec<u32>,
+}
+
 thread_local! {
-    /// The counts of one block and its bins, reused: only the bins a block used are cleared
-    /// after it.
-    static BLOCK_COUNTS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> =
-        std::cell::RefCell::new((vec![0; LANES * BINS], Vec::new()));
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch {
+        lanes: vec![0; LANES * BINS],
+        edge: vec![0; BINS],
+        min: vec![u32::MAX; BINS],
+        max: vec![0; BINS],
+        keys: Vec::new(),
+    });
 }
 
 impl RankHistogram {
@@ -226,108 +260,164 @@ impl RankHistogram {
         RankHistogram {
             first: 0,
             count: Vec::new(),
+            edge: Vec::new(),
+            min: Vec::new(),
+            max: Vec::new(),
             coef: Vec::new(),
         }
     }
 
-    /// The statistics of one block of deltas, appended to `out` as exact integers: the first and
-    /// the last bin used, then the count of every bin between them.
-    pub fn block_stats<T: Real>(deltas: impl Iterator<Item = T>, out: &mut Vec<f64>) {
-        BLOCK_COUNTS.with(|c| {
-            let (counts, bins) = &mut *c.borrow_mut();
-            bins.clear();
-            bins.extend(deltas.map(|v| key32(v) >> LOW_BITS));
-            let lo = bins.iter().copied().min().unwrap_or(1) as usize;
-            let hi = bins.iter().copied().max().unwrap_or(0) as usize;
-            if lo > hi {
-                out.extend([1.0, 0.0]);
+    /// Counts one block of deltas into `out`.
+    pub fn count_block<T: Real>(deltas: impl Iterator<Item = T>, out: &mut BlockCounts) {
+        SCRATCH.with(|c| {
+            let Scratch {
+                lanes,
+                edge,
+                min,
+                max,
+                keys,
+            } = &mut *c.borrow_mut();
+            keys.clear();
+            keys.extend(deltas.map(key32));
+            out.count.clear();
+            out.edge.clear();
+            out.min.clear();
+            out.max.clear();
+            let lo = keys.iter().copied().min().unwrap_or(u32::MAX) >> LOW_BITS;
+            let hi = keys.iter().copied().max().unwrap_or(0) >> LOW_BITS;
+            let (lo, hi) = (lo as usize, hi as usize);
+            out.lo = lo;
+            if keys.is_empty() {
                 return;
             }
-            let (tables, rest) = counts.split_at_mut(2 * BINS);
+            let (tables, rest) = lanes.split_at_mut(2 * BINS);
             let (t0, t1) = tables.split_at_mut(BINS);
             let (t2, t3) = rest.split_at_mut(BINS);
-            let mut quads = bins.chunks_exact(LANES);
+            let mut quads = keys.chunks_exact(LANES);
             for q in &mut quads {
-                t0[q[0] as usize] += 1;
-                t1[q[1] as usize] += 1;
-                t2[q[2] as usize] += 1;
-                t3[q[3] as usize] += 1;
+                t0[(q[0] >> LOW_BITS) as usize] += 1;
+                t1[(q[1] >> LOW_BITS) as usize] += 1;
+                t2[(q[2] >> LOW_BITS) as usize] += 1;
+                t3[(q[3] >> LOW_BITS) as usize] += 1;
             }
-            for &b in quads.remainder() {
-                t0[b as usize] += 1;
+            for &k in quads.remainder() {
+                t0[(k >> LOW_BITS) as usize] += 1;
             }
-            out.extend([lo as f64, hi as f64]);
+            for &k in keys.iter() {
+                let (b, low) = ((k >> LOW_BITS) as usize, k & LOW_MASK);
+                let at_edge = low == 0;
+                edge[b] += u32::from(at_edge);
+                min[b] = min[b].min(if at_edge { u32::MAX } else { low });
+                max[b] = max[b].max(low);
+            }
             for b in lo..=hi {
-                out.push((t0[b] + t1[b] + t2[b] + t3[b]) as f64);
+                out.count.push(t0[b] + t1[b] + t2[b] + t3[b]);
             }
+            out.edge.extend_from_slice(&edge[lo..=hi]);
+            out.min.extend_from_slice(&min[lo..=hi]);
+            out.max.extend_from_slice(&max[lo..=hi]);
             for t in [t0, t1, t2, t3] {
                 t[lo..=hi].fill(0);
             }
+            edge[lo..=hi].fill(0);
+            min[lo..=hi].fill(u32::MAX);
+            max[lo..=hi].fill(0);
         })
     }
 
-    /// Adds one model's part of a block's statistics (from `stats`); returns the numbers read.
-    pub fn absorb(&mut self, stats: &[f64]) -> usize {
-        let (lo, hi) = (stats[0] as usize, stats[1] as usize);
-        if lo > hi {
-            return 2;
+    /// Adds the counts of one block.
+    pub fn absorb(&mut self, block: &BlockCounts) {
+        if block.count.is_empty() {
+            return;
         }
+        let (lo, hi) = (block.lo, block.lo + block.count.len() - 1);
         if self.count.is_empty() {
             self.first = lo;
         }
         // Grow the range of bins held to cover lo..=hi.
         let end = (self.first + self.count.len()).max(hi + 1);
         if lo < self.first {
-            let mut grown = vec![0; self.first - lo];
-            grown.append(&mut self.count);
-            self.count = grown;
+            let grow = |v: &mut Vec<u32>, fill: u32| {
+                let mut grown = vec![fill; self.first - lo];
+                grown.append(v);
+                *v = grown;
+            };
+            grow(&mut self.count, 0);
+            grow(&mut self.edge, 0);
+            grow(&mut self.min, u32::MAX);
+            grow(&mut self.max, 0);
             self.first = lo;
         }
-        self.count.resize(end - self.first, 0);
-        for (c, &x) in self.count[lo - self.first..=hi - self.first]
-            .iter_mut()
-            .zip(&stats[2..])
-        {
-            *c += x as u32;
+        let len = end - self.first;
+        self.count.resize(len, 0);
+        self.edge.resize(len, 0);
+        self.min.resize(len, u32::MAX);
+        self.max.resize(len, 0);
+        let at = lo - self.first;
+        for (i, &c) in block.count.iter().enumerate() {
+            self.count[at + i] += c;
+            self.edge[at + i] += block.edge[i];
+            self.min[at + i] = self.min[at + i].min(block.min[i]);
+            self.max[at + i] = self.max[at + i].max(block.max[i]);
         }
-        2 + hi + 1 - lo
     }
 
-    /// Ends the pass; returns the bound on the keep-probability error for a window of width
-    /// `eps` over `n` entries.
+    /// Ends the pass; returns the bound on the keep-probability error off exact ties, for a
+    /// window of width `eps` over `n` entries.
     pub fn finish(&mut self, eps: f64, n: usize) -> f64 {
-        let mut coef = vec![[0f32; 2]; self.count.len()];
+        let mut coef = vec![[[0f32; 2]; 2]; self.count.len()];
         let mut below = 0u64;
         let mut worst = 0u32;
-        let low_span = (1u64 << LOW_BITS) as f64;
-        for (b, (coef, &c)) in coef.iter_mut().zip(&self.count).enumerate() {
+        // Ties: their place among the `c` equal keys interpolated in the position.
+        let per_position = 1.0 / (n.max(2) - 1) as f64;
+        let ties =
+            |start: f64, c: u32| [start as f32, -((c.max(1) - 1) as f64 * per_position) as f32];
+        for (b, coef) in coef.iter_mut().enumerate() {
+            let (c, e) = (self.count[b], self.edge[b]);
             if c == 0 {
                 continue;
             }
-            if self.first + b > 0 {
-                worst = worst.max(c - 1);
-            }
-            // The bin's ranks are below + 1 ..= below + c, spread over its key range.
+            // The bin's ranks are below + 1 ..= below + c: the edge key's first.
             let start = below as f64 + 1.0;
-            let slope = (c - 1) as f64 / low_span;
-            *coef = [(start + 0.5 * slope) as f32, slope as f32];
+            let rest = c - e;
+            let (lo, hi) = (self.min[b] as f64, self.max[b] as f64);
+            coef[0] = ties(start, e);
+            coef[1] = if rest > 0 && hi > lo {
+                if self.first + b > 0 {
+                    worst = worst.max(rest - 1);
+                }
+                let slope = (rest - 1) as f64 / (hi - lo);
+                [(start + e as f64 - slope * lo) as f32, slope as f32]
+            } else {
+                ties(start + e as f64, rest)
+            };
             below += c as u64;
         }
         self.count = Vec::new();
+        self.edge = Vec::new();
+        self.min = Vec::new();
+        self.max = Vec::new();
         self.coef = coef;
         eps.abs() * worst as f64 / n.max(1) as f64
     }
 
-    /// The estimated rank (1-based) of an entry with key `k`.
+    /// The estimated rank (1-based) of the entry with key `k` at `position` in the tensor.
     #[inline(always)]
-    pub fn rank(&self, k: u32) -> f32 {
+    pub fn rank(&self, k: u32, position: usize) -> f32 {
         // Keys outside the bins counted (none, for the deltas the histogram was made of) take
         // the nearest bin's.
         let b = ((k >> LOW_BITS) as usize).saturating_sub(self.first);
-        let Some(&[r0, r1]) = self.coef.get(b.min(self.coef.len().saturating_sub(1))) else {
+        let Some(pairs) = self.coef.get(b.min(self.coef.len().saturating_sub(1))) else {
             return 1.0;
         };
-        r0 + r1 * (k & LOW_MASK) as f32
+        let low = k & LOW_MASK;
+        let [r0, r1] = pairs[usize::from(low != 0)];
+        let x = if r1 < 0.0 {
+            position as f32
+        } else {
+            low as f32
+        };
+        r0 + r1.abs() * x
     }
 }
 
@@ -388,27 +478,36 @@ mod tests {
     }
 
     /// Estimated ranks against exact ones: the keep-probability bound at ε = 0.1, and the largest
-    /// error of a rank relative to `n` (zeros left out: their order does not matter).
-    fn rank_errors(v: &[f32]) -> (f64, f64) {
+    /// error of a rank relative to `n`, off exact ties and on them (zeros left out: their order
+    /// does not matter).
+    fn rank_errors(v: &[f32]) -> (f64, f64, f64) {
         let n = v.len();
         let mut exact = vec![0u32; n];
         ordinal_ranks(v, &mut RankScratch::default(), &mut exact);
         let mut h = RankHistogram::new();
-        let mut stats = Vec::new();
+        let mut counts = BlockCounts::default();
         for block in v.chunks(16384) {
-            stats.clear();
-            RankHistogram::block_stats(block.iter().copied(), &mut stats);
-            assert_eq!(h.absorb(&stats), stats.len());
+            RankHistogram::count_block(block.iter().copied(), &mut counts);
+            h.absorb(&counts);
         }
         let bound = h.finish(0.1, n);
-        let mut worst = 0f64;
+        let mut seen = std::collections::HashMap::new();
+        for &x in v {
+            *seen.entry(x.abs().to_bits()).or_insert(0) += 1;
+        }
+        let (mut off_ties, mut on_ties) = (0f64, 0f64);
         for (i, &x) in v.iter().enumerate() {
-            if x != 0.0 {
-                let err = (h.rank(key32(x)) as f64 - exact[i] as f64).abs() / n as f64;
-                worst = worst.max(err);
+            if x == 0.0 {
+                continue;
+            }
+            let err = (h.rank(key32(x), i) as f64 - exact[i] as f64).abs() / n as f64;
+            if seen[&x.abs().to_bits()] > 1 {
+                on_ties = on_ties.max(err);
+            } else {
+                off_ties = off_ties.max(err);
             }
         }
-        (bound, worst)
+        (bound, off_ties, on_ties)
     }
 
     fn spread(i: usize) -> f32 {
@@ -418,17 +517,17 @@ mod tests {
     #[test]
     fn histogram_ranks_of_continuous_data_are_within_the_bound() {
         let v: Vec<f32> = (0..200_000).map(spread).collect();
-        let (bound, worst) = rank_errors(&v);
+        let (bound, off_ties, _) = rank_errors(&v);
         // Uniform magnitudes are the densest at the top of the range (0.8 % of them in a bin);
         // at ε = 0.1 the keep probability is still within 1e-3.
         assert!(bound <= 1e-3, "bound {bound}");
-        assert!(worst * 0.1 <= bound, "{worst} > {bound}");
+        assert!(off_ties * 0.1 <= bound, "{off_ties} > {bound}");
         // Within a bin the keys are spread evenly: the estimate is far better than the bound.
-        assert!(worst * 0.1 < bound / 10.0, "worst {worst}");
+        assert!(off_ties * 0.1 < bound / 10.0, "worst {off_ties}");
     }
 
     #[test]
-    fn histogram_ranks_of_grid_data_are_within_the_bound() {
+    fn histogram_ranks_of_grid_data_are_exact_up_to_tie_order() {
         // Deltas of f16 weights: differences on a coarse grid, heavy exact ties, and zeros.
         let v: Vec<f32> = (0..200_000)
             .map(|i| {
@@ -441,23 +540,24 @@ mod tests {
                 }
             })
             .collect();
-        let (bound, worst) = rank_errors(&v);
-        assert!(worst * 0.1 <= bound, "{worst} > {bound}");
+        let (bound, off_ties, on_ties) = rank_errors(&v);
+        assert!(off_ties * 0.1 <= bound, "{off_ties} > {bound}");
         assert!(bound <= 1e-3, "bound {bound}");
+        // Ties spread over the tensor: interpolating the position is close.
+        assert!(on_ties < 5e-3, "ties {on_ties}");
     }
 
     #[test]
     fn histogram_of_an_empty_or_all_zero_tensor() {
         let mut h = RankHistogram::new();
-        let mut stats = Vec::new();
-        RankHistogram::block_stats(std::iter::empty::<f32>(), &mut stats);
-        assert_eq!(h.absorb(&stats), 2);
-        stats.clear();
-        RankHistogram::block_stats([0f32; 5].into_iter(), &mut stats);
-        assert_eq!(h.absorb(&stats), stats.len());
+        let mut counts = BlockCounts::default();
+        RankHistogram::count_block(std::iter::empty::<f32>(), &mut counts);
+        h.absorb(&counts);
+        RankHistogram::count_block([0f32; 5].into_iter(), &mut counts);
+        h.absorb(&counts);
         assert_eq!(h.finish(0.1, 5), 0.0);
-        // Five tied zeros: ranks 1..=5, all estimated at the bin's start (the order of zeros
-        // does not matter: dropped or kept, a zero delta is the same).
-        assert!((1.0..=5.0).contains(&h.rank(0)), "{}", h.rank(0));
+        // Five tied zeros: ranks 1..=5 in position order.
+        let ranks: Vec<f32> = (0..5).map(|i| h.rank(0, i)).collect();
+        assert_eq!(ranks, [1.0, 2.0, 3.0, 4.0, 5.0]);
     }
 }

@@ -9,7 +9,9 @@
 //! Every stage is a named option; the presets (`ties`, `ties_soup`, `dare`, `della`, `tsd`,
 //! `tgmd`, `dgmla`) differ only in their defaults, so each can be tuned into any other.
 
-use super::della::{key32, ordinal_ranks, Della, Rank, RankHistogram, RankScratch, Ranks};
+use super::della::{
+    key32, ordinal_ranks, BlockCounts, Della, Rank, RankHistogram, RankScratch, Ranks,
+};
 use super::geometric_median::{add_centred_gram, Weiszfeld};
 use crate::error::{Error, Result};
 use crate::method::*;
@@ -791,13 +793,15 @@ impl<T: Real> KeyPipeline<T> {
                             let h = &dk.hist[t];
                             let (qa, qb) = cfg.tensor_affine(self.numel);
                             let (qa, qb) = (qa as f32, qb as f32);
-                            let keep = |o: T, w: u16| {
-                                let q = (qa + qb * h.rank(key32(o))).clamp(0.0, 1.0);
+                            // Element `i` of the block is at `start + i` in the tensor.
+                            let start = range.start + at;
+                            let keep = |o: T, w: u16, i: usize| {
+                                let q = (qa + qb * h.rank(key32(o), start + i)).clamp(0.0, 1.0);
                                 ((w as f32) < q * 65_536.0, q)
                             };
                             if per_element {
-                                for (o, &w) in dt.iter_mut().zip(&words[..len]) {
-                                    let (kept, q) = keep(*o, w);
+                                for (i, (o, &w)) in dt.iter_mut().zip(&words[..len]).enumerate() {
+                                    let (kept, q) = keep(*o, w, i);
                                     *o *= if kept {
                                         T::from_f64(1.0 / q as f64)
                                     } else {
@@ -828,7 +832,11 @@ impl<T: Real> KeyPipeline<T> {
                                 for &i in &list[..m] {
                                     let i = i as usize;
                                     let delta = models[t][at + i] - b[i];
-                                    dt[i] = if keep(delta, w[i]).0 { delta } else { T::ZERO };
+                                    dt[i] = if keep(delta, w[i], i).0 {
+                                        delta
+                                    } else {
+                                        T::ZERO
+                                    };
                                 }
                             }
                         }
@@ -1084,7 +1092,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             }
             return;
         }
-        self.blocks(stage, &range, args, None, |at, len, d, gamma| {
+        self.blocks(stage, &range, args, None, |at, len, d, _| {
             let o = &mut out[at..at + len];
             o.fill(T::ZERO);
             match self.config.fuse {
@@ -1109,7 +1117,6 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                     }
                 }
                 Fuse::GeometricMedian(_) => {
-                    let _ = gamma;
                     for t in 0..n {
                         let c = self.coefficients[t];
                         for (s, &v) in o.iter_mut().zip(&d[t * W..t * W + len]) {
@@ -1246,11 +1253,10 @@ impl<T: Real> KeyPipeline<T> {
         match self.pass(pass) {
             Pass::Histogram => {
                 let d = self.della.as_ref().expect("histogram pass of DELLA");
-                let mut counts = Vec::new();
+                let mut counts = BlockCounts::default();
                 for (t, x) in args[1..].iter().enumerate() {
                     let deltas = x.iter().zip(args[0]).map(|(&a, &b)| a - b);
-                    counts.clear();
-                    RankHistogram::block_stats(deltas, &mut counts);
+                    RankHistogram::count_block(deltas, &mut counts);
                     let mut hist = d.counting.lock().expect("histogram lock");
                     if hist.is_empty() {
                         hist.extend((0..n).map(|_| RankHistogram::new()));
