@@ -1167,34 +1167,26 @@ impl<T: Real> Signed<T> {
     /// Adds one model's deltas `v`.
     #[inline(always)]
     fn add(&mut self, v: &[T], mass: bool) {
-        let len = v.len();
-        let (pos, neg) = (&mut self.pos[..len], &mut self.neg[..len]);
-        let (npos, nneg) = (&mut self.npos[..len], &mut self.nneg[..len]);
-        let total = &mut self.total[..len];
-        for i in 0..len {
-            let x = v[i];
-            let (p, m) = (x > T::ZERO, x < T::ZERO);
-            // Selects rather than branches, so that the loop vectorises.
-            pos[i] += if p { x } else { T::ZERO };
-            npos[i] += if p { T::ONE } else { T::ZERO };
-            neg[i] += if m { x } else { T::ZERO };
-            nneg[i] += if m { T::ONE } else { T::ZERO };
-            if mass {
-                total[i] += x;
-            }
-        }
+        self.add_with(v.len(), mass, |i| v[i]);
     }
 
     /// Adds the deltas `x − b` of one model.
     #[inline(always)]
     fn add_differences(&mut self, x: &[T], b: &[T], mass: bool) {
-        let len = x.len();
+        let b = &b[..x.len()];
+        self.add_with(x.len(), mass, |i| x[i] - b[i]);
+    }
+
+    /// Adds the `len` deltas `delta(i)`.
+    #[inline(always)]
+    fn add_with(&mut self, len: usize, mass: bool, delta: impl Fn(usize) -> T) {
         let (pos, neg) = (&mut self.pos[..len], &mut self.neg[..len]);
         let (npos, nneg) = (&mut self.npos[..len], &mut self.nneg[..len]);
-        let (total, b) = (&mut self.total[..len], &b[..len]);
+        let total = &mut self.total[..len];
         for i in 0..len {
-            let v = x[i] - b[i];
+            let v = delta(i);
             let (p, m) = (v > T::ZERO, v < T::ZERO);
+            // Selects rather than branches, so that the loop vectorises.
             pos[i] += if p { v } else { T::ZERO };
             npos[i] += if p { T::ONE } else { T::ZERO };
             neg[i] += if m { v } else { T::ZERO };
