@@ -204,8 +204,13 @@ pub fn key32<T: Real>(v: T) -> u32 {
 /// affected.) The counting is a few table updates per entry and a lookup one table read, with no
 /// sort: the tables of the bins a tensor uses stay in the CPU caches.
 pub struct RankHistogram {
-    /// The first bin of the tables: they span only the bins the tensor uses.
+    /// The first bin of the tables: they span only the bins other than bin 0 that the tensor
+    /// uses. Bin 0 (zeros and values below 2^-126) is held apart, in `zero` and `zero_coef`: a
+    /// tensor with zeros would otherwise span every bin up to its largest value.
     first: usize,
+    /// Bin 0's count, edge count, smallest and largest low bits.
+    zero: [u32; 4],
+    zero_coef: [[f32; 2]; 2],
     /// While absorbing: per bin, the entries, those at the lower edge, and the smallest and
     /// largest low bits of the others.
     count: Vec<u32>,
@@ -223,6 +228,8 @@ const LOW_MASK: u32 = (1 << LOW_BITS) - 1;
 /// The counts of one block of one model's deltas, over bins `lo..lo + count.len()`.
 #[derive(Default)]
 pub struct BlockCounts {
+    /// Bin 0's count, edge count, smallest and largest low bits.
+    zero: [u32; 4],
     lo: usize,
     count: Vec<u32>,
     edge: Vec<u32>,
@@ -259,6 +266,8 @@ impl RankHistogram {
     pub fn new() -> Self {
         RankHistogram {
             first: 0,
+            zero: [0, 0, u32::MAX, 0],
+            zero_coef: [[0.0; 2]; 2],
             count: Vec::new(),
             edge: Vec::new(),
             min: Vec::new(),
@@ -283,10 +292,13 @@ impl RankHistogram {
             out.edge.clear();
             out.min.clear();
             out.max.clear();
-            let lo = keys.iter().copied().min().unwrap_or(u32::MAX) >> LOW_BITS;
+            // The range of bins other than 0.
+            let above = |k: &u32| *k >> LOW_BITS > 0;
+            let lo = keys.iter().copied().filter(above).min().unwrap_or(u32::MAX) >> LOW_BITS;
             let hi = keys.iter().copied().max().unwrap_or(0) >> LOW_BITS;
             let (lo, hi) = (lo as usize, hi as usize);
             out.lo = lo;
+            out.zero = [0, 0, u32::MAX, 0];
             if keys.is_empty() {
                 return;
             }
@@ -310,23 +322,37 @@ impl RankHistogram {
                 min[b] = min[b].min(if at_edge { u32::MAX } else { low });
                 max[b] = max[b].max(low);
             }
-            for b in lo..=hi {
-                out.count.push(t0[b] + t1[b] + t2[b] + t3[b]);
+            out.zero = [t0[0] + t1[0] + t2[0] + t3[0], edge[0], min[0], max[0]];
+            if lo <= hi {
+                for b in lo..=hi {
+                    out.count.push(t0[b] + t1[b] + t2[b] + t3[b]);
+                }
+                out.edge.extend_from_slice(&edge[lo..=hi]);
+                out.min.extend_from_slice(&min[lo..=hi]);
+                out.max.extend_from_slice(&max[lo..=hi]);
             }
-            out.edge.extend_from_slice(&edge[lo..=hi]);
-            out.min.extend_from_slice(&min[lo..=hi]);
-            out.max.extend_from_slice(&max[lo..=hi]);
-            for t in [t0, t1, t2, t3] {
-                t[lo..=hi].fill(0);
+            // Reset bin 0 and the range above it (empty when `lo > hi`).
+            for r in [0..1, lo..hi + 1] {
+                if r.is_empty() {
+                    continue;
+                }
+                for t in [&mut *t0, &mut *t1, &mut *t2, &mut *t3] {
+                    t[r.clone()].fill(0);
+                }
+                edge[r.clone()].fill(0);
+                min[r.clone()].fill(u32::MAX);
+                max[r].fill(0);
             }
-            edge[lo..=hi].fill(0);
-            min[lo..=hi].fill(u32::MAX);
-            max[lo..=hi].fill(0);
         })
     }
 
     /// Adds the counts of one block.
     pub fn absorb(&mut self, block: &BlockCounts) {
+        let z = &mut self.zero;
+        z[0] += block.zero[0];
+        z[1] += block.zero[1];
+        z[2] = z[2].min(block.zero[2]);
+        z[3] = z[3].max(block.zero[3]);
         if block.count.is_empty() {
             return;
         }
@@ -366,31 +392,44 @@ impl RankHistogram {
     /// window of width `eps` over `n` entries.
     pub fn finish(&mut self, eps: f64, n: usize) -> f64 {
         let mut coef = vec![[[0f32; 2]; 2]; self.count.len()];
-        let mut below = 0u64;
-        let mut worst = 0u32;
         // Ties: their place among the `c` equal keys interpolated in the position.
         let per_position = 1.0 / (n.max(2) - 1) as f64;
         let ties =
             |start: f64, c: u32| [start as f32, -((c.max(1) - 1) as f64 * per_position) as f32];
+        // The coefficients of a bin whose ranks start at `start`, from its count, edge count and
+        // the extremes of its other keys; and the number of those others when they are
+        // interpolated (the bound's count), else 0.
+        let bin = |start: f64, [c, e, lo, hi]: [u32; 4]| -> ([[f32; 2]; 2], u32) {
+            let rest = c - e;
+            if rest > 0 && hi > lo {
+                let slope = (rest - 1) as f64 / (hi - lo) as f64;
+                let first = start + e as f64;
+                (
+                    [
+                        ties(start, e),
+                        [(first - slope * lo as f64) as f32, slope as f32],
+                    ],
+                    rest,
+                )
+            } else {
+                ([ties(start, e), ties(start + e as f64, rest)], 0)
+            }
+        };
+        // Bin 0 first (left out of the bound: see the type's documentation).
+        self.zero_coef = bin(1.0, self.zero).0;
+        let mut below = self.zero[0] as u64;
+        let mut worst = 0u32;
         for (b, coef) in coef.iter_mut().enumerate() {
-            let (c, e) = (self.count[b], self.edge[b]);
+            let c = self.count[b];
             if c == 0 {
                 continue;
             }
-            // The bin's ranks are below + 1 ..= below + c: the edge key's first.
-            let start = below as f64 + 1.0;
-            let rest = c - e;
-            let (lo, hi) = (self.min[b] as f64, self.max[b] as f64);
-            coef[0] = ties(start, e);
-            coef[1] = if rest > 0 && hi > lo {
-                if self.first + b > 0 {
-                    worst = worst.max(rest - 1);
-                }
-                let slope = (rest - 1) as f64 / (hi - lo);
-                [(start + e as f64 - slope * lo) as f32, slope as f32]
-            } else {
-                ties(start + e as f64, rest)
-            };
+            let (pairs, rest) = bin(
+                below as f64 + 1.0,
+                [c, self.edge[b], self.min[b], self.max[b]],
+            );
+            *coef = pairs;
+            worst = worst.max(rest.max(1) - 1);
             below += c as u64;
         }
         self.count = Vec::new();
@@ -406,9 +445,15 @@ impl RankHistogram {
     pub fn rank(&self, k: u32, position: usize) -> f32 {
         // Keys outside the bins counted (none, for the deltas the histogram was made of) take
         // the nearest bin's.
-        let b = ((k >> LOW_BITS) as usize).saturating_sub(self.first);
-        let Some(pairs) = self.coef.get(b.min(self.coef.len().saturating_sub(1))) else {
-            return 1.0;
+        let bin = (k >> LOW_BITS) as usize;
+        let pairs = if bin == 0 {
+            &self.zero_coef
+        } else {
+            let b = bin.saturating_sub(self.first);
+            match self.coef.get(b.min(self.coef.len().saturating_sub(1))) {
+                Some(pairs) => pairs,
+                None => &self.zero_coef,
+            }
         };
         let low = k & LOW_MASK;
         let [r0, r1] = pairs[usize::from(low != 0)];
