@@ -549,6 +549,9 @@ struct KeyPipeline<T> {
 /// by model, in loops the compiler vectorises.
 const W: usize = 256;
 
+/// Elements of the filtered deltas a Gram matrix product takes at once (a multiple of `W`).
+const GRAM_SPAN: usize = 8 * W;
+
 /// How far [`KeyPipeline::blocks`] takes the deltas.
 #[derive(Clone, Copy, PartialEq)]
 enum Stage {
@@ -1297,25 +1300,39 @@ impl<T: Real> KeyPipeline<T> {
                 sums
             }
             Pass::Gram => {
-                // The filtered deltas of the whole block, one row per model, then one matrix
-                // product.
-                let total = range.len();
+                // The filtered deltas, one row per model, `GRAM_SPAN` elements at a time, then a
+                // matrix product per span: the buffer does not grow with the block (a whole
+                // tensor, for units ranked exactly).
                 // With `base_point`, a last row of zeros: the base as a zero delta. It enters
                 // the centring like every other point.
                 let points = n + usize::from(self.config.base_point);
-                let mut rows = vec![0f64; points * total];
+                let span = GRAM_SPAN.min(range.len());
+                let mut rows = vec![0f64; points * span];
+                let mut g = vec![0.0; points * points];
+                let mut filled = 0;
                 self.blocks(Stage::Filtered, &range, args, factors, |at, len, d, _| {
+                    debug_assert_eq!(at % span, filled);
                     for t in 0..n {
-                        for (o, &v) in rows[t * total + at..t * total + at + len]
+                        for (o, &v) in rows[t * span + filled..t * span + filled + len]
                             .iter_mut()
                             .zip(&d[t * W..t * W + len])
                         {
                             *o = v.to_f64();
                         }
                     }
+                    filled += len;
+                    if filled == span || at + len == range.len() {
+                        if filled < span {
+                            // The last, shorter span: its rows packed to its length.
+                            for t in 1..points {
+                                rows.copy_within(t * span..t * span + filled, t * filled);
+                            }
+                        }
+                        add_centred_gram(&mut rows[..points * filled], points, filled, &mut g);
+                        rows.fill(0.0);
+                        filled = 0;
+                    }
                 });
-                let mut g = vec![0.0; points * points];
-                add_centred_gram(&mut rows, points, total, &mut g);
                 g
             }
         }
