@@ -128,7 +128,7 @@ macro_rules! pipeline_info {
                 ParamInfo { name: "della_eps", default: Some($della_eps), doc: "della: total width of the keep-probability window, kept with 1 - p - della_eps/2 (smallest |delta|) to 1 - p + della_eps/2 (largest); negative drops large deltas more (sd-mecha's della_eps)" },
                 ParamInfo { name: "epsilon", default: None, doc: "della: half width of the window instead (mergekit's epsilon); della_eps = 2 * epsilon" },
                 ParamInfo { name: "rank", default: Some($rank), doc: "della: rank |delta| over the whole tensor (sd-mecha) | row (official DELLA, mergekit)" },
-                ParamInfo { name: "ranks", default: Some("auto"), doc: "della, rank = tensor: auto (exact for tensors up to 65536 elements, estimated from a histogram above) | exact (sorts each tensor of every model; needs the tensor of all models in a quarter of the memory budget) | histogram (estimated wherever a tensor has over 65536 elements); estimates keep each entry within |della_eps| * (fullest 1/128-octave bin) / elements of its exact probability, reported per key" },
+                ParamInfo { name: "ranks", default: Some("auto"), doc: "della, rank = tensor: auto (exact for tensors up to 65536 elements whose values for all models take at most 4 MiB, estimated from a histogram above) | exact (sorts each tensor of every model; needs the tensor of all models in a quarter of the memory budget) | histogram (estimated wherever auto would); estimates keep each entry within |della_eps| * (fullest 1/128-octave bin) / elements of its exact probability, reported per key" },
                 ParamInfo { name: "k", default: Some($k), doc: "fraction kept by magnitude per model and tensor, (0, 1]; entries equal to the threshold are all kept" },
                 ParamInfo { name: "election", default: Some($election), doc: "mass (sign of the sum) | count (sign of the sum of signs) | none" },
                 ParamInfo { name: "sign_tie", default: Some("zero"), doc: "zero (keep the base) | positive" },
@@ -414,13 +414,15 @@ impl<T: Real> Method<T> for Pipeline {
                 // The unit's inputs, their deltas and masks, and a sort buffer.
                 let unit_bytes = (unit * ((2 * n + 2) * std::mem::size_of::<T>() + 16)) as u64;
                 let fits = unit_bytes <= ctx.unit_budget;
+                // Small: the tensor of every model fits a few MiB, whatever the number of models.
+                let small = numel <= SMALL_TENSOR && unit_bytes <= SMALL_UNIT_BYTES && fits;
                 let exact = match d.ranks {
                     // Rows are always ranked exactly (they are short); whole tensors when they
                     // are small, else from a histogram (a sort per model costs ~30 times more).
-                    Ranks::Auto => d.rank == Rank::Row || (fits && numel <= SMALL_TENSOR),
+                    Ranks::Auto => d.rank == Rank::Row || small,
                     Ranks::Exact => true,
                     // Sorting a small tensor costs less than a histogram's bins.
-                    Ranks::Histogram => fits && numel <= SMALL_TENSOR,
+                    Ranks::Histogram => small,
                 };
                 if exact && !fits {
                     return Err(Error::method(
@@ -497,8 +499,13 @@ struct Select {
     counts: Vec<u64>,
 }
 
-/// Tensors up to this many elements are ranked exactly even with `ranks = histogram`.
+/// With `ranks = auto` or `histogram`, tensors up to this many elements are ranked exactly (a sort
+/// of a small tensor costs less than a histogram's bins)...
 const SMALL_TENSOR: usize = 1 << 16;
+/// ... and when their unit of all models (inputs, deltas, masks, sort buffers) takes at most this
+/// many bytes: with many models, small tensors too are ranked from the histogram, so that the
+/// memory of a merge does not grow with the number of models.
+const SMALL_UNIT_BYTES: u64 = 4 << 20;
 
 /// The DELLA drop of one key.
 struct DellaKey {
@@ -922,7 +929,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 if d.config.ranks == Ranks::Histogram {
                     "ranks = histogram"
                 } else {
-                    "ranks = auto, a tensor of more than 65536 elements"
+                    "ranks = auto, a tensor of more than 65536 elements or over 4 MiB for all models"
                 },
                 d.bound
             )],
