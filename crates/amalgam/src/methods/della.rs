@@ -181,11 +181,19 @@ const BIN_BITS: u32 = 15;
 /// The rest of the 31 magnitude bits, within a bin.
 const LOW_BITS: u32 = 31 - BIN_BITS;
 const BINS: usize = 1 << BIN_BITS;
+const LOW_MASK: u32 = (1 << LOW_BITS) - 1;
 
 /// The 31 magnitude bits of `v` as an f32 (an order-preserving key).
 #[inline]
 pub fn key32<T: Real>(v: T) -> u32 {
     (v.to_f64().abs() as f32).to_bits() & 0x7fff_ffff
+}
+
+/// The counting slot of a key: two per bin, the others (`2·bin`) and the bin's lower edge
+/// (`2·bin + 1`).
+#[inline(always)]
+fn slot(k: u32) -> u32 {
+    ((k >> LOW_BITS) << 1) | u32::from(k & LOW_MASK == 0)
 }
 
 /// An estimate of the ordinal rank of |δ| within a tensor from one streamed pass.
@@ -196,69 +204,53 @@ pub fn key32<T: Real>(v: T) -> u32 {
 /// significant bits is such a key). Ties are ordered by position, as the ordinal rank does: an
 /// entry's place among them is interpolated from its position in the tensor, which is exact when
 /// the ties are spread evenly over it. The other entries of a bin are placed by linear
-/// interpolation of their key between the smallest and the largest of them (by position too if
-/// they are all one value): that estimate is off by less than their count, so the keep
-/// probability by less than `|ε|·count/P` for the fullest bin, the bound
-/// [`RankHistogram::finish`] returns. (Bin 0, the exact zeros, is left out of the bound: a zero delta is
-/// the same dropped or kept, and the zeros' count is exact, so the other entries' ranks are not
-/// affected.) The counting is a few table updates per entry and a lookup one table read, with no
-/// sort: the tables of the bins a tensor uses stay in the CPU caches.
+/// interpolation of their key over the bin: that estimate is off by less than their count, so
+/// the keep probability by less than `|ε|·count/P` for the fullest bin, the bound
+/// [`RankHistogram::finish`] returns. (Bin 0, the exact zeros, is left out of the bound: a zero
+/// delta is the same dropped or kept, and the zeros' count is exact, so the other entries' ranks
+/// are not affected.) Counting is one table increment per entry and a lookup one table read, with
+/// no sort: the tables of the bins a tensor uses stay in the CPU caches.
 pub struct RankHistogram {
     /// The first bin of the tables: they span only the bins other than bin 0 that the tensor
     /// uses. Bin 0 (zeros and values below 2^-126) is held apart, in `zero` and `zero_coef`: a
     /// tensor with zeros would otherwise span every bin up to its largest value.
     first: usize,
-    /// Bin 0's count, edge count, smallest and largest low bits.
-    zero: [u32; 4],
+    /// Bin 0's slots: the others and the edge (the exact zeros).
+    zero: [u32; 2],
     zero_coef: [[f32; 2]; 2],
-    /// While absorbing: per bin, the entries, those at the lower edge, and the smallest and
-    /// largest low bits of the others.
+    /// While absorbing: the slots of bins `first..`, two per bin.
     count: Vec<u32>,
-    edge: Vec<u32>,
-    min: Vec<u32>,
-    max: Vec<u32>,
-    /// After `finish`: per bin, two pairs `[r0, r1]`, for the edge key and for the others: the
+    /// After `finish`: per bin, two pairs `[r0, r1]`, for the others and for the edge key: the
     /// rank is `r0 + r1·low` for a key whose low bits are `low`, or for ties (`r1 < 0`)
     /// `r0 − r1·position`.
     coef: Vec<[[f32; 2]; 2]>,
 }
 
-const LOW_MASK: u32 = (1 << LOW_BITS) - 1;
-
-/// The counts of one block of one model's deltas, over bins `lo..lo + count.len()`.
+/// The counts of one block of one model's deltas: bin 0's two slots, and the slots of bins
+/// `lo..lo + count.len() / 2`.
 #[derive(Default)]
 pub struct BlockCounts {
-    /// Bin 0's count, edge count, smallest and largest low bits.
-    zero: [u32; 4],
+    zero: [u32; 2],
     lo: usize,
     count: Vec<u32>,
-    edge: Vec<u32>,
-    min: Vec<u32>,
-    max: Vec<u32>,
 }
 
 /// Tables a block is counted into, element `i` into table `i % LANES`: consecutive entries in the
-/// same bin (frequent: the bins near the mode hold the most) then do not wait on each other's
+/// same slot (frequent: the bins near the mode hold the most) then do not wait on each other's
 /// increment.
 const LANES: usize = 4;
 
-/// Per-thread tables of [`RankHistogram::count_block`], reused: only the bins a block used are
+/// Per-thread tables of [`RankHistogram::count_block`], reused: only the slots a block used are
 /// reset after it.
 struct Scratch {
     lanes: Vec<u32>,
-    edge: Vec<u32>,
-    min: Vec<u32>,
-    max: Vec<u32>,
-    keys: Vec<u32>,
+    slots: Vec<u32>,
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch {
-        lanes: vec![0; LANES * BINS],
-        edge: vec![0; BINS],
-        min: vec![u32::MAX; BINS],
-        max: vec![0; BINS],
-        keys: Vec::new(),
+        lanes: vec![0; LANES * 2 * BINS],
+        slots: Vec::new(),
     });
 }
 
@@ -266,12 +258,9 @@ impl RankHistogram {
     pub fn new() -> Self {
         RankHistogram {
             first: 0,
-            zero: [0, 0, u32::MAX, 0],
+            zero: [0, 0],
             zero_coef: [[0.0; 2]; 2],
             count: Vec::new(),
-            edge: Vec::new(),
-            min: Vec::new(),
-            max: Vec::new(),
             coef: Vec::new(),
         }
     }
@@ -279,163 +268,110 @@ impl RankHistogram {
     /// Counts one block of deltas into `out`.
     pub fn count_block<T: Real>(deltas: impl Iterator<Item = T>, out: &mut BlockCounts) {
         SCRATCH.with(|c| {
-            let Scratch {
-                lanes,
-                edge,
-                min,
-                max,
-                keys,
-            } = &mut *c.borrow_mut();
-            keys.clear();
-            keys.extend(deltas.map(key32));
+            let Scratch { lanes, slots } = &mut *c.borrow_mut();
+            slots.clear();
+            slots.extend(deltas.map(|v| slot(key32(v))));
             out.count.clear();
-            out.edge.clear();
-            out.min.clear();
-            out.max.clear();
-            // The range of bins other than 0.
-            let above = |k: &u32| *k >> LOW_BITS > 0;
-            let lo = keys.iter().copied().filter(above).min().unwrap_or(u32::MAX) >> LOW_BITS;
-            let hi = keys.iter().copied().max().unwrap_or(0) >> LOW_BITS;
-            let (lo, hi) = (lo as usize, hi as usize);
-            out.lo = lo;
-            out.zero = [0, 0, u32::MAX, 0];
-            if keys.is_empty() {
+            out.zero = [0, 0];
+            out.lo = 0;
+            if slots.is_empty() {
                 return;
             }
-            let (tables, rest) = lanes.split_at_mut(2 * BINS);
-            let (t0, t1) = tables.split_at_mut(BINS);
-            let (t2, t3) = rest.split_at_mut(BINS);
-            let mut quads = keys.chunks_exact(LANES);
+            // The range of slots other than bin 0's (branch-free, so that it vectorises).
+            let lo = slots
+                .iter()
+                .map(|&s| if s < 2 { u32::MAX } else { s })
+                .min()
+                .unwrap_or(u32::MAX);
+            let hi = slots.iter().copied().max().unwrap_or(0);
+            let (t01, t23) = lanes.split_at_mut(4 * BINS);
+            let (t0, t1) = t01.split_at_mut(2 * BINS);
+            let (t2, t3) = t23.split_at_mut(2 * BINS);
+            let mut quads = slots.chunks_exact(LANES);
             for q in &mut quads {
-                t0[(q[0] >> LOW_BITS) as usize] += 1;
-                t1[(q[1] >> LOW_BITS) as usize] += 1;
-                t2[(q[2] >> LOW_BITS) as usize] += 1;
-                t3[(q[3] >> LOW_BITS) as usize] += 1;
+                t0[q[0] as usize] += 1;
+                t1[q[1] as usize] += 1;
+                t2[q[2] as usize] += 1;
+                t3[q[3] as usize] += 1;
             }
-            for &k in quads.remainder() {
-                t0[(k >> LOW_BITS) as usize] += 1;
+            for &s in quads.remainder() {
+                t0[s as usize] += 1;
             }
-            for &k in keys.iter() {
-                let (b, low) = ((k >> LOW_BITS) as usize, k & LOW_MASK);
-                let at_edge = low == 0;
-                edge[b] += u32::from(at_edge);
-                min[b] = min[b].min(if at_edge { u32::MAX } else { low });
-                max[b] = max[b].max(low);
-            }
-            out.zero = [t0[0] + t1[0] + t2[0] + t3[0], edge[0], min[0], max[0]];
-            if lo <= hi {
-                for b in lo..=hi {
-                    out.count.push(t0[b] + t1[b] + t2[b] + t3[b]);
-                }
-                out.edge.extend_from_slice(&edge[lo..=hi]);
-                out.min.extend_from_slice(&min[lo..=hi]);
-                out.max.extend_from_slice(&max[lo..=hi]);
-            }
-            // Reset bin 0 and the range above it (empty when `lo > hi`).
-            for r in [0..1, lo..hi + 1] {
-                if r.is_empty() {
-                    continue;
-                }
-                for t in [&mut *t0, &mut *t1, &mut *t2, &mut *t3] {
-                    t[r.clone()].fill(0);
-                }
-                edge[r.clone()].fill(0);
-                min[r.clone()].fill(u32::MAX);
-                max[r].fill(0);
+            let sum = |s: usize| t0[s] + t1[s] + t2[s] + t3[s];
+            out.zero = [sum(0), sum(1)];
+            // Whole bins: from the first used bin's first slot to the last used bin's edge.
+            let range = if lo <= hi {
+                let (lo, hi) = ((lo & !1) as usize, (hi | 1) as usize);
+                out.lo = lo / 2;
+                out.count.extend((lo..=hi).map(sum));
+                lo..hi + 1
+            } else {
+                0..0
+            };
+            // Reset bin 0 and the slots used above it.
+            for t in [&mut *t0, &mut *t1, &mut *t2, &mut *t3] {
+                t[..2].fill(0);
+                t[range.clone()].fill(0);
             }
         })
     }
 
     /// Adds the counts of one block.
     pub fn absorb(&mut self, block: &BlockCounts) {
-        let z = &mut self.zero;
-        z[0] += block.zero[0];
-        z[1] += block.zero[1];
-        z[2] = z[2].min(block.zero[2]);
-        z[3] = z[3].max(block.zero[3]);
+        self.zero[0] += block.zero[0];
+        self.zero[1] += block.zero[1];
         if block.count.is_empty() {
             return;
         }
-        let (lo, hi) = (block.lo, block.lo + block.count.len() - 1);
+        let (lo, hi) = (block.lo, block.lo + block.count.len() / 2 - 1);
         if self.count.is_empty() {
             self.first = lo;
         }
         // Grow the range of bins held to cover lo..=hi.
-        let end = (self.first + self.count.len()).max(hi + 1);
+        let end = (self.first + self.count.len() / 2).max(hi + 1);
         if lo < self.first {
-            let grow = |v: &mut Vec<u32>, fill: u32| {
-                let mut grown = vec![fill; self.first - lo];
-                grown.append(v);
-                *v = grown;
-            };
-            grow(&mut self.count, 0);
-            grow(&mut self.edge, 0);
-            grow(&mut self.min, u32::MAX);
-            grow(&mut self.max, 0);
+            let mut grown = vec![0; 2 * (self.first - lo)];
+            grown.append(&mut self.count);
+            self.count = grown;
             self.first = lo;
         }
-        let len = end - self.first;
-        self.count.resize(len, 0);
-        self.edge.resize(len, 0);
-        self.min.resize(len, u32::MAX);
-        self.max.resize(len, 0);
-        let at = lo - self.first;
-        for (i, &c) in block.count.iter().enumerate() {
-            self.count[at + i] += c;
-            self.edge[at + i] += block.edge[i];
-            self.min[at + i] = self.min[at + i].min(block.min[i]);
-            self.max[at + i] = self.max[at + i].max(block.max[i]);
+        self.count.resize(2 * (end - self.first), 0);
+        let at = 2 * (lo - self.first);
+        for (c, &b) in self.count[at..].iter_mut().zip(&block.count) {
+            *c += b;
         }
     }
 
     /// Ends the pass; returns the bound on the keep-probability error off exact ties, for a
     /// window of width `eps` over `n` entries.
     pub fn finish(&mut self, eps: f64, n: usize) -> f64 {
-        let mut coef = vec![[[0f32; 2]; 2]; self.count.len()];
         // Ties: their place among the `c` equal keys interpolated in the position.
         let per_position = 1.0 / (n.max(2) - 1) as f64;
         let ties =
             |start: f64, c: u32| [start as f32, -((c.max(1) - 1) as f64 * per_position) as f32];
-        // The coefficients of a bin whose ranks start at `start`, from its count, edge count and
-        // the extremes of its other keys; and the number of those others when they are
-        // interpolated (the bound's count), else 0.
-        let bin = |start: f64, [c, e, lo, hi]: [u32; 4]| -> ([[f32; 2]; 2], u32) {
-            let rest = c - e;
-            if rest > 0 && hi > lo {
-                let slope = (rest - 1) as f64 / (hi - lo) as f64;
-                let first = start + e as f64;
-                (
-                    [
-                        ties(start, e),
-                        [(first - slope * lo as f64) as f32, slope as f32],
-                    ],
-                    rest,
-                )
-            } else {
-                ([ties(start, e), ties(start + e as f64, rest)], 0)
-            }
+        // The coefficients of a bin whose ranks start at `start`, from the counts of its others
+        // and of its edge: the edge key first, then the others spread over low bits 1..=LOW_MASK.
+        let bin = |start: f64, rest: u32, edge: u32| -> [[f32; 2]; 2] {
+            let first = start + edge as f64;
+            let slope = rest.max(1).saturating_sub(1) as f64 / (LOW_MASK - 1) as f64;
+            [[(first - slope) as f32, slope as f32], ties(start, edge)]
         };
         // Bin 0 first (left out of the bound: see the type's documentation).
-        self.zero_coef = bin(1.0, self.zero).0;
-        let mut below = self.zero[0] as u64;
+        self.zero_coef = bin(1.0, self.zero[0], self.zero[1]);
+        let mut below = (self.zero[0] + self.zero[1]) as u64;
         let mut worst = 0u32;
-        for (b, coef) in coef.iter_mut().enumerate() {
-            let c = self.count[b];
-            if c == 0 {
-                continue;
-            }
-            let (pairs, rest) = bin(
-                below as f64 + 1.0,
-                [c, self.edge[b], self.min[b], self.max[b]],
-            );
-            *coef = pairs;
-            worst = worst.max(rest.max(1) - 1);
-            below += c as u64;
-        }
+        let coef = self
+            .count
+            .chunks_exact(2)
+            .map(|c| {
+                let (rest, edge) = (c[0], c[1]);
+                let pairs = bin(below as f64 + 1.0, rest, edge);
+                worst = worst.max(rest.max(1) - 1);
+                below += (rest + edge) as u64;
+                pairs
+            })
+            .collect();
         self.count = Vec::new();
-        self.edge = Vec::new();
-        self.min = Vec::new();
-        self.max = Vec::new();
         self.coef = coef;
         eps.abs() * worst as f64 / n.max(1) as f64
     }
@@ -456,7 +392,7 @@ impl RankHistogram {
             }
         };
         let low = k & LOW_MASK;
-        let [r0, r1] = pairs[usize::from(low != 0)];
+        let [r0, r1] = pairs[usize::from(low == 0)];
         let x = if r1 < 0.0 {
             position as f32
         } else {
