@@ -1383,6 +1383,9 @@ const CACHE_TARGET: usize = 2 << 20;
 /// large, within the budget.
 const TASK_OUTPUT_MAX: u64 = 16 << 20;
 
+/// Keys with statistic passes in flight per thread.
+const STAT_KEYS: usize = 2;
+
 fn run<T: Real>(
     graph: &Graph,
     inputs: &RunInputs,
@@ -1470,11 +1473,11 @@ fn run<T: Real>(
     let out_dtype = opts.output_dtype;
     let written = std::sync::atomic::AtomicU64::new(0);
     let keys_done = std::sync::atomic::AtomicUsize::new(0);
-    let run_task = |task: &Task, planned: &[PlannedKey<T>]| -> Result<()> {
-        let Job::Compute { expr, numel } = &planned[task.key].job else {
+    let run_task = |task: &Task, key: &PlannedKey<T>| -> Result<()> {
+        let Job::Compute { expr, numel } = &key.job else {
             unreachable!("only computed keys become tasks")
         };
-        let row = &rows[planned[task.key].row];
+        let row = &rows[key.row];
         let len = task.range.len();
         let step = task.step;
         workers.with(|s| -> Result<()> {
@@ -1505,12 +1508,14 @@ fn run<T: Real>(
         } else {
             keys_done.load(std::sync::atomic::Ordering::Relaxed)
         };
-        progress.advance(bytes, done, &rows[planned[task.key].row].name);
+        progress.advance(bytes, done, &row.name);
         Ok(())
     };
     // Runs the tasks gathered so far, then drops the state of their keys.
     let run_batch = |tasks: &mut Vec<Task>, planned: &mut [PlannedKey<T>]| -> Result<()> {
-        tasks.par_iter().try_for_each(|t| run_task(t, planned))?;
+        tasks
+            .par_iter()
+            .try_for_each(|t| run_task(t, &planned[t.key]))?;
         for t in tasks.iter() {
             planned[t.key].job = Job::Done;
         }
@@ -1524,10 +1529,79 @@ fn run<T: Real>(
         ((opts.memory_budget / 2) / bytes.max(1)).max(1) as usize
     };
 
+    // The tasks of a key, spanning whole units; those of a key with statistics are cut so that
+    // every thread has a part of it (its passes end before its output starts).
+    let key_tasks = |ki: usize, numel: usize, unit: usize, large: bool, stats: bool| {
+        let (mut task_len, step) = if large {
+            (unit, unit)
+        } else {
+            (chunk.div_ceil(unit) * unit, sub / unit * unit)
+        };
+        if stats && !large {
+            let share = numel.div_ceil(2 * threads).div_ceil(step) * step;
+            task_len = task_len.min(share.max(step));
+        }
+        (0..numel)
+            .step_by(task_len.max(1))
+            .map(|start| Task {
+                key: ki,
+                range: start..(start + task_len).min(numel),
+                step,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Keys with statistic passes (and units that fit a sub-chunk) run `STAT_KEYS` per thread at
+    // once, each its passes and then its output: one key's passes alone leave threads idle
+    // (most keys are a few blocks) and its output must wait for them. They share the budget.
+    let stat_keys = STAT_KEYS * threads;
+    let run_stat_keys = |keys: &mut Vec<(usize, usize)>,
+                         planned: &mut [PlannedKey<T>],
+                         report: &mut MergeReport|
+     -> Result<()> {
+        let mut jobs: Vec<(usize, usize, PlannedKey<T>)> = keys
+            .drain(..)
+            .map(|(ki, unit)| {
+                let job = std::mem::replace(&mut planned[ki].job, Job::Done);
+                let row = planned[ki].row;
+                (ki, unit, PlannedKey { row, job })
+            })
+            .collect();
+        let notes: Vec<Vec<String>> = jobs
+            .par_iter_mut()
+            .map(|(ki, unit, key)| -> Result<Vec<String>> {
+                let row = &rows[key.row];
+                let Job::Compute { expr, numel } = &mut key.job else {
+                    unreachable!("only computed keys have statistics")
+                };
+                let numel = *numel;
+                let block = BLOCK.div_ceil(*unit) * *unit;
+                let in_flight = (in_flight(block) / stat_keys).max(1);
+                run_stats(expr, row, models, &workers, block, in_flight)?;
+                let mut notes = Vec::new();
+                expr.notes(&mut notes);
+                if numel == 0 {
+                    keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                key_tasks(*ki, numel, *unit, false, true)
+                    .par_iter()
+                    .try_for_each(|t| run_task(t, key))?;
+                Ok(notes)
+            })
+            .collect::<Result<_>>()?;
+        for ((_, _, key), notes) in jobs.iter().zip(notes) {
+            let name = &rows[key.row].name;
+            report
+                .key_notes
+                .extend(notes.into_iter().map(|n| (name.clone(), n)));
+        }
+        Ok(())
+    };
+
     // Keys are executed in name order. The tasks of keys without statistic passes are gathered
-    // into one parallel batch; a key with statistic passes first runs the batch so far, then its
-    // passes, so per-key statistics never accumulate over many keys.
+    // into one parallel batch; keys with statistic passes are gathered into groups (above), so
+    // per-key statistics never accumulate over many keys.
     let mut tasks: Vec<Task> = Vec::new();
+    let mut with_stats: Vec<(usize, usize)> = Vec::new();
     let mut raw_buf = Vec::new();
     for ki in 0..planned.len() {
         if let Job::CopyRaw { model, offset, len } = planned[ki].job {
@@ -1563,8 +1637,16 @@ fn run<T: Real>(
         };
         let large = unit > sub;
         let has_stats = expr.has_stats();
-        if has_stats || large {
+        if has_stats && !large {
+            with_stats.push((ki, unit));
+            if with_stats.len() == stat_keys {
+                run_stat_keys(&mut with_stats, &mut planned, &mut report)?;
+            }
+            continue;
+        }
+        if large {
             run_batch(&mut tasks, &mut planned)?;
+            run_stat_keys(&mut with_stats, &mut planned, &mut report)?;
         }
         if has_stats {
             let row = &rows[planned[ki].row];
@@ -1586,33 +1668,19 @@ fn run<T: Real>(
         if numel == 0 {
             keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        // Tasks and sub-chunks span whole units.
-        let (task_len, step) = if large {
-            (unit, unit)
-        } else {
-            (chunk.div_ceil(unit) * unit, sub / unit * unit)
-        };
-        let mut start = 0;
-        while start < numel {
-            let end = (start + task_len).min(numel);
-            tasks.push(Task {
-                key: ki,
-                range: start..end,
-                step,
-            });
-            start = end;
-        }
+        let key = key_tasks(ki, numel, unit, large, has_stats);
         if large {
             // Run in groups so that at most `in_flight` units are held at once.
-            let group = in_flight(unit);
-            for g in tasks.chunks(group) {
-                g.par_iter().try_for_each(|t| run_task(t, &planned))?;
+            for g in key.chunks(in_flight(unit)) {
+                g.par_iter().try_for_each(|t| run_task(t, &planned[ki]))?;
             }
             planned[ki].job = Job::Done;
-            tasks.clear();
+        } else {
+            tasks.extend(key);
         }
     }
     run_batch(&mut tasks, &mut planned)?;
+    run_stat_keys(&mut with_stats, &mut planned, &mut report)?;
     report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
     report.output = Some(out.commit()?);
     progress.finish();
