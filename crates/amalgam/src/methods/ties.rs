@@ -826,27 +826,27 @@ impl<T: Real> KeyPipeline<T> {
                                 let lo = (small.min(large) * 65_536.0) as f32;
                                 let hi = (small.max(large) * 65_536.0) as f32;
                                 let w = &words[..len];
-                                let mut open = [0u8; W];
-                                for ((o, u), &w) in dt.iter_mut().zip(open.iter_mut()).zip(w) {
-                                    let wf = w as f32;
-                                    *u = u8::from(wf >= lo && wf < hi);
-                                    *o *= if wf < lo { T::ONE } else { T::ZERO };
+                                for (o, &w) in dt.iter_mut().zip(w) {
+                                    *o *= if (w as f32) < lo { T::ONE } else { T::ZERO };
                                 }
-                                // The open draws' positions, appended without a branch.
-                                let mut list = [0u16; W];
-                                let mut m = 0;
-                                for (i, &u) in open[..len].iter().enumerate() {
-                                    list[m] = i as u16;
-                                    m += u as usize;
-                                }
-                                for &i in &list[..m] {
-                                    let i = i as usize;
-                                    let delta = models[t][at + i] - b[i];
-                                    dt[i] = if keep(delta, w[i], i).0 {
-                                        delta
-                                    } else {
-                                        T::ZERO
-                                    };
+                                // The open draws, 32 at a time as the bits of a word (the
+                                // comparisons vectorise), then visited bit by bit.
+                                for (c, w32) in w.chunks(32).enumerate() {
+                                    let mut open =
+                                        w32.iter().enumerate().fold(0u32, |m, (j, &w)| {
+                                            let wf = w as f32;
+                                            m | (u32::from(wf >= lo && wf < hi) << j)
+                                        });
+                                    while open != 0 {
+                                        let i = c * 32 + open.trailing_zeros() as usize;
+                                        open &= open - 1;
+                                        let delta = models[t][at + i] - b[i];
+                                        dt[i] = if keep(delta, w[i], i).0 {
+                                            delta
+                                        } else {
+                                            T::ZERO
+                                        };
+                                    }
                                 }
                             }
                         }
