@@ -277,13 +277,25 @@ impl RankHistogram {
             if slots.is_empty() {
                 return;
             }
-            // The range of slots other than bin 0's (branch-free, so that it vectorises).
-            let lo = slots
-                .iter()
-                .map(|&s| if s < 2 { u32::MAX } else { s })
-                .min()
-                .unwrap_or(u32::MAX);
-            let hi = slots.iter().copied().max().unwrap_or(0);
+            // The range of slots other than bin 0's: bin 0's two slots wrap to the top when 2 is
+            // taken off. Eight lanes at a time, so that the loop vectorises.
+            let (mut low, mut high) = ([u32::MAX; 8], [0u32; 8]);
+            let mut eights = slots.chunks_exact(8);
+            for c in &mut eights {
+                for j in 0..8 {
+                    low[j] = low[j].min(c[j].wrapping_sub(2));
+                    high[j] = high[j].max(c[j]);
+                }
+            }
+            for &s in eights.remainder() {
+                low[0] = low[0].min(s.wrapping_sub(2));
+                high[0] = high[0].max(s);
+            }
+            let lo = match low.iter().min().copied().unwrap_or(u32::MAX) {
+                m if m >= u32::MAX - 1 => u32::MAX, // bin 0 only
+                m => m + 2,
+            };
+            let hi = high.iter().max().copied().unwrap_or(0);
             let (t01, t23) = lanes.split_at_mut(4 * BINS);
             let (t0, t1) = t01.split_at_mut(2 * BINS);
             let (t2, t3) = t23.split_at_mut(2 * BINS);
