@@ -1072,10 +1072,8 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             && voting
             && stage == Stage::Kept;
         let mut sums = Signed::<T>::new();
-        let fuse = |at: usize, len: usize, o: &mut [T], sums: &Signed<T>| {
-            if voting && stage == Stage::Kept {
-                sums.fuse(len, self.config, inv_n, o);
-            }
+        // `base + scale · result`, the result times the model-stock factor of its row if any.
+        let fuse_after = |at: usize, len: usize, o: &mut [T]| {
             if stock.is_empty() {
                 for (s, &b) in o.iter_mut().zip(&args[0][at..at + len]) {
                     *s = b + scale * *s;
@@ -1089,15 +1087,17 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 }
             }
         };
+        let fuse = |at: usize, len: usize, o: &mut [T], sums: &Signed<T>| {
+            if voting && stage == Stage::Kept {
+                sums.fuse(len, self.config, inv_n, o);
+            }
+            fuse_after(at, len, o);
+        };
         if plain {
             let mass = self.config.election == Election::Mass;
             for at in (0..range.len()).step_by(W) {
                 let len = W.min(range.len() - at);
-                let b = &args[0][at..at + len];
-                sums.clear(len);
-                for x in &args[1..] {
-                    sums.add_differences(&x[at..at + len], b, mass);
-                }
+                sums.add_inputs(args[0], &args[1..], at, len, mass);
                 fuse(at, len, &mut out[at..at + len], &sums);
             }
             return;
@@ -1180,13 +1180,6 @@ impl<T: Real> Signed<T> {
         self.add_with(v.len(), mass, |i| v[i]);
     }
 
-    /// Adds the deltas `x − b` of one model.
-    #[inline(always)]
-    fn add_differences(&mut self, x: &[T], b: &[T], mass: bool) {
-        let b = &b[..x.len()];
-        self.add_with(x.len(), mass, |i| x[i] - b[i]);
-    }
-
     /// Adds the `len` deltas `delta(i)`.
     #[inline(always)]
     fn add_with(&mut self, len: usize, mass: bool, delta: impl Fn(usize) -> T) {
@@ -1194,49 +1187,120 @@ impl<T: Real> Signed<T> {
         let (npos, nneg) = (&mut self.npos[..len], &mut self.nneg[..len]);
         let total = &mut self.total[..len];
         for i in 0..len {
-            let v = delta(i);
-            let (p, m) = (v > T::ZERO, v < T::ZERO);
-            // Selects rather than branches, so that the loop vectorises.
-            pos[i] += if p { v } else { T::ZERO };
-            npos[i] += if p { T::ONE } else { T::ZERO };
-            neg[i] += if m { v } else { T::ZERO };
-            nneg[i] += if m { T::ONE } else { T::ZERO };
-            if mass {
-                total[i] += v;
-            }
+            let acc = (
+                &mut pos[i],
+                &mut neg[i],
+                &mut npos[i],
+                &mut nneg[i],
+                &mut total[i],
+            );
+            add_one(delta(i), mass, acc);
         }
     }
 
     /// Elects the sign of each element and fuses the entries of that sign into `o`.
     #[inline(always)]
     fn fuse(&self, len: usize, config: Config, inv_n: T, o: &mut [T]) {
-        let positive_tie = config.sign_tie == SignTie::Positive;
-        let mass = config.election == Election::Mass;
-        // The loop is written with selects only: the elected sign of random data is
-        // unpredictable, and a branch per element would cost more than the whole sweep.
-        let (pos, neg, npos, nneg, total) = (
-            &self.pos[..len],
-            &self.neg[..len],
-            &self.npos[..len],
-            &self.nneg[..len],
-            &self.total[..len],
-        );
         let o = &mut o[..len];
-        // 0/1 factors rather than selects: the compiler turns selects of loads into branches,
-        // and the elected sign of random data is unpredictable.
-        let one = |c: bool| if c { T::ONE } else { T::ZERO };
-        for i in 0..len {
-            let vote = if mass { total[i] } else { npos[i] - nneg[i] };
-            let up = one(vote > T::ZERO || (positive_tie && vote == T::ZERO));
-            let down = one(vote < T::ZERO);
-            let sum = up * pos[i] + down * neg[i];
-            let count = up * npos[i] + down * nneg[i];
-            o[i] = match config.fuse {
-                // No entry of the elected sign: the sum is 0 too.
-                Fuse::DisjointMean => sum / (count + one(count == T::ZERO)),
-                Fuse::Mean => sum * inv_n,
-                _ => sum,
-            };
+        for (i, o) in o.iter_mut().enumerate() {
+            let sums = [
+                self.pos[i],
+                self.neg[i],
+                self.npos[i],
+                self.nneg[i],
+                self.total[i],
+            ];
+            *o = fuse_one(sums, config, inv_n);
+        }
+    }
+}
+
+/// Adds one delta `v` to the sums and counts of its sign `(pos, neg, npos, nneg, total)`.
+#[inline(always)]
+fn add_one<T: Real>(
+    v: T,
+    mass: bool,
+    (pos, neg, npos, nneg, total): (&mut T, &mut T, &mut T, &mut T, &mut T),
+) {
+    let (p, m) = (v > T::ZERO, v < T::ZERO);
+    // Selects rather than branches, so that the loop vectorises.
+    *pos += if p { v } else { T::ZERO };
+    *npos += if p { T::ONE } else { T::ZERO };
+    *neg += if m { v } else { T::ZERO };
+    *nneg += if m { T::ONE } else { T::ZERO };
+    if mass {
+        *total += v;
+    }
+}
+
+/// The elected sign's fused value from the sums and counts `[pos, neg, npos, nneg, total]`.
+#[inline(always)]
+fn fuse_one<T: Real>([pos, neg, npos, nneg, total]: [T; 5], config: Config, inv_n: T) -> T {
+    let positive_tie = config.sign_tie == SignTie::Positive;
+    let mass = config.election == Election::Mass;
+    // 0/1 factors rather than selects or branches: the elected sign of random data is
+    // unpredictable, and the compiler turns selects of loads into branches.
+    let one = |c: bool| if c { T::ONE } else { T::ZERO };
+    let vote = if mass { total } else { npos - nneg };
+    let up = one(vote > T::ZERO || (positive_tie && vote == T::ZERO));
+    let down = one(vote < T::ZERO);
+    let sum = up * pos + down * neg;
+    let count = up * npos + down * nneg;
+    match config.fuse {
+        // No entry of the elected sign: the sum is 0 too.
+        Fuse::DisjointMean => sum / (count + one(count == T::ZERO)),
+        Fuse::Mean => sum * inv_n,
+        _ => sum,
+    }
+}
+
+/// Elements of a run whose sums and counts [`Signed::add_inputs`] holds in registers.
+const LANES: usize = 8;
+
+impl<T: Real> Signed<T> {
+    /// Sets the sums and counts of the deltas `x_t − base` of every model, elements
+    /// `at..at + len` (`len ≤ W`), straight from the inputs: `LANES` elements at a time, held in
+    /// registers while every model is added, so each input element is loaded once and each sum
+    /// stored once. Adds in model order like [`Signed::add_differences`], to the same bits.
+    fn add_inputs(&mut self, base: &[T], models: &[&[T]], at: usize, len: usize, mass: bool) {
+        let main = len / LANES * LANES;
+        for i in (0..main).step_by(LANES) {
+            let b: &[T; LANES] = base[at + i..at + i + LANES].try_into().expect("a run");
+            let mut acc = [[T::ZERO; LANES]; 5];
+            for x in models {
+                let x: &[T; LANES] = x[at + i..at + i + LANES].try_into().expect("a run");
+                let [pos, neg, npos, nneg, total] = &mut acc;
+                for j in 0..LANES {
+                    let sums = (
+                        &mut pos[j],
+                        &mut neg[j],
+                        &mut npos[j],
+                        &mut nneg[j],
+                        &mut total[j],
+                    );
+                    add_one(x[j] - b[j], mass, sums);
+                }
+            }
+            let run = i..i + LANES;
+            self.pos[run.clone()].copy_from_slice(&acc[0]);
+            self.neg[run.clone()].copy_from_slice(&acc[1]);
+            self.npos[run.clone()].copy_from_slice(&acc[2]);
+            self.nneg[run.clone()].copy_from_slice(&acc[3]);
+            self.total[run].copy_from_slice(&acc[4]);
+        }
+        for j in main..len {
+            let mut acc = [T::ZERO; 5];
+            for x in models {
+                let [pos, neg, npos, nneg, total] = &mut acc;
+                add_one(
+                    x[at + j] - base[at + j],
+                    mass,
+                    (pos, neg, npos, nneg, total),
+                );
+            }
+            let [pos, neg, npos, nneg, total] = acc;
+            (self.pos[j], self.neg[j], self.npos[j], self.nneg[j]) = (pos, neg, npos, nneg);
+            self.total[j] = total;
         }
     }
 }
