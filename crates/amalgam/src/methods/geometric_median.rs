@@ -119,31 +119,13 @@ pub(crate) fn add_raw_gram<T: Real>(points: &[&[T]], acc: &mut [f64], buf: &mut 
 
 /// `acc += X Xᵀ` for the `n × len` row-major matrix `X` (a matrix product, sequential, so the
 /// result does not depend on the thread count).
-fn gram_of_rows(rows: &[f64], n: usize, len: usize, acc: &mut [f64]) {
+pub(crate) fn gram_of_rows(rows: &[f64], n: usize, len: usize, acc: &mut [f64]) {
     if n == 0 || len == 0 {
         return;
     }
     let x = faer::MatRef::from_row_major_slice(rows, n, len);
     let g = faer::MatMut::from_row_major_slice_mut(acc, n, n);
     faer::linalg::matmul::matmul(g, faer::Accum::Add, x, x.transpose(), 1.0, faer::Par::Seq);
-}
-
-/// Adds the Gram matrix of the `n × len` row-major points `rows`, centred in place on their
-/// per-element mean, to `acc`.
-pub(crate) fn add_centred_gram(rows: &mut [f64], n: usize, len: usize, acc: &mut [f64]) {
-    if n == 0 {
-        return;
-    }
-    let inv = 1.0 / n as f64;
-    let mut mean = vec![0f64; len];
-    for row in rows.chunks(len) {
-        mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v);
-    }
-    mean.iter_mut().for_each(|m| *m *= inv);
-    for row in rows.chunks_mut(len) {
-        row.iter_mut().zip(&mean).for_each(|(v, &m)| *v -= m);
-    }
-    gram_of_rows(rows, n, len, acc);
 }
 
 /// [`add_gram`] with a reusable buffer for the centred points.

@@ -12,7 +12,7 @@
 use super::della::{
     key32, ordinal_ranks, BlockCounts, Della, Rank, RankHistogram, RankScratch, Ranks,
 };
-use super::geometric_median::{add_centred_gram, Weiszfeld};
+use super::geometric_median::{gram_of_rows, Weiszfeld};
 use crate::error::{Error, Result};
 use crate::method::*;
 use crate::real::Real;
@@ -1373,22 +1373,40 @@ impl<T: Real> KeyPipeline<T> {
             Pass::Gram => {
                 // The filtered deltas, one row per model, `GRAM_SPAN` elements at a time, then a
                 // matrix product per span: the buffer does not grow with the block (a whole
-                // tensor, for units ranked exactly).
-                // With `base_point`, a last row of zeros: the base as a zero delta. It enters
-                // the centring like every other point.
+                // tensor, for units ranked exactly). The rows are centred on the per-element mean
+                // as they are filled (distances do not change, and centred points keep the
+                // products' rounding small next to the distances).
+                // With `base_point`, a last row for the base as a zero delta; it enters the mean
+                // like every other point.
                 let points = n + usize::from(self.config.base_point);
                 let span = GRAM_SPAN.min(range.len());
                 let mut rows = vec![0f64; points * span];
                 let mut g = vec![0.0; points * points];
+                let mut mean = [0f64; W];
+                let inv = 1.0 / points as f64;
                 let mut filled = 0;
                 self.blocks(Stage::Filtered, &range, args, factors, |at, len, d, _| {
                     debug_assert_eq!(at % span, filled);
+                    let mean = &mut mean[..len];
+                    mean.fill(0.0);
                     for t in 0..n {
-                        for (o, &v) in rows[t * span + filled..t * span + filled + len]
-                            .iter_mut()
-                            .zip(&d[t * W..t * W + len])
-                        {
-                            *o = v.to_f64();
+                        for (m, &v) in mean.iter_mut().zip(&d[t * W..t * W + len]) {
+                            *m += v.to_f64();
+                        }
+                    }
+                    mean.iter_mut().for_each(|m| *m *= inv);
+                    for t in 0..points {
+                        let row = &mut rows[t * span + filled..t * span + filled + len];
+                        if t < n {
+                            for ((o, &v), &m) in
+                                row.iter_mut().zip(&d[t * W..t * W + len]).zip(&*mean)
+                            {
+                                *o = v.to_f64() - m;
+                            }
+                        } else {
+                            for (o, &m) in row.iter_mut().zip(&*mean) {
+                                *o = 0.0 - m;
+                            }
                         }
                     }
                     filled += len;
@@ -1399,8 +1417,7 @@ impl<T: Real> KeyPipeline<T> {
                                 rows.copy_within(t * span..t * span + filled, t * filled);
                             }
                         }
-                        add_centred_gram(&mut rows[..points * filled], points, filled, &mut g);
-                        rows.fill(0.0);
+                        gram_of_rows(&rows[..points * filled], points, filled, &mut g);
                         filled = 0;
                     }
                 });
