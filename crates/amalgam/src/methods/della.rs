@@ -210,21 +210,32 @@ fn slot(k: u32) -> u32 {
 /// delta is the same dropped or kept, and the zeros' count is exact, so the other entries' ranks
 /// are not affected.) Counting is one table increment per entry and a lookup one table read, with
 /// no sort: the tables of the bins a tensor uses stay in the CPU caches.
+///
+/// Memory: 8 bytes per bin, for the octaves of |δ| that hold an entry only (a tensor's deltas
+/// can span a hundred octaves with most of them empty), so the per-model tables of a tensor stay
+/// a few tens of KiB.
 pub struct RankHistogram {
-    /// The first bin of the tables: they span only the bins other than bin 0 that the tensor
-    /// uses. Bin 0 (zeros and values below 2^-126) is held apart, in `zero` and `zero_coef`: a
-    /// tensor with zeros would otherwise span every bin up to its largest value.
+    /// The octave (8 exponent bits of the key) of `octaves[0]`.
     first: usize,
-    /// Bin 0's slots: the others and the edge (the exact zeros).
-    zero: [u32; 2],
-    zero_coef: [[f32; 2]; 2],
-    /// While absorbing: the slots of bins `first..`, two per bin.
-    count: Vec<u32>,
-    /// After `finish`: per bin, two pairs `[r0, r1]`, for the others and for the edge key: the
-    /// rank is `r0 + r1·low` for a key whose low bits are `low`, or for ties (`r1 < 0`)
-    /// `r0 − r1·position`.
-    coef: Vec<[[f32; 2]; 2]>,
+    /// Per octave from `first` on: the index of its block in `table`, or `EMPTY`.
+    octaves: Vec<u16>,
+    /// Blocks of `BLOCK_WORDS`, one per octave holding entries. While absorbing: per bin, the
+    /// count of its others and of its edge key. After `finish` (as f32 bits): per bin, the
+    /// number of entries below it and the count of its edge key; then the number below the next
+    /// octave, and 0.
+    table: Vec<u32>,
+    /// After `finish`: per octave, the number of entries below it; and the total.
+    below: Vec<u32>,
+    total: u32,
+    /// After `finish`: `1 / (P − 1)`, a position's fraction of the tensor.
+    per_position: f32,
 }
+
+/// Bins per octave.
+const OCTAVE_BINS: usize = 1 << (BIN_BITS - 8);
+/// Words of one octave's block: two per bin and two after.
+const BLOCK_WORDS: usize = 2 * OCTAVE_BINS + 2;
+const EMPTY: u16 = u16::MAX;
 
 /// The counts of one block of one model's deltas: bin 0's two slots, and the slots of bins
 /// `lo..lo + count.len() / 2`.
@@ -258,10 +269,11 @@ impl RankHistogram {
     pub fn new() -> Self {
         RankHistogram {
             first: 0,
-            zero: [0, 0],
-            zero_coef: [[0.0; 2]; 2],
-            count: Vec::new(),
-            coef: Vec::new(),
+            octaves: Vec::new(),
+            table: Vec::new(),
+            below: Vec::new(),
+            total: 0,
+            per_position: 0.0,
         }
     }
 
@@ -328,89 +340,114 @@ impl RankHistogram {
         })
     }
 
+    /// The block of octave `o`, made (zeroed) if it has none yet.
+    fn block(&mut self, o: usize) -> &mut [u32] {
+        if self.octaves.is_empty() {
+            self.first = o;
+        }
+        if o < self.first {
+            let mut grown = vec![EMPTY; self.first - o];
+            grown.append(&mut self.octaves);
+            self.octaves = grown;
+            self.first = o;
+        }
+        if o - self.first >= self.octaves.len() {
+            self.octaves.resize(o - self.first + 1, EMPTY);
+        }
+        let at = o - self.first;
+        if self.octaves[at] == EMPTY {
+            self.octaves[at] = (self.table.len() / BLOCK_WORDS) as u16;
+            self.table.resize(self.table.len() + BLOCK_WORDS, 0);
+        }
+        let b = self.octaves[at] as usize * BLOCK_WORDS;
+        &mut self.table[b..b + BLOCK_WORDS]
+    }
+
     /// Adds the counts of one block.
     pub fn absorb(&mut self, block: &BlockCounts) {
-        self.zero[0] += block.zero[0];
-        self.zero[1] += block.zero[1];
-        if block.count.is_empty() {
-            return;
+        if block.zero != [0, 0] {
+            let z = self.block(0);
+            z[0] += block.zero[0];
+            z[1] += block.zero[1];
         }
-        let (lo, hi) = (block.lo, block.lo + block.count.len() / 2 - 1);
-        if self.count.is_empty() {
-            self.first = lo;
-        }
-        // Grow the range of bins held to cover lo..=hi.
-        let end = (self.first + self.count.len() / 2).max(hi + 1);
-        if lo < self.first {
-            let mut grown = vec![0; 2 * (self.first - lo)];
-            grown.append(&mut self.count);
-            self.count = grown;
-            self.first = lo;
-        }
-        self.count.resize(2 * (end - self.first), 0);
-        let at = 2 * (lo - self.first);
-        for (c, &b) in self.count[at..].iter_mut().zip(&block.count) {
-            *c += b;
+        // The block's slots, octave by octave; octaves without an entry are not held.
+        let (mut bin, end) = (block.lo, block.lo + block.count.len() / 2);
+        while bin < end {
+            let o = bin / OCTAVE_BINS;
+            let stop = ((o + 1) * OCTAVE_BINS).min(end);
+            let slots = &block.count[2 * (bin - block.lo)..2 * (stop - block.lo)];
+            if slots.iter().any(|&c| c > 0) {
+                let at = 2 * (bin % OCTAVE_BINS);
+                let b = self.block(o);
+                for (c, &x) in b[at..at + slots.len()].iter_mut().zip(slots) {
+                    *c += x;
+                }
+            }
+            bin = stop;
         }
     }
 
     /// Ends the pass; returns the bound on the keep-probability error off exact ties, for a
     /// window of width `eps` over `n` entries.
     pub fn finish(&mut self, eps: f64, n: usize) -> f64 {
-        // Ties: their place among the `c` equal keys interpolated in the position.
-        let per_position = 1.0 / (n.max(2) - 1) as f64;
-        let ties =
-            |start: f64, c: u32| [start as f32, -((c.max(1) - 1) as f64 * per_position) as f32];
-        // The coefficients of a bin whose ranks start at `start`, from the counts of its others
-        // and of its edge: the edge key first, then the others spread over low bits 1..=LOW_MASK.
-        let bin = |start: f64, rest: u32, edge: u32| -> [[f32; 2]; 2] {
-            let first = start + edge as f64;
-            let slope = rest.max(1).saturating_sub(1) as f64 / (LOW_MASK - 1) as f64;
-            [[(first - slope) as f32, slope as f32], ties(start, edge)]
-        };
-        // Bin 0 first (left out of the bound: see the type's documentation).
-        self.zero_coef = bin(1.0, self.zero[0], self.zero[1]);
-        let mut below = (self.zero[0] + self.zero[1]) as u64;
+        let mut below = 0u64;
         let mut worst = 0u32;
-        let coef = self
-            .count
-            .chunks_exact(2)
-            .map(|c| {
-                let (rest, edge) = (c[0], c[1]);
-                let pairs = bin(below as f64 + 1.0, rest, edge);
-                worst = worst.max(rest.max(1) - 1);
+        self.below = Vec::with_capacity(self.octaves.len());
+        for (i, &ix) in self.octaves.iter().enumerate() {
+            self.below.push(below as u32);
+            if ix == EMPTY {
+                continue;
+            }
+            let b = &mut self.table[ix as usize * BLOCK_WORDS..(ix as usize + 1) * BLOCK_WORDS];
+            // Stored as f32 bits for the lookups (exact up to 2^24 entries).
+            let f = |x: u64| (x as f32).to_bits();
+            for bin in 0..OCTAVE_BINS {
+                let (rest, edge) = (b[2 * bin], b[2 * bin + 1]);
+                (b[2 * bin], b[2 * bin + 1]) = (f(below), f(edge as u64));
+                // Bin 0 (zeros and values below 2^-126) is left out of the bound.
+                if self.first + i > 0 || bin > 0 {
+                    worst = worst.max(rest.max(1) - 1);
+                }
                 below += (rest + edge) as u64;
-                pairs
-            })
-            .collect();
-        self.count = Vec::new();
-        self.coef = coef;
+            }
+            b[2 * OCTAVE_BINS] = f(below);
+        }
+        self.total = below as u32;
+        self.per_position = (1.0 / (n.max(2) - 1) as f64) as f32;
         eps.abs() * worst as f64 / n.max(1) as f64
     }
 
     /// The estimated rank (1-based) of the entry with key `k` at `position` in the tensor.
     #[inline(always)]
     pub fn rank(&self, k: u32, position: usize) -> f32 {
-        // Keys outside the bins counted (none, for the deltas the histogram was made of) take
-        // the nearest bin's.
         let bin = (k >> LOW_BITS) as usize;
-        let pairs = if bin == 0 {
-            &self.zero_coef
+        let octave = bin / OCTAVE_BINS;
+        let at = octave.wrapping_sub(self.first);
+        let ix = self.octaves.get(at).copied().unwrap_or(EMPTY);
+        if ix == EMPTY {
+            // An octave without entries (none, for the deltas the histogram was made of): the
+            // rank after those below it.
+            let below = match self.below.get(at) {
+                Some(&b) => b,
+                None if octave < self.first => 0,
+                None => self.total,
+            };
+            return below as f32 + 1.0;
+        }
+        let b = ix as usize * BLOCK_WORDS + 2 * (bin % OCTAVE_BINS);
+        let [below, edge, next] = [b, b + 1, b + 2].map(|i| f32::from_bits(self.table[i]));
+        let low = (k & LOW_MASK) as i32;
+        // The edge key's ties in position order; the others spread over low bits 1..=LOW_MASK.
+        let tie =
+            below + 1.0 + (edge - 1.0).max(0.0) * (position as i64 as f32 * self.per_position);
+        let rest = next - below - edge;
+        let spread = (rest - 1.0).max(0.0) * (1.0 / (LOW_MASK - 1) as f32);
+        let other = below + 1.0 + edge + spread * (low - 1).max(0) as f32;
+        if low == 0 {
+            tie
         } else {
-            let b = bin.saturating_sub(self.first);
-            match self.coef.get(b.min(self.coef.len().saturating_sub(1))) {
-                Some(pairs) => pairs,
-                None => &self.zero_coef,
-            }
-        };
-        let low = k & LOW_MASK;
-        let [r0, r1] = pairs[usize::from(low == 0)];
-        let x = if r1 < 0.0 {
-            position as f32
-        } else {
-            low as f32
-        };
-        r0 + r1.abs() * x
+            other
+        }
     }
 }
 
