@@ -1379,7 +1379,10 @@ impl<T: Real> KeyPipeline<T> {
                 // With `base_point`, a last row for the base as a zero delta; it enters the mean
                 // like every other point.
                 let points = n + usize::from(self.config.base_point);
-                let span = GRAM_SPAN.min(range.len());
+                // Fewer elements per span for many points: the rows take about as much memory
+                // as 9 points' (a power of two of at least `W` elements).
+                let fit = (GRAM_SPAN * 9 / points).max(W);
+                let span = (1usize << fit.ilog2()).min(GRAM_SPAN).min(range.len());
                 let mut rows = vec![0f64; points * span];
                 let mut g = vec![0.0; points * points];
                 let mut mean = [0f64; W];
