@@ -32,24 +32,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Chunks are multiples of this many elements (and statistic passes work on blocks of it, or of
-/// [`stat_block_len`]), so the statistics a method computes do not depend on the chunk size.
+/// Chunks are multiples of this many elements (and statistic passes work on blocks of it), so the
+/// statistics a method computes do not depend on the chunk size.
 pub const BLOCK: usize = 1 << 14;
-
-/// Input files up to which statistic blocks are [`BLOCK`] elements.
-const STAT_BLOCK_INPUTS: usize = 9;
-
-/// The length of the statistic blocks of a merge of `inputs` model files: [`BLOCK`] up to
-/// `STAT_BLOCK_INPUTS`; beyond, the largest power of two that keeps a block of every input
-/// about the same size (at least `BLOCK / 16`), so the buffers of a block do not grow with the
-/// number of models. It depends only on the inputs, never on threads or budget.
-pub fn stat_block_len(inputs: usize) -> usize {
-    if inputs <= STAT_BLOCK_INPUTS {
-        return BLOCK;
-    }
-    let fit = BLOCK * STAT_BLOCK_INPUTS / inputs;
-    (1usize << fit.max(1).ilog2()).max(BLOCK / 16)
-}
 
 /// Options of one merge run.
 #[derive(Clone, Debug)]
@@ -1565,9 +1550,6 @@ fn run<T: Real>(
             })
             .collect::<Vec<_>>()
     };
-    // Statistic blocks by the number of input files (not of a key's inputs: two recipes that
-    // read the same models in other shapes get the same statistics).
-    let stat_len = stat_block_len(models.len());
     // Keys with statistic passes (and units that fit a sub-chunk) run `STAT_KEYS` per thread at
     // once, each its passes and then its output: one key's passes alone leave threads idle
     // (most keys are a few blocks) and its output must wait for them. They share the budget.
@@ -1592,7 +1574,7 @@ fn run<T: Real>(
                     unreachable!("only computed keys have statistics")
                 };
                 let numel = *numel;
-                let block = stat_len.div_ceil(*unit) * *unit;
+                let block = BLOCK.div_ceil(*unit) * *unit;
                 let in_flight = (in_flight(block) / stat_keys).max(1);
                 run_stats(expr, row, models, &workers, block, in_flight)?;
                 let mut notes = Vec::new();
@@ -1671,7 +1653,7 @@ fn run<T: Real>(
             let Job::Compute { expr, .. } = &mut planned[ki].job else {
                 unreachable!()
             };
-            let block = stat_len.div_ceil(unit) * unit;
+            let block = BLOCK.div_ceil(unit) * unit;
             run_stats(expr, row, models, &workers, block, in_flight(block))?;
         }
         let Job::Compute { expr, .. } = &planned[ki].job else {

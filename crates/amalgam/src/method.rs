@@ -300,9 +300,8 @@ pub trait KeyMerge<T: Real>: Send + Sync {
         0
     }
     /// Statistics of one block (`range` of the flattened tensor) for pass `pass`. Blocks are
-    /// [`stat_block_len`](crate::engine::stat_block_len) elements long (16384 for up to 9
-    /// input files, fewer for more; the last may be shorter) rounded up to whole units,
-    /// computed in parallel.
+    /// [`BLOCK`](crate::engine::BLOCK) elements long (the last may be shorter), computed in
+    /// parallel.
     fn stat_block(&self, _pass: usize, _range: Range<usize>, _args: &[&[T]]) -> Vec<f64> {
         Vec::new()
     }
