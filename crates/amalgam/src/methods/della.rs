@@ -578,6 +578,42 @@ mod tests {
     }
 
     #[test]
+    fn histogram_of_values_spanning_many_octaves_keeps_only_used_octaves() {
+        // Deltas in three clusters 40 octaves apart (2^-60, 2^-20, 2^20), the rest empty.
+        let v: Vec<f32> = (0..60_000)
+            .map(|i| {
+                let scale = [2f32.powi(-60), 2f32.powi(-20), 2f32.powi(20)][i % 3];
+                let x = scale * (1.0 + spread(i).abs() * 900.0);
+                if i % 2 == 0 {
+                    x
+                } else {
+                    -x
+                }
+            })
+            .collect();
+        let (bound, off_ties, _) = rank_errors(&v);
+        assert!(bound <= 1e-3, "bound {bound}");
+        assert!(off_ties * 0.1 <= bound, "{off_ties} > {bound}");
+        // Only the octaves holding deltas have tables: each cluster spans at most two octaves.
+        let mut h = RankHistogram::new();
+        let mut counts = BlockCounts::default();
+        for block in v.chunks(16384) {
+            RankHistogram::count_block(block.iter().copied(), &mut counts);
+            h.absorb(&counts);
+        }
+        let blocks = h.table.len() / BLOCK_WORDS;
+        assert!((3..=6).contains(&blocks), "{blocks} octave tables");
+        assert!(h.octaves.len() > 80, "{} octaves spanned", h.octaves.len());
+        h.finish(0.1, v.len());
+        // A key in an empty octave between the clusters ranks after the lowest cluster.
+        let between = key32(2f32.powi(-40));
+        assert_eq!(h.rank(between, 0), 20_001.0);
+        // Below and above every delta: first and after the last.
+        assert_eq!(h.rank(key32(2f32.powi(-100)), 0), 1.0);
+        assert_eq!(h.rank(key32(2f32.powi(100)), 0), 60_001.0);
+    }
+
+    #[test]
     fn histogram_of_an_empty_or_all_zero_tensor() {
         let mut h = RankHistogram::new();
         let mut counts = BlockCounts::default();
