@@ -208,7 +208,7 @@ fn slot(k: u32) -> u32 {
 /// the keep probability by less than `|ε|·count/P` for the fullest bin, the bound
 /// [`RankHistogram::finish`] returns. (Bin 0, the exact zeros, is left out of the bound: a zero
 /// delta is the same dropped or kept, and the zeros' count is exact, so the other entries' ranks
-/// are not affected.) Counting is one table increment per entry and a lookup one table read, with
+/// are not affected.) Counting is one table increment per entry and a lookup two table reads, with
 /// no sort: the tables of the bins a tensor uses stay in the CPU caches.
 ///
 /// Memory: 8 bytes per bin, for the octaves of |δ| that hold an entry only (a tensor's deltas
