@@ -347,7 +347,7 @@ const PLAIN: u32 = u32::MAX;
 
 const _: () = assert!(std::mem::size_of::<Option<Loc>>() == 16);
 
-/// How a key's elements are laid out in a file saved in another key format (see [`formats`]).
+/// How a key's elements are laid out in a file saved in another key format (see [`formats`](crate::formats)).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum View {
     /// Stored as is.
@@ -1556,7 +1556,7 @@ fn run<T: Real>(
     let stat_keys = STAT_KEYS * threads;
     let run_stat_keys = |keys: &mut Vec<(usize, usize)>,
                          planned: &mut [PlannedKey<T>],
-                         report: &mut MergeReport|
+                         key_notes: &mut Vec<(usize, (String, String))>|
      -> Result<()> {
         let mut jobs: Vec<(usize, usize, PlannedKey<T>)> = keys
             .drain(..)
@@ -1588,11 +1588,9 @@ fn run<T: Real>(
                 Ok(notes)
             })
             .collect::<Result<_>>()?;
-        for ((_, _, key), notes) in jobs.iter().zip(notes) {
+        for ((ki, _, key), notes) in jobs.iter().zip(notes) {
             let name = &rows[key.row].name;
-            report
-                .key_notes
-                .extend(notes.into_iter().map(|n| (name.clone(), n)));
+            key_notes.extend(notes.into_iter().map(|n| (*ki, (name.clone(), n))));
         }
         Ok(())
     };
@@ -1602,6 +1600,7 @@ fn run<T: Real>(
     // per-key statistics never accumulate over many keys.
     let mut tasks: Vec<Task> = Vec::new();
     let mut with_stats: Vec<(usize, usize)> = Vec::new();
+    let mut key_notes: Vec<(usize, (String, String))> = Vec::new();
     let mut raw_buf = Vec::new();
     for ki in 0..planned.len() {
         if let Job::CopyRaw { model, offset, len } = planned[ki].job {
@@ -1640,13 +1639,13 @@ fn run<T: Real>(
         if has_stats && !large {
             with_stats.push((ki, unit));
             if with_stats.len() == stat_keys {
-                run_stat_keys(&mut with_stats, &mut planned, &mut report)?;
+                run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
             }
             continue;
         }
         if large {
             run_batch(&mut tasks, &mut planned)?;
-            run_stat_keys(&mut with_stats, &mut planned, &mut report)?;
+            run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
         }
         if has_stats {
             let row = &rows[planned[ki].row];
@@ -1662,9 +1661,7 @@ fn run<T: Real>(
         let mut notes = Vec::new();
         expr.notes(&mut notes);
         let name = &rows[planned[ki].row].name;
-        report
-            .key_notes
-            .extend(notes.into_iter().map(|n| (name.clone(), n)));
+        key_notes.extend(notes.into_iter().map(|n| (ki, (name.clone(), n))));
         if numel == 0 {
             keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -1680,7 +1677,12 @@ fn run<T: Real>(
         }
     }
     run_batch(&mut tasks, &mut planned)?;
-    run_stat_keys(&mut with_stats, &mut planned, &mut report)?;
+    run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
+    // Notes in key order, whichever group ran a key.
+    key_notes.sort_by_key(|&(ki, _)| ki);
+    report
+        .key_notes
+        .extend(key_notes.into_iter().map(|(_, n)| n));
     report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
     report.output = Some(out.commit()?);
     progress.finish();

@@ -1261,7 +1261,7 @@ impl<T: Real> Signed<T> {
     /// Sets the sums and counts of the deltas `x_t − base` of every model, elements
     /// `at..at + len` (`len ≤ W`), straight from the inputs: `LANES` elements at a time, held in
     /// registers while every model is added, so each input element is loaded once and each sum
-    /// stored once. Adds in model order like [`Signed::add_differences`], to the same bits.
+    /// stored once. Adds in model order like [`Signed::add`], to the same bits.
     fn add_inputs(&mut self, base: &[T], models: &[&[T]], at: usize, len: usize, mass: bool) {
         let main = len / LANES * LANES;
         for i in (0..main).step_by(LANES) {
