@@ -798,6 +798,17 @@ enum OutView {
 }
 
 impl OutView {
+    /// The file position the first of the encoded elements from element `start` on goes to.
+    fn file_pos(&self, out: &OutputFile, start: usize, size: usize) -> u64 {
+        match *self {
+            OutView::Same(i) => out.file_pos(i, (start * size) as u64),
+            OutView::Split3 { ids, part } => {
+                out.file_pos(ids[start / part], ((start % part) * size) as u64)
+            }
+            OutView::Transposed { i, .. } => out.file_pos(i, 0),
+        }
+    }
+
     /// Writes the encoded elements starting at element `start` (`size` bytes each).
     fn write(&self, out: &OutputFile, start: usize, size: usize, bytes: &mut [u8]) -> Result<()> {
         match *self {
@@ -1482,7 +1493,10 @@ fn run<T: Real>(
         let step = task.step;
         workers.with(|s| -> Result<()> {
             let mut out_words = std::mem::take(&mut s.out);
-            let bytes = crate::input::aligned_bytes(&mut out_words, len * out_size);
+            let view = &views[task.key];
+            let pos = view.file_pos(&out, task.range.start, out_size);
+            let bytes =
+                crate::input::line_matched_bytes(&mut out_words, len * out_size, pos, out_size);
             let mut at = task.range.start;
             while at < task.range.end {
                 let r = at..(at + step).min(task.range.end);
@@ -1492,7 +1506,7 @@ fn run<T: Real>(
                 s.free.push(buf);
                 at = r.end;
             }
-            let result = views[task.key].write(&out, task.range.start, out_size, bytes);
+            let result = view.write(&out, task.range.start, out_size, bytes);
             s.out = out_words;
             if step > sub {
                 // Buffers of a large unit are not kept for the small chunks that follow.
