@@ -2,7 +2,8 @@
 //!
 //! For each N it synthesises (once, then reuses) SDXL-layout models, times a warm read of every
 //! input the merge reads, then runs each merge in a child process and reads its wall time and peak
-//! RSS. Reports the merge/read ratio.
+//! RSS, and times writing a file of the output's size. Reports the merge/read ratio, and the
+//! ratio to reading the inputs and writing the output (what any merge must do at least).
 
 use amalgam::size::{format_bytes, parse_bytes};
 use amalgam::synth::{Layout, SynthOptions};
@@ -66,6 +67,26 @@ fn read_all(files: &[PathBuf], threads: usize) -> Result<(f64, u64)> {
     Ok((t.elapsed().as_secs_f64(), total))
 }
 
+/// Seconds to write `len` bytes to a new file in `dir` on one thread (8 MiB at a time, as
+/// `read_all` reads), the file removed afterwards: what writing a merge's output costs at least.
+fn write_new(dir: &Path, len: u64) -> Result<f64> {
+    use std::io::Write;
+    let path = dir.join("bench-write.tmp");
+    let buf = vec![1u8; 8 << 20];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    drop(f);
+    let s = t.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(s)
+}
+
 fn ensure_models(dir: &Path, n: usize, shrink: usize) -> Result<Vec<PathBuf>> {
     let paths: Vec<PathBuf> = std::iter::once(dir.join("base.safetensors"))
         .chain((0..n).map(|i| dir.join(format!("m{i:03}.safetensors"))))
@@ -124,6 +145,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             // cache is not guaranteed to keep the inputs between rounds, hence the warm-up.
             let (mut read_s, mut pread_s, mut merge_s, mut rss, mut bytes) =
                 (f64::MAX, f64::MAX, f64::MAX, 0u64, 0u64);
+            let mut write_s = f64::MAX;
             for _ in 0..a.repeat.max(1) {
                 // A new file, not a replacement (ext4 flushes a file renamed over another at
                 // once), and earlier outputs flushed first so their writeback does not overlap.
@@ -138,18 +160,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 if !status.success() {
                     bail!("merge failed: {cmd:?}");
                 }
+                // Writing a file of the output's size, as the merge just did.
+                let out_len = std::fs::metadata(&out)?.len();
+                let _ = std::process::Command::new("sync").status();
+                write_s = write_s.min(write_new(&a.dir, out_len)?);
                 let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
                 rss = rss.max(json["peak_rss_bytes"].as_u64().unwrap_or(0));
                 (read_s, pread_s, merge_s, bytes) =
                     (read_s.min(r), pread_s.min(pr), merge_s.min(m), b);
             }
             let row = format!(
-                "| {method} | {n} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {} |",
+                "| {method} | {n} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {} |",
                 format_bytes(bytes),
                 bytes as f64 / read_s / 1e9,
                 bytes as f64 / merge_s / 1e9,
                 merge_s / read_s,
                 merge_s / pread_s,
+                merge_s / (read_s + write_s),
                 format_bytes(rss)
             );
             eprintln!("{row}");
@@ -158,8 +185,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let _ = std::fs::remove_file(&out);
     let _ = std::fs::remove_file(a.dir.join("bench-report.json"));
-    println!("| method | N | input | warm read, 1 thread | warm read, all threads | merge (wall) | merge / read 1T | merge / read all | peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| method | N | input | warm read, 1 thread | warm read, all threads | write output, 1 thread | merge (wall) | merge / read 1T | merge / read all | merge / (read + write) 1T | peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }
