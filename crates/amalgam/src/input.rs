@@ -239,7 +239,7 @@ const LINE: usize = 64;
 /// file's position mod 64 measured 1.6-2.1 s of kernel time for 3.6 GB, against 0.3 s at the
 /// same position. Where a malloc'd buffer lands is down to chance, so this made the time of
 /// identical runs vary 2x.
-pub(crate) fn line_matched_bytes(
+pub fn line_matched_bytes(
     scratch: &mut Vec<u64>,
     nbytes: usize,
     file_pos: u64,
