@@ -1572,8 +1572,7 @@ fn run<T: Real>(
     // once, each its passes and then its output: one key's passes alone leave threads idle
     // (most keys are a few blocks) and its output must wait for them. They share the budget.
     // A key's statistics are mostly per input (a rank histogram, sums, a row of the Gram
-    // matrix), so with many inputs fewer keys are in flight: at most about `STAT_INPUTS` inputs'
-    // worth, and one key per thread at least.
+    // matrix): with many inputs, fewer keys are in flight (`STAT_INPUTS`).
     let stat_keys = (STAT_KEYS * threads).min((STAT_INPUTS / leaves).max(threads));
     let run_stat_keys = |keys: &mut Vec<(usize, usize)>,
                          planned: &mut [PlannedKey<T>],
