@@ -74,8 +74,8 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
         seed: None,
         layout: None,
     };
-    let (opts, settings) = crate::merge_options(&soup_out, &engine, &Default::default(), true);
-    let report = crate::run_merge(&graph, opts, &settings, false)?;
+    let opts = crate::merge_options(&soup_out, &engine, &Default::default(), true);
+    let report = crate::run_merge(&graph, opts, false)?;
     eprintln!("{report}");
 
     eprintln!(
@@ -91,8 +91,8 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
         paths[1..].to_vec(),
         Default::default(),
     )?;
-    let (opts, settings) = crate::merge_options(&dgmla_out, &engine, &Default::default(), true);
-    let report = crate::run_merge(&graph, opts, &settings, false)?;
+    let opts = crate::merge_options(&dgmla_out, &engine, &Default::default(), true);
+    let report = crate::run_merge(&graph, opts, false)?;
     eprintln!("{report}");
 
     let recipe_path = dir.join("demo.toml");
@@ -100,8 +100,8 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
     eprintln!("\n== recipe {}:\n{RECIPE}", recipe_path.display());
     let out = dir.join("blend.safetensors");
     let r = recipe::load(&recipe_path)?;
-    let (opts, settings) = crate::merge_options(&out, &engine, &r.settings, true);
-    let report = crate::run_merge(&r.graph, opts, &settings, false)?;
+    let opts = crate::merge_options(&out, &engine, &r.settings, true);
+    let report = crate::run_merge(&r.graph, opts, false)?;
     eprintln!("{report}");
 
     let m = ModelFile::open(&out)?;

@@ -63,8 +63,7 @@ pub struct EngineArgs {
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Seed for methods with random masks [default: 0, or the recipe's]
-    #[arg(long)]
+    #[arg(long, help = seed_help())]
     seed: Option<u64>,
     /// Write the output in this key layout, e.g. sdxl-kohya or sd1-kohya [default: the original
     /// (ldm/sgm) layout, or the recipe's]
@@ -79,9 +78,15 @@ struct MergeArgs {
     /// Merge method for the shorthand form (see `amalgam methods`)
     #[arg(long, short)]
     method: Option<String>,
-    /// Base model, for methods with a `base` slot (task_arithmetic)
+    /// Base model: fills the `base` input of methods that have one (task_arithmetic, the TIES
+    /// family, model_stock, ...); for the others it is not merged but is the fallback and the
+    /// --repair source
     #[arg(long)]
     base: Option<PathBuf>,
+    /// The model keys the merge has no value for are taken from (one of the models or another
+    /// file) [default: --base, else the first model that has the key]
+    #[arg(long)]
+    fallback: Option<PathBuf>,
     /// Output file
     #[arg(long, short)]
     output: PathBuf,
@@ -97,8 +102,8 @@ struct MergeArgs {
     /// Any parameter as NAME=VALUE (number, true/false, comma list); repeatable
     #[arg(long = "param", short = 'p')]
     params: Vec<String>,
-    /// Complete models that lack keys (pruned files) from the --base model, instead of leaving
-    /// them out of those keys
+    /// Complete models that lack keys (pruned files) from --base (else --fallback), instead of
+    /// leaving them out of those keys
     #[arg(long)]
     repair: bool,
     /// Folders where the models of a `.mecha` recipe are looked for (by relative path, or by
@@ -265,8 +270,17 @@ fn parse_param(s: &str) -> Result<(String, ParamValue)> {
     Ok((k.to_string(), value))
 }
 
-/// Builds the graph and settings the merge command describes.
-fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings)> {
+/// The help of `--seed`, from the library's list of random methods.
+fn seed_help() -> String {
+    format!(
+        "Seed of the random masks ({}, and any `drop` = dare or della) [default: 0, or the recipe's]",
+        amalgam::methods::SEEDED.join(", ")
+    )
+}
+
+/// Builds the graph and settings the merge command describes, and notes on how the shorthand's
+/// options were read.
+fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<String>)> {
     match &a.method {
         Some(method) => {
             let mut params = BTreeMap::new();
@@ -290,20 +304,23 @@ fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings)> {
                 .inputs
                 .iter()
                 .chain(a.base.iter())
+                .chain(a.fallback.iter())
                 .filter(|p| !p.is_file())
                 .map(|p| p.display().to_string())
                 .collect();
             if !missing.is_empty() {
                 bail!("missing model files: {}", missing.join(", "));
             }
-            let mut graph = Graph::single(method, a.base.clone(), a.inputs.clone(), params)?;
-            if a.repair {
-                if a.base.is_none() {
-                    bail!("--repair completes pruned models from the base: give --base FILE");
-                }
-                graph.repair = Some(0);
+            let (graph, notes) = amalgam::graph::Shorthand {
+                method: method.clone(),
+                models: a.inputs.clone(),
+                base: a.base.clone(),
+                fallback: a.fallback.clone(),
+                repair: a.repair,
+                params,
             }
-            Ok((graph, RecipeSettings::default()))
+            .build()?;
+            Ok((graph, RecipeSettings::default(), notes))
         }
         None => {
             let [recipe_path] = a.inputs.as_slice() else {
@@ -314,8 +331,10 @@ fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings)> {
                 || a.weights.is_some()
                 || !a.params.is_empty()
                 || a.base.is_some()
+                || a.fallback.is_some()
+                || a.repair
             {
-                bail!("--alpha, --lambda, --weights, --param and --base go with --method; a recipe sets parameters per node");
+                bail!("--alpha, --lambda, --weights, --param, --base, --fallback and --repair go with --method; a recipe sets parameters per node and `fallback` / `repair` in its [output] table");
             }
             if recipe_path.extension().is_some_and(|e| e == "mecha") {
                 let t = amalgam::mecha::load_with(recipe_path, &a.model_dirs, &a.renames)?;
@@ -323,10 +342,10 @@ fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings)> {
                     seed: t.seed,
                     ..Default::default()
                 };
-                return Ok((t.graph, settings));
+                return Ok((t.graph, settings, Vec::new()));
             }
             let r = recipe::load(recipe_path)?;
-            Ok((r.graph, r.settings))
+            Ok((r.graph, r.settings, Vec::new()))
         }
     }
 }
@@ -337,48 +356,38 @@ pub fn merge_options(
     engine: &EngineArgs,
     settings: &RecipeSettings,
     force: bool,
-) -> (MergeOptions, RecipeSettings) {
+) -> MergeOptions {
     let mut opts = MergeOptions::new(output);
-    let effective = RecipeSettings {
-        dtype: Some(engine.dtype.or(settings.dtype).unwrap_or(OutputDtype::F16)),
-        compute_dtype: Some(
-            engine
-                .compute_dtype
-                .or(settings.compute_dtype)
-                .unwrap_or(ComputeDtype::F32),
-        ),
-        seed: Some(engine.seed.or(settings.seed).unwrap_or(0)),
-        layout: engine.layout.or(settings.layout),
+    let cli = RecipeSettings {
+        dtype: engine.dtype,
+        compute_dtype: engine.compute_dtype,
+        seed: engine.seed,
+        layout: engine.layout,
     };
-    opts.output_layout = effective.layout;
-    opts.output_dtype = effective.dtype.unwrap();
-    opts.compute_dtype = effective.compute_dtype.unwrap();
-    opts.seed = effective.seed.unwrap();
+    cli.over(settings).apply(&mut opts);
     opts.memory_budget = engine.memory_budget;
     opts.threads = engine.threads;
     opts.overwrite = force;
-    (opts, effective)
+    opts
 }
 
 /// Runs a merge with a progress bar; returns the report.
-pub fn run_merge(
-    graph: &Graph,
-    mut opts: MergeOptions,
-    settings: &RecipeSettings,
-    quiet: bool,
-) -> Result<MergeReport> {
-    opts.metadata
-        .insert("amalgam_recipe".into(), recipe::to_toml(graph, settings));
+pub fn run_merge(graph: &Graph, opts: MergeOptions, quiet: bool) -> Result<MergeReport> {
     let bar = progress::Bar::new(quiet);
     let report = amalgam::merge(graph, &opts, &bar)?;
     Ok(report)
 }
 
 fn cmd_merge(a: MergeArgs) -> Result<()> {
-    let (graph, settings) = merge_graph(&a)?;
-    let (mut opts, effective) = merge_options(&a.output, &a.engine, &settings, a.force);
+    let (graph, settings, notes) = merge_graph(&a)?;
+    if !a.quiet {
+        for n in &notes {
+            eprintln!("note: {n}");
+        }
+    }
+    let mut opts = merge_options(&a.output, &a.engine, &settings, a.force);
     opts.chunk_override = a.chunk;
-    let report = run_merge(&graph, opts, &effective, a.quiet)?;
+    let report = run_merge(&graph, opts, a.quiet)?;
     if let Some(p) = &a.report_json {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?;

@@ -90,8 +90,13 @@ pub struct NoProgress;
 impl Progress for NoProgress {}
 
 /// Merges the graph's inputs into `opts.output`.
+///
+/// Model paths are made absolute (links resolved) first, so that the recipe embedded in the
+/// output, and so the output's bytes, do not depend on the folder the merge was started from or
+/// on the links it was given.
 pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     graph.validate()?;
+    let graph = &canonical_paths(graph);
     let (models, rows, layouts, notes) = open_inputs(graph, &opts.output)?;
     let layout = graph_layout(graph, &layouts)?;
     let pool = rayon::ThreadPoolBuilder::new()
@@ -109,6 +114,18 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
         ComputeDtype::F32 => run::<f32>(graph, &inputs, opts, progress),
         ComputeDtype::F64 => run::<f64>(graph, &inputs, opts, progress),
     })
+}
+
+/// `graph` with every model path that exists made canonical (the others are kept, for the error
+/// that names them).
+fn canonical_paths(graph: &Graph) -> Graph {
+    let mut g = graph.clone();
+    for m in &mut g.models {
+        if let Ok(p) = std::fs::canonicalize(&m.path) {
+            m.path = p;
+        }
+    }
+    g
 }
 
 /// What `run` works on.
@@ -1466,6 +1483,15 @@ fn run<T: Real>(
 
     let (out_tensors, views) = output_views(&planned, rows, inputs.layout, opts)?;
     let mut metadata: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
+    // The recipe that made the output (unless the caller recorded its own), with the settings it
+    // ran with: running it again gives the same bytes.
+    if !metadata.contains_key("amalgam_recipe") {
+        let settings = crate::recipe::RecipeSettings::of(opts);
+        metadata.insert(
+            "amalgam_recipe".into(),
+            crate::recipe::to_toml(graph, &settings),
+        );
+    }
     // The recipe in sd-mecha's format too, where it can express it, so that sd-mecha and
     // ComfyUI-mecha users can read where the model came from.
     if !metadata.contains_key("mecha_recipe") {

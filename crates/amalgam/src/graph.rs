@@ -67,101 +67,23 @@ pub struct Graph {
 }
 
 impl Graph {
-    /// A graph with one node applying `method` to `models` (CLI shorthand). For methods with a
-    /// `base` slot, `base` fills it; otherwise the models fill the slots in order, and a `Many`
-    /// slot takes all the remaining models.
+    /// A graph with one node applying `method` to `models`, with `base` filling the method's
+    /// `base` slot (see [`Shorthand`] for the fallback and repair options).
     pub fn single(
         method: &str,
         base: Option<PathBuf>,
         models: Vec<PathBuf>,
         params: BTreeMap<String, ParamValue>,
     ) -> Result<Graph> {
-        let info = methods::info(method)?;
-        let mut inputs = Vec::new();
-        let mut base_index = None;
-        if let Some(b) = base {
-            base_index = Some(inputs.len());
-            inputs.push(ModelInput {
-                name: "base".into(),
-                path: b,
-            });
+        Shorthand {
+            method: method.to_string(),
+            base,
+            models,
+            params,
+            ..Default::default()
         }
-        for (i, p) in models.into_iter().enumerate() {
-            inputs.push(ModelInput {
-                name: format!("model{i}"),
-                path: p,
-            });
-        }
-        let has_base_slot = info.slots.first().map(|s| s.name) == Some("base");
-        if has_base_slot && base_index.is_none() {
-            return Err(Error::Invalid(format!(
-                "method `{}` needs a base model: pass --base FILE",
-                info.name
-            )));
-        }
-        if !has_base_slot && base_index.is_some() {
-            return Err(Error::Invalid(format!(
-                "method `{}` takes no base model; drop --base (or use --fallback to name the model missing keys are taken from)",
-                info.name
-            )));
-        }
-        let mut rest: Vec<Ref> = (0..inputs.len())
-            .filter(|&i| Some(i) != base_index)
-            .map(Ref::Model)
-            .collect();
-        let mut slots = Vec::new();
-        for (si, slot) in info.slots.iter().enumerate() {
-            if si == 0 && has_base_slot {
-                slots.push(vec![Ref::Model(base_index.unwrap())]);
-                continue;
-            }
-            match slot.kind {
-                crate::method::SlotKind::One => {
-                    if rest.is_empty() {
-                        return Err(Error::Invalid(format!(
-                            "method `{}` takes {} model(s) ({}), got fewer",
-                            info.name,
-                            info.slots.len() - usize::from(has_base_slot),
-                            slot_names(info)
-                        )));
-                    }
-                    slots.push(vec![rest.remove(0)]);
-                }
-                crate::method::SlotKind::Many => {
-                    if rest.is_empty() {
-                        return Err(Error::Invalid(format!(
-                            "method `{}` needs at least one model for `{}`",
-                            info.name, slot.name
-                        )));
-                    }
-                    slots.push(std::mem::take(&mut rest));
-                }
-            }
-        }
-        if !rest.is_empty() {
-            return Err(Error::Invalid(format!(
-                "method `{}` takes {} model(s) ({}), got {} more",
-                info.name,
-                info.slots.len() - usize::from(has_base_slot),
-                slot_names(info),
-                rest.len()
-            )));
-        }
-        let graph = Graph {
-            fallback: base_index,
-            models: inputs,
-            nodes: vec![Node {
-                name: "merge".into(),
-                method: info.name,
-                params,
-                slots,
-            }],
-            output: Ref::Node(0),
-            components: BTreeMap::new(),
-            repair: None,
-        };
-        graph.validate()?;
-        Ok(graph)
+        .build()
+        .map(|(g, _)| g)
     }
 
     /// Checks the graph's structure and builds every method once, so that parameter errors are
@@ -223,6 +145,159 @@ impl Graph {
         }
         Ok(())
     }
+}
+
+/// The command line's shorthand for a one-node merge: `method` applied to `models`, with the
+/// options of `amalgam merge --method`.
+///
+/// - `base`: for a method with a `base` slot, fills it. For a method without one (a soup, a
+///   weighted sum), the base is not merged: it is the model keys are taken from when the merge
+///   has no value for them (the fallback) and the model pruned models are completed from.
+/// - `fallback`: the model keys the merge has no value for come from (default: the base; else
+///   the first model that has the key). It may be one of `models` or another file.
+/// - `repair`: complete models that lack keys (pruned files) from the base, else the fallback.
+#[derive(Clone, Debug, Default)]
+pub struct Shorthand {
+    pub method: String,
+    pub models: Vec<PathBuf>,
+    pub base: Option<PathBuf>,
+    pub fallback: Option<PathBuf>,
+    pub repair: bool,
+    pub params: BTreeMap<String, ParamValue>,
+}
+
+impl Shorthand {
+    /// The graph, and lines for the log that say how the options were read (e.g. a `base` that is
+    /// not merged).
+    pub fn build(self) -> Result<(Graph, Vec<String>)> {
+        let info = methods::info(&self.method)?;
+        let has_base_slot = info.slots.first().map(|s| s.name) == Some("base");
+        let mut notes = Vec::new();
+        let mut inputs = Vec::new();
+        let mut base_index = None;
+        if let Some(b) = &self.base {
+            base_index = Some(inputs.len());
+            inputs.push(ModelInput {
+                name: "base".into(),
+                path: b.clone(),
+            });
+        }
+        if has_base_slot && base_index.is_none() {
+            return Err(Error::Invalid(format!(
+                "method `{}` needs a base model: pass --base FILE",
+                info.name
+            )));
+        }
+        if !has_base_slot && self.base.is_some() {
+            notes.push(format!(
+                "method `{}` has no base input: the base is not merged; it is the fallback{}",
+                info.name,
+                if self.repair {
+                    " and pruned models are completed from it"
+                } else {
+                    " (keys the merge has no value for come from it)"
+                }
+            ));
+        }
+        for (i, p) in self.models.iter().enumerate() {
+            inputs.push(ModelInput {
+                name: format!("model{i}"),
+                path: p.clone(),
+            });
+        }
+        let mut rest: Vec<Ref> = (0..inputs.len())
+            .filter(|&i| Some(i) != base_index)
+            .map(Ref::Model)
+            .collect();
+        // The fallback: a model already given (the same file), or one more input not merged.
+        let fallback = match &self.fallback {
+            None => base_index,
+            Some(f) => Some(
+                inputs
+                    .iter()
+                    .position(|m| same_file(&m.path, f))
+                    .unwrap_or_else(|| {
+                        inputs.push(ModelInput {
+                            name: "fallback".into(),
+                            path: f.clone(),
+                        });
+                        inputs.len() - 1
+                    }),
+            ),
+        };
+        let repair = match (self.repair, base_index.or(fallback)) {
+            (false, _) => None,
+            (true, Some(r)) => Some(r),
+            (true, None) => {
+                return Err(Error::Invalid(
+                    "--repair completes pruned models from a complete model: give --base FILE or --fallback FILE"
+                        .into(),
+                ))
+            }
+        };
+        let mut slots = Vec::new();
+        for (si, slot) in info.slots.iter().enumerate() {
+            if si == 0 && has_base_slot {
+                slots.push(vec![Ref::Model(base_index.expect("checked above"))]);
+                continue;
+            }
+            match slot.kind {
+                crate::method::SlotKind::One => {
+                    if rest.is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "method `{}` takes {} model(s) ({}), got fewer",
+                            info.name,
+                            info.slots.len() - usize::from(has_base_slot),
+                            slot_names(info)
+                        )));
+                    }
+                    slots.push(vec![rest.remove(0)]);
+                }
+                crate::method::SlotKind::Many => {
+                    if rest.is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "method `{}` needs at least one model for `{}`",
+                            info.name, slot.name
+                        )));
+                    }
+                    slots.push(std::mem::take(&mut rest));
+                }
+            }
+        }
+        if !rest.is_empty() {
+            return Err(Error::Invalid(format!(
+                "method `{}` takes {} model(s) ({}), got {} more",
+                info.name,
+                info.slots.len() - usize::from(has_base_slot),
+                slot_names(info),
+                rest.len()
+            )));
+        }
+        let graph = Graph {
+            fallback,
+            models: inputs,
+            nodes: vec![Node {
+                name: "merge".into(),
+                method: info.name,
+                params: self.params,
+                slots,
+            }],
+            output: Ref::Node(0),
+            components: BTreeMap::new(),
+            repair,
+        };
+        graph.validate()?;
+        Ok((graph, notes))
+    }
+}
+
+/// Whether two paths name the same file (the same path, or the same file through links).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
 }
 
 fn slot_names(info: &crate::method::MethodInfo) -> String {

@@ -25,6 +25,45 @@ pub struct RecipeSettings {
     pub layout: Option<crate::arch::Layout>,
 }
 
+impl RecipeSettings {
+    /// `self` where it sets a value, else `under` (e.g. the command line over a recipe).
+    pub fn over(&self, under: &RecipeSettings) -> RecipeSettings {
+        RecipeSettings {
+            dtype: self.dtype.or(under.dtype),
+            compute_dtype: self.compute_dtype.or(under.compute_dtype),
+            seed: self.seed.or(under.seed),
+            layout: self.layout.or(under.layout),
+        }
+    }
+
+    /// Sets the options these settings give; the others keep their values (the defaults of
+    /// [`MergeOptions::new`](crate::engine::MergeOptions::new)).
+    pub fn apply(&self, opts: &mut crate::engine::MergeOptions) {
+        if let Some(d) = self.dtype {
+            opts.output_dtype = d;
+        }
+        if let Some(d) = self.compute_dtype {
+            opts.compute_dtype = d;
+        }
+        if let Some(seed) = self.seed {
+            opts.seed = seed;
+        }
+        if self.layout.is_some() {
+            opts.output_layout = self.layout;
+        }
+    }
+
+    /// The settings a merge ran with, as its embedded recipe records them.
+    pub fn of(opts: &crate::engine::MergeOptions) -> Self {
+        RecipeSettings {
+            dtype: Some(opts.output_dtype),
+            compute_dtype: Some(opts.compute_dtype),
+            seed: Some(opts.seed),
+            layout: opts.output_layout,
+        }
+    }
+}
+
 /// A parsed recipe.
 #[derive(Clone, Debug)]
 pub struct Recipe {

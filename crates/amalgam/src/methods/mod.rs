@@ -63,6 +63,11 @@ registry!(
     slerp::INFO => slerp::Slerp::new,
 );
 
+/// The methods whose output depends on the run's seed (random masks): with their default
+/// parameters. Other methods use the seed only where a parameter asks for a random drop (e.g.
+/// `ties` with `drop = "dare"`). A test checks this list against the methods' outputs.
+pub const SEEDED: &[&str] = &["dare", "della", "tsd", "tgmd", "dgmla", "dropout"];
+
 /// Other names users know the methods by (sd-mecha, mergekit, A1111).
 const ALIASES: &[(&str, &str)] = &[
     ("n_average", "soup"),
