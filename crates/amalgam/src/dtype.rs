@@ -15,6 +15,12 @@ pub enum FloatDtype {
     F8E4M3,
     /// OCP FP8 E5M2, the top byte of an IEEE f16.
     F8E5M2,
+    /// FP8 E4M3 "FNUZ" (Graphcore/AMD, PyTorch's `float8_e4m3fnuz`): exponent bias 8, no
+    /// infinities, no negative zero, NaN only 0x80.
+    F8E4M3Fnuz,
+    /// FP8 E5M2 "FNUZ" (PyTorch's `float8_e5m2fnuz`): exponent bias 16, no infinities, no
+    /// negative zero, NaN only 0x80.
+    F8E5M2Fnuz,
 }
 
 impl FloatDtype {
@@ -27,13 +33,18 @@ impl FloatDtype {
             Dtype::F64 => FloatDtype::F64,
             Dtype::F8_E4M3 => FloatDtype::F8E4M3,
             Dtype::F8_E5M2 => FloatDtype::F8E5M2,
+            Dtype::F8_E4M3FNUZ => FloatDtype::F8E4M3Fnuz,
+            Dtype::F8_E5M2FNUZ => FloatDtype::F8E5M2Fnuz,
             _ => return None,
         })
     }
 
     pub fn size(self) -> usize {
         match self {
-            FloatDtype::F8E4M3 | FloatDtype::F8E5M2 => 1,
+            FloatDtype::F8E4M3
+            | FloatDtype::F8E5M2
+            | FloatDtype::F8E4M3Fnuz
+            | FloatDtype::F8E5M2Fnuz => 1,
             FloatDtype::F16 | FloatDtype::BF16 => 2,
             FloatDtype::F32 => 4,
             FloatDtype::F64 => 8,
@@ -60,6 +71,12 @@ impl FloatDtype {
                     *d = T::from_f64(f16::from_bits((b as u16) << 8).to_f64());
                 }
             }
+            FloatDtype::F8E4M3Fnuz | FloatDtype::F8E5M2Fnuz => {
+                let table = fnuz_table(self);
+                for (d, &b) in dst.iter_mut().zip(raw) {
+                    *d = T::from_f64(table[b as usize] as f64);
+                }
+            }
         }
     }
 }
@@ -82,6 +99,67 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 fn e4m3_table() -> &'static [f32; 256] {
     static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| std::array::from_fn(|i| e4m3_to_f32(i as u8)))
+}
+
+/// Decodes one FP8 E4M3FNUZ byte: `(-1)^s · 2^(e-8) · (1 + m/8)`, subnormals `(-1)^s · 2^-7 ·
+/// m/8` (the smallest 2^-10), the largest 0x7f = 240, 0x80 (the would-be negative zero) NaN.
+pub fn e4m3fnuz_to_f32(b: u8) -> f32 {
+    fnuz_to_f32(b, 3, 8)
+}
+
+/// Decodes one FP8 E5M2FNUZ byte: `(-1)^s · 2^(e-16) · (1 + m/4)`, subnormals `(-1)^s · 2^-15 ·
+/// m/4` (the smallest 2^-17), the largest 0x7f = 57344, 0x80 NaN.
+pub fn e5m2fnuz_to_f32(b: u8) -> f32 {
+    fnuz_to_f32(b, 2, 16)
+}
+
+/// An FP8 FNUZ byte with `mant` mantissa bits (the rest exponent) and exponent `bias`.
+fn fnuz_to_f32(b: u8, mant: u32, bias: i32) -> f32 {
+    if b == 0x80 {
+        return f32::NAN;
+    }
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((b & 0x7f) >> mant) as i32;
+    let m = (b & ((1 << mant) - 1)) as f32 / (1u32 << mant) as f32;
+    if exp == 0 {
+        sign * m * 2f32.powi(1 - bias)
+    } else {
+        sign * (1.0 + m) * 2f32.powi(exp - bias)
+    }
+}
+
+fn fnuz_table(d: FloatDtype) -> &'static [f32; 256] {
+    static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    if d == FloatDtype::F8E4M3Fnuz {
+        E4M3.get_or_init(|| std::array::from_fn(|i| e4m3fnuz_to_f32(i as u8)))
+    } else {
+        E5M2.get_or_init(|| std::array::from_fn(|i| e5m2fnuz_to_f32(i as u8)))
+    }
+}
+
+/// Why amalgam refuses to merge tensors of a float dtype it does not decode, or `None` for any
+/// other dtype (decoded floats, and integers and bools, which are copied).
+///
+/// - `F8_E8M0` is the OCP MX block scale (2^(e-127), 0xff NaN): each value scales a block of
+///   another tensor's FP4/FP6/FP8 elements, so merging the scales alone (or copying one model's
+///   scales beside merged blocks) gives wrong weights.
+/// - `F4` (MXFP4 E2M1) and `F6_E2M3`/`F6_E3M2` (MXFP6) are packed several to a byte; the
+///   safetensors format does not define the order of the values within a byte, and they too are
+///   meaningless without their E8M0 scales.
+pub fn unsupported_float(d: Dtype) -> Option<&'static str> {
+    match d {
+        Dtype::F8_E8M0 => Some(
+            "an OCP MX block scale (2^(e-127)), meaningful only with the block data it scales; dequantize the model first",
+        ),
+        Dtype::F4 => Some(
+            "packed MXFP4 (two values a byte, in an order the safetensors format does not define) that needs its block scales; dequantize the model first",
+        ),
+        Dtype::F6_E2M3 | Dtype::F6_E3M2 => Some(
+            "packed MXFP6 (four values in three bytes, in an order the safetensors format does not define) that needs its block scales; dequantize the model first",
+        ),
+        _ => None,
+    }
 }
 
 /// The dtype merged tensors are written in.

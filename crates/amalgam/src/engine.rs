@@ -530,7 +530,16 @@ impl KeyTable {
         let viewed = viewed_keys(model, layout, paths[i])?;
         self.notes.extend(viewed.notes);
         for (name, shape, loc, lora) in viewed.keys {
-            self.insert(i, &name, shape, loc, lora, paths)?;
+            let inserted = self.insert(i, &name, shape, loc, lora, paths);
+            if let Err(Error::ShapeMismatch { .. }) = &inserted {
+                let first = self.rows[&name].first;
+                if let Some(e) =
+                    mixed_archs(paths, (first, self.layouts[first]), (i, viewed.layout))
+                {
+                    return Err(e);
+                }
+            }
+            inserted?;
         }
         self.layouts.push(viewed.layout);
         Ok(())
@@ -547,6 +556,13 @@ impl KeyTable {
     ) -> Result<()> {
         {
             let e_dtype = loc.dtype;
+            if let Some(why) = crate::dtype::unsupported_float(e_dtype) {
+                return Err(Error::UnsupportedDtype {
+                    path: paths[i].to_path_buf(),
+                    key: name.to_string(),
+                    dtype: format!("{} ({why})", dtype_name(e_dtype)),
+                });
+            }
             let float = FloatDtype::from_safetensors(e_dtype).is_some();
             match self.rows.get_mut(name) {
                 None => {
@@ -595,6 +611,33 @@ impl KeyTable {
         }
         Ok(())
     }
+}
+
+/// The error for a shape mismatch between inputs `a` and `b` (index, detected layout) when
+/// their architectures differ: that, not the first key's shape, is what is wrong.
+fn mixed_archs(
+    paths: &[&Path],
+    a: (usize, Option<Layout>),
+    b: (usize, Option<Layout>),
+) -> Option<Error> {
+    let (Some(la), Some(lb)) = (a.1, b.1) else {
+        return None;
+    };
+    let name = |l: Layout| match l.arch() {
+        crate::arch::Arch::Sd1 => "SD1",
+        crate::arch::Arch::Sdxl => "SDXL",
+        crate::arch::Arch::Sd3 => "SD3",
+        crate::arch::Arch::Flux => "FLUX",
+    };
+    (la.arch() != lb.arch()).then(|| {
+        Error::Invalid(format!(
+            "{} is {} ({la}) but {} is {} ({lb}): models of different architectures cannot be merged",
+            paths[a.0].display(),
+            name(la),
+            paths[b.0].display(),
+            name(lb)
+        ))
+    })
 }
 
 /// One key of a model as the engine sees it.

@@ -8,7 +8,7 @@
 use crate::dtype::{dtype_name, FloatDtype};
 use crate::error::{Error, Result};
 use crate::real::Real;
-use safetensors::tensor::Metadata;
+use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -53,8 +53,17 @@ impl ModelFile {
     /// that the data section ends exactly at the end of the file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        // Checked before opening: opening a FIFO for reading blocks until a writer comes.
+        if let Some(problem) = path_problem(&path) {
+            return Err(Error::io(&path, problem.into_io()));
+        }
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let file_meta = file.metadata().map_err(|e| Error::io(&path, e))?;
+        if !file_meta.is_file() {
+            let problem = PathProblem::NotRegular(file_kind(&file_meta.file_type()));
+            return Err(Error::io(&path, problem.into_io()));
+        }
+        let size = file_meta.len();
         if size < 8 {
             return Err(Error::bad_file(
                 &path,
@@ -80,53 +89,44 @@ impl ModelFile {
         }
         let mut header = vec![0u8; header_len as usize];
         read_exact_at(&file, &mut header, 8).map_err(|e| Error::io(&path, e))?;
-        let meta: Metadata = serde_json::from_slice(&header).map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains("unknown variant") {
-                Error::bad_file(&path, format!("unknown dtype in header: {msg}"))
-            } else {
-                Error::bad_file(&path, format!("invalid header: {msg}"))
-            }
-        })?;
+        let (infos, metadata) = parse_header(&header).map_err(|m| Error::bad_file(&path, m))?;
         let data_start = 8 + header_len;
-        let data_len = meta.data_len() as u64;
-        if data_start + data_len > size {
+        let data_len = infos
+            .iter()
+            .map(|(_, i)| i.data_offsets.1)
+            .max()
+            .unwrap_or(0) as u64;
+        let follow = size - data_start;
+        if data_len > follow {
             return Err(Error::bad_file(
                 &path,
                 format!(
-                    "truncated: the header describes {} bytes of tensor data but only {} follow it",
-                    data_len,
-                    size - data_start
+                    "truncated: the header describes {data_len} bytes of tensor data but only {follow} follow it"
                 ),
             ));
         }
-        if data_start + data_len < size {
+        if data_len < follow {
             return Err(Error::bad_file(
                 &path,
                 format!(
                     "{} bytes after the last tensor's data: the header does not cover the file",
-                    size - data_start - data_len
+                    follow - data_len
                 ),
             ));
         }
-        let mut tensors = BTreeMap::new();
-        for (name, info) in meta.tensors() {
-            let (s, e) = info.data_offsets;
-            tensors.insert(
-                name,
-                TensorEntry {
+        let tensors = infos
+            .into_iter()
+            .map(|(name, info)| {
+                let (s, e) = info.data_offsets;
+                let entry = TensorEntry {
                     dtype: info.dtype,
-                    shape: info.shape.clone(),
+                    shape: info.shape,
                     offset: data_start + s as u64,
                     len: (e - s) as u64,
-                },
-            );
-        }
-        let metadata = meta
-            .metadata()
-            .as_ref()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default();
+                };
+                (name, entry)
+            })
+            .collect();
         Ok(ModelFile {
             path,
             file,
@@ -223,6 +223,247 @@ impl ModelFile {
                 std::io::Error::new(e.kind(), format!("reading tensor `{key}`: {e}")),
             )
         })
+    }
+}
+
+/// Why a path cannot be read as a model file (see [`path_problem`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathProblem {
+    /// Nothing is there.
+    Missing,
+    /// A directory.
+    Directory,
+    /// A FIFO, socket or device; the kind in words ("a FIFO (named pipe)").
+    NotRegular(&'static str),
+    /// A symbolic link to a path that does not exist (the link's target, as written).
+    DanglingSymlink(PathBuf),
+    /// The path's metadata cannot be read (e.g. permission denied on a folder).
+    Unreadable(String),
+}
+
+impl std::fmt::Display for PathProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathProblem::Missing => f.write_str("does not exist"),
+            PathProblem::Directory => f.write_str("is a directory, not a model file"),
+            PathProblem::NotRegular(kind) => write!(
+                f,
+                "is {kind}, not a regular file (models are read only from regular files)"
+            ),
+            PathProblem::DanglingSymlink(target) => write!(
+                f,
+                "is a symlink to {}, which does not exist",
+                target.display()
+            ),
+            PathProblem::Unreadable(e) => write!(f, "cannot be examined: {e}"),
+        }
+    }
+}
+
+impl PathProblem {
+    fn into_io(self) -> std::io::Error {
+        let kind = match self {
+            PathProblem::Missing | PathProblem::DanglingSymlink(_) => std::io::ErrorKind::NotFound,
+            _ => std::io::ErrorKind::InvalidInput,
+        };
+        std::io::Error::new(kind, self.to_string())
+    }
+}
+
+/// Why `path` cannot be opened as a model file: missing, a directory, a FIFO, socket or device,
+/// or a symlink whose target does not exist. `None` for a regular file or a symlink to one.
+/// The one check behind every "model file" message (the CLI, recipes, [`ModelFile::open`]).
+pub fn path_problem(path: &Path) -> Option<PathProblem> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => None,
+        Ok(m) if m.is_dir() => Some(PathProblem::Directory),
+        Ok(m) => Some(PathProblem::NotRegular(file_kind(&m.file_type()))),
+        Err(e) => match std::fs::symlink_metadata(path) {
+            Ok(l) if l.file_type().is_symlink() && e.kind() == std::io::ErrorKind::NotFound => {
+                let target = std::fs::read_link(path).unwrap_or_default();
+                Some(PathProblem::DanglingSymlink(target))
+            }
+            _ if e.kind() == std::io::ErrorKind::NotFound => Some(PathProblem::Missing),
+            _ => Some(PathProblem::Unreadable(e.to_string())),
+        },
+    }
+}
+
+/// A file type in words, for one that is not a regular file.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        return "a directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+    }
+    "not a regular file"
+}
+
+/// A header's tensors (in header order) and `__metadata__`.
+type Header = (Vec<(String, TensorInfo)>, BTreeMap<String, String>);
+
+/// Parses and validates a safetensors header: a JSON object without duplicate keys (serde's maps
+/// would keep the last silently), each tensor's data a whole number of bytes matching its shape
+/// and dtype, and the tensors' data contiguous from byte 0 without gaps or overlaps. Errors name
+/// the tensor.
+fn parse_header(header: &[u8]) -> std::result::Result<Header, String> {
+    let HeaderJson { tensors, metadata } = serde_json::from_slice(header).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("unknown variant") {
+            format!("unknown dtype in header: {msg}")
+        } else {
+            format!("invalid header: {msg}")
+        }
+    })?;
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        (tensors[a].1.data_offsets, &tensors[a].0).cmp(&(tensors[b].1.data_offsets, &tensors[b].0))
+    });
+    let mut end = 0usize;
+    let mut prev: Option<&str> = None;
+    for &i in &order {
+        let (name, info) = &tensors[i];
+        let (s, e) = info.data_offsets;
+        if e < s {
+            return Err(format!(
+                "invalid header: invalid offset for tensor `{name}`: data_offsets [{s}, {e}] end before they start"
+            ));
+        }
+        if s < end {
+            return Err(format!(
+                "invalid header: invalid offset for tensor `{name}`: its data [{s}, {e}] overlaps that of `{}`, which ends at byte {end}",
+                prev.unwrap_or("")
+            ));
+        }
+        if s > end {
+            let after = prev.map_or("the start of the data".to_string(), |p| format!("`{p}`"));
+            return Err(format!(
+                "invalid header: invalid offset for tensor `{name}`: its data starts at byte {s}, leaving a gap of {} bytes after {after}",
+                s - end
+            ));
+        }
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_mul(info.dtype.bitsize()));
+        let Some(bits) = bits else {
+            return Err(format!(
+                "invalid header: tensor `{name}`: shape {:?} of {} overflows",
+                info.shape, info.dtype
+            ));
+        };
+        if bits % 8 != 0 {
+            return Err(format!(
+                "invalid header: tensor `{name}`: shape {:?} of {} is not a whole number of bytes",
+                info.shape, info.dtype
+            ));
+        }
+        if e - s != bits / 8 {
+            return Err(format!(
+                "invalid header: tensor `{name}` has shape {:?} of {} ({} bytes) but data_offsets [{s}, {e}] hold {} bytes",
+                info.shape,
+                info.dtype,
+                bits / 8,
+                e - s
+            ));
+        }
+        end = e;
+        prev = Some(name);
+    }
+    Ok((tensors, metadata))
+}
+
+/// The header's JSON, read in one pass that refuses duplicate keys.
+struct HeaderJson {
+    tensors: Vec<(String, TensorInfo)>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl<'de> serde::Deserialize<'de> for HeaderJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HeaderJson;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensors")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<HeaderJson, A::Error> {
+                use serde::de::Error as _;
+                let mut seen = std::collections::HashSet::new();
+                let mut tensors = Vec::new();
+                let mut metadata = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(A::Error::custom(format!(
+                            "duplicate key `{key}` (a header names each tensor once)"
+                        )));
+                    }
+                    if key == "__metadata__" {
+                        metadata = map.next_value::<Option<StringMap>>()?.unwrap_or_default().0;
+                    } else {
+                        // Through a `Value`, so that the error names the tensor once, with the
+                        // position of the whole entry.
+                        let v: serde_json::Value = map.next_value()?;
+                        let info: TensorInfo = serde_json::from_value(v)
+                            .map_err(|e| A::Error::custom(format!("tensor `{key}`: {e}")))?;
+                        tensors.push((key, info));
+                    }
+                }
+                Ok(HeaderJson { tensors, metadata })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A JSON object of strings without duplicate keys (`__metadata__`).
+#[derive(Default)]
+struct StringMap(BTreeMap<String, String>);
+
+impl<'de> serde::Deserialize<'de> for StringMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StringMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<StringMap, A::Error> {
+                use serde::de::Error as _;
+                let mut out = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: String = map.next_value()?;
+                    if out.insert(key.clone(), value).is_some() {
+                        return Err(A::Error::custom(format!(
+                            "duplicate key `{key}` in __metadata__"
+                        )));
+                    }
+                }
+                Ok(StringMap(out))
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 

@@ -81,9 +81,21 @@ fn rng(seed: u64, key: usize, stream: u64) -> ChaCha8Rng {
     r
 }
 
-/// A uniform in the open interval (0, 1).
+/// A uniform in (0, 1], nearly always below 1: see [`student_t2`].
 fn uniform(r: &mut ChaCha8Rng) -> f32 {
-    ((r.next_u32() >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
+    uniform_of(r.next_u32())
+}
+
+fn uniform_of(word: u32) -> f32 {
+    ((word >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
+}
+
+/// The Student t (2 degrees of freedom) quantile of `u`. `uniform`'s largest draw rounds to
+/// exactly 1.0 in f32 (2^24 - 0.5 has no f32), where the quantile is +Inf (about 150 values of a
+/// full-size SDXL model): that draw is read as the largest f32 below 1.
+fn student_t2(u: f32) -> f32 {
+    let u = u.min(1.0 - f32::EPSILON / 2.0);
+    (2.0 * u - 1.0) / (2.0 * u * (1.0 - u)).sqrt()
 }
 
 fn normals(r: &mut ChaCha8Rng, out: &mut [f32]) {
@@ -206,9 +218,7 @@ pub fn synthesize(dir: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
                         let s = 1e-3 * shared[i % 8];
                         let mut r = rng(opts.seed, ki, 1 + *i as u64);
                         for ((o, &b), &c) in w.iter_mut().zip(&base).zip(&common) {
-                            let u = uniform(&mut r);
-                            let t = (2.0 * u - 1.0) / (2.0 * u * (1.0 - u)).sqrt();
-                            *o = b + s * c + 5e-4 * t;
+                            *o = b + s * c + 5e-4 * student_t2(uniform(&mut r));
                         }
                     }
                 }
@@ -221,4 +231,28 @@ pub fn synthesize(dir: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
         f.commit()?;
     }
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_draw_has_a_finite_heavy_tail() {
+        // 2^24 - 0.5 rounds to 2^24: the top draw is exactly 1, where the quantile is +Inf.
+        assert_eq!(uniform_of(u32::MAX), 1.0);
+        let top = student_t2(uniform_of(u32::MAX));
+        assert!(top.is_finite() && top > 1000.0, "{top}");
+        let bottom = student_t2(uniform_of(0));
+        assert!(bottom.is_finite() && bottom < -1000.0, "{bottom}");
+        // Every other draw keeps its value: only the draw that was +Inf changes.
+        for w in [1u32 << 8, 1 << 31, u32::MAX - 256, u32::MAX - 512] {
+            let u = uniform_of(w);
+            assert!(u < 1.0);
+            assert_eq!(
+                student_t2(u).to_bits(),
+                ((2.0 * u - 1.0) / (2.0 * u * (1.0 - u)).sqrt()).to_bits()
+            );
+        }
+    }
 }

@@ -92,3 +92,30 @@ fn synth_is_shrunk_pruned_and_identical_whatever_the_threads() {
         "synth output depends on the thread count"
     );
 }
+
+/// The demo's pool (SD1, 1/64 size, 4 fine-tunes) had +Inf values: the heavy-tailed part of a
+/// fine-tune divided by zero on the largest uniform draw.
+#[test]
+fn synthetic_models_are_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = SynthOptions::new(Layout::Sd1Ldm, 4);
+    o.shrink = 8;
+    o.dtype = amalgam::dtype::OutputDtype::F32;
+    let mut bad = Vec::new();
+    for p in synthesize(dir.path(), &o).unwrap() {
+        let m = ModelFile::open(&p).unwrap();
+        let mut scratch = Vec::new();
+        for (k, t) in m.tensors() {
+            if t.float_dtype().is_none() {
+                continue;
+            }
+            let mut v = vec![0f32; t.numel()];
+            m.read_chunk(k, 0, &mut v, &mut scratch).unwrap();
+            let n = v.iter().filter(|x| !x.is_finite()).count();
+            if n > 0 {
+                bad.push(format!("{}: {k}: {n}", p.display()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "non-finite values:\n{}", bad.join("\n"));
+}
