@@ -49,6 +49,13 @@ pub struct MergeOptions {
     pub seed: u64,
     /// Replace an existing output file.
     pub overwrite: bool,
+    /// Resume an interrupted merge into the same output, when its partial file's fingerprint
+    /// matches (see [`crate::resume`]).
+    pub resume: bool,
+    /// Keep the partial file when the merge fails or is cancelled, for a later resume.
+    pub keep_partial: bool,
+    /// Stops the merge from another thread (a signal handler, a UI).
+    pub cancel: crate::resume::Cancel,
     /// Extra `__metadata__` entries (the recipe, for instance).
     pub metadata: BTreeMap<String, String>,
     /// Force this chunk length (elements, rounded to [`BLOCK`]) instead of deriving it from the
@@ -69,6 +76,9 @@ impl MergeOptions {
             threads: 0,
             seed: 0,
             overwrite: false,
+            resume: true,
+            keep_partial: false,
+            cancel: crate::resume::Cancel::default(),
             metadata: BTreeMap::new(),
             chunk_override: None,
             output_layout: None,
@@ -83,6 +93,8 @@ pub trait Progress: Sync {
     /// `bytes` more output bytes were written; `key` is the last key touched.
     fn advance(&self, _bytes: u64, _keys_done: usize, _key: &str) {}
     fn finish(&self) {}
+    /// A message for the log (resuming, stale partial files removed).
+    fn note(&self, _message: &str) {}
 }
 
 /// A progress sink that ignores everything.
@@ -96,6 +108,8 @@ impl Progress for NoProgress {}
 /// on the links it was given.
 pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     graph.validate()?;
+    let inputs: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
+    crate::dest::check_outputs(&[&opts.output], &inputs, opts.overwrite)?;
     let graph = &canonical_paths(graph);
     let (models, rows, layouts, notes) = open_inputs(graph, &opts.output)?;
     let layout = graph_layout(graph, &layouts)?;
@@ -858,6 +872,14 @@ enum OutView {
 }
 
 impl OutView {
+    /// The output tensors this key is written to.
+    fn tensors(&self) -> Vec<usize> {
+        match *self {
+            OutView::Same(i) | OutView::Transposed { i, .. } => vec![i],
+            OutView::Split3 { ids, .. } => ids.to_vec(),
+        }
+    }
+
     /// The file position the first of the encoded elements from element `start` on goes to.
     fn file_pos(&self, out: &OutputFile, start: usize, size: usize) -> u64 {
         match *self {
@@ -1545,7 +1567,12 @@ fn run<T: Real>(
     }
     metadata.insert("amalgam_version".into(), crate::VERSION.into());
     metadata.insert("format".into(), "pt".into());
-    let out = OutputFile::create(&opts.output, &out_tensors, metadata, opts.overwrite)?;
+    let key_tensors: Vec<Vec<usize>> = views.iter().map(OutView::tensors).collect();
+    let crate::resume::Opened {
+        out,
+        journal,
+        done: resumed,
+    } = crate::resume::open(graph, opts, &out_tensors, metadata, &key_tensors, progress)?;
     let total_bytes: u64 = out_tensors
         .iter()
         .map(|t| (t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8) as u64)
@@ -1558,6 +1585,9 @@ fn run<T: Real>(
     let written = std::sync::atomic::AtomicU64::new(0);
     let keys_done = std::sync::atomic::AtomicUsize::new(0);
     let run_task = |task: &Task, key: &PlannedKey<T>| -> Result<()> {
+        if opts.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
         let Job::Compute { expr, numel } = &key.job else {
             unreachable!("only computed keys become tasks")
         };
@@ -1589,6 +1619,7 @@ fn run<T: Real>(
             result
         })?;
         let bytes = (len * out_size) as u64;
+        journal.wrote(task.key, bytes)?;
         written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         let done = if task.range.end == *numel {
             keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
@@ -1668,6 +1699,7 @@ fn run<T: Real>(
                 run_stats(expr, row, models, &workers, block, in_flight)?;
                 let mut notes = Vec::new();
                 expr.notes(&mut notes);
+                journal.set_notes(*ki, &notes);
                 if numel == 0 {
                     keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -1691,7 +1723,34 @@ fn run<T: Real>(
     let mut with_stats: Vec<(usize, usize)> = Vec::new();
     let mut key_notes: Vec<(usize, (String, String))> = Vec::new();
     let mut raw_buf = Vec::new();
+    // Keys a killed run wrote already (see `crate::resume`).
+    if !resumed.is_empty() {
+        report.notes.push(format!(
+            "resumed: {} of {} keys were written by an interrupted run",
+            resumed.len(),
+            planned.len()
+        ));
+    }
+    for (ki, notes) in resumed {
+        let name = &rows[planned[ki].row].name;
+        key_notes.extend(notes.into_iter().map(|n| (ki, (name.clone(), n))));
+        planned[ki].job = Job::Done;
+        let bytes: u64 = key_tensors[ki]
+            .iter()
+            .map(|&t| out.tensor_range(t))
+            .map(|r| r.end - r.start)
+            .sum();
+        written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let done = keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        progress.advance(bytes, done, name);
+    }
     for ki in 0..planned.len() {
+        if opts.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        if matches!(planned[ki].job, Job::Done) {
+            continue;
+        }
         if let Job::CopyRaw { model, offset, len } = planned[ki].job {
             let name = &rows[planned[ki].row].name;
             let mut at = 0u64;
@@ -1704,6 +1763,7 @@ fn run<T: Real>(
                 views[ki].write(&out, at as usize / esize, esize, &mut raw_buf)?;
                 at += n as u64;
             }
+            journal.wrote(ki, len)?;
             written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
             let done = keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             progress.advance(len, done, name);
@@ -1749,6 +1809,7 @@ fn run<T: Real>(
         };
         let mut notes = Vec::new();
         expr.notes(&mut notes);
+        journal.set_notes(ki, &notes);
         let name = &rows[planned[ki].row].name;
         key_notes.extend(notes.into_iter().map(|n| (ki, (name.clone(), n))));
         if numel == 0 {
@@ -1773,7 +1834,7 @@ fn run<T: Real>(
         .key_notes
         .extend(key_notes.into_iter().map(|(_, n)| n));
     report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
-    report.output = Some(out.commit()?);
+    report.output = Some(journal.commit(out)?);
     progress.finish();
     report.elapsed = started.elapsed();
     report.peak_rss_bytes = crate::report::peak_rss_bytes();

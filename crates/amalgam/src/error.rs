@@ -5,11 +5,12 @@ use std::path::PathBuf;
 /// Errors raised by amalgam. Messages name the file, key or recipe line involved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    /// The OS error is in the message, not also a `source` (printed as a chain, it would show
+    /// twice).
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a valid safetensors file: {reason}")]
     BadFile { path: PathBuf, reason: String },
@@ -37,6 +38,9 @@ pub enum Error {
     Method { method: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    /// The merge was stopped through its [`crate::Cancel`] token; no output was written.
+    #[error("cancelled; no output was written")]
+    Cancelled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -45,7 +49,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
     pub(crate) fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
