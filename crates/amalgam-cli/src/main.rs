@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod progress;
+mod signals;
 
 use amalgam::dtype::{dtype_name, OutputDtype};
 use amalgam::graph::Graph;
@@ -117,9 +118,17 @@ struct MergeArgs {
     /// Replace the output file if it exists
     #[arg(long)]
     force: bool,
-    /// Write the full per-key report as JSON here
+    /// Write the full per-key report as JSON here (checked with the output before the merge
+    /// starts; an existing file is kept unless --force)
     #[arg(long)]
     report_json: Option<PathBuf>,
+    /// Start afresh even if an interrupted run of this same merge left a partial file to resume
+    #[arg(long)]
+    no_resume: bool,
+    /// On Ctrl-C, SIGTERM or an error, keep the partial file so that rerunning the same command
+    /// resumes it (a killed run always leaves it)
+    #[arg(long)]
+    keep_partial: bool,
     /// No progress bar and no summary
     #[arg(long, short)]
     quiet: bool,
@@ -372,10 +381,31 @@ pub fn merge_options(
 }
 
 /// Runs a merge with a progress bar; returns the report.
+/// Runs a merge with a progress bar; returns the report. SIGINT and SIGTERM stop it cleanly
+/// (see [`signals`]).
 pub fn run_merge(graph: &Graph, opts: MergeOptions, quiet: bool) -> Result<MergeReport> {
     let bar = progress::Bar::new(quiet);
-    let report = amalgam::merge(graph, &opts, &bar)?;
-    Ok(report)
+    signals::watch(&opts.cancel);
+    match amalgam::merge(graph, &opts, &bar) {
+        Err(amalgam::Error::Cancelled) => {
+            amalgam::Progress::finish(&bar);
+            let (sig, code) = signals::received().unwrap_or(("cancelled", 130));
+            let partial = amalgam::resume::partial_path(&opts.output);
+            if opts.keep_partial {
+                eprintln!(
+                    "{sig}: merge stopped; kept the partial file {}: run the same command to resume",
+                    partial.display()
+                );
+            } else {
+                eprintln!(
+                    "{sig}: merge stopped; removed its partial file, {} was not written",
+                    opts.output.display()
+                );
+            }
+            std::process::exit(code);
+        }
+        r => Ok(r?),
+    }
 }
 
 fn cmd_merge(a: MergeArgs) -> Result<()> {
@@ -387,11 +417,10 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     }
     let mut opts = merge_options(&a.output, &a.engine, &settings, a.force);
     opts.chunk_override = a.chunk;
+    opts.report_json = a.report_json.clone();
+    opts.resume = !a.no_resume;
+    opts.keep_partial = a.keep_partial;
     let report = run_merge(&graph, opts, a.quiet)?;
-    if let Some(p) = &a.report_json {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?;
-    }
     if !a.quiet {
         eprintln!("{report}");
         eprintln!("wrote {}", a.output.display());
@@ -502,8 +531,7 @@ fn cmd_repair(a: RepairArgs) -> Result<()> {
         "amalgam_repair".into(),
         format!("{} completed from {}", a.model.display(), a.base.display()),
     );
-    let bar = progress::Bar::new(false);
-    let report = amalgam::merge(&graph, &opts, &bar)?;
+    let report = run_merge(&graph, opts, false)?;
     eprintln!("{report}");
     eprintln!("wrote {}", a.output.display());
     Ok(())

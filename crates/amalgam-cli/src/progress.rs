@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct Bar {
     bar: Option<ProgressBar>,
+    quiet: bool,
     keys: AtomicUsize,
 }
 
@@ -23,6 +24,7 @@ impl Bar {
         });
         Bar {
             bar,
+            quiet,
             keys: AtomicUsize::new(0),
         }
     }
@@ -47,6 +49,13 @@ impl amalgam::Progress for Bar {
     fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
+        }
+    }
+    fn note(&self, message: &str) {
+        match &self.bar {
+            Some(b) => b.println(format!("note: {message}")),
+            None if !self.quiet => eprintln!("note: {message}"),
+            None => {}
         }
     }
 }

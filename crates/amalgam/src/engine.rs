@@ -47,8 +47,11 @@ pub struct MergeOptions {
     /// Worker threads; 0 = one per core.
     pub threads: usize,
     pub seed: u64,
-    /// Replace an existing output file.
+    /// Replace an existing output file (and report file); only regular files are replaced.
     pub overwrite: bool,
+    /// Also write the report as JSON here, after the output (checked with it, before any
+    /// tensor is read, by the same rules: see [`crate::dest`]).
+    pub report_json: Option<PathBuf>,
     /// Resume an interrupted merge into the same output, when its partial file's fingerprint
     /// matches (see [`crate::resume`]).
     pub resume: bool,
@@ -76,6 +79,7 @@ impl MergeOptions {
             threads: 0,
             seed: 0,
             overwrite: false,
+            report_json: None,
             resume: true,
             keep_partial: false,
             cancel: crate::resume::Cancel::default(),
@@ -108,8 +112,10 @@ impl Progress for NoProgress {}
 /// on the links it was given.
 pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     graph.validate()?;
-    let inputs: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
-    crate::dest::check_outputs(&[&opts.output], &inputs, opts.overwrite)?;
+    let input_paths: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
+    let mut outputs = vec![opts.output.as_path()];
+    outputs.extend(opts.report_json.as_deref());
+    crate::dest::check_outputs(&outputs, &input_paths, opts.overwrite)?;
     let graph = &canonical_paths(graph);
     let (models, rows, layouts, notes) = open_inputs(graph, &opts.output)?;
     let layout = graph_layout(graph, &layouts)?;
@@ -124,10 +130,18 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
         layout,
         notes: &notes,
     };
-    pool.install(|| match opts.compute_dtype {
+    let report = pool.install(|| match opts.compute_dtype {
         ComputeDtype::F32 => run::<f32>(graph, &inputs, opts, progress),
         ComputeDtype::F64 => run::<f64>(graph, &inputs, opts, progress),
-    })
+    })?;
+    if let Some(path) = &opts.report_json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Output {
+            path: path.clone(),
+            message: format!("cannot encode the report: {e}"),
+        })?;
+        crate::dest::write_atomic(path, json.as_bytes(), &input_paths, opts.overwrite)?;
+    }
+    Ok(report)
 }
 
 /// `graph` with every model path that exists made canonical (the others are kept, for the error
