@@ -34,8 +34,12 @@ fallback = "base"                # keys the pruned model lacks come from here
 dtype = "f16"
 "#;
 
-pub fn run(keep: Option<PathBuf>) -> Result<()> {
+pub fn run(keep: Option<PathBuf>, force: bool) -> Result<()> {
     let temp;
+    let kept = keep.is_some();
+    // In a temporary folder nothing can be in the way; in a --keep folder existing files are
+    // kept unless --force, like every file amalgam writes.
+    let force = force || !kept;
     let dir = match keep {
         Some(d) => d,
         None => {
@@ -51,7 +55,7 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
     o.shrink = 8;
     o.prune_vae = 1;
     o.int_keys = true;
-    o.overwrite = true;
+    o.overwrite = force;
     let paths = amalgam::synth::synthesize(&dir, &o)?;
     for p in &paths {
         let m = ModelFile::open(p)?;
@@ -74,7 +78,7 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
         seed: None,
         layout: None,
     };
-    let opts = crate::merge_options(&soup_out, &engine, &Default::default(), true);
+    let opts = crate::merge_options(&soup_out, &engine, &Default::default(), force);
     let report = crate::run_merge(&graph, opts, false)?;
     eprintln!("{report}");
 
@@ -91,16 +95,17 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
         paths[1..].to_vec(),
         Default::default(),
     )?;
-    let opts = crate::merge_options(&dgmla_out, &engine, &Default::default(), true);
+    let opts = crate::merge_options(&dgmla_out, &engine, &Default::default(), force);
     let report = crate::run_merge(&graph, opts, false)?;
     eprintln!("{report}");
 
     let recipe_path = dir.join("demo.toml");
-    std::fs::write(&recipe_path, RECIPE).context("writing the demo recipe")?;
+    amalgam::dest::write_atomic(&recipe_path, RECIPE.as_bytes(), &[], force)
+        .context("writing the demo recipe")?;
     eprintln!("\n== recipe {}:\n{RECIPE}", recipe_path.display());
     let out = dir.join("blend.safetensors");
     let r = recipe::load(&recipe_path)?;
-    let opts = crate::merge_options(&out, &engine, &r.settings, true);
+    let opts = crate::merge_options(&out, &engine, &r.settings, force);
     let report = crate::run_merge(&r.graph, opts, false)?;
     eprintln!("{report}");
 
@@ -114,9 +119,16 @@ pub fn run(keep: Option<PathBuf>) -> Result<()> {
         params,
         format_bytes(m.file_size())
     );
-    println!(
-        "the recipe that made it is in its metadata: amalgam inspect --metadata {}",
-        out.display()
-    );
+    if kept {
+        println!(
+            "the recipe that made it is in its metadata: amalgam inspect --metadata {}",
+            out.display()
+        );
+    } else {
+        println!(
+            "the demo files were in a temporary folder, now removed; to look at them, run \
+             `amalgam demo --keep DIR`, then `amalgam inspect --metadata DIR/blend.safetensors`"
+        );
+    }
     Ok(())
 }

@@ -238,6 +238,9 @@ struct DemoArgs {
     /// Keep the demo files in this folder instead of a temporary one
     #[arg(long)]
     keep: Option<PathBuf>,
+    /// Replace demo files already in the --keep folder (kept otherwise)
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() {
@@ -246,7 +249,7 @@ fn main() {
         Command::Merge(a) => cmd_merge(a),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Synth(a) => cmd_synth(a),
-        Command::Demo(a) => demo::run(a.keep),
+        Command::Demo(a) => demo::run(a.keep, a.force),
         Command::Repair(a) => cmd_repair(a),
         Command::Recipe(a) => cmd_recipe(a),
         Command::Methods => cmd_methods(),
@@ -445,12 +448,8 @@ fn cmd_recipe(a: RecipeArgs) -> Result<()> {
         renames,
         force,
     } = a.command;
-    if output.exists() && !force {
-        bail!(
-            "{} already exists (pass --force to replace it)",
-            output.display()
-        );
-    }
+    // The output rules (folder, not the input, existing file kept) before anything is read.
+    amalgam::dest::check_output(&output, &[input.as_path()], force)?;
     let is_mecha = |p: &Path| p.extension().is_some_and(|e| e == "mecha");
     let (graph, settings) = if is_mecha(&input) {
         let t = amalgam::mecha::load_with(&input, &model_dirs, &renames)?;
@@ -485,7 +484,9 @@ fn cmd_recipe(a: RecipeArgs) -> Result<()> {
     } else {
         recipe::to_toml(&graph, &settings)
     };
-    std::fs::write(&output, text).with_context(|| format!("writing {}", output.display()))?;
+    let mut inputs: Vec<&Path> = vec![input.as_path()];
+    inputs.extend(graph.models.iter().map(|m| m.path.as_path()));
+    amalgam::dest::write_atomic(&output, text.as_bytes(), &inputs, force)?;
     eprintln!("wrote {}", output.display());
     Ok(())
 }
