@@ -383,7 +383,6 @@ pub fn merge_options(
     opts
 }
 
-/// Runs a merge with a progress bar; returns the report.
 /// Runs a merge with a progress bar; returns the report. SIGINT and SIGTERM stop it cleanly
 /// (see [`signals`]).
 pub fn run_merge(graph: &Graph, opts: MergeOptions, quiet: bool) -> Result<MergeReport> {
