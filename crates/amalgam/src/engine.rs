@@ -1445,10 +1445,16 @@ fn run_stats<T: Real>(
             run_stats(a, row, models, workers, block, in_flight)?;
         }
         for pass in 0..state.stat_passes() {
-            let blocks: Vec<Range<usize>> = (0..numel)
-                .step_by(block)
-                .map(|s| s..(s + block).min(numel))
-                .collect();
+            // A zero-element tensor is one empty block, so every statistic has its identity
+            // value (zero sums, an all-zero Gram matrix) rather than no value at all.
+            let blocks: Vec<Range<usize>> = if numel == 0 {
+                vec![0..0]
+            } else {
+                (0..numel)
+                    .step_by(block)
+                    .map(|s| s..(s + block).min(numel))
+                    .collect()
+            };
             // Blocks are computed in parallel a group at a time and absorbed in block order, so
             // at most one group of block results is held at once.
             let group = (16 * rayon::current_num_threads().max(1)).min(in_flight);

@@ -624,6 +624,9 @@ impl<T: Real> KeyPipeline<T> {
     fn della_factors(&self, d: &DellaKey, range: &Range<usize>, args: &[&[T]]) -> Vec<T> {
         let len = range.len();
         let mut factors = vec![T::ZERO; self.streams.len() * len];
+        if len == 0 {
+            return factors;
+        }
         if !d.masks.is_empty() {
             for (f, bits) in factors.chunks_mut(len).zip(&d.masks) {
                 for (i, f) in f.iter_mut().enumerate() {
@@ -943,7 +946,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             let d = self.della.as_ref().expect("DELLA");
             let factors = self.della_factors(d, &range, args);
             let mut out = vec![range.start as f64, range.len() as f64];
-            for f in factors.chunks(range.len()) {
+            for f in factors.chunks(range.len().max(1)) {
                 for word in f.chunks(64) {
                     let bits = word
                         .iter()
