@@ -133,6 +133,17 @@ impl Graph {
                     _ => {}
                 }
             }
+            // Per-block values are resolved per key; check them all here, before any tensor.
+            for (name, v) in &node.params {
+                if let ParamValue::Blocks(b) = v {
+                    if let Some((block, x)) = b.iter().find(|(_, x)| !x.is_finite()) {
+                        return Err(Error::Invalid(format!(
+                            "node `{}`: parameter `{name}` is {x} for block {block}; it must be a finite number",
+                            node.name
+                        )));
+                    }
+                }
+            }
             crate::methods::build::<f32>(
                 node.method,
                 crate::method::Params::new(

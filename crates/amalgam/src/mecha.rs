@@ -750,6 +750,12 @@ pub fn translate(
                         };
                         let number = |name: &str, default: f64| -> Result<f64> {
                             Ok(match get(name)? {
+                                Some(ParamValue::Number(x)) if !x.is_finite() => {
+                                    return Err(e(
+                                        c.line,
+                                        format!("`{name}` is {x}; it must be a finite number"),
+                                    ))
+                                }
                                 Some(ParamValue::Number(x)) => x,
                                 Some(ParamValue::Bool(b)) => f64::from(u8::from(b)),
                                 None => default,

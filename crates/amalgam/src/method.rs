@@ -102,6 +102,31 @@ impl ParamValue {
     }
 }
 
+/// The values a number parameter may take.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Domain {
+    /// `x > 0`.
+    Positive,
+    /// `x >= 0`.
+    NonNegative,
+}
+
+impl Domain {
+    pub fn contains(self, x: f64) -> bool {
+        match self {
+            Domain::Positive => x > 0.0,
+            Domain::NonNegative => x >= 0.0,
+        }
+    }
+    /// The domain in words, e.g. `eps > 0`.
+    pub fn describe(self, name: &str) -> String {
+        match self {
+            Domain::Positive => format!("{name} > 0"),
+            Domain::NonNegative => format!("{name} >= 0"),
+        }
+    }
+}
+
 /// A method's parameters as given, consumed by the method's constructor. Every parameter must be
 /// taken; [`Params::finish`] reports the ones left over as unknown.
 #[derive(Clone, Debug, Default)]
@@ -120,11 +145,21 @@ impl Params {
     fn err(&self, msg: String) -> Error {
         Error::method(&self.method, msg)
     }
-    /// A number, or `default` when absent.
+    /// A given number must be finite: NaN or infinity is an error naming the parameter.
+    fn finite(&self, name: &str, v: f64) -> Result<f64> {
+        if v.is_finite() {
+            Ok(v)
+        } else {
+            Err(self.err(format!(
+                "parameter `{name}` is {v}; it must be a finite number"
+            )))
+        }
+    }
+    /// A finite number, or `default` when absent.
     pub fn number(&mut self, name: &str, default: f64) -> Result<f64> {
         match self.values.remove(name) {
             None => Ok(default),
-            Some(ParamValue::Number(v)) => Ok(v),
+            Some(ParamValue::Number(v)) => self.finite(name, v),
             Some(other) => Err(self.err(format!(
                 "parameter `{name}` must be a number, got {}",
                 other.describe()
@@ -147,8 +182,11 @@ impl Params {
     pub fn per_model(&mut self, name: &str, n: usize, default: f64) -> Result<Vec<f64>> {
         match self.values.remove(name) {
             None => Ok(vec![default; n]),
-            Some(ParamValue::Number(v)) => Ok(vec![v; n]),
-            Some(ParamValue::List(v)) if v.len() == n => Ok(v),
+            Some(ParamValue::Number(v)) => Ok(vec![self.finite(name, v)?; n]),
+            Some(ParamValue::List(v)) if v.len() == n => {
+                v.iter().try_for_each(|&x| self.finite(name, x).map(drop))?;
+                Ok(v)
+            }
             Some(ParamValue::List(v)) => Err(self.err(format!(
                 "parameter `{name}` has {} values but there are {n} models",
                 v.len()
@@ -183,6 +221,19 @@ impl Params {
                 options.join(", "),
                 other.describe()
             ))),
+        }
+    }
+
+    /// A finite number in `domain`, or `default` when absent; the error names the range.
+    pub fn number_in(&mut self, name: &str, default: f64, domain: Domain) -> Result<f64> {
+        let v = self.number(name, default)?;
+        if domain.contains(v) {
+            Ok(v)
+        } else {
+            Err(self.err(format!(
+                "parameter `{name}` is {v}; allowed: {}",
+                domain.describe(name)
+            )))
         }
     }
 

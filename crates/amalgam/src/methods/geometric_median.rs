@@ -56,9 +56,9 @@ pub struct Weiszfeld {
 impl Weiszfeld {
     pub fn from_params(params: &mut Params) -> Result<Self> {
         Ok(Weiszfeld {
-            eps: params.number("eps", 1e-6)?,
+            eps: params.number_in("eps", 1e-6, Domain::Positive)?,
             maxiter: params.count("maxiter", 100)?,
-            ftol: params.number("ftol", 1e-20)?,
+            ftol: params.number_in("ftol", 1e-20, Domain::NonNegative)?,
         })
     }
 

@@ -43,7 +43,7 @@ pub struct Karcher {
 impl Karcher {
     pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
         let max_iter = params.count("max_iter", 10)?;
-        let tol = params.number("tol", 1e-5)?;
+        let tol = params.number_in("tol", 1e-5, Domain::Positive)?;
         params.finish(&INFO)?;
         Ok(Karcher { max_iter, tol })
     }

@@ -48,7 +48,7 @@ impl ModelStock {
             _ => Pairs::All,
         };
         let by_row = params.choice("unit", &["tensor", "row"], "tensor")? == "row";
-        let cos_eps = params.number("cos_eps", 1e-6)?;
+        let cos_eps = params.number_in("cos_eps", 1e-6, Domain::NonNegative)?;
         params.finish(&INFO)?;
         if by_row && pairs == Pairs::All {
             return Err(Error::method(

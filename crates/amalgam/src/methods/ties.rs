@@ -305,7 +305,7 @@ impl Pipeline {
         }
         let lambda = params.number("lambda", 1.0)?;
         let base_point = params.boolean("base_point", default("base_point") == "true")?;
-        let cos_eps = params.number("cos_eps", 1e-6)?;
+        let cos_eps = params.number_in("cos_eps", 1e-6, Domain::NonNegative)?;
         let stock = match params.choice("stock", &["none", "adjacent_rows"], "none")? {
             "adjacent_rows" => {
                 if matches!(fuse, Fuse::GeometricMedian(_)) {
