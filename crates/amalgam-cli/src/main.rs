@@ -247,12 +247,18 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Merge(a) => cmd_merge(a),
-        Command::Inspect(a) => cmd_inspect(a),
+        Command::Inspect(a) => {
+            signals::default_sigpipe();
+            cmd_inspect(a)
+        }
         Command::Synth(a) => cmd_synth(a),
         Command::Demo(a) => demo::run(a.keep, a.force),
         Command::Repair(a) => cmd_repair(a),
         Command::Recipe(a) => cmd_recipe(a),
-        Command::Methods => cmd_methods(),
+        Command::Methods => {
+            signals::default_sigpipe();
+            cmd_methods()
+        }
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
@@ -312,16 +318,26 @@ fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<String>)> {
             if a.inputs.is_empty() {
                 bail!("no models given: amalgam merge --method {method} A.safetensors B.safetensors ... -o OUT.safetensors");
             }
-            let missing: Vec<String> = a
+            use amalgam::input::{path_problem, PathProblem};
+            let mut missing = Vec::new();
+            let mut other = Vec::new();
+            for p in a
                 .inputs
                 .iter()
                 .chain(a.base.iter())
                 .chain(a.fallback.iter())
-                .filter(|p| !p.is_file())
-                .map(|p| p.display().to_string())
-                .collect();
+            {
+                match path_problem(p) {
+                    None => {}
+                    Some(PathProblem::Missing) => missing.push(p.display().to_string()),
+                    Some(why) => other.push(format!("{} {why}", p.display())),
+                }
+            }
             if !missing.is_empty() {
-                bail!("missing model files: {}", missing.join(", "));
+                other.insert(0, format!("missing model files: {}", missing.join(", ")));
+            }
+            if !other.is_empty() {
+                bail!("{}", other.join("; "));
             }
             let (graph, notes) = amalgam::graph::Shorthand {
                 method: method.clone(),

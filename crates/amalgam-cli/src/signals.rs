@@ -63,3 +63,14 @@ pub fn received() -> Option<(&'static str, i32)> {
         sig => Some((name(sig), 128 + sig)),
     }
 }
+
+/// For commands that print to stdout (`inspect`, `methods`): a closed pipe (`| head -1`) ends the
+/// process quietly, as it does for `cat`, instead of a panic on the failed write. Rust ignores
+/// SIGPIPE by default; this restores the default action.
+pub fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
