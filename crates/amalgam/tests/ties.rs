@@ -780,16 +780,20 @@ fn della_hand_worked_ranks_ties_and_per_element_rescale() {
 
 #[test]
 fn della_histogram_ranks_agree_with_exact_ranks() {
-    // The same merge with a budget too small to sort the tensor: ranks come from the histogram
-    // pass. With continuous magnitudes the keep decisions differ only where the keep probability
+    // The same merge with exact ranks and (a tensor too big to sort cheaply, `ranks = "auto"`)
+    // ranks from the histogram pass. With continuous magnitudes the keep decisions differ only where the keep probability
     // moved past the draw, on a fraction of entries within the bound.
-    let (rows, cols) = (2, 30_001);
+    let (rows, cols) = (2, 40_001);
     let (v, _, _) = scrambled(rows, cols);
     let dir = tempfile::tempdir().unwrap();
-    let params = [("p", Number(0.1)), ("della_eps", Number(-0.1))];
     let mut outs = Vec::new();
-    for budget in [1u64 << 30, 1 << 20] {
-        let out = dir.path().join(format!("{budget}.safetensors"));
+    for ranks in ["exact", "auto"] {
+        let params = [
+            ("p", Number(0.1)),
+            ("della_eps", Number(-0.1)),
+            ("ranks", ParamValue::Text(ranks.into())),
+        ];
+        let out = dir.path().join(format!("{ranks}.safetensors"));
         let base = write_file(
             &dir.path().join("base.safetensors"),
             &[f32t("w", &[rows, cols], &vec![0.0; v.len()])],
@@ -803,13 +807,12 @@ fn della_histogram_ranks_agree_with_exact_ranks() {
         let g = one_node(&[&base, &m], "dgmla", vec![vec![0], vec![1]], &params);
         let mut o = MergeOptions::new(&out);
         o.output_dtype = OutputDtype::F32;
-        o.memory_budget = budget;
         let report = merge(&g, &o, &NoProgress).unwrap();
         let histogram = report
             .key_notes
             .iter()
             .any(|(k, n)| k == "w" && n.contains("histogram"));
-        assert_eq!(histogram, budget < 1 << 30, "{:?}", report.key_notes);
+        assert_eq!(histogram, ranks == "auto", "{:?}", report.key_notes);
         assert!(report
             .notes
             .iter()
@@ -888,4 +891,56 @@ fn base_point_is_the_zero_delta_among_the_median_points() {
             got[i]
         );
     }
+}
+
+#[test]
+fn dgmla_bytes_do_not_depend_on_budget_or_threads() {
+    // Tensors on both sides of the exact/histogram line; every budget that can run the merge
+    // gives the same bytes, and one too small to rank exactly is an error naming the budget
+    // needed, never a silent switch to another ranking.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let shapes: [(&str, usize, usize); 3] =
+        [("small", 16, 300), ("mid", 4, 16_000), ("big", 3, 40_001)];
+    let mut paths = Vec::new();
+    for m in 0..4 {
+        let tensors: Vec<T> = shapes
+            .iter()
+            .map(|&(name, r, c)| {
+                let (v, _, _) = scrambled(r, c);
+                let v: Vec<f32> = v
+                    .iter()
+                    .map(|x| if m == 0 { 0.0 } else { x * (m as f32) })
+                    .collect();
+                f32t(name, &[r, c], &v)
+            })
+            .collect();
+        paths.push(write_file(
+            &d.join(format!("m{m}.safetensors")),
+            &tensors,
+            true,
+        ));
+    }
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let g = one_node(&refs, "dgmla", vec![vec![0], vec![1, 2, 3]], &[]);
+    let mut outputs = Vec::new();
+    for (budget, threads) in [(16u64 << 20, 1), (64 << 20, 2), (1 << 30, 1), (1 << 30, 2)] {
+        let out = d.join(format!("{budget}-{threads}.safetensors"));
+        let mut o = MergeOptions::new(&out);
+        o.memory_budget = budget;
+        o.threads = threads;
+        merge(&g, &o, &NoProgress).unwrap();
+        outputs.push(std::fs::read(&out).unwrap());
+    }
+    assert!(
+        outputs.windows(2).all(|w| w[0] == w[1]),
+        "bytes differ across budgets"
+    );
+    let mut o = MergeOptions::new(d.join("tiny.safetensors"));
+    o.memory_budget = 1 << 20;
+    let e = merge(&g, &o, &NoProgress)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("needs a memory budget of"), "{e}");
 }

@@ -415,7 +415,10 @@ impl<T: Real> Method<T> for Pipeline {
                 let unit_bytes = (unit * ((2 * n + 2) * std::mem::size_of::<T>() + 16)) as u64;
                 let fits = unit_bytes <= ctx.unit_budget;
                 // Small: the tensor of every model fits a few MiB, whatever the number of models.
-                let small = numel <= SMALL_TENSOR && unit_bytes <= SMALL_UNIT_BYTES && fits;
+                // The choice depends on the tensor and the model count only, never on the budget
+                // or the threads, so the output bytes do not either: a budget too small for an
+                // exact ranking is an error below, not a silent switch to the histogram.
+                let small = numel <= SMALL_TENSOR && unit_bytes <= SMALL_UNIT_BYTES;
                 let exact = match d.ranks {
                     // Rows are always ranked exactly (they are short); whole tensors when they
                     // are small, else from a histogram (a sort per model costs ~30 times more).
