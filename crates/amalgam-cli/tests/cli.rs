@@ -1,39 +1,10 @@
 //! The `amalgam` binary end to end, on synthetic SD-layout models.
 
+mod common;
+use common::*;
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn amalgam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args(args)
-        .output()
-        .expect("run amalgam")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = amalgam(args);
-    assert!(
-        o.status.success(),
-        "amalgam {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = amalgam(args);
-    assert!(!o.status.success(), "amalgam {args:?} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::process::Command;
 
 #[test]
 fn demo_runs() {

@@ -1,31 +1,16 @@
 //! Odd inputs at the command line: `inspect` into a closed pipe, `inspect` of a FIFO, and merge
 //! inputs that are directories or dangling symlinks, each named as what it is.
 
+mod common;
+use common::*;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn synth(d: &Path) {
-    let o = Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args([
-            "synth",
-            "-o",
-            s(d),
-            "--layout",
-            "sd1",
-            "-n",
-            "1",
-            "--shrink",
-            "16",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    synth_sd1(d, 1, &[]);
 }
 
 #[test]

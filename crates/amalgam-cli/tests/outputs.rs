@@ -2,57 +2,20 @@
 //! repaired model, synth and demo files): checked before any tensor is read, nothing it was not
 //! asked to write is touched, permissions follow the umask.
 
+mod common;
+use common::*;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn amalgam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args(args)
-        .output()
-        .expect("run amalgam")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = amalgam(args);
-    assert!(
-        o.status.success(),
-        "amalgam {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = amalgam(args);
-    assert!(!o.status.success(), "amalgam {args:?} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::process::Command;
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Two tiny SD1 text encoders in `d`.
 fn pool(d: &Path) -> (PathBuf, PathBuf) {
-    ok(&[
-        "synth",
-        "-o",
-        s(d),
-        "--layout",
-        "sd1",
-        "-n",
-        "2",
-        "--shrink",
-        "16",
-        "--components",
-        "clip_l",
-        "--no-base",
-    ]);
+    synth_sd1(d, 2, &["--components", "clip_l", "--no-base"]);
     (d.join("m000.safetensors"), d.join("m001.safetensors"))
 }
 

@@ -1,42 +1,14 @@
 //! Parameters have a validated domain, checked before any tensor is read: the error names the
 //! node, the parameter and the allowed values, and nothing is written.
 
-use std::path::Path;
-use std::process::Command;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!o.status.success(), "amalgam {args:?} should fail");
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::*;
 
 #[test]
 fn non_finite_and_out_of_range_parameters_are_refused_before_reading() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let o = Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args([
-            "synth",
-            "-o",
-            s(d),
-            "--layout",
-            "sd1",
-            "-n",
-            "4",
-            "--shrink",
-            "16",
-        ])
-        .args(["--components", "clip_l"])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    synth_sd1(d, 4, &["--components", "clip_l"]);
     let base = d.join("base.safetensors");
     let (a, b) = (d.join("m000.safetensors"), d.join("m001.safetensors"));
     let out = d.join("out.safetensors");

@@ -1,36 +1,12 @@
 //! The `merge` shorthand's options (--base, --fallback, --repair, --seed) and the README's option
 //! table against `amalgam merge --help`, with the real binary.
 
+mod common;
+use common::*;
+
 use amalgam::input::ModelFile;
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn amalgam(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args(args)
-        .output()
-        .expect("run amalgam")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = amalgam(args);
-    assert!(
-        o.status.success(),
-        "amalgam {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn read(path: &Path, key: &str) -> Vec<f32> {
     let m = ModelFile::open(path).unwrap();
