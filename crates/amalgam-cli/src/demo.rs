@@ -77,6 +77,7 @@ pub fn run(keep: Option<PathBuf>, force: bool) -> Result<()> {
         threads: 0,
         seed: None,
         layout: None,
+        non_finite: None,
     };
     let opts = crate::merge_options(&soup_out, &engine, &Default::default(), force);
     let report = crate::run_merge(&graph, opts, false)?;

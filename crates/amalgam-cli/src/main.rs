@@ -70,6 +70,11 @@ pub struct EngineArgs {
     /// (ldm/sgm) layout, or the recipe's]
     #[arg(long)]
     layout: Option<amalgam::arch::Layout>,
+    /// A model whose tensor for a key holds NaN or Inf: omit (leave it out of that key, like a
+    /// missing key, and report it), error (stop, naming file, key and count) or keep (merge the
+    /// values as they are) [default: omit, or the recipe's]
+    #[arg(long)]
+    non_finite: Option<amalgam::non_finite::NonFinite>,
 }
 
 #[derive(Args)]
@@ -391,6 +396,7 @@ pub fn merge_options(
         compute_dtype: engine.compute_dtype,
         seed: engine.seed,
         layout: engine.layout,
+        non_finite: engine.non_finite,
     };
     cli.over(settings).apply(&mut opts);
     opts.memory_budget = engine.memory_budget;

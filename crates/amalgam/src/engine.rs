@@ -23,6 +23,7 @@ use crate::graph::{Graph, Ref};
 use crate::input::ModelFile;
 use crate::method::{KeyCtx, KeyMerge, Method, OnMissing, Params};
 use crate::methods;
+use crate::non_finite::{InputNonFinite, NonFinite};
 use crate::output::{OutputFile, OutputTensor};
 use crate::real::{ComputeDtype, Real};
 use crate::report::{KeyAction, MergeReport, TakenBecause};
@@ -67,6 +68,8 @@ pub struct MergeOptions {
     /// Write the output in this layout (e.g. `sdxl-kohya`) instead of the original one the
     /// merge is computed in.
     pub output_layout: Option<Layout>,
+    /// What to do with an input whose tensor for a key holds NaN or Inf.
+    pub non_finite: NonFinite,
 }
 
 impl MergeOptions {
@@ -86,6 +89,7 @@ impl MergeOptions {
             metadata: BTreeMap::new(),
             chunk_override: None,
             output_layout: None,
+            non_finite: NonFinite::Omit,
         }
     }
 }
@@ -489,6 +493,7 @@ impl Loc {
 }
 
 /// One key of the union of the inputs' keys.
+#[derive(Clone)]
 struct KeyRow {
     name: String,
     shape: Vec<usize>,
@@ -1230,13 +1235,14 @@ fn resolve<T: Real>(
     }
 }
 
+/// The node methods of `graph` and the job of every key.
 fn plan<T: Real>(
     graph: &Graph,
     rows: &[KeyRow],
     layout: Option<Layout>,
     opts: &MergeOptions,
     report: &mut MergeReport,
-) -> Result<Vec<PlannedKey<T>>> {
+) -> Result<(Vec<NodeMethods<T>>, Vec<PlannedKey<T>>)> {
     let methods: Vec<NodeMethods<T>> = graph
         .nodes
         .iter()
@@ -1260,78 +1266,104 @@ fn plan<T: Real>(
                 }
             }
         }
-        // The node (or model) this key's component is routed to.
-        let target = layout
-            .and_then(|l| l.component_of(&row.name))
-            .and_then(|c| graph.components.get(c))
-            .copied()
-            .unwrap_or(graph.output);
-        if !row.is_float() {
-            report.actions.push((
-                row.name.clone(),
-                KeyAction::CopiedUnchanged { model: row.first },
-            ));
-            planned.push(PlannedKey {
-                row: ri,
-                job: Job::CopyRaw {
-                    model: row.first,
-                    offset: row.locs[row.first].unwrap().offset,
-                    len: (row.numel() * row.dtype().bitsize() / 8) as u64,
-                },
-            });
-            continue;
-        }
-        let mut notes = Vec::new();
-        let expr = resolve(
-            target,
-            row,
-            Some(row.name.as_str()),
-            graph,
-            &methods,
-            opts.seed,
-            opts.memory_budget / 4,
-            &mut notes,
-        )?;
-        let (expr, action) = match expr {
-            Some(Expr::Leaf(leaf)) => (
-                Expr::Leaf(leaf),
-                KeyAction::Taken {
-                    model: leaf.model as usize,
-                    because: TakenBecause::PassedThrough(notes.join("; ")),
-                },
-            ),
-            Some(e) => {
-                let action = if notes.is_empty() {
-                    KeyAction::Merged
-                } else {
-                    KeyAction::MergedPartly(notes.join("; "))
-                };
-                (e, action)
-            }
-            None => {
-                let m = match graph.fallback {
-                    Some(f) if row.locs[f].is_some() => f,
-                    _ => row.first,
-                };
-                (
-                    Expr::Leaf(Leaf::new(row, m)),
-                    KeyAction::Taken {
-                        model: m,
-                        because: TakenBecause::Fallback(notes.join("; ")),
-                    },
-                )
-            }
-        };
+        let (job, action) = plan_key(graph, row, layout, &methods, opts)?;
         report.actions.push((row.name.clone(), action));
-        planned.push(PlannedKey {
-            row: ri,
-            job: Job::Compute {
-                expr,
-                numel: row.numel(),
-            },
-        });
+        planned.push(PlannedKey { row: ri, job });
     }
-    Ok(planned)
+    Ok((methods, planned))
+}
+
+/// The job of the key of `row`, and what the report says of it.
+fn plan_key<T: Real>(
+    graph: &Graph,
+    row: &KeyRow,
+    layout: Option<Layout>,
+    methods: &[NodeMethods<T>],
+    opts: &MergeOptions,
+) -> Result<(Job<T>, KeyAction)> {
+    // The node (or model) this key's component is routed to.
+    let target = layout
+        .and_then(|l| l.component_of(&row.name))
+        .and_then(|c| graph.components.get(c))
+        .copied()
+        .unwrap_or(graph.output);
+    if !row.is_float() {
+        return Ok((
+            Job::CopyRaw {
+                model: row.first,
+                offset: row.locs[row.first].unwrap().offset,
+                len: (row.numel() * row.dtype().bitsize() / 8) as u64,
+            },
+            KeyAction::CopiedUnchanged { model: row.first },
+        ));
+    }
+    let mut notes = Vec::new();
+    let expr = resolve(
+        target,
+        row,
+        Some(row.name.as_str()),
+        graph,
+        methods,
+        opts.seed,
+        opts.memory_budget / 4,
+        &mut notes,
+    )?;
+    let (expr, action) = match expr {
+        Some(Expr::Leaf(leaf)) => (
+            Expr::Leaf(leaf),
+            KeyAction::Taken {
+                model: leaf.model as usize,
+                because: TakenBecause::PassedThrough(notes.join("; ")),
+            },
+        ),
+        Some(e) => {
+            let action = if notes.is_empty() {
+                KeyAction::Merged
+            } else {
+                KeyAction::MergedPartly(notes.join("; "))
+            };
+            (e, action)
+        }
+        None => {
+            let m = match graph.fallback {
+                Some(f) if row.locs[f].is_some() => f,
+                _ => row.first,
+            };
+            (
+                Expr::Leaf(Leaf::new(row, m)),
+                KeyAction::Taken {
+                    model: m,
+                    because: TakenBecause::Fallback(notes.join("; ")),
+                },
+            )
+        }
+    };
+    Ok((
+        Job::Compute {
+            expr,
+            numel: row.numel(),
+        },
+        action,
+    ))
+}
+
+/// The number of NaN and Inf values in model `m`'s tensor for the key of `row` (one read of it).
+fn count_non_finite<T: Real>(row: &KeyRow, m: usize, models: &[ModelFile]) -> Result<u64> {
+    let loc = row.locs[m].expect("model has the key");
+    let numel = row.numel();
+    // Views that decode the whole tensor for any part are read whole.
+    let step = match row.view(&loc) {
+        View::Plain | View::Concat3 { .. } => BLOCK.min(numel).max(1),
+        _ => numel.max(1),
+    };
+    let (mut buf, mut raw) = (vec![T::ZERO; step], Vec::new());
+    let mut n = 0;
+    for start in (0..numel).step_by(step) {
+        let len = step.min(numel - start);
+        loc.read(row, &models[m], start, &mut buf[..len], &mut raw)?;
+        n += crate::non_finite::count(&buf[..len]);
+    }
+    Ok(n)
 }
 
 /// One unit of parallel work: elements `range` of planned key `key`, computed in cache-sized
@@ -1348,14 +1380,20 @@ struct Scratch<T> {
     free: Vec<Vec<T>>,
     raw: Vec<u64>,
     out: Vec<u64>,
+    /// The models whose values read since this was last cleared hold NaN or Inf.
+    bad: Vec<u32>,
+    /// Set those values to zero (see [`NonFinite::cleans`]).
+    clean: bool,
 }
 
 impl<T: Real> Scratch<T> {
-    fn new() -> Self {
+    fn new(clean: bool) -> Self {
         Scratch {
             free: Vec::new(),
             raw: Vec::new(),
             out: Vec::new(),
+            bad: Vec::new(),
+            clean,
         }
     }
     fn take(&mut self, len: usize) -> Vec<T> {
@@ -1373,11 +1411,17 @@ struct Workers<T> {
 }
 
 impl<T: Real> Workers<T> {
-    fn new(threads: usize) -> Self {
+    fn new(threads: usize, clean: bool) -> Self {
         Workers {
             slots: (0..threads.max(1))
-                .map(|_| std::sync::Mutex::new(Scratch::new()))
+                .map(|_| std::sync::Mutex::new(Scratch::new(clean)))
                 .collect(),
+        }
+    }
+    /// Whether non-finite input values are set to zero when found.
+    fn set_clean(&self, clean: bool) {
+        for slot in &self.slots {
+            slot.lock().unwrap_or_else(|e| e.into_inner()).clean = clean;
         }
     }
     fn with<R>(&self, f: impl FnOnce(&mut Scratch<T>) -> R) -> R {
@@ -1407,6 +1451,12 @@ fn eval<T: Real>(
                 &mut buf[..len],
                 &mut s.raw,
             )?;
+            if !crate::non_finite::all_finite(&buf[..len]) {
+                s.bad.push(l.model);
+                if s.clean {
+                    crate::non_finite::clean(&mut buf[..len]);
+                }
+            }
             Ok(buf)
         }
         Expr::Node(node) => {
@@ -1473,6 +1523,8 @@ fn run_stats<T: Real>(
                             let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
                             let r = st.stat_block(pass, range.clone(), &refs);
                             s.free.extend(bufs);
+                            // The output pass reads every value again and reports them.
+                            s.bad.clear();
                             Ok(r)
                         })
                     })
@@ -1519,7 +1571,7 @@ fn run<T: Real>(
         .collect();
     report.architecture = inputs.layout.map(|l| l.name().to_string());
     report.notes.extend(inputs.notes.iter().cloned());
-    let mut planned = plan::<T>(graph, rows, inputs.layout, opts, &mut report)?;
+    let (methods, mut planned) = plan::<T>(graph, rows, inputs.layout, opts, &mut report)?;
 
     // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
     // Sub-chunks get shorter as the number of inputs grows, so the memory used does not grow
@@ -1600,20 +1652,23 @@ fn run<T: Real>(
     progress.start(total_bytes, planned.len());
 
     report.bytes_read = bytes_read(&planned, rows);
-    let workers = Workers::<T>::new(threads);
+    let workers = Workers::<T>::new(threads, opts.non_finite.cleans());
+    let found = crate::non_finite::Found::default();
     let out_dtype = opts.output_dtype;
     let written = std::sync::atomic::AtomicU64::new(0);
     let keys_done = std::sync::atomic::AtomicUsize::new(0);
-    let run_task = |task: &Task, key: &PlannedKey<T>| -> Result<()> {
+    // Computes one task of a key (of `row`: a key computed again without an input is given a
+    // row without it).
+    let run_task = |task: &Task, key: &PlannedKey<T>, row: &KeyRow| -> Result<()> {
         if opts.cancel.is_cancelled() {
             return Err(Error::Cancelled);
         }
         let Job::Compute { expr, numel } = &key.job else {
             unreachable!("only computed keys become tasks")
         };
-        let row = &rows[key.row];
         let len = task.range.len();
         let step = task.step;
+        let mut non_finite = 0;
         workers.with(|s| -> Result<()> {
             let mut out_words = std::mem::take(&mut s.out);
             let view = &views[task.key];
@@ -1624,8 +1679,23 @@ fn run<T: Real>(
             while at < task.range.end {
                 let r = at..(at + step).min(task.range.end);
                 let buf = eval(expr, row, &r, models, s)?;
+                if !s.bad.is_empty() {
+                    // Rare: an input holds NaN or Inf; the key is handled after the others.
+                    journal.hold(task.key);
+                    if opts.non_finite == NonFinite::Error {
+                        let m = s.bad[0] as usize;
+                        return Err(Error::NonFinite {
+                            path: graph.models[m].path.clone(),
+                            key: row.name.clone(),
+                            count: count_non_finite::<T>(row, m, models)?,
+                        });
+                    }
+                    found.add(task.key, s.bad.drain(..).map(|m| m as usize));
+                }
                 let o = (r.start - task.range.start) * out_size;
-                out_dtype.encode(&buf[..r.len()], &mut bytes[o..o + r.len() * out_size]);
+                let dst = &mut bytes[o..o + r.len() * out_size];
+                out_dtype.encode(&buf[..r.len()], dst);
+                non_finite += crate::non_finite::count_encoded(out_dtype, dst);
                 s.free.push(buf);
                 at = r.end;
             }
@@ -1639,7 +1709,7 @@ fn run<T: Real>(
             result
         })?;
         let bytes = (len * out_size) as u64;
-        journal.wrote(task.key, bytes)?;
+        journal.wrote(task.key, bytes, non_finite)?;
         written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         let done = if task.range.end == *numel {
             keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
@@ -1653,7 +1723,7 @@ fn run<T: Real>(
     let run_batch = |tasks: &mut Vec<Task>, planned: &mut [PlannedKey<T>]| -> Result<()> {
         tasks
             .par_iter()
-            .try_for_each(|t| run_task(t, &planned[t.key]))?;
+            .try_for_each(|t| run_task(t, &planned[t.key], &rows[planned[t.key].row]))?;
         for t in tasks.iter() {
             planned[t.key].job = Job::Done;
         }
@@ -1725,7 +1795,7 @@ fn run<T: Real>(
                 }
                 key_tasks(*ki, numel, *unit, false, true)
                     .par_iter()
-                    .try_for_each(|t| run_task(t, key))?;
+                    .try_for_each(|t| run_task(t, key, row))?;
                 Ok(notes)
             })
             .collect::<Result<_>>()?;
@@ -1734,6 +1804,44 @@ fn run<T: Real>(
             key_notes.extend(notes.into_iter().map(|n| (*ki, (name.clone(), n))));
         }
         Ok(())
+    };
+
+    // The elements of a key that are computed together.
+    let key_unit = |ki: usize, expr: &Expr<T>, row: &KeyRow| -> usize {
+        let numel = row.numel();
+        // A key written transposed, or read from a transposed input, is computed whole (the
+        // transpose needs the whole tensor; read in parts, it would be decoded once per part).
+        if matches!(views[ki], OutView::Transposed { .. }) || expr.reads_transposed(row) {
+            numel.max(1)
+        } else {
+            expr.unit().min(numel.max(1))
+        }
+    };
+    // Runs key `ki` on its own: its statistic passes, then its tasks, in groups of at most
+    // `in_flight` units when its unit is large. Returns its notes.
+    let run_alone = |ki: usize, key: &mut PlannedKey<T>, row: &KeyRow| -> Result<Vec<String>> {
+        let Job::Compute { expr, numel } = &mut key.job else {
+            unreachable!("only computed keys run alone")
+        };
+        let numel = *numel;
+        let unit = key_unit(ki, expr, row);
+        let (large, has_stats) = (unit > sub, expr.has_stats());
+        if has_stats {
+            let block = BLOCK.div_ceil(unit) * unit;
+            run_stats(expr, row, models, &workers, block, in_flight(block))?;
+        }
+        let mut notes = Vec::new();
+        expr.notes(&mut notes);
+        journal.set_notes(ki, &notes);
+        if numel == 0 {
+            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let tasks = key_tasks(ki, numel, unit, large, has_stats);
+        let group = if large { in_flight(unit) } else { tasks.len() };
+        for g in tasks.chunks(group.max(1)) {
+            g.par_iter().try_for_each(|t| run_task(t, key, row))?;
+        }
+        Ok(notes)
     };
 
     // Keys are executed in name order. The tasks of keys without statistic passes are gathered
@@ -1751,9 +1859,14 @@ fn run<T: Real>(
             planned.len()
         ));
     }
-    for (ki, notes) in resumed {
+    let mut resumed_output_non_finite: BTreeMap<usize, u64> = BTreeMap::new();
+    for (ki, record) in resumed {
         let name = &rows[planned[ki].row].name;
-        key_notes.extend(notes.into_iter().map(|n| (ki, (name.clone(), n))));
+        key_notes.extend(record.notes.into_iter().map(|n| (ki, (name.clone(), n))));
+        report.inputs_non_finite.extend(record.inputs_non_finite);
+        if record.output_non_finite > 0 {
+            resumed_output_non_finite.insert(ki, record.output_non_finite);
+        }
         planned[ki].job = Job::Done;
         let bytes: u64 = key_tensors[ki]
             .iter()
@@ -1783,26 +1896,18 @@ fn run<T: Real>(
                 views[ki].write(&out, at as usize / esize, esize, &mut raw_buf)?;
                 at += n as u64;
             }
-            journal.wrote(ki, len)?;
+            journal.wrote(ki, len, 0)?;
             written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
             let done = keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             progress.advance(len, done, name);
             continue;
         }
         let row = &rows[planned[ki].row];
-        let Job::Compute { expr, numel } = &mut planned[ki].job else {
+        let Job::Compute { expr, numel } = &planned[ki].job else {
             unreachable!()
         };
         let numel = *numel;
-        // A key written transposed, or read from a transposed input, is computed whole (the
-        // transpose needs the whole tensor; read in parts, it would be decoded once per part).
-        let transposed =
-            matches!(views[ki], OutView::Transposed { .. }) || expr.reads_transposed(row);
-        let unit = if transposed {
-            numel.max(1)
-        } else {
-            expr.unit().min(numel.max(1))
-        };
+        let unit = key_unit(ki, expr, row);
         let large = unit > sub;
         let has_stats = expr.has_stats();
         if has_stats && !large {
@@ -1815,39 +1920,117 @@ fn run<T: Real>(
         if large {
             run_batch(&mut tasks, &mut planned)?;
             run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
-        }
-        if has_stats {
-            let row = &rows[planned[ki].row];
-            let Job::Compute { expr, .. } = &mut planned[ki].job else {
-                unreachable!()
+            let job = std::mem::replace(&mut planned[ki].job, Job::Done);
+            let mut key = PlannedKey {
+                row: planned[ki].row,
+                job,
             };
-            let block = BLOCK.div_ceil(unit) * unit;
-            run_stats(expr, row, models, &workers, block, in_flight(block))?;
+            let notes = run_alone(ki, &mut key, row)?;
+            key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
+            continue;
         }
-        let Job::Compute { expr, .. } = &planned[ki].job else {
-            unreachable!()
-        };
         let mut notes = Vec::new();
         expr.notes(&mut notes);
         journal.set_notes(ki, &notes);
-        let name = &rows[planned[ki].row].name;
-        key_notes.extend(notes.into_iter().map(|n| (ki, (name.clone(), n))));
+        key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
         if numel == 0 {
             keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let key = key_tasks(ki, numel, unit, large, has_stats);
-        if large {
-            // Run in groups so that at most `in_flight` units are held at once.
-            for g in key.chunks(in_flight(unit)) {
-                g.par_iter().try_for_each(|t| run_task(t, &planned[ki]))?;
-            }
-            planned[ki].job = Job::Done;
-        } else {
-            tasks.extend(key);
-        }
+        tasks.extend(key_tasks(ki, numel, unit, false, false));
     }
     run_batch(&mut tasks, &mut planned)?;
     run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
+
+    // Keys where an input holds NaN or Inf: computed again without it, or kept as written (see
+    // `crate::non_finite`). Only these keys are read again.
+    for (ki, mut bad) in found.take() {
+        let original = &rows[planned[ki].row];
+        let mut row = original.clone();
+        let mut found_here: Vec<InputNonFinite> = Vec::new();
+        while !bad.is_empty() {
+            for m in bad {
+                found_here.push(InputNonFinite {
+                    key: row.name.clone(),
+                    model: m,
+                    count: count_non_finite::<T>(original, m, models)?,
+                    omitted: opts.non_finite == NonFinite::Omit,
+                });
+                row.locs[m] = None;
+            }
+            if opts.non_finite == NonFinite::Keep {
+                break;
+            }
+            // Without the models found so far; when no other model has the key, as it is.
+            let first = row.locs.iter().position(Option::is_some);
+            let redo = match first {
+                Some(f) => {
+                    row.first = f;
+                    &row
+                }
+                None => {
+                    found_here.iter_mut().for_each(|f| f.omitted = false);
+                    workers.set_clean(false);
+                    original
+                }
+            };
+            let without: Vec<&str> = found_here
+                .iter()
+                .filter(|f| f.omitted)
+                .map(|f| graph.models[f.model].name.as_str())
+                .collect();
+            progress.note(&if without.is_empty() {
+                format!(
+                    "key `{}`: no model has finite values; merged as they are",
+                    row.name
+                )
+            } else {
+                format!(
+                    "key `{}`: NaN/Inf values; computed again without {}",
+                    row.name,
+                    without.join(", ")
+                )
+            });
+            let (job, action) = plan_key(graph, redo, inputs.layout, &methods, opts)?;
+            report.actions[ki].1 = action;
+            // The key is written again: its bytes and its completion count once.
+            let bytes: u64 = key_tensors[ki]
+                .iter()
+                .map(|&t| out.tensor_range(t))
+                .map(|r| r.end - r.start)
+                .sum();
+            written.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+            keys_done.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            journal.restart(ki);
+            journal.set_inputs_non_finite(ki, &found_here);
+            let mut key = PlannedKey {
+                row: planned[ki].row,
+                job,
+            };
+            let notes = run_alone(ki, &mut key, redo)?;
+            key_notes.retain(|(k, _)| *k != ki);
+            key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
+            bad = found.take().remove(&ki).unwrap_or_default();
+            if first.is_none() {
+                workers.set_clean(opts.non_finite.cleans());
+                break;
+            }
+        }
+        journal.set_inputs_non_finite(ki, &found_here);
+        journal.release(ki);
+        report.inputs_non_finite.extend(found_here);
+    }
+    for ki in 0..planned.len() {
+        let n = journal.output_non_finite(ki) + resumed_output_non_finite.get(&ki).unwrap_or(&0);
+        if n > 0 {
+            report
+                .outputs_non_finite
+                .push((rows[planned[ki].row].name.clone(), n));
+        }
+    }
+    report
+        .inputs_non_finite
+        .sort_by(|a, b| (&a.key, a.model).cmp(&(&b.key, b.model)));
+
     // Notes in key order, whichever group ran a key.
     key_notes.sort_by_key(|&(ki, _)| ki);
     report
@@ -1972,13 +2155,13 @@ mod tests {
                 }),
                 args: vec![Expr::Leaf(Leaf::new(&rows[0], 0))],
             }));
-            let workers = Workers::new(threads);
+            let workers = Workers::new(threads, true);
             pool.install(|| run_stats(&mut expr, &rows[0], &models, &workers, BLOCK, usize::MAX))
                 .unwrap();
             // Sub-chunks of two different lengths give the same values.
             for step in [1000, 4 * BLOCK] {
                 let mut got = Vec::new();
-                let mut s = Scratch::new();
+                let mut s = Scratch::new(true);
                 for start in (0..n).step_by(step) {
                     let r = start..(start + step).min(n);
                     let buf = eval(&expr, &rows[0], &r, &models, &mut s).unwrap();

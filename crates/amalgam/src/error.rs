@@ -38,6 +38,14 @@ pub enum Error {
     Method { method: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "{path}: tensor `{key}` holds {count} NaN/Inf values (--non-finite error); `--non-finite omit` leaves the model out of that key"
+    )]
+    NonFinite {
+        path: PathBuf,
+        key: String,
+        count: u64,
+    },
     /// The merge was stopped through its [`crate::Cancel`] token; no output was written.
     #[error("cancelled; no output was written")]
     Cancelled,

@@ -24,6 +24,7 @@ pub mod input;
 pub mod mecha;
 pub mod method;
 pub mod methods;
+pub mod non_finite;
 pub mod output;
 pub mod real;
 pub mod recipe;

@@ -23,6 +23,8 @@ pub struct RecipeSettings {
     pub seed: Option<u64>,
     /// The key layout to write (`sdxl-kohya`, ...), when not the original one.
     pub layout: Option<crate::arch::Layout>,
+    /// What to do with inputs holding NaN or Inf (see [`crate::non_finite`]).
+    pub non_finite: Option<crate::non_finite::NonFinite>,
 }
 
 impl RecipeSettings {
@@ -33,6 +35,7 @@ impl RecipeSettings {
             compute_dtype: self.compute_dtype.or(under.compute_dtype),
             seed: self.seed.or(under.seed),
             layout: self.layout.or(under.layout),
+            non_finite: self.non_finite.or(under.non_finite),
         }
     }
 
@@ -51,6 +54,9 @@ impl RecipeSettings {
         if self.layout.is_some() {
             opts.output_layout = self.layout;
         }
+        if let Some(p) = self.non_finite {
+            opts.non_finite = p;
+        }
     }
 
     /// The settings a merge ran with, as its embedded recipe records them.
@@ -60,6 +66,7 @@ impl RecipeSettings {
             compute_dtype: Some(opts.compute_dtype),
             seed: Some(opts.seed),
             layout: opts.output_layout,
+            non_finite: Some(opts.non_finite),
         }
     }
 }
@@ -92,6 +99,7 @@ struct RawOutput {
     fallback: Option<Spanned<String>>,
     seed: Option<Spanned<i64>>,
     layout: Option<Spanned<String>>,
+    non_finite: Option<Spanned<String>>,
     repair: Option<Spanned<String>>,
     #[serde(default)]
     components: BTreeMap<String, Spanned<String>>,
@@ -499,6 +507,13 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
                 .map_err(|e: String| cx.err(l.span(), "output", e))?,
         );
     }
+    if let Some(p) = &out.non_finite {
+        settings.non_finite = Some(
+            p.get_ref()
+                .parse()
+                .map_err(|e: String| cx.err(p.span(), "output", e))?,
+        );
+    }
     if let Some(s) = &out.seed {
         settings.seed =
             Some(u64::try_from(*s.get_ref()).map_err(|_| {
@@ -683,6 +698,10 @@ pub fn to_toml(graph: &Graph, settings: &RecipeSettings) -> String {
     }
     if let Some(seed) = settings.seed {
         s += &format!("seed = {seed}\n");
+    }
+    // The default is left out, so that recipes stay short.
+    if let Some(p) = settings.non_finite.filter(|p| *p != Default::default()) {
+        s += &format!("non_finite = {}\n", quote(p.name()));
     }
     if !graph.components.is_empty() {
         s += "\n[output.components]\n";

@@ -59,6 +59,11 @@ pub struct MergeReport {
     pub notes: Vec<String>,
     /// What the methods said about single keys: (key, line).
     pub key_notes: Vec<(String, String)>,
+    /// The inputs whose tensor for a key holds NaN or Inf, in key order (see
+    /// [`crate::non_finite`]).
+    pub inputs_non_finite: Vec<crate::non_finite::InputNonFinite>,
+    /// The output keys holding NaN or Inf, in the output dtype: (key, count).
+    pub outputs_non_finite: Vec<(String, u64)>,
 }
 
 impl MergeReport {
@@ -88,6 +93,64 @@ impl MergeReport {
             }
         }
         c
+    }
+}
+
+impl MergeReport {
+    /// The lines on NaN and Inf values: per input, the keys where it holds some and what was
+    /// done; then the output's.
+    fn fmt_non_finite(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 4;
+        for (i, (name, path)) in self.models.iter().enumerate() {
+            let found: Vec<_> = self
+                .inputs_non_finite
+                .iter()
+                .filter(|n| n.model == i)
+                .collect();
+            if found.is_empty() {
+                continue;
+            }
+            let omitted = found.iter().filter(|n| n.omitted).count();
+            let what = match omitted {
+                0 => "merged as they are".to_string(),
+                n if n == found.len() => "left out of those keys".to_string(),
+                n => format!("left out of {n} of those keys"),
+            };
+            let shown: Vec<String> = found
+                .iter()
+                .take(SHOWN)
+                .map(|n| format!("{} ({})", n.key, n.count))
+                .collect();
+            writeln!(
+                f,
+                "  {name} ({}) holds NaN/Inf values in {} keys, {what}: {}{}",
+                path.display(),
+                found.len(),
+                shown.join(", "),
+                if found.len() > SHOWN { ", ..." } else { "" }
+            )?;
+        }
+        if !self.outputs_non_finite.is_empty() {
+            let total: u64 = self.outputs_non_finite.iter().map(|(_, n)| n).sum();
+            let shown: Vec<String> = self
+                .outputs_non_finite
+                .iter()
+                .take(SHOWN)
+                .map(|(k, n)| format!("{k} ({n})"))
+                .collect();
+            writeln!(
+                f,
+                "  warning: the output holds {total} NaN/Inf values in {} keys: {}{}",
+                self.outputs_non_finite.len(),
+                shown.join(", "),
+                if self.outputs_non_finite.len() > SHOWN {
+                    ", ... (--report-json lists them all)"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -179,6 +242,7 @@ impl fmt::Display for MergeReport {
         for note in &self.notes {
             writeln!(f, "  {note}")?;
         }
+        self.fmt_non_finite(f)?;
         const SHOWN: usize = 4;
         for (key, note) in self.key_notes.iter().take(SHOWN) {
             writeln!(f, "  {key}: {note}")?;

@@ -82,6 +82,24 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 struct KeyState {
     expected: u64,
     written: AtomicU64,
+    /// Not journaled when written: an input's non-finite values may make it computed again.
+    held: AtomicBool,
+    /// Non-finite values written (see [`crate::non_finite`]).
+    out_non_finite: AtomicU64,
+}
+
+/// What the journal records of a key besides its bytes, so that a resumed run reports it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct KeyRecord {
+    pub notes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs_non_finite: Vec<crate::non_finite::InputNonFinite>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub output_non_finite: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The journal of a merge being written.
@@ -91,7 +109,7 @@ pub(crate) struct Journal {
     /// The partial file (a second handle).
     data: File,
     keys: Vec<KeyState>,
-    notes: Mutex<HashMap<usize, Vec<String>>>,
+    records: Mutex<HashMap<usize, KeyRecord>>,
     pending: Mutex<Vec<usize>>,
     last_flush: Mutex<Instant>,
     keep: bool,
@@ -109,7 +127,8 @@ struct FirstLine {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct KeyLine {
     key: usize,
-    notes: Vec<String>,
+    #[serde(flatten)]
+    record: KeyRecord,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -191,8 +210,8 @@ fn try_lock(_file: &File) -> std::io::Result<bool> {
 pub(crate) struct Opened {
     pub out: OutputFile,
     pub journal: Journal,
-    /// The keys already written (by planned index), with their report notes.
-    pub done: Vec<(usize, Vec<String>)>,
+    /// The keys already written (by planned index), with what their report says.
+    pub done: Vec<(usize, KeyRecord)>,
 }
 
 /// Opens the partial file of `opts.output`: resumes it if its journal has this run's
@@ -253,7 +272,7 @@ pub(crate) fn open(
     // What an earlier run left.
     let existing = data.metadata().map(|m| m.len()).unwrap_or(0);
     let text = std::fs::read_to_string(&jpath).ok();
-    let mut done: Vec<(usize, Vec<String>)> = Vec::new();
+    let mut done: Vec<(usize, KeyRecord)> = Vec::new();
     let mut lines: Vec<KeyLine> = Vec::new();
     if existing > 0 || text.is_some() {
         let mut it = text.as_deref().unwrap_or("").lines();
@@ -291,7 +310,7 @@ pub(crate) fn open(
                     }
                 }
                 for k in claimed.into_values() {
-                    done.push((k.key, k.notes.clone()));
+                    done.push((k.key, k.record.clone()));
                     lines.push(k);
                 }
                 progress.note(&format!(
@@ -333,6 +352,8 @@ pub(crate) fn open(
         .map(|ranges| KeyState {
             expected: ranges.iter().map(|r| r.end - r.start).sum(),
             written: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            out_non_finite: AtomicU64::new(0),
         })
         .collect();
     let journal = Journal {
@@ -340,7 +361,7 @@ pub(crate) fn open(
         file: Mutex::new(jfile),
         data,
         keys,
-        notes: Mutex::new(HashMap::new()),
+        records: Mutex::new(HashMap::new()),
         pending: Mutex::new(Vec::new()),
         last_flush: Mutex::new(Instant::now()),
         keep: opts.keep_partial,
@@ -356,23 +377,72 @@ impl Journal {
     /// The report notes of key `key`, journaled with it.
     pub(crate) fn set_notes(&self, key: usize, notes: &[String]) {
         if !notes.is_empty() {
-            let mut n = self.notes.lock().unwrap_or_else(|e| e.into_inner());
-            n.insert(key, notes.to_vec());
+            let mut r = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            r.entry(key).or_default().notes = notes.to_vec();
         }
     }
 
-    /// `bytes` more bytes of key `key` were written; journals the keys completed, at most once
-    /// a second.
-    pub(crate) fn wrote(&self, key: usize, bytes: u64) -> Result<()> {
+    /// The non-finite values of the inputs of key `key`, journaled with it.
+    pub(crate) fn set_inputs_non_finite(
+        &self,
+        key: usize,
+        found: &[crate::non_finite::InputNonFinite],
+    ) {
+        let mut r = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        r.entry(key).or_default().inputs_non_finite = found.to_vec();
+    }
+
+    /// `bytes` more bytes of key `key` were written, `non_finite` of their values NaN or Inf;
+    /// journals the keys completed (unless held), at most once a second.
+    pub(crate) fn wrote(&self, key: usize, bytes: u64, non_finite: u64) -> Result<()> {
         let k = &self.keys[key];
+        if non_finite > 0 {
+            k.out_non_finite.fetch_add(non_finite, Ordering::AcqRel);
+        }
         let before = k.written.fetch_add(bytes, Ordering::AcqRel);
-        if k.expected > 0 && before + bytes == k.expected {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(key);
+        // Every task of the key marks it held before its bytes are counted, so the last one
+        // sees the mark.
+        if k.expected > 0 && before + bytes == k.expected && !k.held.load(Ordering::SeqCst) {
+            self.push(key);
         }
         self.flush(false)
+    }
+
+    fn push(&self, key: usize) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key);
+    }
+
+    /// Key `key` is not journaled when its bytes are written, until [`Journal::release`] or
+    /// [`Journal::restart`].
+    pub(crate) fn hold(&self, key: usize) {
+        self.keys[key].held.store(true, Ordering::SeqCst);
+    }
+
+    /// Key `key` as written is final: journals it, if it was held and its bytes are all written.
+    pub(crate) fn release(&self, key: usize) {
+        let k = &self.keys[key];
+        if k.held.swap(false, Ordering::SeqCst)
+            && k.expected > 0
+            && k.written.load(Ordering::Acquire) == k.expected
+        {
+            self.push(key);
+        }
+    }
+
+    /// Key `key` is written again from the start.
+    pub(crate) fn restart(&self, key: usize) {
+        let k = &self.keys[key];
+        k.held.store(false, Ordering::SeqCst);
+        k.written.store(0, Ordering::SeqCst);
+        k.out_non_finite.store(0, Ordering::SeqCst);
+    }
+
+    /// The non-finite values written for key `key` in this run.
+    pub(crate) fn output_non_finite(&self, key: usize) -> u64 {
+        self.keys[key].out_non_finite.load(Ordering::Acquire)
     }
 
     fn flush(&self, force: bool) -> Result<()> {
@@ -396,13 +466,14 @@ impl Journal {
         self.data.sync_data().map_err(err)?;
         let mut text = String::new();
         for key in keys {
-            let notes = self
-                .notes
+            let mut record = self
+                .records
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key)
                 .unwrap_or_default();
-            text += &(serde_json::to_string(&KeyLine { key, notes }).expect("json") + "\n");
+            record.output_non_finite = self.output_non_finite(key);
+            text += &(serde_json::to_string(&KeyLine { key, record }).expect("json") + "\n");
         }
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
         f.write_all(text.as_bytes()).map_err(err)?;

@@ -1,0 +1,199 @@
+//! Non-finite values (NaN, +Inf, -Inf): what a merge does when an input holds them, and how they
+//! are found without a second read.
+//!
+//! Every tensor an input contributes is checked as it is decoded, a sub-chunk at a time in the
+//! CPU cache (an `x - x == 0` test that vectorises, so it costs nothing measurable). A key where a
+//! model's tensor holds a non-finite value is handled after the other keys, by the
+//! [`NonFinite`] policy:
+//!
+//! - [`NonFinite::Omit`] (the default, as sd-mecha's): the model is left out of that key, as if it
+//!   lacked the key (the key policy applies: the other models are merged, a fallback is taken),
+//!   and the key is computed again. Only that key is read again.
+//! - [`NonFinite::Error`]: the merge stops before the output is moved into place, naming file,
+//!   key and count.
+//! - [`NonFinite::Keep`]: the values are merged as they are.
+//!
+//! Whatever the policy, each model's non-finite values are reported per key, and so are the
+//! non-finite values of the output (counted in the encoded output dtype, so an f16 overflow
+//! counts too).
+
+use crate::dtype::OutputDtype;
+use crate::real::Real;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+/// What a merge does with a model whose tensor for a key holds NaN or Inf.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Leave the model out of that key, as if it lacked the key, and report it.
+    #[default]
+    Omit,
+    /// Stop the merge with an error naming file, key and count; nothing is written.
+    Error,
+    /// Merge the values as they are (and report them).
+    Keep,
+}
+
+impl NonFinite {
+    pub const ALL: [NonFinite; 3] = [NonFinite::Omit, NonFinite::Error, NonFinite::Keep];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NonFinite::Omit => "omit",
+            NonFinite::Error => "error",
+            NonFinite::Keep => "keep",
+        }
+    }
+
+    /// Whether decoded inputs are cleaned (non-finite values set to zero) once found: their key
+    /// is computed again without them (or the merge stops), and the methods never see them.
+    pub(crate) fn cleans(self) -> bool {
+        self != NonFinite::Keep
+    }
+}
+
+impl std::str::FromStr for NonFinite {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        NonFinite::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("`{s}` is not a non-finite policy (omit, error or keep)"))
+    }
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Whether every value is finite.
+pub fn all_finite<T: Real>(xs: &[T]) -> bool {
+    // `x - x` is 0 for finite x and NaN for NaN and ±Inf; the fold has no early exit, so it
+    // vectorises, and blocks of 256 end the scan soon after a bad value.
+    xs.chunks(256)
+        .all(|c| c.iter().fold(true, |ok, &x| ok & (x - x == T::ZERO)))
+}
+
+/// The number of non-finite values.
+pub fn count<T: Real>(xs: &[T]) -> u64 {
+    xs.iter().filter(|&&x| x - x != T::ZERO).count() as u64
+}
+
+/// Sets every non-finite value to zero.
+pub(crate) fn clean<T: Real>(xs: &mut [T]) {
+    for x in xs {
+        if *x - *x != T::ZERO {
+            *x = T::ZERO;
+        }
+    }
+}
+
+/// The number of non-finite values in `bytes`, little-endian values of `dtype`.
+pub fn count_encoded(dtype: OutputDtype, bytes: &[u8]) -> u64 {
+    // A value is NaN or ±Inf when its exponent bits are all ones.
+    let n = match dtype {
+        OutputDtype::F16 | OutputDtype::BF16 => {
+            let m = if dtype == OutputDtype::F16 {
+                0x7c00
+            } else {
+                0x7f80
+            };
+            bytes
+                .chunks_exact(2)
+                .filter(|b| u16::from_le_bytes([b[0], b[1]]) & m == m)
+                .count()
+        }
+        OutputDtype::F32 => bytes
+            .chunks_exact(4)
+            .filter(|b| u32::from_le_bytes((*b).try_into().unwrap()) & 0x7f80_0000 == 0x7f80_0000)
+            .count(),
+        OutputDtype::F64 => {
+            const M: u64 = 0x7ff0_0000_0000_0000;
+            bytes
+                .chunks_exact(8)
+                .filter(|b| u64::from_le_bytes((*b).try_into().unwrap()) & M == M)
+                .count()
+        }
+    };
+    n as u64
+}
+
+/// One model's non-finite values in one key.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InputNonFinite {
+    pub key: String,
+    /// The input, in input order.
+    pub model: usize,
+    /// How many of the tensor's values are NaN or ±Inf.
+    pub count: u64,
+    /// Whether the model was left out of the key ([`NonFinite::Omit`]); otherwise they were
+    /// merged as they are (with [`NonFinite::Keep`], or when no other model has the key).
+    pub omitted: bool,
+}
+
+/// The (planned key, model) pairs found non-finite while a merge runs.
+#[derive(Default)]
+pub(crate) struct Found {
+    keys: Mutex<BTreeMap<usize, BTreeSet<usize>>>,
+}
+
+impl Found {
+    pub(crate) fn add(&self, key: usize, models: impl IntoIterator<Item = usize>) {
+        let mut k = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        k.entry(key).or_default().extend(models);
+    }
+    /// Everything found so far, in key order; the set is left empty.
+    pub(crate) fn take(&self) -> BTreeMap<usize, BTreeSet<usize>> {
+        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_nan_and_both_infinities() {
+        let mut v = vec![1.0f32; 1000];
+        assert!(all_finite(&v));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            v[777] = bad;
+            assert!(!all_finite(&v));
+            assert_eq!(count(&v), 1);
+        }
+        v[3] = f32::MAX;
+        v[4] = f32::MIN_POSITIVE / 4.0;
+        assert_eq!(count(&v), 1, "the largest and subnormal values are finite");
+        clean(&mut v);
+        assert!(all_finite(&v));
+        assert_eq!(v[777], 0.0);
+        assert_eq!(v[3], f32::MAX);
+    }
+
+    #[test]
+    fn counts_encoded_values_including_overflow() {
+        let src = [1.0f32, f32::NAN, 70000.0, -f32::INFINITY, 65504.0];
+        for (dtype, expected) in [
+            (OutputDtype::F16, 3), // 70000 overflows f16
+            (OutputDtype::BF16, 2),
+            (OutputDtype::F32, 2),
+            (OutputDtype::F64, 2),
+        ] {
+            let mut bytes = vec![0u8; src.len() * dtype.size()];
+            dtype.encode(&src, &mut bytes);
+            assert_eq!(count_encoded(dtype, &bytes), expected, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn parses_its_names() {
+        for p in NonFinite::ALL {
+            assert_eq!(p.name().parse::<NonFinite>(), Ok(p));
+        }
+        assert!("drop".parse::<NonFinite>().is_err());
+        assert_eq!(NonFinite::default(), NonFinite::Omit);
+    }
+}
