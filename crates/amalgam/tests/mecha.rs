@@ -405,3 +405,41 @@ fn the_inverted_apply_stock_round_trips() {
     assert_eq!(node.params.get("stock"), node2.params.get("stock"));
     assert!(!again.commands.is_empty());
 }
+
+/// A `model_config` that is not the file's, an unknown parameter and a weight model given to a
+/// delta method are refused naming the line, before any tensor is read.
+#[test]
+fn recipes_contradicting_their_files_or_sd_mecha_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let models = f32_pool(d, Layout::SdxlSgm, 2, 64);
+    let p = d.join("r.mecha");
+    let name = |i: usize| models[i].file_name().unwrap().to_str().unwrap().to_string();
+    let write = |config: &str, merge: &str| {
+        std::fs::write(
+            &p,
+            format!(
+                "version 0.1.0\nmodel \"{}\" model_config={config} merge_space=\"weight\"\nmodel \"{}\" model_config={config} merge_space=\"weight\"\n{merge}\n",
+                name(0),
+                name(1)
+            ),
+        )
+        .unwrap();
+    };
+    write("\"sdxl-sgm\"", "merge \"n_average\" &0 &1");
+    amalgam::mecha::load(&p, &[]).unwrap();
+    write("null", "merge \"n_average\" &0 &1");
+    amalgam::mecha::load(&p, &[]).unwrap();
+    write("\"sd1-ldm\"", "merge \"n_average\" &0 &1");
+    let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
+    assert!(
+        e.contains("r.mecha:2") && e.contains("declares model_config `sd1-ldm`, but the file is sdxl-sgm"),
+        "{e}"
+    );
+    write("null", "merge \"weighted_sum\" &0 &1 alpha=0.3 beta=0.2");
+    let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
+    assert!(e.contains("r.mecha:4") && e.contains("no parameter `beta`"), "{e}");
+    write("null", "merge \"model_stock\" &0 &1");
+    let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
+    assert!(e.contains("`model_stock` takes inputs in merge space `delta`"), "{e}");
+}
