@@ -425,7 +425,8 @@ struct LoraSpec {
 }
 
 impl Loc {
-    /// Decodes elements `start..start + dst.len()` of the key of `row`.
+    /// Decodes elements `start..start + dst.len()` of the key of `row`; returns whether they
+    /// are all finite (checked as they are decoded, see [`crate::non_finite`]).
     fn read<T: Real>(
         &self,
         row: &KeyRow,
@@ -433,7 +434,7 @@ impl Loc {
         start: usize,
         dst: &mut [T],
         scratch: &mut Vec<u64>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let dtype = FloatDtype::from_safetensors(self.dtype).expect("float key");
         match row.view(self) {
             View::Lora(i) => {
@@ -452,9 +453,9 @@ impl Loc {
                     }
                     *d = sum * scale;
                 }
-                Ok(())
+                Ok(crate::non_finite::all_finite(dst))
             }
-            View::Plain => model.decode(self.offset, dtype, start, dst, scratch),
+            View::Plain => model.decode_checked(self.offset, dtype, start, dst, scratch),
             View::Concat3 {
                 part,
                 second,
@@ -462,12 +463,12 @@ impl Loc {
             } => {
                 let part = part as usize;
                 let offsets = [self.offset, second, third];
-                let mut at = 0;
+                let (mut at, mut finite) = (0, true);
                 while at < dst.len() {
                     let e = start + at;
                     let within = e % part;
                     let n = (part - within).min(dst.len() - at);
-                    model.decode(
+                    finite &= model.decode_checked(
                         offsets[e / part],
                         dtype,
                         within,
@@ -476,7 +477,7 @@ impl Loc {
                     )?;
                     at += n;
                 }
-                Ok(())
+                Ok(finite)
             }
             View::Transposed { rows, cols } => {
                 let (rows, cols) = (rows as usize, cols as usize);
@@ -486,7 +487,7 @@ impl Loc {
                     let e = start + k;
                     *d = full[(e % rows) * cols + e / rows];
                 }
-                Ok(())
+                Ok(crate::non_finite::all_finite(dst))
             }
         }
     }
@@ -1444,14 +1445,14 @@ fn eval<T: Real>(
     match expr {
         Expr::Leaf(l) => {
             let mut buf = s.take(len);
-            l.loc(row).read(
+            let finite = l.loc(row).read(
                 row,
                 &models[l.model as usize],
                 range.start,
                 &mut buf[..len],
                 &mut s.raw,
             )?;
-            if !crate::non_finite::all_finite(&buf[..len]) {
+            if !finite {
                 s.bad.push(l.model);
                 if s.clean {
                     crate::non_finite::clean(&mut buf[..len]);

@@ -201,6 +201,31 @@ impl ModelFile {
         Ok(())
     }
 
+    /// [`ModelFile::decode`], and whether every value decoded is finite (see
+    /// [`FloatDtype::decode_checked`]).
+    pub(crate) fn decode_checked<T: Real>(
+        &self,
+        offset: u64,
+        dtype: FloatDtype,
+        start: usize,
+        dst: &mut [T],
+        scratch: &mut Vec<u64>,
+    ) -> Result<bool> {
+        let width = dtype.size();
+        let pos = offset + (start * width) as u64;
+        let raw = line_matched_bytes(scratch, dst.len() * width, pos, width);
+        read_exact_at(&self.file, raw, pos).map_err(|e| {
+            Error::io(
+                &self.path,
+                std::io::Error::new(
+                    e.kind(),
+                    format!("reading tensor data at byte {offset}: {e}"),
+                ),
+            )
+        })?;
+        Ok(dtype.decode_checked(raw, dst))
+    }
+
     /// Drops the parsed tensor index (the engine keeps what it needs in its own key table), so
     /// that hundreds of opened inputs do not each hold their header in memory.
     pub(crate) fn forget_index(&mut self) {

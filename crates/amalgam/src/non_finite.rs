@@ -91,34 +91,61 @@ pub(crate) fn clean<T: Real>(xs: &mut [T]) {
     }
 }
 
+/// Whether every little-endian word of `bytes` is a finite value: its bits without the sign
+/// (`abs`) below the exponent mask (`exp`). `None` when `bytes` are not aligned to words.
+pub(crate) fn words_finite<W>(bytes: &[u8], abs: W, exp: W) -> Option<bool>
+where
+    W: bytemuck::Pod + Ord + std::ops::BitAnd<Output = W>,
+{
+    if !cfg!(target_endian = "little") {
+        return None;
+    }
+    let words = bytemuck::try_cast_slice::<u8, W>(bytes).ok()?;
+    // A max without early exit vectorises; blocks end the scan soon after a bad value.
+    Some(
+        words
+            .chunks(4096)
+            .all(|c| c.iter().fold(W::zeroed(), |m, &w| m.max(w & abs)) < exp),
+    )
+}
+
 /// The number of non-finite values in `bytes`, little-endian values of `dtype`.
 pub fn count_encoded(dtype: OutputDtype, bytes: &[u8]) -> u64 {
-    // A value is NaN or ±Inf when its exponent bits are all ones.
-    let n = match dtype {
-        OutputDtype::F16 | OutputDtype::BF16 => {
-            let m = if dtype == OutputDtype::F16 {
-                0x7c00
-            } else {
-                0x7f80
-            };
-            bytes
-                .chunks_exact(2)
-                .filter(|b| u16::from_le_bytes([b[0], b[1]]) & m == m)
-                .count()
+    // A value is NaN or ±Inf when its exponent bits are all ones, i.e. when its bits without the
+    // sign are at least the exponent mask. The common case (none) is one vectorised max over
+    // the words; only then are they counted.
+    fn count<W: bytemuck::Pod + Ord + std::ops::BitAnd<Output = W>>(
+        bytes: &[u8],
+        abs: W,
+        exp: W,
+        from_le: impl Fn(&[u8]) -> W,
+    ) -> u64 {
+        if words_finite(bytes, abs, exp) == Some(true) {
+            return 0;
         }
-        OutputDtype::F32 => bytes
-            .chunks_exact(4)
-            .filter(|b| u32::from_le_bytes((*b).try_into().unwrap()) & 0x7f80_0000 == 0x7f80_0000)
-            .count(),
-        OutputDtype::F64 => {
-            const M: u64 = 0x7ff0_0000_0000_0000;
-            bytes
-                .chunks_exact(8)
-                .filter(|b| u64::from_le_bytes((*b).try_into().unwrap()) & M == M)
-                .count()
-        }
-    };
-    n as u64
+        let size = std::mem::size_of::<W>();
+        bytes
+            .chunks_exact(size)
+            .filter(|b| from_le(b) & abs >= exp)
+            .count() as u64
+    }
+    match dtype {
+        OutputDtype::F16 => count(bytes, 0x7fffu16, 0x7c00, |b| {
+            u16::from_le_bytes([b[0], b[1]])
+        }),
+        OutputDtype::BF16 => count(bytes, 0x7fffu16, 0x7f80, |b| {
+            u16::from_le_bytes([b[0], b[1]])
+        }),
+        OutputDtype::F32 => count(bytes, 0x7fff_ffffu32, 0x7f80_0000, |b| {
+            u32::from_le_bytes(b.try_into().unwrap())
+        }),
+        OutputDtype::F64 => count(
+            bytes,
+            0x7fff_ffff_ffff_ffffu64,
+            0x7ff0_0000_0000_0000,
+            |b| u64::from_le_bytes(b.try_into().unwrap()),
+        ),
+    }
 }
 
 /// One model's non-finite values in one key.
@@ -182,9 +209,17 @@ mod tests {
             (OutputDtype::F32, 2),
             (OutputDtype::F64, 2),
         ] {
-            let mut bytes = vec![0u8; src.len() * dtype.size()];
-            dtype.encode(&src, &mut bytes);
-            assert_eq!(count_encoded(dtype, &bytes), expected, "{dtype:?}");
+            // Aligned words (the fast path) and unaligned bytes.
+            let n = src.len() * dtype.size();
+            let mut words = vec![0u64; n.div_ceil(8) + 1];
+            let aligned = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..n];
+            dtype.encode(&src, aligned);
+            assert_eq!(count_encoded(dtype, aligned), expected, "{dtype:?}");
+            let mut bytes = vec![0u8; n + 1];
+            bytes[1..].copy_from_slice(aligned);
+            assert_eq!(count_encoded(dtype, &bytes[1..]), expected, "{dtype:?}");
+            let finite = vec![0u8; n];
+            assert_eq!(count_encoded(dtype, &finite), 0);
         }
     }
 

@@ -433,13 +433,20 @@ fn recipes_contradicting_their_files_or_sd_mecha_are_refused() {
     write("\"sd1-ldm\"", "merge \"n_average\" &0 &1");
     let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
     assert!(
-        e.contains("r.mecha:2") && e.contains("declares model_config `sd1-ldm`, but the file is sdxl-sgm"),
+        e.contains("r.mecha:2")
+            && e.contains("declares model_config `sd1-ldm`, but the file is sdxl-sgm"),
         "{e}"
     );
     write("null", "merge \"weighted_sum\" &0 &1 alpha=0.3 beta=0.2");
     let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
-    assert!(e.contains("r.mecha:4") && e.contains("no parameter `beta`"), "{e}");
+    assert!(
+        e.contains("r.mecha:4") && e.contains("no parameter `beta`"),
+        "{e}"
+    );
     write("null", "merge \"model_stock\" &0 &1");
     let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
-    assert!(e.contains("`model_stock` takes inputs in merge space `delta`"), "{e}");
+    assert!(
+        e.contains("`model_stock` takes inputs in merge space `delta`"),
+        "{e}"
+    );
 }
