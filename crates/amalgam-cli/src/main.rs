@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Merge models: from a recipe file (.toml or .mecha), or with --method and a list of models.
-    Merge(MergeArgs),
+    Merge(Box<MergeArgs>),
     /// Show a safetensors file's keys, dtypes, shapes, parameter count and metadata.
     Inspect(InspectArgs),
     /// Write synthetic models with a real key layout (SD1, SDXL, SD3, FLUX, kohya, diffusers).
@@ -251,7 +251,7 @@ struct DemoArgs {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Merge(a) => cmd_merge(a),
+        Command::Merge(a) => cmd_merge(*a),
         Command::Inspect(a) => {
             signals::default_sigpipe();
             cmd_inspect(a)

@@ -85,9 +85,12 @@ pub fn check_output(path: &Path, inputs: &[&Path], force: bool) -> Result<()> {
     check_outputs(&[path], inputs, force)
 }
 
+/// A file's device and inode, where the OS gives them.
+type FileId = Option<(u64, u64)>;
+
 /// Checks all the outputs of one run together, before anything is read or written.
 pub fn check_outputs(outputs: &[&Path], inputs: &[&Path], force: bool) -> Result<()> {
-    let input_ids: Vec<(&Path, Option<(u64, u64)>, PathBuf)> = inputs
+    let input_ids: Vec<(&Path, FileId, PathBuf)> = inputs
         .iter()
         .map(|p| {
             let id = std::fs::metadata(p).ok().and_then(|m| identity(&m));
@@ -95,7 +98,7 @@ pub fn check_outputs(outputs: &[&Path], inputs: &[&Path], force: bool) -> Result
             (*p, id, canon)
         })
         .collect();
-    let mut seen: Vec<(PathBuf, Option<(u64, u64)>, &Path)> = Vec::new();
+    let mut seen: Vec<(PathBuf, FileId, &Path)> = Vec::new();
     for &path in outputs {
         if path.as_os_str().is_empty() || path.file_name().is_none() {
             return Err(refuse(path, "is not a file name"));

@@ -70,6 +70,7 @@ impl std::fmt::Display for NonFinite {
 }
 
 /// Whether every value is finite.
+#[allow(clippy::eq_op)] // `x - x` is the test
 pub fn all_finite<T: Real>(xs: &[T]) -> bool {
     // `x - x` is 0 for finite x and NaN for NaN and ±Inf; the fold has no early exit, so it
     // vectorises, and blocks of 256 end the scan soon after a bad value.
@@ -78,11 +79,13 @@ pub fn all_finite<T: Real>(xs: &[T]) -> bool {
 }
 
 /// The number of non-finite values.
+#[allow(clippy::eq_op)]
 pub fn count<T: Real>(xs: &[T]) -> u64 {
     xs.iter().filter(|&&x| x - x != T::ZERO).count() as u64
 }
 
 /// Sets every non-finite value to zero.
+#[allow(clippy::eq_op)]
 pub(crate) fn clean<T: Real>(xs: &mut [T]) {
     for x in xs {
         if *x - *x != T::ZERO {

@@ -1,5 +1,5 @@
 //! The native recipe format (TOML): named models (files, lists or globs), named method nodes, one
-//! output. See the README's "Recipes" section for the format.
+//! output. See `docs/recipes.md` for the format.
 //!
 //! Every error names the recipe file, the line and the model or node concerned, and is raised
 //! before any tensor is read (paths are checked for existence, all at once).

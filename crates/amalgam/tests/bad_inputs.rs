@@ -11,8 +11,7 @@ use std::path::Path;
 fn soup_error(models: &[&Path], out: &Path) -> String {
     let g = one_node(models, "soup", vec![(0..models.len()).collect()], &[]);
     let e = merge(&g, &MergeOptions::new(out), &NoProgress)
-        .err()
-        .expect("the merge must fail")
+        .expect_err("the merge must fail")
         .to_string();
     assert!(!out.exists(), "nothing is written: {e}");
     e

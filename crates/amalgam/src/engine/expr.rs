@@ -1,0 +1,96 @@
+//! The expression that computes one key: methods applied to inputs' tensors.
+
+use super::*;
+
+/// How one key is computed.
+pub(super) enum Expr<T: Real> {
+    Leaf(Leaf),
+    Node(Box<NodeExpr<T>>),
+}
+
+/// A method applied to its arguments for one key.
+pub(super) struct NodeExpr<T: Real> {
+    pub(super) state: Box<dyn KeyMerge<T>>,
+    pub(super) args: Vec<Expr<T>>,
+}
+
+impl<T: Real> Expr<T> {
+    /// Inputs read and intermediate buffers held per element of a chunk.
+    pub(super) fn cost(&self) -> (usize, usize) {
+        match self {
+            Expr::Leaf(_) => (1, 0),
+            Expr::Node(node) => node.args.iter().fold((0, 1), |(l, n), a| {
+                let (al, an) = a.cost();
+                (l + al, n + an)
+            }),
+        }
+    }
+    pub(super) fn has_stats(&self) -> bool {
+        match self {
+            Expr::Leaf(_) => false,
+            Expr::Node(node) => {
+                node.state.stat_passes() > 0 || node.args.iter().any(|a| a.has_stats())
+            }
+        }
+    }
+    /// The elements that must stay together: the least common multiple of the nodes' units.
+    pub(super) fn unit(&self) -> usize {
+        match self {
+            Expr::Leaf(_) => 1,
+            Expr::Node(node) => node
+                .args
+                .iter()
+                .fold(node.state.unit().max(1), |u, a| lcm(u, a.unit())),
+        }
+    }
+    /// Whether a leaf reads the key transposed from its file.
+    pub(super) fn reads_transposed(&self, row: &KeyRow) -> bool {
+        match self {
+            Expr::Leaf(l) => matches!(row.view(&l.loc(row)), View::Transposed { .. }),
+            Expr::Node(node) => node.args.iter().any(|a| a.reads_transposed(row)),
+        }
+    }
+    /// The notes of every node, children first.
+    pub(super) fn notes(&self, out: &mut Vec<String>) {
+        if let Expr::Node(node) = self {
+            for a in &node.args {
+                a.notes(out);
+            }
+            out.extend(node.state.notes());
+        }
+    }
+}
+
+pub(super) fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
+}
+
+/// Where one input's tensor lies.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Leaf {
+    pub(super) model: u32,
+}
+
+impl Leaf {
+    pub(super) fn new(row: &KeyRow, model: usize) -> Self {
+        debug_assert!(row.locs[model].is_some());
+        Leaf {
+            model: model as u32,
+        }
+    }
+    /// Where this leaf's model stores the key of `row`.
+    pub(super) fn loc(&self, row: &KeyRow) -> Loc {
+        row.locs[self.model as usize].expect("model has the key")
+    }
+    /// The float dtype it is stored in.
+    pub(super) fn dtype(&self, row: &KeyRow) -> FloatDtype {
+        FloatDtype::from_safetensors(self.loc(row).dtype).expect("float key")
+    }
+}

@@ -1,0 +1,346 @@
+//! Planning (headers only): each key's job, from the graph and the key policy.
+
+use super::*;
+
+/// What to do for one output key.
+pub(super) enum Job<T: Real> {
+    Compute {
+        expr: Expr<T>,
+        numel: usize,
+    },
+    CopyRaw {
+        model: usize,
+        offset: u64,
+        len: u64,
+    },
+    /// Written; the key's state (statistics, masks) is dropped.
+    Done,
+}
+
+pub(super) struct PlannedKey<T: Real> {
+    /// Index into the key table.
+    pub(super) row: usize,
+    pub(super) job: Job<T>,
+}
+
+/// A node's method: one instance, or one per block id when parameters are given per block.
+pub(super) struct NodeMethods<T: Real> {
+    /// The block id of each instance; empty for a single instance.
+    pub(super) blocks: Vec<&'static str>,
+    pub(super) instances: Vec<Box<dyn Method<T>>>,
+    /// The layout and key → block mapping the blocks are found with.
+    pub(super) layout: Option<Layout>,
+    pub(super) mapping: crate::arch::BlockMapping,
+}
+
+impl<T: Real> NodeMethods<T> {
+    pub(super) fn build(node: &crate::graph::Node, layout: Option<Layout>) -> Result<Self> {
+        let build = |params| {
+            methods::build::<T>(
+                node.method,
+                Params::new(node.method, params),
+                &node.counts(),
+            )
+        };
+        let mapping = match node.params.get(crate::method::BLOCK_MAPPING) {
+            None => crate::arch::BlockMapping::Supermerger,
+            Some(crate::method::ParamValue::Text(t)) if t == "supermerger" => {
+                crate::arch::BlockMapping::Supermerger
+            }
+            Some(crate::method::ParamValue::Text(t)) if t == "sd_mecha" => {
+                crate::arch::BlockMapping::SdMecha
+            }
+            Some(other) => {
+                return Err(Error::Invalid(format!(
+                    "node `{}`: `blocks` is `supermerger` or `sd_mecha`, got {other:?}",
+                    node.name
+                )))
+            }
+        };
+        if !node.has_block_params() {
+            return Ok(NodeMethods {
+                blocks: Vec::new(),
+                instances: vec![build(crate::method::params_for_block(&node.params, None))?],
+                layout,
+                mapping,
+            });
+        }
+        let ids = layout
+            .filter(|&l| crate::arch::block_of(l, "").is_some())
+            .and_then(|l| crate::arch::block_ids(l.arch()))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "node `{}` has per-block parameters, which need SD1 (ldm) or SDXL (sgm) checkpoints; the inputs are {}",
+                    node.name,
+                    layout.map_or("of no known architecture".to_string(), |l| l.to_string())
+                ))
+            })?;
+        for v in node.params.values() {
+            if let crate::method::ParamValue::Blocks(map) = v {
+                if let Some(bad) = map
+                    .keys()
+                    .find(|k| *k != "default" && !ids.contains(&k.as_str()))
+                {
+                    return Err(Error::Invalid(format!(
+                        "node `{}`: block `{bad}` does not exist in {} (blocks: {})",
+                        node.name,
+                        layout.unwrap(),
+                        ids.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(NodeMethods {
+            layout,
+            mapping,
+            blocks: ids.to_vec(),
+            instances: ids
+                .iter()
+                .map(|b| build(crate::method::params_for_block(&node.params, Some(b))))
+                .collect::<Result<_>>()
+                .map_err(|e| Error::Invalid(format!("node `{}`: {e}", node.name)))?,
+        })
+    }
+
+    /// The instance for key `key` (the `BASE` one for keys without a block).
+    pub(super) fn get(&self, key: Option<&str>) -> &dyn Method<T> {
+        if self.blocks.is_empty() {
+            return &*self.instances[0];
+        }
+        let block = key.and_then(|k| crate::arch::block_of_with(self.layout?, k, self.mapping));
+        let i = block
+            .and_then(|b| self.blocks.iter().position(|x| *x == b))
+            .unwrap_or(0);
+        &*self.instances[i]
+    }
+}
+
+/// Resolves `r` for the key of `row` (`key` is its name, for per-block methods): `None` when
+/// it has no value for the key.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn resolve<T: Real>(
+    r: Ref,
+    row: &KeyRow,
+    key: Option<&str>,
+    graph: &Graph,
+    methods: &[NodeMethods<T>],
+    seed: u64,
+    unit_budget: u64,
+    notes: &mut Vec<String>,
+) -> Result<Option<Expr<T>>> {
+    match r {
+        Ref::Model(m) => Ok(if row.locs[m].is_some() {
+            Some(Expr::Leaf(Leaf::new(row, m)))
+        } else {
+            // A pruned model completed from the repair model.
+            graph
+                .repair
+                .filter(|&r| row.locs[r].is_some())
+                .map(|r| Expr::Leaf(Leaf::new(row, r)))
+        }),
+        Ref::Node(n) => {
+            let node = &graph.nodes[n];
+            let mut args = Vec::new();
+            for a in node.flat_args() {
+                args.push(resolve(
+                    a,
+                    row,
+                    key,
+                    graph,
+                    methods,
+                    seed,
+                    unit_budget,
+                    notes,
+                )?);
+            }
+            let present: Vec<bool> = args.iter().map(Option::is_some).collect();
+            if !present.iter().any(|&p| p) {
+                return Ok(None);
+            }
+            let all = present.iter().all(|&p| p);
+            let decision = if all {
+                OnMissing::MergePresent
+            } else {
+                methods[n].get(key).on_missing(&present)
+            };
+            match decision {
+                OnMissing::Absent => {
+                    notes.push(format!("node `{}` has no value", node.name));
+                    Ok(None)
+                }
+                OnMissing::PassThrough(i) => {
+                    notes.push(format!(
+                        "node `{}` passes argument {} through unchanged",
+                        node.name,
+                        i + 1
+                    ));
+                    Ok(args.swap_remove(i))
+                }
+                OnMissing::MergePresent => {
+                    if !all {
+                        notes.push(format!(
+                            "node `{}` merges {} of its {} arguments",
+                            node.name,
+                            present.iter().filter(|&&p| p).count(),
+                            present.len()
+                        ));
+                    }
+                    let idx: Vec<usize> = (0..present.len()).filter(|&i| present[i]).collect();
+                    let ctx = KeyCtx {
+                        key: &row.name,
+                        shape: &row.shape,
+                        present: &idx,
+                        n_args: present.len(),
+                        seed,
+                        unit_budget,
+                    };
+                    let state = methods[n].get(key).begin_key(&ctx).map_err(|e| {
+                        Error::Invalid(format!("node `{}`, key `{}`: {e}", node.name, row.name))
+                    })?;
+                    Ok(Some(Expr::Node(Box::new(NodeExpr {
+                        state,
+                        args: args.into_iter().flatten().collect(),
+                    }))))
+                }
+            }
+        }
+    }
+}
+
+/// The node methods of a graph and the job of every key.
+pub(super) type Plan<T> = (Vec<NodeMethods<T>>, Vec<PlannedKey<T>>);
+
+/// The node methods of `graph` and the job of every key.
+pub(super) fn plan<T: Real>(
+    graph: &Graph,
+    rows: &[KeyRow],
+    layout: Option<Layout>,
+    opts: &MergeOptions,
+    report: &mut MergeReport,
+) -> Result<Plan<T>> {
+    let methods: Vec<NodeMethods<T>> = graph
+        .nodes
+        .iter()
+        .map(|n| NodeMethods::build(n, layout))
+        .collect::<Result<_>>()?;
+    for (node, method) in graph.nodes.iter().zip(&methods) {
+        for note in method.get(None).notes() {
+            report
+                .notes
+                .push(format!("node `{}` ({}): {note}", node.name, node.method));
+        }
+    }
+
+    let mut planned = Vec::with_capacity(rows.len());
+    for (ri, row) in rows.iter().enumerate() {
+        for (i, loc) in row.locs.iter().enumerate() {
+            if loc.is_none() {
+                report.lacking[i].push(row.name.clone());
+                if graph.repair.is_some_and(|r| row.locs[r].is_some()) {
+                    report.repaired[i] += 1;
+                }
+            }
+        }
+        let (job, action) = plan_key(graph, row, layout, &methods, opts)?;
+        report.actions.push((row.name.clone(), action));
+        planned.push(PlannedKey { row: ri, job });
+    }
+    Ok((methods, planned))
+}
+
+/// The job of the key of `row`, and what the report says of it.
+pub(super) fn plan_key<T: Real>(
+    graph: &Graph,
+    row: &KeyRow,
+    layout: Option<Layout>,
+    methods: &[NodeMethods<T>],
+    opts: &MergeOptions,
+) -> Result<(Job<T>, KeyAction)> {
+    // The node (or model) this key's component is routed to.
+    let target = layout
+        .and_then(|l| l.component_of(&row.name))
+        .and_then(|c| graph.components.get(c))
+        .copied()
+        .unwrap_or(graph.output);
+    if !row.is_float() {
+        return Ok((
+            Job::CopyRaw {
+                model: row.first,
+                offset: row.locs[row.first].unwrap().offset,
+                len: (row.numel() * row.dtype().bitsize() / 8) as u64,
+            },
+            KeyAction::CopiedUnchanged { model: row.first },
+        ));
+    }
+    let mut notes = Vec::new();
+    let expr = resolve(
+        target,
+        row,
+        Some(row.name.as_str()),
+        graph,
+        methods,
+        opts.seed,
+        opts.memory_budget / 4,
+        &mut notes,
+    )?;
+    let (expr, action) = match expr {
+        Some(Expr::Leaf(leaf)) => (
+            Expr::Leaf(leaf),
+            KeyAction::Taken {
+                model: leaf.model as usize,
+                because: TakenBecause::PassedThrough(notes.join("; ")),
+            },
+        ),
+        Some(e) => {
+            let action = if notes.is_empty() {
+                KeyAction::Merged
+            } else {
+                KeyAction::MergedPartly(notes.join("; "))
+            };
+            (e, action)
+        }
+        None => {
+            let m = match graph.fallback {
+                Some(f) if row.locs[f].is_some() => f,
+                _ => row.first,
+            };
+            (
+                Expr::Leaf(Leaf::new(row, m)),
+                KeyAction::Taken {
+                    model: m,
+                    because: TakenBecause::Fallback(notes.join("; ")),
+                },
+            )
+        }
+    };
+    Ok((
+        Job::Compute {
+            expr,
+            numel: row.numel(),
+        },
+        action,
+    ))
+}
+
+/// The number of NaN and Inf values in model `m`'s tensor for the key of `row` (one read of it).
+pub(super) fn count_non_finite<T: Real>(
+    row: &KeyRow,
+    m: usize,
+    models: &[ModelFile],
+) -> Result<u64> {
+    let loc = row.locs[m].expect("model has the key");
+    let numel = row.numel();
+    // Views that decode the whole tensor for any part are read whole.
+    let step = match row.view(&loc) {
+        View::Plain | View::Concat3 { .. } => BLOCK.min(numel).max(1),
+        _ => numel.max(1),
+    };
+    let (mut buf, mut raw) = (vec![T::ZERO; step], Vec::new());
+    let mut n = 0;
+    for start in (0..numel).step_by(step) {
+        let len = step.min(numel - start);
+        loc.read(row, &models[m], start, &mut buf[..len], &mut raw)?;
+        n += crate::non_finite::count(&buf[..len]);
+    }
+    Ok(n)
+}

@@ -1,0 +1,510 @@
+//! The scheduler: keys in name order cut into tasks that run in parallel, keys with statistic
+//! passes in groups, keys where an input holds NaN or Inf computed again.
+
+use super::*;
+
+pub(super) fn run<T: Real>(
+    graph: &Graph,
+    inputs: &RunInputs,
+    opts: &MergeOptions,
+    progress: &dyn Progress,
+) -> Result<MergeReport> {
+    let (models, rows) = (inputs.models, inputs.rows);
+    let started = Instant::now();
+    let mut report = MergeReport::new(graph);
+    report.layouts = inputs
+        .layouts
+        .iter()
+        .map(|l| l.map(|l| l.name().to_string()))
+        .collect();
+    report.architecture = inputs.layout.map(|l| l.name().to_string());
+    report.notes.extend(inputs.notes.iter().cloned());
+    let (methods, mut planned) = plan::<T>(graph, rows, inputs.layout, opts, &mut report)?;
+
+    // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
+    // Sub-chunks get shorter as the number of inputs grows, so the memory used does not grow
+    // with the number of models; half the budget goes to each part at most.
+    let threads = rayon::current_num_threads().max(1);
+    let tsize = std::mem::size_of::<T>();
+    let (mut leaves, mut nodes) = (1, 0);
+    for p in &planned {
+        if let Job::Compute { expr, .. } = &p.job {
+            let (l, n) = expr.cost();
+            leaves = leaves.max(l);
+            nodes = nodes.max(n);
+        }
+    }
+    let in_max = rows
+        .iter()
+        .flat_map(|r| r.locs.iter().flatten())
+        .filter_map(|l| FloatDtype::from_safetensors(l.dtype))
+        .map(|d| d.size())
+        .max()
+        .unwrap_or(2);
+    // One compute buffer per input and per node; the raw bytes of one input at a time.
+    let sub_bytes_per_elem = (leaves + nodes) * tsize + in_max;
+    let per_thread = opts.memory_budget / 2 / threads as u64;
+    let sub = (CACHE_TARGET.min(per_thread as usize) / sub_bytes_per_elem) / 256 * 256;
+    let out_size = opts.output_dtype.size();
+    let chunk = match opts.chunk_override {
+        Some(c) => c.max(1).div_ceil(BLOCK) * BLOCK,
+        None => (per_thread.min(TASK_OUTPUT_MAX) as usize / out_size) / BLOCK * BLOCK,
+    };
+    if sub == 0 || chunk == 0 {
+        return Err(Error::Invalid(format!(
+            "memory budget of {} is too small for this merge: {} inputs per key on {} threads need at least {}",
+            crate::size::format_bytes(opts.memory_budget),
+            leaves,
+            threads,
+            crate::size::format_bytes(
+                2 * threads as u64 * (256 * sub_bytes_per_elem).max(BLOCK * out_size) as u64
+            )
+        )));
+    }
+    let sub = sub.min(chunk);
+    report.chunk_elements = chunk;
+    report.threads = threads;
+    report.working_set_bytes = (threads * (sub * sub_bytes_per_elem + chunk * out_size)) as u64;
+
+    let (out_tensors, views) = output_views(&planned, rows, inputs.layout, opts)?;
+    let mut metadata: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
+    // The recipe that made the output (unless the caller recorded its own), with the settings it
+    // ran with: running it again gives the same bytes.
+    if !metadata.contains_key("amalgam_recipe") {
+        let settings = crate::recipe::RecipeSettings::of(opts);
+        metadata.insert(
+            "amalgam_recipe".into(),
+            crate::recipe::to_toml(graph, &settings),
+        );
+    }
+    // The recipe in sd-mecha's format too, where it can express it, so that sd-mecha and
+    // ComfyUI-mecha users can read where the model came from.
+    if !metadata.contains_key("mecha_recipe") {
+        let arch = inputs.layout.map(|l| l.arch());
+        if let Some(text) = crate::mecha::to_mecha(graph, inputs.layouts, arch, opts.seed) {
+            metadata.insert("mecha_recipe".into(), text);
+        }
+    }
+    metadata.insert("amalgam_version".into(), crate::VERSION.into());
+    metadata.insert("format".into(), "pt".into());
+    let key_tensors: Vec<Vec<usize>> = views.iter().map(OutView::tensors).collect();
+    let crate::resume::Opened {
+        out,
+        journal,
+        done: resumed,
+    } = crate::resume::open(graph, opts, &out_tensors, metadata, &key_tensors, progress)?;
+    let total_bytes: u64 = out_tensors
+        .iter()
+        .map(|t| (t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8) as u64)
+        .sum();
+    progress.start(total_bytes, planned.len());
+
+    report.bytes_read = bytes_read(&planned, rows);
+    let workers = Workers::<T>::new(threads, opts.non_finite.cleans());
+    let found = crate::non_finite::Found::default();
+    let out_dtype = opts.output_dtype;
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let keys_done = std::sync::atomic::AtomicUsize::new(0);
+    // Computes one task of a key (of `row`: a key computed again without an input is given a
+    // row without it).
+    let run_task = |task: &Task, key: &PlannedKey<T>, row: &KeyRow| -> Result<()> {
+        if opts.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let Job::Compute { expr, numel } = &key.job else {
+            unreachable!("only computed keys become tasks")
+        };
+        let len = task.range.len();
+        let step = task.step;
+        let mut non_finite = 0;
+        workers.with(|s| -> Result<()> {
+            let mut out_words = std::mem::take(&mut s.out);
+            let view = &views[task.key];
+            let pos = view.file_pos(&out, task.range.start, out_size);
+            let bytes =
+                crate::input::line_matched_bytes(&mut out_words, len * out_size, pos, out_size);
+            let mut at = task.range.start;
+            while at < task.range.end {
+                let r = at..(at + step).min(task.range.end);
+                let buf = eval(expr, row, &r, models, s)?;
+                if !s.bad.is_empty() {
+                    // Rare: an input holds NaN or Inf; the key is handled after the others.
+                    journal.hold(task.key);
+                    if opts.non_finite == NonFinite::Error {
+                        let m = s.bad[0] as usize;
+                        return Err(Error::NonFinite {
+                            path: graph.models[m].path.clone(),
+                            key: row.name.clone(),
+                            count: count_non_finite::<T>(row, m, models)?,
+                        });
+                    }
+                    found.add(task.key, s.bad.drain(..).map(|m| m as usize));
+                }
+                let o = (r.start - task.range.start) * out_size;
+                let dst = &mut bytes[o..o + r.len() * out_size];
+                out_dtype.encode(&buf[..r.len()], dst);
+                non_finite += crate::non_finite::count_encoded(out_dtype, dst);
+                s.free.push(buf);
+                at = r.end;
+            }
+            let result = view.write(&out, task.range.start, out_size, bytes);
+            s.out = out_words;
+            if step > sub {
+                // Buffers of a large unit are not kept for the small chunks that follow.
+                s.free.retain(|b| b.len() <= sub);
+                s.out = Vec::new();
+            }
+            result
+        })?;
+        let bytes = (len * out_size) as u64;
+        journal.wrote(task.key, bytes, non_finite)?;
+        written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let done = if task.range.end == *numel {
+            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+        } else {
+            keys_done.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        progress.advance(bytes, done, &row.name);
+        Ok(())
+    };
+    // Runs the tasks gathered so far, then drops the state of their keys.
+    let run_batch = |tasks: &mut Vec<Task>, planned: &mut [PlannedKey<T>]| -> Result<()> {
+        tasks
+            .par_iter()
+            .try_for_each(|t| run_task(t, &planned[t.key], &rows[planned[t.key].row]))?;
+        for t in tasks.iter() {
+            planned[t.key].job = Job::Done;
+        }
+        tasks.clear();
+        Ok(())
+    };
+    // A key whose unit is larger than a sub-chunk is run on its own, with as many units in
+    // flight as half the budget holds (at least one).
+    let in_flight = |unit: usize| -> usize {
+        let bytes = (unit * sub_bytes_per_elem + unit * out_size) as u64;
+        ((opts.memory_budget / 2) / bytes.max(1)).max(1) as usize
+    };
+
+    // The tasks of a key, spanning whole units; those of a key with statistics are cut so that
+    // every thread has a part of it (its passes end before its output starts).
+    let key_tasks = |ki: usize, numel: usize, unit: usize, large: bool, stats: bool| {
+        let (mut task_len, step) = if large {
+            (unit, unit)
+        } else {
+            (chunk.div_ceil(unit) * unit, sub / unit * unit)
+        };
+        if stats && !large {
+            let share = numel.div_ceil(2 * threads).div_ceil(step) * step;
+            task_len = task_len.min(share.max(step));
+        }
+        (0..numel)
+            .step_by(task_len.max(1))
+            .map(|start| Task {
+                key: ki,
+                range: start..(start + task_len).min(numel),
+                step,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Keys with statistic passes (and units that fit a sub-chunk) run `STAT_KEYS` per thread at
+    // once, each its passes and then its output: one key's passes alone leave threads idle
+    // (most keys are a few blocks) and its output must wait for them. They share the budget.
+    // A key's statistics are mostly per input (a rank histogram, sums, a row of the Gram
+    // matrix): with many inputs, fewer keys are in flight (`STAT_INPUTS`).
+    let stat_keys = (STAT_KEYS * threads).min((STAT_INPUTS / leaves).max(threads));
+    let run_stat_keys = |keys: &mut Vec<(usize, usize)>,
+                         planned: &mut [PlannedKey<T>],
+                         key_notes: &mut Vec<(usize, (String, String))>|
+     -> Result<()> {
+        let mut jobs: Vec<(usize, usize, PlannedKey<T>)> = keys
+            .drain(..)
+            .map(|(ki, unit)| {
+                let job = std::mem::replace(&mut planned[ki].job, Job::Done);
+                let row = planned[ki].row;
+                (ki, unit, PlannedKey { row, job })
+            })
+            .collect();
+        let notes: Vec<Vec<String>> = jobs
+            .par_iter_mut()
+            .map(|(ki, unit, key)| -> Result<Vec<String>> {
+                let row = &rows[key.row];
+                let Job::Compute { expr, numel } = &mut key.job else {
+                    unreachable!("only computed keys have statistics")
+                };
+                let numel = *numel;
+                let block = BLOCK.div_ceil(*unit) * *unit;
+                let in_flight = (in_flight(block) / stat_keys).max(1);
+                run_stats(expr, row, models, &workers, block, in_flight)?;
+                let mut notes = Vec::new();
+                expr.notes(&mut notes);
+                journal.set_notes(*ki, &notes);
+                if numel == 0 {
+                    keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                key_tasks(*ki, numel, *unit, false, true)
+                    .par_iter()
+                    .try_for_each(|t| run_task(t, key, row))?;
+                Ok(notes)
+            })
+            .collect::<Result<_>>()?;
+        for ((ki, _, key), notes) in jobs.iter().zip(notes) {
+            let name = &rows[key.row].name;
+            key_notes.extend(notes.into_iter().map(|n| (*ki, (name.clone(), n))));
+        }
+        Ok(())
+    };
+
+    // The elements of a key that are computed together.
+    let key_unit = |ki: usize, expr: &Expr<T>, row: &KeyRow| -> usize {
+        let numel = row.numel();
+        // A key written transposed, or read from a transposed input, is computed whole (the
+        // transpose needs the whole tensor; read in parts, it would be decoded once per part).
+        if matches!(views[ki], OutView::Transposed { .. }) || expr.reads_transposed(row) {
+            numel.max(1)
+        } else {
+            expr.unit().min(numel.max(1))
+        }
+    };
+    // Runs key `ki` on its own: its statistic passes, then its tasks, in groups of at most
+    // `in_flight` units when its unit is large. Returns its notes.
+    let run_alone = |ki: usize, key: &mut PlannedKey<T>, row: &KeyRow| -> Result<Vec<String>> {
+        let Job::Compute { expr, numel } = &mut key.job else {
+            unreachable!("only computed keys run alone")
+        };
+        let numel = *numel;
+        let unit = key_unit(ki, expr, row);
+        let (large, has_stats) = (unit > sub, expr.has_stats());
+        if has_stats {
+            let block = BLOCK.div_ceil(unit) * unit;
+            run_stats(expr, row, models, &workers, block, in_flight(block))?;
+        }
+        let mut notes = Vec::new();
+        expr.notes(&mut notes);
+        journal.set_notes(ki, &notes);
+        if numel == 0 {
+            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let tasks = key_tasks(ki, numel, unit, large, has_stats);
+        let group = if large { in_flight(unit) } else { tasks.len() };
+        for g in tasks.chunks(group.max(1)) {
+            g.par_iter().try_for_each(|t| run_task(t, key, row))?;
+        }
+        Ok(notes)
+    };
+
+    // Keys are executed in name order. The tasks of keys without statistic passes are gathered
+    // into one parallel batch; keys with statistic passes are gathered into groups (above), so
+    // per-key statistics never accumulate over many keys.
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut with_stats: Vec<(usize, usize)> = Vec::new();
+    let mut key_notes: Vec<(usize, (String, String))> = Vec::new();
+    let mut raw_buf = Vec::new();
+    // Keys a killed run wrote already (see `crate::resume`).
+    if !resumed.is_empty() {
+        report.notes.push(format!(
+            "resumed: {} of {} keys were written by an interrupted run",
+            resumed.len(),
+            planned.len()
+        ));
+    }
+    let mut resumed_output_non_finite: BTreeMap<usize, u64> = BTreeMap::new();
+    for (ki, record) in resumed {
+        let name = &rows[planned[ki].row].name;
+        key_notes.extend(record.notes.into_iter().map(|n| (ki, (name.clone(), n))));
+        report.inputs_non_finite.extend(record.inputs_non_finite);
+        if record.output_non_finite > 0 {
+            resumed_output_non_finite.insert(ki, record.output_non_finite);
+        }
+        planned[ki].job = Job::Done;
+        let bytes: u64 = key_tensors[ki]
+            .iter()
+            .map(|&t| out.tensor_range(t))
+            .map(|r| r.end - r.start)
+            .sum();
+        written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let done = keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        progress.advance(bytes, done, name);
+    }
+    for ki in 0..planned.len() {
+        if opts.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        if matches!(planned[ki].job, Job::Done) {
+            continue;
+        }
+        if let Job::CopyRaw { model, offset, len } = planned[ki].job {
+            let name = &rows[planned[ki].row].name;
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(8 << 20) as usize;
+                raw_buf.resize(n, 0u8);
+                models[model].read_at(offset + at, &mut raw_buf)?;
+                // Non-float keys are only renamed (e.g. position_ids).
+                let esize = (rows[planned[ki].row].dtype().bitsize() / 8).max(1);
+                views[ki].write(&out, at as usize / esize, esize, &mut raw_buf)?;
+                at += n as u64;
+            }
+            journal.wrote(ki, len, 0)?;
+            written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            let done = keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            progress.advance(len, done, name);
+            continue;
+        }
+        let row = &rows[planned[ki].row];
+        let Job::Compute { expr, numel } = &planned[ki].job else {
+            unreachable!()
+        };
+        let numel = *numel;
+        let unit = key_unit(ki, expr, row);
+        let large = unit > sub;
+        let has_stats = expr.has_stats();
+        if has_stats && !large {
+            with_stats.push((ki, unit));
+            if with_stats.len() == stat_keys {
+                run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
+            }
+            continue;
+        }
+        if large {
+            run_batch(&mut tasks, &mut planned)?;
+            run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
+            let job = std::mem::replace(&mut planned[ki].job, Job::Done);
+            let mut key = PlannedKey {
+                row: planned[ki].row,
+                job,
+            };
+            let notes = run_alone(ki, &mut key, row)?;
+            key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
+            continue;
+        }
+        let mut notes = Vec::new();
+        expr.notes(&mut notes);
+        journal.set_notes(ki, &notes);
+        key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
+        if numel == 0 {
+            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tasks.extend(key_tasks(ki, numel, unit, false, false));
+    }
+    run_batch(&mut tasks, &mut planned)?;
+    run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
+
+    // Keys where an input holds NaN or Inf: computed again without it, or kept as written (see
+    // `crate::non_finite`). Only these keys are read again.
+    for (ki, mut bad) in found.take() {
+        let original = &rows[planned[ki].row];
+        let mut row = original.clone();
+        let mut found_here: Vec<InputNonFinite> = Vec::new();
+        while !bad.is_empty() {
+            for m in bad {
+                found_here.push(InputNonFinite {
+                    key: row.name.clone(),
+                    model: m,
+                    count: count_non_finite::<T>(original, m, models)?,
+                    omitted: opts.non_finite == NonFinite::Omit,
+                });
+                row.locs[m] = None;
+            }
+            if opts.non_finite == NonFinite::Keep {
+                break;
+            }
+            // Without the models found so far; when no other model has the key, as it is.
+            let first = row.locs.iter().position(Option::is_some);
+            let redo = match first {
+                Some(f) => {
+                    row.first = f;
+                    &row
+                }
+                None => {
+                    found_here.iter_mut().for_each(|f| f.omitted = false);
+                    workers.set_clean(false);
+                    original
+                }
+            };
+            let without: Vec<&str> = found_here
+                .iter()
+                .filter(|f| f.omitted)
+                .map(|f| graph.models[f.model].name.as_str())
+                .collect();
+            progress.note(&if without.is_empty() {
+                format!(
+                    "key `{}`: no model has finite values; merged as they are",
+                    row.name
+                )
+            } else {
+                format!(
+                    "key `{}`: NaN/Inf values; computed again without {}",
+                    row.name,
+                    without.join(", ")
+                )
+            });
+            let (job, action) = plan_key(graph, redo, inputs.layout, &methods, opts)?;
+            report.actions[ki].1 = action;
+            // The key is written again: its bytes and its completion count once.
+            let bytes: u64 = key_tensors[ki]
+                .iter()
+                .map(|&t| out.tensor_range(t))
+                .map(|r| r.end - r.start)
+                .sum();
+            written.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+            keys_done.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            journal.restart(ki);
+            journal.set_inputs_non_finite(ki, &found_here);
+            let mut key = PlannedKey {
+                row: planned[ki].row,
+                job,
+            };
+            let notes = run_alone(ki, &mut key, redo)?;
+            key_notes.retain(|(k, _)| *k != ki);
+            key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
+            bad = found.take().remove(&ki).unwrap_or_default();
+            if first.is_none() {
+                workers.set_clean(opts.non_finite.cleans());
+                break;
+            }
+        }
+        journal.set_inputs_non_finite(ki, &found_here);
+        journal.release(ki);
+        report.inputs_non_finite.extend(found_here);
+    }
+    for ki in 0..planned.len() {
+        let n = journal.output_non_finite(ki) + resumed_output_non_finite.get(&ki).unwrap_or(&0);
+        if n > 0 {
+            report
+                .outputs_non_finite
+                .push((rows[planned[ki].row].name.clone(), n));
+        }
+    }
+    report
+        .inputs_non_finite
+        .sort_by(|a, b| (&a.key, a.model).cmp(&(&b.key, b.model)));
+
+    // Notes in key order, whichever group ran a key.
+    key_notes.sort_by_key(|&(ki, _)| ki);
+    report
+        .key_notes
+        .extend(key_notes.into_iter().map(|(_, n)| n));
+    report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
+    report.output = Some(journal.commit(out)?);
+    progress.finish();
+    report.elapsed = started.elapsed();
+    report.peak_rss_bytes = crate::report::peak_rss_bytes();
+    Ok(report)
+}
+
+pub(super) fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) -> u64 {
+    fn leaves<T: Real>(e: &Expr<T>, row: &KeyRow) -> u64 {
+        match e {
+            Expr::Leaf(l) => (row.numel() * l.dtype(row).size()) as u64,
+            Expr::Node(node) => node.args.iter().map(|a| leaves(a, row)).sum(),
+        }
+    }
+    planned
+        .iter()
+        .map(|p| match &p.job {
+            Job::CopyRaw { len, .. } => *len,
+            Job::Compute { expr, .. } => leaves(expr, &rows[p.row]),
+            Job::Done => 0,
+        })
+        .sum()
+}
