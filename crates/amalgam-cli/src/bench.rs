@@ -3,7 +3,10 @@
 //! For each N it synthesises (once, then reuses) SDXL-layout models, times a warm read of every
 //! input the merge reads, then runs each merge in a child process and reads its wall time and peak
 //! RSS, and times writing a file of the output's size. Reports the merge/read ratio, and the
-//! ratio to reading the inputs and writing the output (what any merge must do at least).
+//! ratio to reading the inputs and writing the output (what any merge must do at least), and the
+//! bytes the merge process read (its own I/O counters) as a multiple of the input size. With
+//! `--baseline OLD_BINARY` the same merge by another build runs in the same rounds, alternated,
+//! and the table gives the ratio of the two.
 
 use amalgam::size::{format_bytes, parse_bytes};
 use amalgam::synth::{Layout, SynthOptions};
@@ -38,6 +41,76 @@ pub struct BenchArgs {
     /// Rounds per measurement; the best time of each kind is reported
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Another amalgam binary (an older build) to run the same merges with, in the same rounds
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+}
+
+/// What one merge process took.
+struct Measured {
+    wall: f64,
+    /// Bytes it read through read() and pread() (`rchar` of /proc/PID/io; 0 where unknown).
+    read: u64,
+    /// Its peak resident set size.
+    rss: u64,
+}
+
+/// Runs `cmd` and measures its wall time (bytes read and peak RSS are not known here).
+#[cfg(not(unix))]
+fn measure(cmd: &mut std::process::Command) -> Result<Measured> {
+    let t = Instant::now();
+    if !cmd.status()?.success() {
+        bail!("merge failed: {cmd:?}");
+    }
+    Ok(Measured {
+        wall: t.elapsed().as_secs_f64(),
+        read: 0,
+        rss: 0,
+    })
+}
+
+/// Runs `cmd` and measures it: wall time, bytes read and peak RSS from the kernel's accounting
+/// of the process (read after it exits and before it is reaped).
+#[cfg(unix)]
+fn measure(cmd: &mut std::process::Command) -> Result<Measured> {
+    let t = Instant::now();
+    let child = cmd.spawn()?;
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: plain system calls on our own child; `info` and `usage` are written by the kernel.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        if libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        ) != 0
+        {
+            bail!("waiting for {cmd:?}: {}", std::io::Error::last_os_error());
+        }
+        let wall = t.elapsed().as_secs_f64();
+        let read = std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("rchar:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0);
+        let mut status = 0;
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::wait4(pid, &mut status, 0, &mut usage) != pid {
+            bail!("reaping {cmd:?}: {}", std::io::Error::last_os_error());
+        }
+        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            bail!("merge failed: {cmd:?}");
+        }
+        Ok(Measured {
+            wall,
+            read,
+            rss: usage.ru_maxrss as u64 * 1024,
+        })
+    }
 }
 
 fn read_all(files: &[PathBuf], threads: usize) -> Result<(f64, u64)> {
@@ -133,19 +206,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
             } else {
                 all[1..=n].to_vec()
             };
-            let report = a.dir.join("bench-report.json");
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("merge").arg("--method").arg(method);
-            if with_base {
-                cmd.arg("--base").arg(&files[0]).args(&files[1..]);
-            } else {
-                cmd.args(&files);
-            }
-            cmd.arg("-o").arg(&out).arg("--force").arg("--quiet");
-            cmd.arg("--threads").arg(a.threads.to_string());
-            cmd.arg("--memory-budget").arg(a.memory_budget.to_string());
-            cmd.arg("--compute-dtype").arg(&a.compute_dtype);
-            cmd.arg("--report-json").arg(&report);
+            let merge_cmd = |exe: &Path| {
+                let mut cmd = std::process::Command::new(exe);
+                cmd.arg("merge").arg("--method").arg(method);
+                if with_base {
+                    cmd.arg("--base").arg(&files[0]).args(&files[1..]);
+                } else {
+                    cmd.args(&files);
+                }
+                cmd.arg("-o").arg(&out).arg("--force").arg("--quiet");
+                cmd.arg("--threads").arg(a.threads.to_string());
+                cmd.arg("--memory-budget").arg(a.memory_budget.to_string());
+                cmd.arg("--compute-dtype").arg(&a.compute_dtype);
+                cmd
+            };
+            let mut cmd = merge_cmd(&exe);
+            let mut base_cmd = a.baseline.as_deref().map(merge_cmd);
+            let (mut base_s, mut base_read, mut base_rss) = (f64::MAX, 0u64, 0u64);
+            let mut merge_read = 0u64;
             // Best of `repeat` rounds; each round warms the page cache, then times one read of
             // every input on one thread and on all threads, then the merge. The machine's page
             // cache is not guaranteed to keep the inputs between rounds, hence the warm-up.
@@ -160,29 +238,45 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 read_all(&files, a.threads)?;
                 let (r, b) = read_all(&files, 1)?;
                 let (pr, _) = read_all(&files, a.threads)?;
-                let t = Instant::now();
-                let status = cmd.status()?;
-                let m = t.elapsed().as_secs_f64();
-                if !status.success() {
-                    bail!("merge failed: {cmd:?}");
-                }
+                let run = measure(&mut cmd)?;
+                let m = run.wall;
+                merge_read = run.read;
+                rss = rss.max(run.rss);
                 // Writing a file of the output's size, as the merge just did.
                 let out_len = std::fs::metadata(&out)?.len();
                 let _ = std::process::Command::new("sync").status();
                 write_s = write_s.min(write_new(&a.dir, out_len)?);
-                let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report)?)?;
-                rss = rss.max(json["peak_rss_bytes"].as_u64().unwrap_or(0));
                 (read_s, pread_s, merge_s, bytes) =
                     (read_s.min(r), pread_s.min(pr), merge_s.min(m), b);
+                // The baseline in the same round, on the same warm cache.
+                if let Some(bc) = base_cmd.as_mut() {
+                    let _ = std::fs::remove_file(&out);
+                    let _ = std::process::Command::new("sync").status();
+                    let run = measure(bc)?;
+                    base_s = base_s.min(run.wall);
+                    base_read = run.read;
+                    base_rss = base_rss.max(run.rss);
+                }
             }
+            let baseline = if a.baseline.is_some() {
+                format!(
+                    " {base_s:.2} s | {:.2}x | {:.2}x | {} |",
+                    merge_s / base_s,
+                    base_read as f64 / bytes as f64,
+                    format_bytes(base_rss)
+                )
+            } else {
+                String::new()
+            };
             let row = format!(
-                "| {method} | {n} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {} |",
+                "| {method} | {n} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} |{baseline}",
                 format_bytes(bytes),
                 bytes as f64 / read_s / 1e9,
                 bytes as f64 / merge_s / 1e9,
                 merge_s / read_s,
                 merge_s / pread_s,
                 merge_s / (read_s + write_s),
+                merge_read as f64 / bytes as f64,
                 format_bytes(rss)
             );
             eprintln!("{row}");
@@ -190,9 +284,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(&out);
-    let _ = std::fs::remove_file(a.dir.join("bench-report.json"));
-    println!("| method | N | input | warm read, 1 thread | warm read, all threads | write output, 1 thread | merge (wall) | merge / read 1T | merge / read all | merge / (read + write) 1T | peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let extra = if a.baseline.is_some() {
+        (
+            " baseline (wall) | merge / baseline | baseline read / input | baseline peak RSS |",
+            "---|---|---|---|",
+        )
+    } else {
+        ("", "")
+    };
+    println!("| method | N | input | warm read, 1 thread | warm read, all threads | write output, 1 thread | merge (wall) | merge / read 1T | merge / read all | merge / (read + write) 1T | read / input | peak RSS |{}", extra.0);
+    println!(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|{}",
+        extra.1
+    );
     for r in rows {
         println!("{r}");
     }

@@ -43,6 +43,22 @@ pub struct ModelFile {
     size: u64,
     tensors: BTreeMap<String, TensorEntry>,
     metadata: BTreeMap<String, String>,
+    /// Bytes of tensor data read so far.
+    read: std::sync::atomic::AtomicU64,
+}
+
+/// A tensor's raw bytes held in memory (see [`ModelFile::read_whole`]), in words so that they are
+/// aligned for decoding.
+pub(crate) struct RawTensor {
+    words: Vec<u64>,
+    skip: usize,
+    len: usize,
+}
+
+impl RawTensor {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.words)[self.skip..self.skip + self.len]
+    }
 }
 
 /// The largest header amalgam accepts (the safetensors limit).
@@ -133,7 +149,29 @@ impl ModelFile {
             size,
             tensors,
             metadata,
+            read: Default::default(),
         })
+    }
+
+    /// Bytes of tensor data read from this file so far (by every read method, all threads).
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self, n: usize) {
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Reads the `len` bytes at absolute byte `offset` into memory, aligned to `width`.
+    pub(crate) fn read_whole(&self, offset: u64, len: usize, width: usize) -> Result<RawTensor> {
+        let mut words = Vec::new();
+        let buf = line_matched_bytes(&mut words, len, offset, width);
+        let at = buf.as_ptr() as usize;
+        read_exact_at(&self.file, buf, offset).map_err(|e| Error::io(&self.path, e))?;
+        self.count(len);
+        let skip = at - words.as_ptr() as usize;
+        Ok(RawTensor { words, skip, len })
     }
 
     pub fn path(&self) -> &Path {
@@ -197,6 +235,7 @@ impl ModelFile {
                 ),
             )
         })?;
+        self.count(raw.len());
         dtype.decode(raw, dst);
         Ok(())
     }
@@ -223,6 +262,7 @@ impl ModelFile {
                 ),
             )
         })?;
+        self.count(raw.len());
         Ok(dtype.decode_checked(raw, dst))
     }
 
@@ -234,7 +274,9 @@ impl ModelFile {
 
     /// Copies `dst.len()` raw bytes at absolute byte `offset` of the file.
     pub(crate) fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
-        read_exact_at(&self.file, dst, offset).map_err(|e| Error::io(&self.path, e))
+        read_exact_at(&self.file, dst, offset).map_err(|e| Error::io(&self.path, e))?;
+        self.count(dst.len());
+        Ok(())
     }
 
     /// Copies `dst.len()` raw bytes of tensor `key` starting at byte `start` within the tensor.
@@ -247,7 +289,9 @@ impl ModelFile {
                 &self.path,
                 std::io::Error::new(e.kind(), format!("reading tensor `{key}`: {e}")),
             )
-        })
+        })?;
+        self.count(dst.len());
+        Ok(())
     }
 }
 

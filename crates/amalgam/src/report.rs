@@ -45,7 +45,11 @@ pub struct MergeReport {
     pub architecture: Option<String>,
     /// Per output key, in output order.
     pub actions: Vec<(String, KeyAction)>,
+    /// Bytes of tensor data actually read from the inputs.
     pub bytes_read: u64,
+    /// Bytes of tensor data the merge uses (each input's tensors once): what a merge reading
+    /// every input once reads.
+    pub input_bytes: u64,
     pub bytes_written: u64,
     pub chunk_elements: usize,
     pub threads: usize,
@@ -257,8 +261,10 @@ impl fmt::Display for MergeReport {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         write!(
             f,
-            "read {}, wrote {} in {:.2} s ({}/s read); {} threads, chunks of {} elements",
+            "read {} ({:.2}x the inputs' {}), wrote {} in {:.2} s ({}/s read); {} threads, chunks of {} elements",
             crate::size::format_bytes(self.bytes_read),
+            self.bytes_read as f64 / self.input_bytes.max(1) as f64,
+            crate::size::format_bytes(self.input_bytes),
             crate::size::format_bytes(self.bytes_written),
             secs,
             crate::size::format_bytes((self.bytes_read as f64 / secs) as u64),

@@ -75,19 +75,28 @@ pub(super) fn eval<T: Real>(
     row: &KeyRow,
     range: &Range<usize>,
     models: &[ModelFile],
+    cache: Option<&KeyCache>,
     s: &mut Scratch<T>,
 ) -> Result<Vec<T>> {
     let len = range.len();
     match expr {
         Expr::Leaf(l) => {
             let mut buf = s.take(len);
-            let finite = l.loc(row).read(
-                row,
-                &models[l.model as usize],
-                range.start,
-                &mut buf[..len],
-                &mut s.raw,
-            )?;
+            let finite = match cache.and_then(|c| c.bytes(l.model as usize)) {
+                // The key's tensor is in memory (see `cache`).
+                Some(raw) => {
+                    let dtype = l.dtype(row);
+                    let w = dtype.size();
+                    dtype.decode_checked(&raw[range.start * w..range.end * w], &mut buf[..len])
+                }
+                None => l.loc(row).read(
+                    row,
+                    &models[l.model as usize],
+                    range.start,
+                    &mut buf[..len],
+                    &mut s.raw,
+                )?,
+            };
             if !finite {
                 s.bad.push(l.model);
                 if s.clean {
@@ -99,7 +108,7 @@ pub(super) fn eval<T: Real>(
         Expr::Node(node) => {
             let mut bufs = Vec::with_capacity(node.args.len());
             for a in &node.args {
-                bufs.push(eval(a, row, range, models, s)?);
+                bufs.push(eval(a, row, range, models, cache, s)?);
             }
             let mut out = s.take(len);
             {
@@ -121,6 +130,7 @@ pub(super) fn run_stats<T: Real>(
     expr: &mut Expr<T>,
     row: &KeyRow,
     models: &[ModelFile],
+    cache: Option<&KeyCache>,
     workers: &Workers<T>,
     block: usize,
     in_flight: usize,
@@ -129,7 +139,7 @@ pub(super) fn run_stats<T: Real>(
     if let Expr::Node(node) = expr {
         let NodeExpr { state, args } = &mut **node;
         for a in args.iter_mut() {
-            run_stats(a, row, models, workers, block, in_flight)?;
+            run_stats(a, row, models, cache, workers, block, in_flight)?;
         }
         for pass in 0..state.stat_passes() {
             // A zero-element tensor is one empty block, so every statistic has its identity
@@ -156,7 +166,7 @@ pub(super) fn run_stats<T: Real>(
                             let len = range.len();
                             let bufs: Vec<Vec<T>> = args_ref
                                 .iter()
-                                .map(|a| eval(a, row, range, models, s))
+                                .map(|a| eval(a, row, range, models, cache, s))
                                 .collect::<Result<_>>()?;
                             let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
                             let r = st.stat_block(pass, range.clone(), &refs);

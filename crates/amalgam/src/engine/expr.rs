@@ -50,6 +50,13 @@ impl<T: Real> Expr<T> {
             Expr::Node(node) => node.args.iter().any(|a| a.reads_transposed(row)),
         }
     }
+    /// The models its leaves read (with repeats).
+    pub(super) fn leaf_models(&self, out: &mut Vec<usize>) {
+        match self {
+            Expr::Leaf(l) => out.push(l.model as usize),
+            Expr::Node(node) => node.args.iter().for_each(|a| a.leaf_models(out)),
+        }
+    }
     /// The notes of every node, children first.
     pub(super) fn notes(&self, out: &mut Vec<String>) {
         if let Expr::Node(node) = self {

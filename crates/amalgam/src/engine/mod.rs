@@ -16,6 +16,7 @@
 //!    output. Per element the summation order over models is fixed by the methods, so the bytes
 //!    do not depend on threads, task or sub-chunk size.
 
+mod cache;
 mod exec;
 mod expr;
 mod inputs;
@@ -27,6 +28,7 @@ mod schedule;
 mod tests;
 mod views;
 
+use cache::*;
 use exec::*;
 use expr::*;
 use inputs::*;

@@ -99,7 +99,8 @@ pub(super) fn run<T: Real>(
         .sum();
     progress.start(total_bytes, planned.len());
 
-    report.bytes_read = bytes_read(&planned, rows);
+    report.input_bytes = bytes_read(&planned, rows);
+    let read_before: u64 = models.iter().map(ModelFile::bytes_read).sum();
     let workers = Workers::<T>::new(threads, opts.non_finite.cleans());
     let found = crate::non_finite::Found::default();
     let out_dtype = opts.output_dtype;
@@ -107,71 +108,72 @@ pub(super) fn run<T: Real>(
     let keys_done = std::sync::atomic::AtomicUsize::new(0);
     // Computes one task of a key (of `row`: a key computed again without an input is given a
     // row without it).
-    let run_task = |task: &Task, key: &PlannedKey<T>, row: &KeyRow| -> Result<()> {
-        if opts.cancel.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        let Job::Compute { expr, numel } = &key.job else {
-            unreachable!("only computed keys become tasks")
-        };
-        let len = task.range.len();
-        let step = task.step;
-        let mut non_finite = 0;
-        workers.with(|s| -> Result<()> {
-            let mut out_words = std::mem::take(&mut s.out);
-            let view = &views[task.key];
-            let pos = view.file_pos(&out, task.range.start, out_size);
-            let bytes =
-                crate::input::line_matched_bytes(&mut out_words, len * out_size, pos, out_size);
-            let mut at = task.range.start;
-            while at < task.range.end {
-                let r = at..(at + step).min(task.range.end);
-                let buf = eval(expr, row, &r, models, s)?;
-                if !s.bad.is_empty() {
-                    // Rare: an input holds NaN or Inf; the key is handled after the others.
-                    journal.hold(task.key);
-                    if opts.non_finite == NonFinite::Error {
-                        let m = s.bad[0] as usize;
-                        return Err(Error::NonFinite {
-                            path: graph.models[m].path.clone(),
-                            key: row.name.clone(),
-                            count: count_non_finite::<T>(row, m, models)?,
-                        });
+    let run_task =
+        |task: &Task, key: &PlannedKey<T>, row: &KeyRow, cache: Option<&KeyCache>| -> Result<()> {
+            if opts.cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let Job::Compute { expr, numel } = &key.job else {
+                unreachable!("only computed keys become tasks")
+            };
+            let len = task.range.len();
+            let step = task.step;
+            let mut non_finite = 0;
+            workers.with(|s| -> Result<()> {
+                let mut out_words = std::mem::take(&mut s.out);
+                let view = &views[task.key];
+                let pos = view.file_pos(&out, task.range.start, out_size);
+                let bytes =
+                    crate::input::line_matched_bytes(&mut out_words, len * out_size, pos, out_size);
+                let mut at = task.range.start;
+                while at < task.range.end {
+                    let r = at..(at + step).min(task.range.end);
+                    let buf = eval(expr, row, &r, models, cache, s)?;
+                    if !s.bad.is_empty() {
+                        // Rare: an input holds NaN or Inf; the key is handled after the others.
+                        journal.hold(task.key);
+                        if opts.non_finite == NonFinite::Error {
+                            let m = s.bad[0] as usize;
+                            return Err(Error::NonFinite {
+                                path: graph.models[m].path.clone(),
+                                key: row.name.clone(),
+                                count: count_non_finite::<T>(row, m, models)?,
+                            });
+                        }
+                        found.add(task.key, s.bad.drain(..).map(|m| m as usize));
                     }
-                    found.add(task.key, s.bad.drain(..).map(|m| m as usize));
+                    let o = (r.start - task.range.start) * out_size;
+                    let dst = &mut bytes[o..o + r.len() * out_size];
+                    out_dtype.encode(&buf[..r.len()], dst);
+                    non_finite += crate::non_finite::count_encoded(out_dtype, dst);
+                    s.free.push(buf);
+                    at = r.end;
                 }
-                let o = (r.start - task.range.start) * out_size;
-                let dst = &mut bytes[o..o + r.len() * out_size];
-                out_dtype.encode(&buf[..r.len()], dst);
-                non_finite += crate::non_finite::count_encoded(out_dtype, dst);
-                s.free.push(buf);
-                at = r.end;
-            }
-            let result = view.write(&out, task.range.start, out_size, bytes);
-            s.out = out_words;
-            if step > sub {
-                // Buffers of a large unit are not kept for the small chunks that follow.
-                s.free.retain(|b| b.len() <= sub);
-                s.out = Vec::new();
-            }
-            result
-        })?;
-        let bytes = (len * out_size) as u64;
-        journal.wrote(task.key, bytes, non_finite)?;
-        written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-        let done = if task.range.end == *numel {
-            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
-        } else {
-            keys_done.load(std::sync::atomic::Ordering::Relaxed)
+                let result = view.write(&out, task.range.start, out_size, bytes);
+                s.out = out_words;
+                if step > sub {
+                    // Buffers of a large unit are not kept for the small chunks that follow.
+                    s.free.retain(|b| b.len() <= sub);
+                    s.out = Vec::new();
+                }
+                result
+            })?;
+            let bytes = (len * out_size) as u64;
+            journal.wrote(task.key, bytes, non_finite)?;
+            written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            let done = if task.range.end == *numel {
+                keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+            } else {
+                keys_done.load(std::sync::atomic::Ordering::Relaxed)
+            };
+            progress.advance(bytes, done, &row.name);
+            Ok(())
         };
-        progress.advance(bytes, done, &row.name);
-        Ok(())
-    };
     // Runs the tasks gathered so far, then drops the state of their keys.
     let run_batch = |tasks: &mut Vec<Task>, planned: &mut [PlannedKey<T>]| -> Result<()> {
         tasks
             .par_iter()
-            .try_for_each(|t| run_task(t, &planned[t.key], &rows[planned[t.key].row]))?;
+            .try_for_each(|t| run_task(t, &planned[t.key], &rows[planned[t.key].row], None))?;
         for t in tasks.iter() {
             planned[t.key].job = Job::Done;
         }
@@ -212,6 +214,20 @@ pub(super) fn run<T: Real>(
     // A key's statistics are mostly per input (a rank histogram, sums, a row of the Gram
     // matrix): with many inputs, fewer keys are in flight (`STAT_INPUTS`).
     let stat_keys = (STAT_KEYS * threads).min((STAT_INPUTS / leaves).max(threads));
+    // Reads a key with statistic passes into memory when its inputs take at most `share` of
+    // the budget's other half (the keys in flight share it), so that its passes and its output
+    // read each input once; else it is streamed, once per pass, and named in the report.
+    let streamed: std::sync::Mutex<Vec<String>> = Default::default();
+    let hold_key = |expr: &Expr<T>, row: &KeyRow, share: u64| -> Result<Option<KeyCache>> {
+        let cache = read_key(expr, row, models, opts.memory_budget / 2 / share.max(1))?;
+        if cache.is_none() {
+            streamed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(row.name.clone());
+        }
+        Ok(cache)
+    };
     let run_stat_keys = |keys: &mut Vec<(usize, usize)>,
                          planned: &mut [PlannedKey<T>],
                          key_notes: &mut Vec<(usize, (String, String))>|
@@ -234,7 +250,16 @@ pub(super) fn run<T: Real>(
                 let numel = *numel;
                 let block = BLOCK.div_ceil(*unit) * *unit;
                 let in_flight = (in_flight(block) / stat_keys).max(1);
-                run_stats(expr, row, models, &workers, block, in_flight)?;
+                let cache = hold_key(expr, row, stat_keys as u64)?;
+                run_stats(
+                    expr,
+                    row,
+                    models,
+                    cache.as_ref(),
+                    &workers,
+                    block,
+                    in_flight,
+                )?;
                 let mut notes = Vec::new();
                 expr.notes(&mut notes);
                 journal.set_notes(*ki, &notes);
@@ -243,7 +268,7 @@ pub(super) fn run<T: Real>(
                 }
                 key_tasks(*ki, numel, *unit, false, true)
                     .par_iter()
-                    .try_for_each(|t| run_task(t, key, row))?;
+                    .try_for_each(|t| run_task(t, key, row, cache.as_ref()))?;
                 Ok(notes)
             })
             .collect::<Result<_>>()?;
@@ -274,9 +299,15 @@ pub(super) fn run<T: Real>(
         let numel = *numel;
         let unit = key_unit(ki, expr, row);
         let (large, has_stats) = (unit > sub, expr.has_stats());
+        let cache = if has_stats {
+            hold_key(expr, row, 1)?
+        } else {
+            None
+        };
         if has_stats {
             let block = BLOCK.div_ceil(unit) * unit;
-            run_stats(expr, row, models, &workers, block, in_flight(block))?;
+            let cache = cache.as_ref();
+            run_stats(expr, row, models, cache, &workers, block, in_flight(block))?;
         }
         let mut notes = Vec::new();
         expr.notes(&mut notes);
@@ -287,7 +318,8 @@ pub(super) fn run<T: Real>(
         let tasks = key_tasks(ki, numel, unit, large, has_stats);
         let group = if large { in_flight(unit) } else { tasks.len() };
         for g in tasks.chunks(group.max(1)) {
-            g.par_iter().try_for_each(|t| run_task(t, key, row))?;
+            g.par_iter()
+                .try_for_each(|t| run_task(t, key, row, cache.as_ref()))?;
         }
         Ok(notes)
     };
@@ -485,6 +517,16 @@ pub(super) fn run<T: Real>(
         .key_notes
         .extend(key_notes.into_iter().map(|(_, n)| n));
     report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
+    report.bytes_read = models.iter().map(ModelFile::bytes_read).sum::<u64>() - read_before;
+    let streamed = streamed.into_inner().unwrap_or_else(|e| e.into_inner());
+    if !streamed.is_empty() {
+        report.notes.push(format!(
+            "{} keys with statistic passes were read once per pass (their inputs take more than their share of --memory-budget): {}{}",
+            streamed.len(),
+            streamed[..streamed.len().min(4)].join(", "),
+            if streamed.len() > 4 { ", ..." } else { "" }
+        ));
+    }
     report.output = Some(journal.commit(out)?);
     progress.finish();
     report.elapsed = started.elapsed();

@@ -93,15 +93,25 @@ fn statistic_passes_see_every_block_in_order_whatever_the_threads() {
             args: vec![Expr::Leaf(Leaf::new(&rows[0], 0))],
         }));
         let workers = Workers::new(threads, true);
-        pool.install(|| run_stats(&mut expr, &rows[0], &models, &workers, BLOCK, usize::MAX))
-            .unwrap();
+        pool.install(|| {
+            run_stats(
+                &mut expr,
+                &rows[0],
+                &models,
+                None,
+                &workers,
+                BLOCK,
+                usize::MAX,
+            )
+        })
+        .unwrap();
         // Sub-chunks of two different lengths give the same values.
         for step in [1000, 4 * BLOCK] {
             let mut got = Vec::new();
             let mut s = Scratch::new(true);
             for start in (0..n).step_by(step) {
                 let r = start..(start + step).min(n);
-                let buf = eval(&expr, &rows[0], &r, &models, &mut s).unwrap();
+                let buf = eval(&expr, &rows[0], &r, &models, None, &mut s).unwrap();
                 got.extend_from_slice(&buf[..r.len()]);
             }
             results.push(got);
