@@ -1,0 +1,433 @@
+//! One key's pipeline state: masks, thresholds, ranks and their blocks.
+
+use super::*;
+
+/// Bits of the |δ| key resolved per trim pass (a 2048-bin histogram per model).
+pub(super) const DIGIT_BITS: u32 = 11;
+
+/// The state of the exact selection of one model's threshold, digit by digit from the top.
+pub(super) struct Select {
+    /// The key bits resolved so far.
+    pub(super) prefix: u64,
+    /// The rank still to find among the keys with that prefix.
+    pub(super) rank: u64,
+    /// The histogram of the current pass (allocated while the key's statistics run: every key's
+    /// state exists from planning on, so it must stay small until then).
+    pub(super) counts: Vec<u64>,
+}
+
+/// With `ranks = auto` or `histogram`, tensors up to this many elements are ranked exactly (a sort
+/// of a small tensor costs less than a histogram's bins)...
+pub(super) const SMALL_TENSOR: usize = 1 << 16;
+/// ... and when their unit of all models (inputs, deltas, masks, sort buffers) takes at most this
+/// many bytes: with many models, small tensors too are ranked from the histogram, so that the
+/// memory of a merge does not grow with the number of models.
+pub(super) const SMALL_UNIT_BYTES: u64 = 4 << 20;
+
+/// The DELLA drop of one key.
+pub(super) struct DellaKey {
+    pub(super) config: Della,
+    /// Elements ranked together when `exact` (a row or the tensor); 1 otherwise.
+    pub(super) unit: usize,
+    /// Exact ordinal ranks per unit, or ranks estimated from a histogram pass.
+    pub(super) exact: bool,
+    /// Per model, the histogram (estimated ranks only).
+    pub(super) hist: Vec<RankHistogram>,
+    /// Per model, the histogram while its pass runs: the blocks add their counts here as they
+    /// are computed (integer counts, so the order does not matter), rather than each block
+    /// returning a table to absorb.
+    pub(super) counting: std::sync::Mutex<Vec<RankHistogram>>,
+    /// The bound on the keep-probability error of the estimate.
+    pub(super) bound: f64,
+    /// With exact ranks and statistic passes: the first pass computes the masks (one bit per
+    /// element and model) and the later passes and the merge reuse them, instead of ranking
+    /// again. Not with `per_element` rescale, which needs each entry's probability.
+    pub(super) cache_masks: bool,
+    /// Per model, the keep bit of every element (once the first pass has run).
+    pub(super) masks: Vec<Vec<u64>>,
+}
+
+pub(super) struct KeyPipeline<T> {
+    pub(super) della: Option<DellaKey>,
+    /// With `stock`: the row length (the last dimension); 0 otherwise.
+    pub(super) stock_row: usize,
+    pub(super) numel: usize,
+    pub(super) config: Config,
+    pub(super) key: String,
+    pub(super) seed: u64,
+    /// The random stream of each present model (its position among the node's arguments).
+    pub(super) streams: Vec<u32>,
+    pub(super) trim_passes: usize,
+    pub(super) select: Vec<Select>,
+    /// Per model, the smallest |δ| key that is kept (0 keeps everything; empty without a trim).
+    pub(super) thresholds: Vec<u64>,
+    /// Per model, the factor its kept entries are scaled by (`l1`; empty = 1).
+    pub(super) scales: Vec<T>,
+    /// The `l1` pass's sums: per model, Σ|δ| and Σ|kept δ|.
+    pub(super) l1: Vec<f64>,
+    pub(super) gram: Vec<f64>,
+    pub(super) coefficients: Vec<T>,
+}
+
+/// Elements processed together: every stage runs over one block of all models at a time, model
+/// by model, in loops the compiler vectorises.
+pub(super) const W: usize = 256;
+
+/// Elements of the filtered deltas a Gram matrix product takes at once (a multiple of `W`).
+pub(super) const GRAM_SPAN: usize = 8 * W;
+
+/// How far [`KeyPipeline::blocks`] takes the deltas.
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Stage {
+    /// After the drop only (what the trim threshold is selected from).
+    Dropped,
+    /// After drop, trim and the `l1` scale; the election is left to the caller.
+    Kept,
+    /// After drop, trim, election and sign filter.
+    Filtered,
+}
+
+#[inline(always)]
+pub(super) fn sign<T: Real>(v: T) -> T {
+    if v > T::ZERO {
+        T::ONE
+    } else if v < T::ZERO {
+        -T::ONE
+    } else {
+        T::ZERO
+    }
+}
+
+/// What a statistic pass computes.
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Pass {
+    /// The histogram of |δ| per model, for DELLA ranks too large to sort.
+    Histogram,
+    /// One digit of the trim threshold.
+    Trim(usize),
+    /// The L1 norms of the `l1` rescale.
+    L1,
+    /// The Gram matrix of the filtered deltas, for the geometric median.
+    Gram,
+}
+
+impl<T: Real> KeyPipeline<T> {
+    pub(super) fn histogram_passes(&self) -> usize {
+        usize::from(self.della.as_ref().is_some_and(|d| !d.exact))
+    }
+
+    pub(super) fn pass(&self, pass: usize) -> Pass {
+        let h = self.histogram_passes();
+        if pass < h {
+            Pass::Histogram
+        } else if pass < h + self.trim_passes {
+            Pass::Trim(pass - h)
+        } else if self.config.rescale == Rescale::L1 && pass == h + self.trim_passes {
+            Pass::L1
+        } else {
+            Pass::Gram
+        }
+    }
+
+    /// The bits of trim pass `pass`'s digit: (shift, already-resolved high bits' shift).
+    pub(super) fn digit_shift(pass: usize) -> (u32, u32) {
+        let top = T::KEY_BITS.div_ceil(DIGIT_BITS) * DIGIT_BITS;
+        let shift = top - DIGIT_BITS * (pass as u32 + 1);
+        (shift, shift + DIGIT_BITS)
+    }
+
+    /// The DELLA factors of `range` with exact ranks: per model `t`, at `[t * len..(t + 1) * len]`,
+    /// 0 for a dropped entry, else 1 (or `1 / q` with `per_element`). `range` spans whole units.
+    pub(super) fn della_factors(
+        &self,
+        d: &DellaKey,
+        range: &Range<usize>,
+        args: &[&[T]],
+    ) -> Vec<T> {
+        let len = range.len();
+        let mut factors = vec![T::ZERO; self.streams.len() * len];
+        if len == 0 {
+            return factors;
+        }
+        if !d.masks.is_empty() {
+            for (f, bits) in factors.chunks_mut(len).zip(&d.masks) {
+                for (i, f) in f.iter_mut().enumerate() {
+                    let e = range.start + i;
+                    *f = if bits[e / 64] >> (e % 64) & 1 == 1 {
+                        T::ONE
+                    } else {
+                        T::ZERO
+                    };
+                }
+            }
+            return factors;
+        }
+        let per_element = self.config.rescale == Rescale::PerElement;
+        type Buffers<T> = (RankScratch, Vec<T>, Vec<u32>, Vec<u16>);
+        let buffers = || -> Buffers<T> {
+            (
+                RankScratch::default(),
+                vec![T::ZERO; d.unit],
+                vec![0u32; d.unit],
+                vec![0u16; d.unit],
+            )
+        };
+        let rank_model = |(sort, deltas, ranks, words): &mut Buffers<T>,
+                          factors: &mut [T],
+                          x: &[T],
+                          stream| {
+            for u in (0..len).step_by(d.unit) {
+                let unit = u..u + d.unit;
+                for ((o, &a), &b) in deltas
+                    .iter_mut()
+                    .zip(&x[unit.clone()])
+                    .zip(&args[0][unit.clone()])
+                {
+                    *o = a - b;
+                }
+                ordinal_ranks(deltas, sort, ranks);
+                rng::draws(self.seed, &self.key, stream, range.start + u, words);
+                for ((f, &r), &w) in factors[unit].iter_mut().zip(ranks.iter()).zip(words.iter()) {
+                    let q = d.config.keep(r as f64, d.unit);
+                    *f = if (w as u32) < rng::threshold(q) {
+                        if per_element {
+                            T::from_f64(1.0 / q)
+                        } else {
+                            T::ONE
+                        }
+                    } else {
+                        T::ZERO
+                    };
+                }
+            }
+        };
+        let parallel = factors.len() >= 1 << 16;
+        let work = factors.chunks_mut(len).zip(&args[1..]).zip(&self.streams);
+        if parallel {
+            // Large units: the models are ranked in parallel, a sort buffer per worker.
+            work.par_bridge()
+                .for_each_init(buffers, |b, ((f, x), &stream)| {
+                    rank_model(b, f, x, stream.into())
+                });
+        } else {
+            let mut b = buffers();
+            work.for_each(|((f, x), &stream)| rank_model(&mut b, f, x, stream.into()));
+        }
+        factors
+    }
+
+    /// With `stock`: the model-stock factor of each row of `range` (empty otherwise), from the
+    /// cosines of adjacent models' filtered deltas along the row, as PyTorch's
+    /// `CosineSimilarity(dim=-1, eps)`: `x·y / (max(‖x‖, eps) · max(‖y‖, eps))`.
+    pub(super) fn stock_factors(&self, range: &Range<usize>, args: &[&[T]]) -> Vec<T> {
+        let Some(eps) = self.config.stock else {
+            return Vec::new();
+        };
+        let n = self.streams.len();
+        let row = self.stock_row;
+        let rows = range.len() / row;
+        if n < 2 {
+            return vec![T::ONE; rows];
+        }
+        let mut dots = vec![0f64; rows * (n - 1)];
+        let mut norms = vec![0f64; rows * n];
+        self.blocks(Stage::Filtered, range, args, None, |at, len, d, _| {
+            for t in 0..n {
+                for i in 0..len {
+                    let r = (at + i) / row;
+                    let v = d[t * W + i].to_f64();
+                    norms[r * n + t] += v * v;
+                    if t + 1 < n {
+                        dots[r * (n - 1) + t] += v * d[(t + 1) * W + i].to_f64();
+                    }
+                }
+            }
+        });
+        let nf = n as f64;
+        (0..rows)
+            .map(|r| {
+                let mean = (0..n - 1)
+                    .map(|t| {
+                        let (a, b) = (norms[r * n + t].sqrt(), norms[r * n + t + 1].sqrt());
+                        (dots[r * (n - 1) + t] / (a.max(eps) * b.max(eps))).clamp(-1.0, 1.0)
+                    })
+                    .sum::<f64>()
+                    / (nf - 1.0);
+                T::from_f64(nf * mean / (1.0 + (nf - 1.0) * mean))
+            })
+            .collect()
+    }
+
+    /// Whether statistic pass `pass` computes the masks that the later passes reuse.
+    pub(super) fn computes_masks(&self, pass: usize) -> bool {
+        pass == 0 && self.della.as_ref().is_some_and(|d| d.cache_masks)
+    }
+
+    /// Runs the pipeline up to `stage` over `range` (`args[0]` is the base), a block of `W`
+    /// elements at a time, calling `sink(offset, len, deltas, gamma)` per block: `deltas` holds
+    /// model `t`'s values at `[t * W..t * W + len]`, `gamma` the elected signs (Filtered only).
+    pub(super) fn blocks(
+        &self,
+        stage: Stage,
+        range: &Range<usize>,
+        args: &[&[T]],
+        factors: Option<&[T]>,
+        mut sink: impl FnMut(usize, usize, &[T], &[T]),
+    ) {
+        let base = args[0];
+        let models = &args[1..];
+        let n = models.len();
+        let mut d = vec![T::ZERO; n * W];
+        let mut gamma = [T::ZERO; W];
+        let mut words = vec![0u16; W];
+        let per_element = self.config.rescale == Rescale::PerElement;
+        let mut streams: Vec<rng::Stream> = match &self.config.drop {
+            Drop::None => Vec::new(),
+            Drop::Della(_) if self.della.as_ref().is_some_and(|d| d.exact) => Vec::new(),
+            _ => self
+                .streams
+                .iter()
+                .map(|&m| rng::Stream::new(self.seed, &self.key, m.into(), range.start))
+                .collect(),
+        };
+        let (dare_keep, dare_scale) = match self.config.drop {
+            Drop::Dare { p } => (
+                rng::threshold(1.0 - p),
+                T::from_f64(if per_element { 1.0 / (1.0 - p) } else { 1.0 }),
+            ),
+            _ => (1 << 16, T::ONE),
+        };
+        let computed;
+        let della_exact = match (&self.della, factors) {
+            (_, Some(f)) => Some(f),
+            (Some(dk), None) if dk.exact => {
+                computed = self.della_factors(dk, range, args);
+                Some(computed.as_slice())
+            }
+            _ => None,
+        };
+        let total = range.len();
+        let mut at = 0;
+        while at < total {
+            let len = W.min(total - at);
+            let b = &base[at..at + len];
+            for t in 0..n {
+                let dt = &mut d[t * W..t * W + len];
+                for ((o, &x), &bb) in dt.iter_mut().zip(&models[t][at..at + len]).zip(b) {
+                    *o = x - bb;
+                }
+                if let Some(f) = della_exact {
+                    for (o, &f) in dt.iter_mut().zip(&f[t * total + at..t * total + at + len]) {
+                        *o *= f;
+                    }
+                } else if let Some(stream) = streams.get_mut(t) {
+                    stream.fill(&mut words[..len]);
+                    match (&self.config.drop, &self.della) {
+                        (Drop::Della(cfg), Some(dk)) => {
+                            // Ranks estimated from the histogram.
+                            let h = &dk.hist[t];
+                            let (qa, qb) = cfg.tensor_affine(self.numel);
+                            let (qa, qb) = (qa as f32, qb as f32);
+                            // Element `i` of the block is at `start + i` in the tensor.
+                            let start = range.start + at;
+                            let keep = |o: T, w: u16, i: usize| {
+                                let q = (qa + qb * h.rank(key32(o), start + i)).clamp(0.0, 1.0);
+                                ((w as f32) < q * 65_536.0, q)
+                            };
+                            if per_element {
+                                for (i, (o, &w)) in dt.iter_mut().zip(&words[..len]).enumerate() {
+                                    let (kept, q) = keep(*o, w, i);
+                                    *o *= if kept {
+                                        T::from_f64(1.0 / q as f64)
+                                    } else {
+                                        T::ZERO
+                                    };
+                                }
+                            } else {
+                                // A draw below every keep probability keeps the entry and one
+                                // above all of them drops it, whatever its rank: only the draws
+                                // within the window (a fraction |ε| of them) need the rank.
+                                let (small, large) = cfg.range();
+                                let lo = (small.min(large) * 65_536.0) as f32;
+                                let hi = (small.max(large) * 65_536.0) as f32;
+                                let w = &words[..len];
+                                for (o, &w) in dt.iter_mut().zip(w) {
+                                    *o *= if (w as f32) < lo { T::ONE } else { T::ZERO };
+                                }
+                                // The open draws, 32 at a time as the bits of a word (the
+                                // comparisons vectorise), then visited bit by bit.
+                                for (c, w32) in w.chunks(32).enumerate() {
+                                    let mut open =
+                                        w32.iter().enumerate().fold(0u32, |m, (j, &w)| {
+                                            let wf = w as f32;
+                                            m | (u32::from(wf >= lo && wf < hi) << j)
+                                        });
+                                    while open != 0 {
+                                        let i = c * 32 + open.trailing_zeros() as usize;
+                                        open &= open - 1;
+                                        let delta = models[t][at + i] - b[i];
+                                        dt[i] = if keep(delta, w[i], i).0 {
+                                            delta
+                                        } else {
+                                            T::ZERO
+                                        };
+                                    }
+                                }
+                            }
+                        }
+                        _ => {
+                            for (o, &w) in dt.iter_mut().zip(&words[..len]) {
+                                *o *= if (w as u32) < dare_keep {
+                                    dare_scale
+                                } else {
+                                    T::ZERO
+                                };
+                            }
+                        }
+                    }
+                }
+                let thr = self.thresholds.get(t).copied().unwrap_or(0);
+                if stage != Stage::Dropped && thr > 0 {
+                    for o in dt.iter_mut() {
+                        *o *= if o.abs_key() >= thr { T::ONE } else { T::ZERO };
+                    }
+                }
+                if stage != Stage::Dropped {
+                    if let Some(&scale) = self.scales.get(t) {
+                        dt.iter_mut().for_each(|o| *o *= scale);
+                    }
+                }
+            }
+            let g = &mut gamma[..len];
+            if stage == Stage::Filtered && self.config.election != Election::None {
+                g.fill(T::ZERO);
+                for t in 0..n {
+                    let dt = &d[t * W..t * W + len];
+                    match self.config.election {
+                        Election::Mass => g.iter_mut().zip(dt).for_each(|(s, &v)| *s += v),
+                        _ => g.iter_mut().zip(dt).for_each(|(s, &v)| *s += sign(v)),
+                    }
+                }
+                let positive_tie = self.config.sign_tie == SignTie::Positive;
+                for s in g.iter_mut() {
+                    let e = sign(*s);
+                    *s = if e == T::ZERO && positive_tie {
+                        T::ONE
+                    } else {
+                        e
+                    };
+                }
+                for t in 0..n {
+                    let dt = &mut d[t * W..t * W + len];
+                    // Multiplying by 1 or 0 instead of a conditional store, which the compiler
+                    // turns into a masked store, very slow on some CPUs.
+                    for (o, &e) in dt.iter_mut().zip(g.iter()) {
+                        *o *= if sign(*o) == e { T::ONE } else { T::ZERO };
+                    }
+                }
+            }
+            sink(at, len, &d, g);
+            at += len;
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The pipeline's stages as named options.
+
+use super::*;
+
+/// Which entries of the deltas are dropped at random before anything else.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Drop {
+    None,
+    /// DARE: every entry is dropped with probability `p`, independently.
+    Dare {
+        p: f64,
+    },
+    /// DELLA (MagPrune): entries dropped with probabilities linear in their magnitude rank.
+    Della(Della),
+}
+
+impl Drop {
+    /// The mean drop probability.
+    pub(super) fn p(&self) -> f64 {
+        match *self {
+            Drop::None => 0.0,
+            Drop::Dare { p } => p,
+            Drop::Della(d) => d.p,
+        }
+    }
+}
+
+/// How the sign of each element is elected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Election {
+    /// Sign of the sum of the deltas (the TIES paper).
+    Mass,
+    /// Sign of the sum of the signs, a majority vote (TIES-SOUP).
+    Count,
+    /// No election: every entry is kept.
+    None,
+}
+
+/// How the kept entries are combined.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fuse {
+    /// Mean over the entries of the elected sign (zeros excluded).
+    DisjointMean,
+    /// Mean over all models (filtered-out entries count as 0).
+    Mean,
+    /// Sum over all models.
+    Sum,
+    /// Geometric median of the filtered deltas, each whole tensor one point.
+    GeometricMedian(Weiszfeld),
+}
+
+/// The factor the fused result is divided by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Rescale {
+    None,
+    /// `1 / (1 − p)` of the drop, once on the result (sd-mecha's `rescale`).
+    InverseKeep,
+    /// Every kept entry divided by its keep probability before the vote: `1 − p` for DARE (the
+    /// DARE paper), its own `q_i` for DELLA (the DELLA paper).
+    PerElement,
+    /// Each model's kept entries scaled so their L1 norm equals that of its whole delta
+    /// (current mergekit); models whose norms are below 1e-7 are left as they are.
+    L1,
+}
+
+/// The result where the election ties (as many + as −, or a zero sum).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SignTie {
+    /// Output 0: the element keeps the base value (sd-mecha).
+    Zero,
+    /// Treat the tie as + (mergekit).
+    Positive,
+}
+
+/// The whole pipeline's configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Config {
+    pub drop: Drop,
+    /// Fraction of entries kept per model and tensor by magnitude (1 = no trim).
+    pub k: f64,
+    pub election: Election,
+    pub sign_tie: SignTie,
+    pub fuse: Fuse,
+    pub rescale: Rescale,
+    pub lambda: f64,
+    /// Add the base itself as a zero-delta point (geometric median only, as the DGMLA recipe).
+    pub base_point: bool,
+    /// Multiply the fused result by the model-stock factor of the filtered deltas (cosines of
+    /// adjacent models along the last dimension, one factor per row; sd-mecha's
+    /// `ties_sum_extended` with `apply_stock = false`), with this `cos_eps`.
+    pub stock: Option<f64>,
+}

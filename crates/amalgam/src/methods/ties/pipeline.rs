@@ -1,0 +1,301 @@
+//! A configured pipeline: its parameters, and what it does per key.
+
+use super::*;
+
+/// A configured pipeline, registered under one of the preset names.
+pub struct Pipeline {
+    info: &'static MethodInfo,
+    config: Config,
+}
+
+impl Pipeline {
+    pub(super) fn build(info: &'static MethodInfo, mut params: Params) -> Result<Self> {
+        let default = |name: &str| -> &'static str {
+            info.params
+                .iter()
+                .find(|p| p.name == name)
+                .and_then(|p| p.default)
+                .expect("preset default")
+        };
+        let bad = |msg: String| Error::method(info.name, msg);
+        let drop_kind = params.choice("drop", &["none", "dare", "della"], default("drop"))?;
+        let p = params.number("p", default("p").parse().unwrap())?;
+        if drop_kind != "none" && !(0.0..1.0).contains(&p) {
+            return Err(bad(format!("`p` must be in [0, 1), got {p}")));
+        }
+        let epsilon = params.number("epsilon", f64::NAN)?;
+        let della_eps = params.number("della_eps", f64::NAN)?;
+        let eps = match (della_eps.is_nan(), epsilon.is_nan()) {
+            (false, false) => {
+                return Err(bad(
+                    "give `della_eps` (total width) or `epsilon` (half width), not both".into(),
+                ))
+            }
+            (true, false) => 2.0 * epsilon,
+            (false, true) => della_eps,
+            (true, true) => default("della_eps").parse().unwrap(),
+        };
+        let rank = match params.choice("rank", &["tensor", "row"], default("rank"))? {
+            "row" => Rank::Row,
+            _ => Rank::Tensor,
+        };
+        if drop_kind != "della" && !(della_eps.is_nan() && epsilon.is_nan()) {
+            return Err(bad(
+                "`della_eps` and `epsilon` only apply to `drop = \"della\"`".into(),
+            ));
+        }
+        let ranks = match params.choice("ranks", &["auto", "exact", "histogram"], "auto")? {
+            "exact" => Ranks::Exact,
+            "histogram" => Ranks::Histogram,
+            _ => Ranks::Auto,
+        };
+        if ranks == Ranks::Histogram && rank == Rank::Row {
+            return Err(bad(
+                "`ranks = \"histogram\"` estimates whole-tensor ranks: it needs `rank = \"tensor\"`"
+                    .into(),
+            ));
+        }
+        let drop = match drop_kind {
+            "dare" => Drop::Dare { p },
+            "della" => Drop::Della(Della {
+                p,
+                eps,
+                rank,
+                ranks,
+            }),
+            _ => Drop::None,
+        };
+        let k = params.number("k", default("k").parse().unwrap())?;
+        if !(k > 0.0 && k <= 1.0) {
+            return Err(bad(format!("`k` must be in (0, 1], got {k}")));
+        }
+        let election =
+            match params.choice("election", &["mass", "count", "none"], default("election"))? {
+                "mass" => Election::Mass,
+                "count" => Election::Count,
+                _ => Election::None,
+            };
+        let sign_tie = match params.choice("sign_tie", &["zero", "positive"], "zero")? {
+            "positive" => SignTie::Positive,
+            _ => SignTie::Zero,
+        };
+        let weiszfeld = Weiszfeld::from_params(&mut params)?;
+        let fuse = match params.choice(
+            "fuse",
+            &["disjoint_mean", "mean", "sum", "geometric_median"],
+            default("fuse"),
+        )? {
+            "disjoint_mean" => Fuse::DisjointMean,
+            "mean" => Fuse::Mean,
+            "sum" => Fuse::Sum,
+            _ => Fuse::GeometricMedian(weiszfeld),
+        };
+        let rescale = match params.choice(
+            "rescale",
+            &["none", "inverse_keep", "per_element", "l1"],
+            default("rescale"),
+        )? {
+            "inverse_keep" => Rescale::InverseKeep,
+            "per_element" => Rescale::PerElement,
+            "l1" => Rescale::L1,
+            _ => Rescale::None,
+        };
+        if matches!(rescale, Rescale::InverseKeep | Rescale::PerElement) && drop == Drop::None {
+            return Err(bad(format!(
+                "`rescale = \"{}\"` needs a drop (`dare` or `della`)",
+                if rescale == Rescale::PerElement {
+                    "per_element"
+                } else {
+                    "inverse_keep"
+                }
+            )));
+        }
+        if fuse == Fuse::DisjointMean && election == Election::None {
+            return Err(bad(
+                "`fuse = \"disjoint_mean\"` needs an election (mass or count)".into(),
+            ));
+        }
+        let lambda = params.number("lambda", 1.0)?;
+        let base_point = params.boolean("base_point", default("base_point") == "true")?;
+        let cos_eps = params.number_in("cos_eps", 1e-6, Domain::NonNegative)?;
+        let stock = match params.choice("stock", &["none", "adjacent_rows"], "none")? {
+            "adjacent_rows" => {
+                if matches!(fuse, Fuse::GeometricMedian(_)) {
+                    return Err(bad(
+                        "`stock` applies to the mean fuses, not to `geometric_median`".into(),
+                    ));
+                }
+                Some(cos_eps)
+            }
+            _ => None,
+        };
+        if base_point && !matches!(fuse, Fuse::GeometricMedian(_)) {
+            return Err(bad(
+                "`base_point` only applies to `fuse = \"geometric_median\"`".into(),
+            ));
+        }
+        params.finish(info)?;
+        Ok(Pipeline {
+            info,
+            config: Config {
+                drop,
+                k,
+                election,
+                sign_tie,
+                fuse,
+                rescale,
+                lambda,
+                base_point,
+                stock,
+            },
+        })
+    }
+
+    pub fn ties(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&TIES, params)
+    }
+    pub fn ties_soup(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&TIES_SOUP, params)
+    }
+    pub fn dare(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&DARE, params)
+    }
+    pub fn tsd(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&TSD, params)
+    }
+    pub fn tgmd(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&TGMD, params)
+    }
+    pub fn della(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&DELLA, params)
+    }
+    pub fn dgmla(params: Params, _counts: &[usize]) -> Result<Self> {
+        Self::build(&DGMLA, params)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The pipeline of preset `name` with `params`, or `None` when `name` is not one of them.
+    pub fn named(name: &str, params: Params) -> Option<Result<Self>> {
+        let info = [&TIES, &TIES_SOUP, &DARE, &DELLA, &TSD, &TGMD, &DGMLA]
+            .into_iter()
+            .find(|i| i.name == name)?;
+        Some(Self::build(info, params))
+    }
+}
+
+impl<T: Real> Method<T> for Pipeline {
+    fn info(&self) -> &'static MethodInfo {
+        self.info
+    }
+    fn on_missing(&self, present: &[bool]) -> OnMissing {
+        OnMissing::base_and_models(present)
+    }
+    fn notes(&self) -> Vec<String> {
+        match self.config.drop {
+            Drop::Della(d) => {
+                let (small, large) = d.range();
+                vec![format!(
+                    "DELLA keeps the smallest |delta| of each {} with probability {small:.4} and the largest with {large:.4} (mean {:.4})",
+                    if d.rank == Rank::Tensor { "tensor" } else { "row" },
+                    1.0 - d.p
+                )]
+            }
+            Drop::Dare { p } => vec![format!(
+                "DARE keeps each delta entry with probability {:.4}",
+                1.0 - p
+            )],
+            Drop::None => Vec::new(),
+        }
+    }
+    fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
+        let n = ctx.present.len() - 1;
+        let numel = ctx.numel();
+        let trim_passes = if self.config.k < 1.0 && numel > 0 {
+            T::KEY_BITS.div_ceil(DIGIT_BITS) as usize
+        } else {
+            0
+        };
+        // The rank (1-based, ascending |δ|) of the threshold: entries at or above it are kept.
+        let rank = (((1.0 - self.config.k) * numel as f64).floor() as u64).max(1);
+        let della = match self.config.drop {
+            Drop::Della(d) => {
+                let unit: usize = d.unit_len(ctx.shape).max(1);
+                // The unit's inputs, their deltas and masks, and a sort buffer.
+                let unit_bytes = (unit * ((2 * n + 2) * std::mem::size_of::<T>() + 16)) as u64;
+                let fits = unit_bytes <= ctx.unit_budget;
+                // Small: the tensor of every model fits a few MiB, whatever the number of models.
+                // The choice depends on the tensor and the model count only, never on the budget
+                // or the threads, so the output bytes do not either: a budget too small for an
+                // exact ranking is an error below, not a silent switch to the histogram.
+                let small = numel <= SMALL_TENSOR && unit_bytes <= SMALL_UNIT_BYTES;
+                let exact = match d.ranks {
+                    // Rows are always ranked exactly (they are short); whole tensors when they
+                    // are small, else from a histogram (a sort per model costs ~30 times more).
+                    Ranks::Auto => d.rank == Rank::Row || small,
+                    Ranks::Exact => true,
+                    // Sorting a small tensor costs less than a histogram's bins.
+                    Ranks::Histogram => small,
+                };
+                if exact && !fits {
+                    return Err(Error::method(
+                        self.info.name,
+                        format!(
+                            "ranking {} of {unit} elements of {n} models exactly needs a memory budget of {}; raise it{}",
+                            if d.rank == Rank::Row { "rows" } else { "tensors" },
+                            crate::size::format_bytes(unit_bytes * 4),
+                            if d.rank == Rank::Row { "" } else { " or use `ranks = \"histogram\"`" }
+                        ),
+                    ));
+                }
+                if !exact && numel > u32::MAX as usize {
+                    return Err(Error::method(
+                        self.info.name,
+                        "tensors of more than 2^32 elements are not supported by DELLA".to_string(),
+                    ));
+                }
+                Some(DellaKey {
+                    config: d,
+                    unit: if exact { unit } else { 1 },
+                    exact,
+                    hist: Vec::new(),
+                    counting: std::sync::Mutex::new(Vec::new()),
+                    bound: 0.0,
+                    cache_masks: exact && self.config.rescale != Rescale::PerElement,
+                    masks: Vec::new(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Box::new(KeyPipeline {
+            della,
+            stock_row: if self.config.stock.is_some() {
+                ctx.shape.last().copied().unwrap_or(1).max(1)
+            } else {
+                0
+            },
+            numel,
+            config: self.config,
+            key: ctx.key.to_string(),
+            seed: ctx.seed,
+            streams: ctx.present[1..].iter().map(|&i| i as u32).collect(),
+            trim_passes,
+            // Only a trim has a selection state per model (every key's state exists from planning
+            // on: without a trim it takes no memory per model).
+            select: (0..if trim_passes > 0 { n } else { 0 })
+                .map(|_| Select {
+                    prefix: 0,
+                    rank,
+                    counts: Vec::new(),
+                })
+                .collect(),
+            thresholds: Vec::new(),
+            scales: Vec::new(),
+            l1: Vec::new(),
+            gram: Vec::new(),
+            coefficients: Vec::new(),
+        }))
+    }
+}
