@@ -488,15 +488,7 @@ fn cmd_recipe(a: RecipeArgs) -> Result<()> {
         let layouts: Vec<Option<amalgam::arch::Layout>> = graph
             .models
             .iter()
-            .map(|m| {
-                let f = ModelFile::open(&m.path)?;
-                Ok(amalgam::arch::detect(
-                    f.tensors()
-                        .iter()
-                        .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
-                )
-                .layout)
-            })
+            .map(|m| Ok(ModelFile::open(&m.path)?.detected_layout()))
             .collect::<Result<_>>()?;
         let arch = layouts.iter().flatten().next().map(|l| l.arch());
         amalgam::mecha::to_mecha(&graph, &layouts, arch, settings.seed.unwrap_or(0)).ok_or_else(

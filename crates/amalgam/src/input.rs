@@ -223,9 +223,23 @@ impl ModelFile {
         dst: &mut [T],
         scratch: &mut Vec<u64>,
     ) -> Result<()> {
-        let width = dtype.size();
+        let raw = self.read_elements(offset, dtype.size(), start, dst.len(), scratch)?;
+        dtype.decode(raw, dst);
+        Ok(())
+    }
+
+    /// Reads `n` elements of `width` bytes from element `start` of the tensor at `offset` into
+    /// `scratch` (placed as [`line_matched_bytes`] places it).
+    fn read_elements<'s>(
+        &self,
+        offset: u64,
+        width: usize,
+        start: usize,
+        n: usize,
+        scratch: &'s mut Vec<u64>,
+    ) -> Result<&'s [u8]> {
         let pos = offset + (start * width) as u64;
-        let raw = line_matched_bytes(scratch, dst.len() * width, pos, width);
+        let raw = line_matched_bytes(scratch, n * width, pos, width);
         read_exact_at(&self.file, raw, pos).map_err(|e| {
             Error::io(
                 &self.path,
@@ -236,8 +250,7 @@ impl ModelFile {
             )
         })?;
         self.count(raw.len());
-        dtype.decode(raw, dst);
-        Ok(())
+        Ok(raw)
     }
 
     /// [`ModelFile::decode`], and whether every value decoded is finite (see
@@ -250,20 +263,18 @@ impl ModelFile {
         dst: &mut [T],
         scratch: &mut Vec<u64>,
     ) -> Result<bool> {
-        let width = dtype.size();
-        let pos = offset + (start * width) as u64;
-        let raw = line_matched_bytes(scratch, dst.len() * width, pos, width);
-        read_exact_at(&self.file, raw, pos).map_err(|e| {
-            Error::io(
-                &self.path,
-                std::io::Error::new(
-                    e.kind(),
-                    format!("reading tensor data at byte {offset}: {e}"),
-                ),
-            )
-        })?;
-        self.count(raw.len());
+        let raw = self.read_elements(offset, dtype.size(), start, dst.len(), scratch)?;
         Ok(dtype.decode_checked(raw, dst))
+    }
+
+    /// The layout detected from this file's keys and shapes (before [`ModelFile::forget_index`]).
+    pub fn detected_layout(&self) -> Option<crate::arch::Layout> {
+        crate::arch::detect(
+            self.tensors
+                .iter()
+                .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
+        )
+        .layout
     }
 
     /// Drops the parsed tensor index (the engine keeps what it needs in its own key table), so

@@ -43,18 +43,7 @@ fn every_method_survives_degenerate_tensors() {
     let mut failures = Vec::new();
     for info in amalgam::methods::ALL {
         // One-model slots take model 0 (the base, where there is one), list slots models 1-3.
-        let mut next = 0;
-        let slots: Vec<Vec<usize>> = info
-            .slots
-            .iter()
-            .map(|s| match s.kind {
-                SlotKind::One => {
-                    next += 1;
-                    vec![next - 1]
-                }
-                SlotKind::Many => vec![1, 2, 3],
-            })
-            .collect();
+        let slots = slots_for(info.name, 1..4);
         for compute in [ComputeDtype::F32, ComputeDtype::F64] {
             let g = one_node(&refs, info.name, slots.clone(), &[]);
             let out = dir

@@ -3,7 +3,6 @@
 //! and count, or the values are kept; the output's non-finite values are always reported.
 mod common;
 use amalgam::dtype::OutputDtype;
-use amalgam::method::SlotKind;
 use amalgam::non_finite::{InputNonFinite, NonFinite};
 use amalgam::{merge, Error, MergeOptions, MergeReport, NoProgress, Progress};
 use common::*;
@@ -42,18 +41,7 @@ const BAD: &[(usize, f32)] = &[
 
 /// The slots of `method` over four models: one-model slots take model 0, lists models 1-3.
 fn slots(method: &str) -> Vec<Vec<usize>> {
-    let info = amalgam::methods::info(method).unwrap();
-    let mut next = 0;
-    info.slots
-        .iter()
-        .map(|s| match s.kind {
-            SlotKind::One => {
-                next += 1;
-                vec![next - 1]
-            }
-            SlotKind::Many => vec![1, 2, 3],
-        })
-        .collect()
+    slots_for(method, 1..4)
 }
 
 fn opts(out: &Path, policy: NonFinite) -> MergeOptions {

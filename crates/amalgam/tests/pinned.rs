@@ -6,7 +6,6 @@
 //! which holds the pool's (temporary) paths.
 mod common;
 use amalgam::dtype::OutputDtype;
-use amalgam::method::SlotKind;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
 use sha2::{Digest, Sha256};
@@ -40,20 +39,9 @@ fn outputs_are_pinned() {
     let mut paths: Vec<&Path> = vec![&base];
     paths.extend(models.iter().map(|p| p.as_path()));
     for info in amalgam::methods::ALL {
-        let slots: Vec<Vec<usize>> = info
-            .slots
-            .iter()
-            .map(|s| match s.kind {
-                SlotKind::One => vec![0],
-                SlotKind::Many => (1..paths.len()).collect(),
-            })
-            .collect();
-        // Two-model methods (weighted_sum, slerp, ...) take base and m000.
-        let slots = if info.slots.iter().all(|s| s.kind == SlotKind::One) {
-            (0..info.slots.len()).map(|i| vec![i]).collect()
-        } else {
-            slots
-        };
+        // The base and the fine-tunes; two-model methods (weighted_sum, slerp, ...) take base
+        // and m000.
+        let slots = slots_for(info.name, 1..paths.len());
         let g = one_node(&paths, info.name, slots, &[]);
         let out = d.join(format!("method-{}.safetensors", info.name));
         let mut o = MergeOptions::new(&out);

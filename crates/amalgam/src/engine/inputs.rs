@@ -88,13 +88,7 @@ pub(super) fn open_inputs(graph: &Graph, output: &Path) -> Result<Inputs> {
             });
         }
         let mut model = ModelFile::open(&m.path)?;
-        let layout = crate::arch::detect(
-            model
-                .tensors()
-                .iter()
-                .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
-        )
-        .layout;
+        let layout = model.detected_layout();
         table.add(i, &model, layout, &paths)?;
         model.forget_index();
         models.push(model);

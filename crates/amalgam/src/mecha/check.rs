@@ -337,14 +337,7 @@ pub fn check_model_configs(
         let Some(path) = paths.get(c.model).filter(|p| p.is_file()) else {
             continue;
         };
-        let model = crate::input::ModelFile::open(path)?;
-        let detected = crate::arch::detect(
-            model
-                .tensors()
-                .iter()
-                .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
-        )
-        .layout;
+        let detected = crate::input::ModelFile::open(path)?.detected_layout();
         if let Some(found) = detected.filter(|l| *l != declared) {
             return Err(err(
                 origin,

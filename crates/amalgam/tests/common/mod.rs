@@ -218,3 +218,20 @@ pub fn f32_pool(
     o.dtype = amalgam::dtype::OutputDtype::F32;
     amalgam::synth::synthesize(dir, &o).unwrap()
 }
+
+/// The slots of `method` over a pool: one-model slots take models 0, 1, ... in order, list slots
+/// the models `many`.
+pub fn slots_for(method: &str, many: std::ops::Range<usize>) -> Vec<Vec<usize>> {
+    let info = amalgam::methods::info(method).unwrap();
+    let mut next = 0;
+    info.slots
+        .iter()
+        .map(|s| match s.kind {
+            amalgam::method::SlotKind::One => {
+                next += 1;
+                vec![next - 1]
+            }
+            amalgam::method::SlotKind::Many => many.clone().collect(),
+        })
+        .collect()
+}
