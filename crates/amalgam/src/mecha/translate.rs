@@ -2,6 +2,7 @@
 
 use super::{err, Kind, Recipe, Value};
 use crate::error::{Error, Result};
+use crate::methods::geometric_median::Weiszfeld;
 
 /// The result of one command during translation.
 #[derive(Clone, Debug)]
@@ -434,7 +435,7 @@ pub fn translate(
                             params.insert(k.to_string(), v);
                         };
                         if method == "geometric_median" {
-                            for (k, d) in [("eps", 1e-6), ("maxiter", 100.0), ("ftol", 1e-20)] {
+                            for (k, d) in Weiszfeld::DEFAULT.params() {
                                 set(k, ParamValue::Number(number(k, d)?));
                             }
                             node("geometric_median", vec![ms], params)
@@ -481,9 +482,7 @@ pub fn translate(
                                 if method != "ties_sum" {
                                     if flag("apply_median", false)? {
                                         set("fuse", ParamValue::Text("geometric_median".into()));
-                                        for (k, d) in
-                                            [("eps", 1e-6), ("maxiter", 100.0), ("ftol", 1e-20)]
-                                        {
+                                        for (k, d) in Weiszfeld::DEFAULT.params() {
                                             set(k, ParamValue::Number(number(k, d)?));
                                         }
                                     } else if !flag("apply_stock", false)? {

@@ -177,7 +177,7 @@ pub fn to_mecha(
             }
             "geometric_median" => {
                 let mut kw = Vec::new();
-                for (k, d) in [("eps", 1e-6), ("maxiter", 100.0), ("ftol", 1e-20)] {
+                for (k, d) in crate::methods::geometric_median::Weiszfeld::DEFAULT.params() {
                     let v = p(k).cloned().unwrap_or(ParamValue::Number(d));
                     let v = match (k, v) {
                         ("maxiter", ParamValue::Number(x)) => w.scalar(Value::Int(x as i64)),
@@ -278,11 +278,8 @@ pub fn to_mecha(
                             }
                             deltas.push(w.merge("subtract", &[base, base], &[]));
                         }
-                        let wz = weiszfeld.unwrap_or(crate::methods::geometric_median::Weiszfeld {
-                            eps: 1e-6,
-                            maxiter: 100,
-                            ftol: 1e-20,
-                        });
+                        let wz = weiszfeld
+                            .unwrap_or(crate::methods::geometric_median::Weiszfeld::DEFAULT);
                         let kw = vec![
                             ("probability", w.scalar(Value::Float(prob))),
                             ("della_eps", w.scalar(Value::Float(eps))),

@@ -54,11 +54,28 @@ pub struct Weiszfeld {
 }
 
 impl Weiszfeld {
+    /// sd-mecha's defaults, everywhere they are used (parameters, `.mecha` import and export).
+    pub const DEFAULT: Weiszfeld = Weiszfeld {
+        eps: 1e-6,
+        maxiter: 100,
+        ftol: 1e-20,
+    };
+
+    /// The parameters by name, as numbers.
+    pub fn params(&self) -> [(&'static str, f64); 3] {
+        [
+            ("eps", self.eps),
+            ("maxiter", self.maxiter as f64),
+            ("ftol", self.ftol),
+        ]
+    }
+
     pub fn from_params(params: &mut Params) -> Result<Self> {
+        let d = Weiszfeld::DEFAULT;
         Ok(Weiszfeld {
-            eps: params.number_in("eps", 1e-6, Domain::Positive)?,
-            maxiter: params.count("maxiter", 100)?,
-            ftol: params.number_in("ftol", 1e-20, Domain::NonNegative)?,
+            eps: params.number_in("eps", d.eps, Domain::Positive)?,
+            maxiter: params.count("maxiter", d.maxiter)?,
+            ftol: params.number_in("ftol", d.ftol, Domain::NonNegative)?,
         })
     }
 
