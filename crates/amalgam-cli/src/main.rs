@@ -369,15 +369,7 @@ fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<String>)> {
             {
                 bail!("--alpha, --lambda, --weights, --param, --base, --fallback and --repair go with --method; a recipe sets parameters per node and `fallback` / `repair` in its [output] table");
             }
-            if recipe_path.extension().is_some_and(|e| e == "mecha") {
-                let t = amalgam::mecha::load_with(recipe_path, &a.model_dirs, &a.renames)?;
-                let settings = RecipeSettings {
-                    seed: t.seed,
-                    ..Default::default()
-                };
-                return Ok((t.graph, settings, Vec::new()));
-            }
-            let r = recipe::load(recipe_path)?;
+            let r = recipe::load_any(recipe_path, &a.model_dirs, &a.renames)?;
             Ok((r.graph, r.settings, Vec::new()))
         }
     }
@@ -471,73 +463,26 @@ fn cmd_recipe(a: RecipeArgs) -> Result<()> {
     } = a.command;
     // The output rules (folder, not the input, existing file kept) before anything is read.
     amalgam::dest::check_output(&output, &[input.as_path()], force)?;
-    let is_mecha = |p: &Path| p.extension().is_some_and(|e| e == "mecha");
-    let (graph, settings) = if is_mecha(&input) {
-        let t = amalgam::mecha::load_with(&input, &model_dirs, &renames)?;
-        let settings = RecipeSettings {
-            seed: t.seed,
-            ..Default::default()
-        };
-        (t.graph, settings)
-    } else {
-        let r = recipe::load(&input)?;
-        (r.graph, r.settings)
-    };
-    let text = if is_mecha(&output) {
-        // Each model's layout from its header, for `model_config` and block conversions.
-        let layouts: Vec<Option<amalgam::arch::Layout>> = graph
-            .models
-            .iter()
-            .map(|m| Ok(ModelFile::open(&m.path)?.detected_layout()))
-            .collect::<Result<_>>()?;
-        let arch = layouts.iter().flatten().next().map(|l| l.arch());
-        amalgam::mecha::to_mecha(&graph, &layouts, arch, settings.seed.unwrap_or(0)).ok_or_else(
-            || anyhow::anyhow!("{} uses a method or option sd-mecha does not have; it cannot be written as .mecha", input.display()),
-        )?
-    } else {
-        recipe::to_toml(&graph, &settings)
-    };
+    let r = recipe::load_any(&input, &model_dirs, &renames)?;
+    let text = recipe::to_text_for(&output, &r)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} uses a method or option sd-mecha does not have; it cannot be written as .mecha",
+            input.display()
+        )
+    })?;
     let mut inputs: Vec<&Path> = vec![input.as_path()];
-    inputs.extend(graph.models.iter().map(|m| m.path.as_path()));
+    inputs.extend(r.graph.models.iter().map(|m| m.path.as_path()));
     amalgam::dest::write_atomic(&output, text.as_bytes(), &inputs, force)?;
     eprintln!("wrote {}", output.display());
     Ok(())
 }
 
 fn cmd_repair(a: RepairArgs) -> Result<()> {
-    let m = ModelFile::open(&a.model)?;
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for t in m.tensors().values() {
-        if t.float_dtype().is_some() {
-            *counts.entry(dtype_name(t.dtype)).or_default() += t.numel();
-        }
-    }
     let dtype = match a.dtype {
         Some(d) => d,
-        None => counts
-            .iter()
-            .max_by_key(|(_, n)| **n)
-            .and_then(|(d, _)| d.to_ascii_lowercase().parse().ok())
-            .unwrap_or(OutputDtype::F16),
+        None => ModelFile::open(&a.model)?.main_dtype(),
     };
-    drop(m);
-    let graph = Graph {
-        models: vec![
-            amalgam::graph::ModelInput {
-                name: "model".into(),
-                path: a.model.clone(),
-            },
-            amalgam::graph::ModelInput {
-                name: "base".into(),
-                path: a.base.clone(),
-            },
-        ],
-        nodes: Vec::new(),
-        output: amalgam::graph::Ref::Model(0),
-        fallback: Some(0),
-        components: Default::default(),
-        repair: Some(1),
-    };
+    let graph = Graph::repair(&a.model, &a.base);
     let mut opts = MergeOptions::new(&a.output);
     opts.output_dtype = dtype;
     opts.overwrite = a.force;

@@ -67,6 +67,28 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// The graph of `amalgam repair`: `model` completed with every key it lacks from `base`
+    /// (e.g. the VAE of a pruned file); no node, nothing merged.
+    pub fn repair(model: &std::path::Path, base: &std::path::Path) -> Graph {
+        Graph {
+            models: vec![
+                ModelInput {
+                    name: "model".into(),
+                    path: model.to_path_buf(),
+                },
+                ModelInput {
+                    name: "base".into(),
+                    path: base.to_path_buf(),
+                },
+            ],
+            nodes: Vec::new(),
+            output: Ref::Model(0),
+            fallback: Some(0),
+            components: Default::default(),
+            repair: Some(1),
+        }
+    }
+
     /// A graph with one node applying `method` to `models`, with `base` filling the method's
     /// `base` slot (see [`Shorthand`] for the fallback and repair options).
     pub fn single(

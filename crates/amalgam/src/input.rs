@@ -267,6 +267,27 @@ impl ModelFile {
         Ok(dtype.decode_checked(raw, dst))
     }
 
+    /// The float dtype most of this file's float elements are stored in, as an output dtype
+    /// (FP8 files give f16).
+    pub fn main_dtype(&self) -> crate::dtype::OutputDtype {
+        use crate::dtype::OutputDtype;
+        let mut counts: BTreeMap<&'static str, (usize, OutputDtype)> = BTreeMap::new();
+        for t in self.tensors.values() {
+            let out = match t.float_dtype() {
+                Some(FloatDtype::BF16) => OutputDtype::BF16,
+                Some(FloatDtype::F32) => OutputDtype::F32,
+                Some(FloatDtype::F64) => OutputDtype::F64,
+                Some(_) => OutputDtype::F16,
+                None => continue,
+            };
+            counts.entry(out.name()).or_insert((0, out)).0 += t.numel();
+        }
+        counts
+            .into_values()
+            .max_by_key(|(n, _)| *n)
+            .map_or(OutputDtype::F16, |(_, d)| d)
+    }
+
     /// The layout detected from this file's keys and shapes (before [`ModelFile::forget_index`]).
     pub fn detected_layout(&self) -> Option<crate::arch::Layout> {
         crate::arch::detect(

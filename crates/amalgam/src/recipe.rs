@@ -145,6 +145,54 @@ pub fn load(path: &Path) -> Result<Recipe> {
     parse(&text, &path.display().to_string(), dir)
 }
 
+/// Whether `path` names an sd-mecha recipe (`.mecha`) rather than a TOML one.
+pub fn is_mecha(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "mecha")
+}
+
+/// Loads a recipe of either format, by its extension: a `.mecha` file's models are looked for
+/// in `model_dirs` and renamed by `renames` first (see [`crate::mecha::load_with`]); it sets the
+/// seed only.
+pub fn load_any(
+    path: &Path,
+    model_dirs: &[std::path::PathBuf],
+    renames: &[(String, String)],
+) -> Result<Recipe> {
+    if is_mecha(path) {
+        let t = crate::mecha::load_with(path, model_dirs, renames)?;
+        return Ok(Recipe {
+            graph: t.graph,
+            settings: RecipeSettings {
+                seed: t.seed,
+                ..Default::default()
+            },
+        });
+    }
+    load(path)
+}
+
+/// `recipe` as the text of a recipe file of the format `path`'s extension names; `None` when it
+/// is a `.mecha` file and the recipe uses something sd-mecha lacks. The `.mecha` form records
+/// each model's layout, detected from its header.
+pub fn to_text_for(path: &Path, recipe: &Recipe) -> Result<Option<String>> {
+    if !is_mecha(path) {
+        return Ok(Some(to_toml(&recipe.graph, &recipe.settings)));
+    }
+    let layouts: Vec<Option<crate::arch::Layout>> = recipe
+        .graph
+        .models
+        .iter()
+        .map(|m| Ok(crate::input::ModelFile::open(&m.path)?.detected_layout()))
+        .collect::<Result<_>>()?;
+    let arch = layouts.iter().flatten().next().map(|l| l.arch());
+    Ok(crate::mecha::to_mecha(
+        &recipe.graph,
+        &layouts,
+        arch,
+        recipe.settings.seed.unwrap_or(0),
+    ))
+}
+
 /// Parses recipe `text`; `origin` names it in errors, `dir` anchors relative paths.
 pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
     let cx = Ctx { origin, text };
