@@ -44,8 +44,8 @@ enum Command {
     Repair(RepairArgs),
     /// Recipe tools: `recipe convert IN OUT` between amalgam's TOML and sd-mecha's .mecha.
     Recipe(RecipeArgs),
-    /// List the merge methods and their parameters.
-    Methods,
+    /// List the merge methods and their parameters (presets as their overrides), or one whole.
+    Methods(MethodsArgs),
     /// Measure merge speed and memory against simply reading the inputs.
     Bench(bench::BenchArgs),
 }
@@ -75,6 +75,12 @@ pub struct EngineArgs {
     /// values as they are) [default: omit, or the recipe's]
     #[arg(long)]
     non_finite: Option<amalgam::non_finite::NonFinite>,
+}
+
+#[derive(Args)]
+struct MethodsArgs {
+    /// One method (or alias) to show whole
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -260,9 +266,9 @@ fn main() {
         Command::Demo(a) => demo::run(a.keep, a.force),
         Command::Repair(a) => cmd_repair(a),
         Command::Recipe(a) => cmd_recipe(a),
-        Command::Methods => {
+        Command::Methods(a) => {
             signals::default_sigpipe();
-            cmd_methods()
+            cmd_methods(a)
         }
         Command::Bench(a) => bench::run(a),
     };
@@ -659,9 +665,29 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_methods() -> Result<()> {
+fn cmd_methods(a: MethodsArgs) -> Result<()> {
+    let one = a.name.as_deref().map(amalgam::methods::info).transpose()?;
     for info in amalgam::methods::ALL {
-        println!("{}\n  {}\n  {}", info.name, info.formula, info.summary);
+        if one.is_some_and(|o| o.name != info.name) {
+            continue;
+        }
+        println!("{}\n  {}", info.name, info.summary);
+        // A preset is shown as its overrides, unless it is asked for by name.
+        if let Some(p) = amalgam::methods::preset_of(info).filter(|_| one.is_none()) {
+            let o: Vec<String> = p
+                .overrides
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", v.unwrap_or("(required)")))
+                .collect();
+            println!(
+                "  `{}` with {} (`amalgam methods {}` shows it whole)\n",
+                p.of.name,
+                o.join(", "),
+                info.name
+            );
+            continue;
+        }
+        println!("  {}", info.formula);
         let slots: Vec<String> = info
             .slots
             .iter()

@@ -263,6 +263,24 @@ fn methods_lists_every_method() {
     ] {
         assert!(text.contains(m), "{m} missing from:\n{text}");
     }
+    // Presets are shown as the defaults they change in `ties`, once; `methods NAME` shows one
+    // method whole (aliases too).
+    assert!(
+        text.contains(
+            "`ties` with k = 1.0, election = count (`amalgam methods ties_soup` shows it whole)"
+        ),
+        "{text}"
+    );
+    assert_eq!(text.matches("  sign_tie = zero").count(), 1, "{text}");
+    let one = ok(&["methods", "ties_soup"]);
+    assert!(
+        one.starts_with("ties_soup\n") && one.contains("  k = 1.0: "),
+        "{one}"
+    );
+    assert!(!one.contains("\nsoup\n"), "{one}");
+    assert!(ok(&["methods", "magprune"]).starts_with("della\n"));
+    let err = fails(&["methods", "nope"]);
+    assert!(err.contains("unknown method `nope`"), "{err}");
 }
 
 #[test]

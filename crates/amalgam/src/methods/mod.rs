@@ -100,3 +100,42 @@ pub fn info(name: &str) -> Result<&'static MethodInfo> {
     let name = canonical_name(name)?;
     Ok(ALL.iter().find(|i| i.name == name).expect("registered"))
 }
+
+/// A preset: a method declared as another one with other defaults (the TIES family's `ties_soup`,
+/// `dare`, ... are `ties` with other stages).
+pub struct Preset {
+    /// The method it is a preset of (the first registered of its family).
+    pub of: &'static MethodInfo,
+    /// The parameters whose defaults differ: (name, this preset's default).
+    pub overrides: Vec<(&'static str, Option<&'static str>)>,
+}
+
+/// `info` as a preset of an earlier registered method with the same formula, inputs and
+/// parameters, or `None` when it is a method of its own.
+pub fn preset_of(info: &MethodInfo) -> Option<Preset> {
+    let same = |a: &MethodInfo| {
+        a.formula == info.formula
+            && a.slots.len() == info.slots.len()
+            && a.slots
+                .iter()
+                .zip(info.slots)
+                .all(|(x, y)| x.name == y.name)
+            && a.params.len() == info.params.len()
+            && a.params
+                .iter()
+                .zip(info.params)
+                .all(|(x, y)| x.name == y.name)
+    };
+    let of = ALL
+        .iter()
+        .take_while(|a| a.name != info.name)
+        .find(|a| same(a))?;
+    let overrides = of
+        .params
+        .iter()
+        .zip(info.params)
+        .filter(|(a, b)| a.default != b.default)
+        .map(|(_, b)| (b.name, b.default))
+        .collect();
+    Some(Preset { of, overrides })
+}
