@@ -1,0 +1,251 @@
+//! `amalgam merge`: a recipe or the shorthand, merged with a progress bar and a summary.
+
+use crate::*;
+
+#[derive(Args)]
+pub(crate) struct MergeArgs {
+    /// A recipe file (.toml, or an sd-mecha .mecha), or with --method the models to merge
+    inputs: Vec<PathBuf>,
+    /// Merge method for the shorthand form (see `amalgam methods`)
+    #[arg(long, short)]
+    method: Option<String>,
+    /// Base model: fills the `base` input of methods that have one (task_arithmetic, the TIES
+    /// family, model_stock, ...); for the others it is not merged but is the fallback and the
+    /// --repair source
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// The model keys the merge has no value for are taken from (one of the models or another
+    /// file) [default: --base, else the first model that has the key]
+    #[arg(long)]
+    fallback: Option<PathBuf>,
+    /// Output file
+    #[arg(long, short)]
+    output: PathBuf,
+    /// `alpha` parameter (weighted_sum, add_difference)
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// `lambda` parameter (task_arithmetic)
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// Per-model weights, comma-separated (linear, task_arithmetic)
+    #[arg(long, value_delimiter = ',')]
+    weights: Option<Vec<f64>>,
+    /// Any parameter as NAME=VALUE (number, true/false, comma list); repeatable
+    #[arg(long = "param", short = 'p')]
+    params: Vec<String>,
+    /// Complete models that lack keys (pruned files) from --base (else --fallback), instead of
+    /// leaving them out of those keys
+    #[arg(long)]
+    repair: bool,
+    /// Folders where the models of a `.mecha` recipe are looked for (by relative path, or by
+    /// file name for absolute paths written on another machine); repeatable
+    #[arg(long = "model-dir")]
+    model_dirs: Vec<PathBuf>,
+    /// Rename a model of a `.mecha` recipe (a whole path or a file name) before looking for it,
+    /// as OLD=NEW; repeatable
+    #[arg(long = "rename", value_parser = parse_rename)]
+    renames: Vec<(String, String)>,
+    /// Replace the output file if it exists
+    #[arg(long)]
+    force: bool,
+    /// Write the full per-key report as JSON here (checked with the output before the merge
+    /// starts; an existing file is kept unless --force)
+    #[arg(long)]
+    report_json: Option<PathBuf>,
+    /// Start afresh even if an interrupted run of this same merge left a partial file to resume
+    #[arg(long)]
+    no_resume: bool,
+    /// On Ctrl-C, SIGTERM or an error, keep the partial file so that rerunning the same command
+    /// resumes it (a killed run always leaves it)
+    #[arg(long)]
+    keep_partial: bool,
+    /// No progress bar and no summary
+    #[arg(long, short)]
+    quiet: bool,
+    /// Chunk length in elements instead of the one derived from the budget (for testing)
+    #[arg(long, hide = true)]
+    chunk: Option<usize>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+pub(crate) fn parse_param(s: &str) -> Result<(String, ParamValue)> {
+    let (k, v) = s
+        .split_once('=')
+        .with_context(|| format!("--param `{s}`: expected NAME=VALUE"))?;
+    let value = match v {
+        "true" => ParamValue::Bool(true),
+        "false" => ParamValue::Bool(false),
+        _ if v.contains(',') => ParamValue::List(
+            v.split(',')
+                .map(|x| x.trim().parse::<f64>())
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("--param `{s}`: not a list of numbers"))?,
+        ),
+        _ => match v.parse::<f64>() {
+            Ok(x) => ParamValue::Number(x),
+            Err(_) => ParamValue::Text(v.to_string()),
+        },
+    };
+    Ok((k.to_string(), value))
+}
+
+/// The help of `--seed`, from the library's list of random methods.
+pub(crate) fn seed_help() -> String {
+    format!(
+        "Seed of the random masks ({}, and any `drop` = dare or della) [default: 0, or the recipe's]",
+        amalgam::methods::SEEDED.join(", ")
+    )
+}
+
+/// Builds the graph and settings the merge command describes, and notes on how the shorthand's
+/// options were read.
+pub(crate) fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<String>)> {
+    match &a.method {
+        Some(method) => {
+            let mut params = BTreeMap::new();
+            if let Some(x) = a.alpha {
+                params.insert("alpha".into(), ParamValue::Number(x));
+            }
+            if let Some(x) = a.lambda {
+                params.insert("lambda".into(), ParamValue::Number(x));
+            }
+            if let Some(w) = &a.weights {
+                params.insert("weights".into(), ParamValue::List(w.clone()));
+            }
+            for p in &a.params {
+                let (k, v) = parse_param(p)?;
+                params.insert(k, v);
+            }
+            if a.inputs.is_empty() {
+                bail!("no models given: amalgam merge --method {method} A.safetensors B.safetensors ... -o OUT.safetensors");
+            }
+            use amalgam::input::{path_problem, PathProblem};
+            let mut missing = Vec::new();
+            let mut other = Vec::new();
+            for p in a
+                .inputs
+                .iter()
+                .chain(a.base.iter())
+                .chain(a.fallback.iter())
+            {
+                match path_problem(p) {
+                    None => {}
+                    Some(PathProblem::Missing) => missing.push(p.display().to_string()),
+                    Some(why) => other.push(format!("{} {why}", p.display())),
+                }
+            }
+            if !missing.is_empty() {
+                other.insert(0, format!("missing model files: {}", missing.join(", ")));
+            }
+            if !other.is_empty() {
+                bail!("{}", other.join("; "));
+            }
+            let (graph, notes) = amalgam::graph::Shorthand {
+                method: method.clone(),
+                models: a.inputs.clone(),
+                base: a.base.clone(),
+                fallback: a.fallback.clone(),
+                repair: a.repair,
+                params,
+            }
+            .build()?;
+            Ok((graph, RecipeSettings::default(), notes))
+        }
+        None => {
+            let [recipe_path] = a.inputs.as_slice() else {
+                bail!("give one recipe file, or --method METHOD with the models to merge (see `amalgam merge --help`)");
+            };
+            if a.alpha.is_some()
+                || a.lambda.is_some()
+                || a.weights.is_some()
+                || !a.params.is_empty()
+                || a.base.is_some()
+                || a.fallback.is_some()
+                || a.repair
+            {
+                bail!("--alpha, --lambda, --weights, --param, --base, --fallback and --repair go with --method; a recipe sets parameters per node and `fallback` / `repair` in its [output] table");
+            }
+            let r = recipe::load_any(recipe_path, &a.model_dirs, &a.renames)?;
+            Ok((r.graph, r.settings, Vec::new()))
+        }
+    }
+}
+
+/// Merge options from the command line over the recipe's settings.
+pub(crate) fn merge_options(
+    output: &Path,
+    engine: &EngineArgs,
+    settings: &RecipeSettings,
+    force: bool,
+) -> MergeOptions {
+    let mut opts = MergeOptions::new(output);
+    let cli = RecipeSettings {
+        dtype: engine.dtype,
+        compute_dtype: engine.compute_dtype,
+        seed: engine.seed,
+        layout: engine.layout,
+        non_finite: engine.non_finite,
+    };
+    cli.over(settings).apply(&mut opts);
+    opts.memory_budget = engine.memory_budget;
+    opts.threads = engine.threads;
+    opts.overwrite = force;
+    opts
+}
+
+/// Runs a merge with a progress bar; returns the report. SIGINT and SIGTERM stop it cleanly
+/// (see [`signals`]).
+pub(crate) fn run_merge(graph: &Graph, opts: MergeOptions, quiet: bool) -> Result<MergeReport> {
+    let bar = progress::Bar::new(quiet);
+    signals::watch(&opts.cancel);
+    match amalgam::merge(graph, &opts, &bar) {
+        Err(amalgam::Error::Cancelled) => {
+            amalgam::Progress::finish(&bar);
+            let (sig, code) = signals::received().unwrap_or(("cancelled", 130));
+            let partial = amalgam::resume::partial_path(&opts.output);
+            if opts.keep_partial {
+                eprintln!(
+                    "{sig}: merge stopped; kept the partial file {}: run the same command to resume",
+                    partial.display()
+                );
+            } else {
+                eprintln!(
+                    "{sig}: merge stopped; removed its partial file, {} was not written",
+                    opts.output.display()
+                );
+            }
+            std::process::exit(code);
+        }
+        r => Ok(r?),
+    }
+}
+
+pub(crate) fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let (graph, settings, notes) = merge_graph(&a)?;
+    if !a.quiet {
+        for n in &notes {
+            eprintln!("note: {n}");
+        }
+    }
+    let mut opts = merge_options(&a.output, &a.engine, &settings, a.force);
+    opts.chunk_override = a.chunk;
+    opts.report_json = a.report_json.clone();
+    opts.resume = !a.no_resume;
+    opts.keep_partial = a.keep_partial;
+    let report = run_merge(&graph, opts, a.quiet)?;
+    if !a.quiet {
+        eprintln!("{report}");
+        eprintln!("wrote {}", a.output.display());
+    }
+    Ok(())
+}
+
+pub(crate) fn parse_rename(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((old, new)) if !old.is_empty() && !new.is_empty() => {
+            Ok((old.to_string(), new.to_string()))
+        }
+        _ => Err(format!("`{s}`: expected OLD=NEW")),
+    }
+}

@@ -1,0 +1,54 @@
+//! `amalgam methods [NAME]`: the methods, their inputs and parameters.
+
+use crate::*;
+
+#[derive(Args)]
+pub(crate) struct MethodsArgs {
+    /// One method (or alias) to show whole
+    name: Option<String>,
+}
+
+pub(crate) fn cmd_methods(a: MethodsArgs) -> Result<()> {
+    let one = a.name.as_deref().map(amalgam::methods::info).transpose()?;
+    for info in amalgam::methods::ALL {
+        if one.is_some_and(|o| o.name != info.name) {
+            continue;
+        }
+        println!("{}\n  {}", info.name, info.summary);
+        // A preset is shown as its overrides, unless it is asked for by name.
+        if let Some(p) = amalgam::methods::preset_of(info).filter(|_| one.is_none()) {
+            let o: Vec<String> = p
+                .overrides
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", v.unwrap_or("(required)")))
+                .collect();
+            println!(
+                "  `{}` with {} (`amalgam methods {}` shows it whole)\n",
+                p.of.name,
+                o.join(", "),
+                info.name
+            );
+            continue;
+        }
+        println!("  {}", info.formula);
+        let slots: Vec<String> = info
+            .slots
+            .iter()
+            .map(|s| match s.kind {
+                amalgam::method::SlotKind::One => format!("{} ({})", s.name, s.doc),
+                amalgam::method::SlotKind::Many => format!("{} = [...] ({})", s.name, s.doc),
+            })
+            .collect();
+        println!("  inputs: {}", slots.join("; "));
+        for p in info.params {
+            println!(
+                "  {} = {}: {}",
+                p.name,
+                p.default.unwrap_or("(required)"),
+                p.doc
+            );
+        }
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! One module per command: its arguments and what it does, over the library.
+
+pub mod inspect;
+pub mod merge;
+pub mod methods;
+pub mod recipe;
+pub mod repair;
+pub mod synth;
