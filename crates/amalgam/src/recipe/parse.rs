@@ -1,88 +1,12 @@
-//! The native recipe format (TOML): named models (files, lists or globs), named method nodes, one
-//! output. See `docs/recipes.md` for the format.
-//!
-//! Every error names the recipe file, the line and the model or node concerned, and is raised
-//! before any tensor is read (paths are checked for existence, all at once).
+//! The TOML recipe text, parsed and checked into a graph, with errors naming the line.
 
-use crate::dtype::OutputDtype;
-use crate::error::{Error, Result};
-use crate::graph::{Graph, ModelInput, Node, Ref};
-use crate::method::{ParamValue, Params, SlotKind};
-use crate::methods;
-use crate::real::ComputeDtype;
-use serde::Deserialize;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use toml::Spanned;
+use super::*;
 
-/// Settings a recipe may carry in its `[output]` table (the command line overrides them).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RecipeSettings {
-    pub dtype: Option<OutputDtype>,
-    pub compute_dtype: Option<ComputeDtype>,
-    pub seed: Option<u64>,
-    /// The key layout to write (`sdxl-kohya`, ...), when not the original one.
-    pub layout: Option<crate::arch::Layout>,
-    /// What to do with inputs holding NaN or Inf (see [`crate::non_finite`]).
-    pub non_finite: Option<crate::non_finite::NonFinite>,
-}
-
-impl RecipeSettings {
-    /// `self` where it sets a value, else `under` (e.g. the command line over a recipe).
-    pub fn over(&self, under: &RecipeSettings) -> RecipeSettings {
-        RecipeSettings {
-            dtype: self.dtype.or(under.dtype),
-            compute_dtype: self.compute_dtype.or(under.compute_dtype),
-            seed: self.seed.or(under.seed),
-            layout: self.layout.or(under.layout),
-            non_finite: self.non_finite.or(under.non_finite),
-        }
-    }
-
-    /// Sets the options these settings give; the others keep their values (the defaults of
-    /// [`MergeOptions::new`](crate::engine::MergeOptions::new)).
-    pub fn apply(&self, opts: &mut crate::engine::MergeOptions) {
-        if let Some(d) = self.dtype {
-            opts.output_dtype = d;
-        }
-        if let Some(d) = self.compute_dtype {
-            opts.compute_dtype = d;
-        }
-        if let Some(seed) = self.seed {
-            opts.seed = seed;
-        }
-        if self.layout.is_some() {
-            opts.output_layout = self.layout;
-        }
-        if let Some(p) = self.non_finite {
-            opts.non_finite = p;
-        }
-    }
-
-    /// The settings a merge ran with, as its embedded recipe records them.
-    pub fn of(opts: &crate::engine::MergeOptions) -> Self {
-        RecipeSettings {
-            dtype: Some(opts.output_dtype),
-            compute_dtype: Some(opts.compute_dtype),
-            seed: Some(opts.seed),
-            layout: opts.output_layout,
-            non_finite: Some(opts.non_finite),
-        }
-    }
-}
-
-/// A parsed recipe.
-#[derive(Clone, Debug)]
-pub struct Recipe {
-    pub graph: Graph,
-    pub settings: RecipeSettings,
-}
-
-type Table = BTreeMap<String, Spanned<toml::Value>>;
+pub(super) type Table = BTreeMap<String, Spanned<toml::Value>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRecipe {
+pub(super) struct RawRecipe {
     #[serde(default)]
     models: BTreeMap<String, Spanned<toml::Value>>,
     #[serde(default)]
@@ -92,7 +16,7 @@ struct RawRecipe {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawOutput {
+pub(super) struct RawOutput {
     node: Spanned<String>,
     dtype: Option<Spanned<String>>,
     compute_dtype: Option<Spanned<String>>,
@@ -105,7 +29,7 @@ struct RawOutput {
     components: BTreeMap<String, Spanned<String>>,
 }
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     origin: &'a str,
     text: &'a str,
 }
@@ -133,66 +57,10 @@ impl Ctx<'_> {
 
 /// What a name in the recipe stands for.
 #[derive(Clone, Debug)]
-enum Named {
+pub(super) enum Named {
     Models(Vec<usize>),
     Node(String),
 }
-
-/// Reads and parses a recipe file; relative model paths are relative to its folder.
-pub fn load(path: &Path) -> Result<Recipe> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    parse(&text, &path.display().to_string(), dir)
-}
-
-/// Whether `path` names an sd-mecha recipe (`.mecha`) rather than a TOML one.
-pub fn is_mecha(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e == "mecha")
-}
-
-/// Loads a recipe of either format, by its extension: a `.mecha` file's models are looked for
-/// in `model_dirs` and renamed by `renames` first (see [`crate::mecha::load_with`]); it sets the
-/// seed only.
-pub fn load_any(
-    path: &Path,
-    model_dirs: &[std::path::PathBuf],
-    renames: &[(String, String)],
-) -> Result<Recipe> {
-    if is_mecha(path) {
-        let t = crate::mecha::load_with(path, model_dirs, renames)?;
-        return Ok(Recipe {
-            graph: t.graph,
-            settings: RecipeSettings {
-                seed: t.seed,
-                ..Default::default()
-            },
-        });
-    }
-    load(path)
-}
-
-/// `recipe` as the text of a recipe file of the format `path`'s extension names; `None` when it
-/// is a `.mecha` file and the recipe uses something sd-mecha lacks. The `.mecha` form records
-/// each model's layout, detected from its header.
-pub fn to_text_for(path: &Path, recipe: &Recipe) -> Result<Option<String>> {
-    if !is_mecha(path) {
-        return Ok(Some(to_toml(&recipe.graph, &recipe.settings)));
-    }
-    let layouts: Vec<Option<crate::arch::Layout>> = recipe
-        .graph
-        .models
-        .iter()
-        .map(|m| Ok(crate::input::ModelFile::open(&m.path)?.detected_layout()))
-        .collect::<Result<_>>()?;
-    let arch = layouts.iter().flatten().next().map(|l| l.arch());
-    Ok(crate::mecha::to_mecha(
-        &recipe.graph,
-        &layouts,
-        arch,
-        recipe.settings.seed.unwrap_or(0),
-    ))
-}
-
 /// Parses recipe `text`; `origin` names it in errors, `dir` anchors relative paths.
 pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
     let cx = Ctx { origin, text };
@@ -589,7 +457,7 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
     Ok(Recipe { graph, settings })
 }
 
-fn refs_in(v: &toml::Value) -> Vec<&str> {
+pub(super) fn refs_in(v: &toml::Value) -> Vec<&str> {
     match v {
         toml::Value::String(s) => vec![s.as_str()],
         toml::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
@@ -597,7 +465,7 @@ fn refs_in(v: &toml::Value) -> Vec<&str> {
     }
 }
 
-fn to_param(v: &toml::Value) -> std::result::Result<ParamValue, String> {
+pub(super) fn to_param(v: &toml::Value) -> std::result::Result<ParamValue, String> {
     if let toml::Value::Table(t) = v {
         return block_param(t);
     }
@@ -611,7 +479,7 @@ fn to_param(v: &toml::Value) -> std::result::Result<ParamValue, String> {
 
 /// A per-block parameter: `{ IN00 = 0.1, M00 = 0.5, default = 0.3 }`, or a supermerger list
 /// `{ list = "0.1,0.2,...", BASE = 0.5 }` (25/26 values for SD1, 19/20 for SDXL).
-fn block_param(t: &toml::Table) -> std::result::Result<ParamValue, String> {
+pub(super) fn block_param(t: &toml::Table) -> std::result::Result<ParamValue, String> {
     let mut map = BTreeMap::new();
     if let Some(list) = t.get("list") {
         let list = list
@@ -652,7 +520,7 @@ fn block_param(t: &toml::Table) -> std::result::Result<ParamValue, String> {
     Ok(ParamValue::Blocks(map))
 }
 
-fn simple_param(v: &toml::Value) -> Option<ParamValue> {
+pub(super) fn simple_param(v: &toml::Value) -> Option<ParamValue> {
     Some(match v {
         toml::Value::Boolean(b) => ParamValue::Bool(*b),
         toml::Value::Integer(i) => ParamValue::Number(*i as f64),
@@ -669,93 +537,4 @@ fn simple_param(v: &toml::Value) -> Option<ParamValue> {
         ),
         _ => return None,
     })
-}
-
-/// Writes `graph` as a self-contained recipe (every model listed with its path), the form stored
-/// in outputs' `__metadata__["amalgam_recipe"]`.
-pub fn to_toml(graph: &Graph, settings: &RecipeSettings) -> String {
-    use toml::Value;
-    let quote = |s: &str| Value::String(s.to_string()).to_string();
-    let model_key = |i: usize| graph.models[i].name.clone();
-    let node_key = |i: usize| graph.nodes[i].name.clone();
-    let name_of = |r: &Ref| match r {
-        Ref::Model(m) => model_key(*m),
-        Ref::Node(n) => node_key(*n),
-    };
-    let mut s = String::from("# amalgam recipe\n[models]\n");
-    for (i, m) in graph.models.iter().enumerate() {
-        let path = std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone());
-        s += &format!(
-            "{} = {}\n",
-            quote(&model_key(i)),
-            quote(&path.to_string_lossy())
-        );
-    }
-    for (i, n) in graph.nodes.iter().enumerate() {
-        s += &format!(
-            "\n[nodes.{}]\nmethod = {}\n",
-            quote(&node_key(i)),
-            quote(n.method)
-        );
-        let info = methods::info(n.method).expect("registered");
-        for (slot, refs) in info.slots.iter().zip(&n.slots) {
-            let names: Vec<String> = refs.iter().map(|r| quote(&name_of(r))).collect();
-            match slot.kind {
-                SlotKind::One => s += &format!("{} = {}\n", slot.name, names[0]),
-                SlotKind::Many => s += &format!("{} = [{}]\n", slot.name, names.join(", ")),
-            }
-        }
-        for (k, v) in &n.params {
-            let value = match v {
-                ParamValue::Bool(b) => b.to_string(),
-                ParamValue::Number(x) => Value::Float(*x).to_string(),
-                ParamValue::List(xs) => format!(
-                    "[{}]",
-                    xs.iter()
-                        .map(|x| Value::Float(*x).to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                ParamValue::Text(t) => quote(t),
-                ParamValue::Blocks(map) => format!(
-                    "{{ {} }}",
-                    map.iter()
-                        .map(|(b, x)| format!("{} = {}", quote(b), Value::Float(*x)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            };
-            s += &format!("{} = {value}\n", quote(k));
-        }
-    }
-    s += &format!("\n[output]\nnode = {}\n", quote(&name_of(&graph.output)));
-    if let Some(f) = graph.fallback {
-        s += &format!("fallback = {}\n", quote(&model_key(f)));
-    }
-    if let Some(r) = graph.repair {
-        s += &format!("repair = {}\n", quote(&model_key(r)));
-    }
-    if let Some(d) = settings.dtype {
-        s += &format!("dtype = {}\n", quote(d.name()));
-    }
-    if let Some(d) = settings.compute_dtype {
-        s += &format!("compute_dtype = {}\n", quote(d.name()));
-    }
-    if let Some(l) = settings.layout {
-        s += &format!("layout = {}\n", quote(l.name()));
-    }
-    if let Some(seed) = settings.seed {
-        s += &format!("seed = {seed}\n");
-    }
-    // The default is left out, so that recipes stay short.
-    if let Some(p) = settings.non_finite.filter(|p| *p != Default::default()) {
-        s += &format!("non_finite = {}\n", quote(p.name()));
-    }
-    if !graph.components.is_empty() {
-        s += "\n[output.components]\n";
-        for (c, r) in &graph.components {
-            s += &format!("{} = {}\n", quote(c), quote(&name_of(r)));
-        }
-    }
-    s
 }
