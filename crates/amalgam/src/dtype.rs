@@ -215,6 +215,45 @@ impl OutputDtype {
             OutputDtype::F64 => "f64",
         }
     }
+    /// The number of NaN and Inf values in `bytes`, little-endian values of this dtype.
+    pub fn count_non_finite(self, bytes: &[u8]) -> u64 {
+        // A value is NaN or ±Inf when its exponent bits are all ones, i.e. when its bits without the
+        // sign are at least the exponent mask. The common case (none) is one vectorised max over
+        // the words; only then are they counted.
+        fn count<W: bytemuck::Pod + Ord + std::ops::BitAnd<Output = W>>(
+            bytes: &[u8],
+            abs: W,
+            exp: W,
+            from_le: impl Fn(&[u8]) -> W,
+        ) -> u64 {
+            if crate::non_finite::words_finite(bytes, abs, exp) == Some(true) {
+                return 0;
+            }
+            let size = std::mem::size_of::<W>();
+            bytes
+                .chunks_exact(size)
+                .filter(|b| from_le(b) & abs >= exp)
+                .count() as u64
+        }
+        match self {
+            OutputDtype::F16 => count(bytes, 0x7fffu16, 0x7c00, |b| {
+                u16::from_le_bytes([b[0], b[1]])
+            }),
+            OutputDtype::BF16 => count(bytes, 0x7fffu16, 0x7f80, |b| {
+                u16::from_le_bytes([b[0], b[1]])
+            }),
+            OutputDtype::F32 => count(bytes, 0x7fff_ffffu32, 0x7f80_0000, |b| {
+                u32::from_le_bytes(b.try_into().unwrap())
+            }),
+            OutputDtype::F64 => count(
+                bytes,
+                0x7fff_ffff_ffff_ffffu64,
+                0x7ff0_0000_0000_0000,
+                |b| u64::from_le_bytes(b.try_into().unwrap()),
+            ),
+        }
+    }
+
     /// Encodes `src` into little-endian bytes; `dst.len() == src.len() * size()`.
     pub fn encode<T: Real>(self, src: &[T], dst: &mut [u8]) {
         debug_assert_eq!(dst.len(), src.len() * self.size());
@@ -245,4 +284,32 @@ impl std::str::FromStr for OutputDtype {
 /// Safetensors' spelling of a dtype, as written in headers.
 pub fn dtype_name(d: Dtype) -> String {
     format!("{d:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_encoded_values_including_overflow() {
+        let src = [1.0f32, f32::NAN, 70000.0, -f32::INFINITY, 65504.0];
+        for (dtype, expected) in [
+            (OutputDtype::F16, 3), // 70000 overflows f16
+            (OutputDtype::BF16, 2),
+            (OutputDtype::F32, 2),
+            (OutputDtype::F64, 2),
+        ] {
+            // Aligned words (the fast path) and unaligned bytes.
+            let n = src.len() * dtype.size();
+            let mut words = vec![0u64; n.div_ceil(8) + 1];
+            let aligned = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..n];
+            dtype.encode(&src, aligned);
+            assert_eq!(dtype.count_non_finite(aligned), expected, "{dtype:?}");
+            let mut bytes = vec![0u8; n + 1];
+            bytes[1..].copy_from_slice(aligned);
+            assert_eq!(dtype.count_non_finite(&bytes[1..]), expected, "{dtype:?}");
+            let finite = vec![0u8; n];
+            assert_eq!(dtype.count_non_finite(&finite), 0);
+        }
+    }
 }

@@ -25,6 +25,7 @@ pub mod mecha;
 pub mod method;
 pub mod methods;
 pub mod non_finite;
+pub mod options;
 pub mod output;
 pub mod real;
 pub mod recipe;

@@ -21,9 +21,9 @@
 //! batches, at most one `fdatasync` a second, so journaling costs no read of the output and no
 //! measurable time.
 
-use crate::engine::{MergeOptions, Progress};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
+use crate::options::{MergeOptions, Progress};
 use crate::output::{out_err, read_exact_at, OutputFile, OutputTensor};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -32,31 +32,10 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A cancellation token: clones share one flag. A merge whose token is cancelled stops between
-/// tasks and returns [`Error::Cancelled`]; its partial file is removed (or kept, with
-/// `keep_partial`).
-#[derive(Clone, Debug, Default)]
-pub struct Cancel(Arc<AtomicBool>);
-
-impl Cancel {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Asks the merges holding this token to stop. Safe from any thread.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    /// The shared flag itself, for code that can only set a flag (a signal handler).
-    pub fn flag(&self) -> Arc<AtomicBool> {
-        self.0.clone()
-    }
-}
+pub use crate::options::Cancel;
 
 fn beside(output: &Path, suffix: &str) -> PathBuf {
     let name = output

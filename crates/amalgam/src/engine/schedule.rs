@@ -145,7 +145,7 @@ pub(super) fn run<T: Real>(
                     let o = (r.start - task.range.start) * out_size;
                     let dst = &mut bytes[o..o + r.len() * out_size];
                     out_dtype.encode(&buf[..r.len()], dst);
-                    non_finite += crate::non_finite::count_encoded(out_dtype, dst);
+                    non_finite += out_dtype.count_non_finite(dst);
                     s.free.push(buf);
                     at = r.end;
                 }

@@ -46,8 +46,8 @@ impl RecipeSettings {
     }
 
     /// Sets the options these settings give; the others keep their values (the defaults of
-    /// [`MergeOptions::new`](crate::engine::MergeOptions::new)).
-    pub fn apply(&self, opts: &mut crate::engine::MergeOptions) {
+    /// [`MergeOptions::new`](crate::options::MergeOptions::new)).
+    pub fn apply(&self, opts: &mut crate::options::MergeOptions) {
         if let Some(d) = self.dtype {
             opts.output_dtype = d;
         }
@@ -66,7 +66,7 @@ impl RecipeSettings {
     }
 
     /// The settings a merge ran with, as its embedded recipe records them.
-    pub fn of(opts: &crate::engine::MergeOptions) -> Self {
+    pub fn of(opts: &crate::options::MergeOptions) -> Self {
         RecipeSettings {
             dtype: Some(opts.output_dtype),
             compute_dtype: Some(opts.compute_dtype),
