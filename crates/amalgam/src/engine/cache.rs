@@ -16,6 +16,30 @@ impl KeyCache {
     }
 }
 
+/// The buffers of keys done, reused for the next keys: allocating fresh memory for every key
+/// costs a page fault per 4 KiB page.
+#[derive(Default)]
+pub(super) struct Buffers(std::sync::Mutex<Vec<Vec<u64>>>);
+
+impl Buffers {
+    /// A buffer of at least `words` words where one is free (the smallest such), else the
+    /// largest free one (it grows), else a new one.
+    fn take(&self, words: usize) -> Vec<u64> {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let fit = (0..free.len())
+            .filter(|&i| free[i].len() >= words)
+            .min_by_key(|&i| free[i].len())
+            .or_else(|| (0..free.len()).max_by_key(|&i| free[i].len()));
+        fit.map(|i| free.swap_remove(i)).unwrap_or_default()
+    }
+    /// Gives the buffers of a key done back.
+    pub(super) fn give_back(&self, cache: Option<KeyCache>) {
+        let Some(cache) = cache else { return };
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        free.extend(cache.raw.into_iter().flatten().map(|r| r.into_words()));
+    }
+}
+
 /// The raw bytes the inputs of `expr` take for the key of `row` (each model counted once; only
 /// plainly stored keys can be held).
 fn held_models<T: Real>(expr: &Expr<T>, row: &KeyRow) -> (Vec<usize>, u64) {
@@ -38,6 +62,7 @@ pub(super) fn read_key<T: Real>(
     row: &KeyRow,
     models: &[ModelFile],
     limit: u64,
+    buffers: &Buffers,
 ) -> Result<Option<KeyCache>> {
     let (held, bytes) = held_models(expr, row);
     if held.is_empty() || bytes > limit {
@@ -48,10 +73,9 @@ pub(super) fn read_key<T: Real>(
         .map(|&m| {
             let loc = row.locs[m].expect("held models have the key");
             let width = loc.dtype.bitsize() / 8;
-            Ok((
-                m,
-                models[m].read_whole(loc.offset, row.numel() * width, width)?,
-            ))
+            let len = row.numel() * width;
+            let words = buffers.take((len + 64).div_ceil(8));
+            Ok((m, models[m].read_whole(loc.offset, len, width, words)?))
         })
         .collect::<Result<_>>()?;
     let mut raw: Vec<Option<crate::input::RawTensor>> = (0..row.locs.len()).map(|_| None).collect();

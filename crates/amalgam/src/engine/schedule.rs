@@ -218,8 +218,10 @@ pub(super) fn run<T: Real>(
     // the budget's other half (the keys in flight share it), so that its passes and its output
     // read each input once; else it is streamed, once per pass, and named in the report.
     let streamed: std::sync::Mutex<Vec<String>> = Default::default();
+    let buffers = Buffers::default();
     let hold_key = |expr: &Expr<T>, row: &KeyRow, share: u64| -> Result<Option<KeyCache>> {
-        let cache = read_key(expr, row, models, opts.memory_budget / 2 / share.max(1))?;
+        let limit = opts.memory_budget / 2 / share.max(1);
+        let cache = read_key(expr, row, models, limit, &buffers)?;
         if cache.is_none() {
             streamed
                 .lock()
@@ -269,6 +271,7 @@ pub(super) fn run<T: Real>(
                 key_tasks(*ki, numel, *unit, false, true)
                     .par_iter()
                     .try_for_each(|t| run_task(t, key, row, cache.as_ref()))?;
+                buffers.give_back(cache);
                 Ok(notes)
             })
             .collect::<Result<_>>()?;
@@ -321,6 +324,7 @@ pub(super) fn run<T: Real>(
             g.par_iter()
                 .try_for_each(|t| run_task(t, key, row, cache.as_ref()))?;
         }
+        buffers.give_back(cache);
         Ok(notes)
     };
 

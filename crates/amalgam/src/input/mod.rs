@@ -66,6 +66,10 @@ impl RawTensor {
     pub(crate) fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice::<u64, u8>(&self.words)[self.skip..self.skip + self.len]
     }
+    /// The buffer, for another read.
+    pub(crate) fn into_words(self) -> Vec<u64> {
+        self.words
+    }
 }
 
 /// The largest header amalgam accepts (the safetensors limit).
@@ -171,8 +175,15 @@ impl ModelFile {
     }
 
     /// Reads the `len` bytes at absolute byte `offset` into memory, aligned to `width`.
-    pub(crate) fn read_whole(&self, offset: u64, len: usize, width: usize) -> Result<RawTensor> {
-        let mut words = Vec::new();
+    /// `words` is a buffer to reuse (see [`RawTensor::into_words`]): fresh memory costs a page
+    /// fault per page, on some virtual machines a host fault.
+    pub(crate) fn read_whole(
+        &self,
+        offset: u64,
+        len: usize,
+        width: usize,
+        mut words: Vec<u64>,
+    ) -> Result<RawTensor> {
         let buf = line_matched_bytes(&mut words, len, offset, width);
         let at = buf.as_ptr() as usize;
         read_exact_at(&self.file, buf, offset).map_err(|e| Error::io(&self.path, e))?;
