@@ -37,14 +37,8 @@ pub(crate) struct MergeArgs {
     /// leaving them out of those keys
     #[arg(long)]
     repair: bool,
-    /// Folders where the models of a `.mecha` recipe are looked for (by relative path, or by
-    /// file name for absolute paths written on another machine); repeatable
-    #[arg(long = "model-dir")]
-    model_dirs: Vec<PathBuf>,
-    /// Rename a model of a `.mecha` recipe (a whole path or a file name) before looking for it,
-    /// as OLD=NEW; repeatable
-    #[arg(long = "rename", value_parser = parse_rename)]
-    renames: Vec<(String, String)>,
+    #[command(flatten)]
+    mecha: MechaModels,
     /// Replace the output file if it exists
     #[arg(long)]
     force: bool,
@@ -166,7 +160,7 @@ pub(crate) fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<S
             {
                 bail!("--alpha, --lambda, --weights, --param, --base, --fallback and --repair go with --method; a recipe sets parameters per node and `fallback` / `repair` in its [output] table");
             }
-            let r = recipe::load_any(recipe_path, &a.model_dirs, &a.renames)?;
+            let r = recipe::load_any(recipe_path, &a.mecha.model_dirs, &a.mecha.renames)?;
             Ok((r.graph, r.settings, Vec::new()))
         }
     }
@@ -239,6 +233,19 @@ pub(crate) fn cmd_merge(a: MergeArgs) -> Result<()> {
         eprintln!("wrote {}", a.output.display());
     }
     Ok(())
+}
+
+/// Where the models of a `.mecha` recipe are looked for (`merge` and `recipe convert`).
+#[derive(Args)]
+pub(crate) struct MechaModels {
+    /// Folders where the models of a `.mecha` recipe are looked for (by relative path, or by
+    /// file name for absolute paths written on another machine); repeatable
+    #[arg(long = "model-dir")]
+    pub(crate) model_dirs: Vec<PathBuf>,
+    /// Rename a model of a `.mecha` recipe (a whole path or a file name) before looking for it,
+    /// as OLD=NEW; repeatable
+    #[arg(long = "rename", value_parser = parse_rename)]
+    pub(crate) renames: Vec<(String, String)>,
 }
 
 pub(crate) fn parse_rename(s: &str) -> std::result::Result<(String, String), String> {

@@ -16,12 +16,8 @@ pub(crate) enum RecipeCommand {
         input: PathBuf,
         /// The recipe to write (.mecha or .toml)
         output: PathBuf,
-        /// Folders where a .mecha recipe's models are looked for; repeatable
-        #[arg(long = "model-dir")]
-        model_dirs: Vec<PathBuf>,
-        /// Rename a model of a .mecha recipe, OLD=NEW; repeatable
-        #[arg(long = "rename", value_parser = parse_rename)]
-        renames: Vec<(String, String)>,
+        #[command(flatten)]
+        mecha: MechaModels,
         /// Replace the output file if it exists
         #[arg(long)]
         force: bool,
@@ -32,13 +28,12 @@ pub(crate) fn cmd_recipe(a: RecipeArgs) -> Result<()> {
     let RecipeCommand::Convert {
         input,
         output,
-        model_dirs,
-        renames,
+        mecha,
         force,
     } = a.command;
     // The output rules (folder, not the input, existing file kept) before anything is read.
     amalgam::dest::check_output(&output, &[input.as_path()], force)?;
-    let r = recipe::load_any(&input, &model_dirs, &renames)?;
+    let r = recipe::load_any(&input, &mecha.model_dirs, &mecha.renames)?;
     let text = recipe::to_text_for(&output, &r)?.ok_or_else(|| {
         anyhow::anyhow!(
             "{} uses a method or option sd-mecha does not have; it cannot be written as .mecha",
