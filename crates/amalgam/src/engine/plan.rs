@@ -321,26 +321,3 @@ pub(super) fn plan_key<T: Real>(
         action,
     ))
 }
-
-/// The number of NaN and Inf values in model `m`'s tensor for the key of `row` (one read of it).
-pub(super) fn count_non_finite<T: Real>(
-    row: &KeyRow,
-    m: usize,
-    models: &[ModelFile],
-) -> Result<u64> {
-    let loc = row.locs[m].expect("model has the key");
-    let numel = row.numel();
-    // Views that decode the whole tensor for any part are read whole.
-    let step = match row.view(&loc) {
-        View::Plain | View::Concat3 { .. } => BLOCK.min(numel).max(1),
-        _ => numel.max(1),
-    };
-    let (mut buf, mut raw) = (vec![T::ZERO; step], Vec::new());
-    let mut n = 0;
-    for start in (0..numel).step_by(step) {
-        let len = step.min(numel - start);
-        loc.read(row, &models[m], start, &mut buf[..len], &mut raw)?;
-        n += crate::non_finite::count(&buf[..len]);
-    }
-    Ok(n)
-}

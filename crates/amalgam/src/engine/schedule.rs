@@ -137,7 +137,7 @@ pub(super) fn run<T: Real>(
                             return Err(Error::NonFinite {
                                 path: graph.models[m].path.clone(),
                                 key: row.name.clone(),
-                                count: count_non_finite::<T>(row, m, models)?,
+                                count: row.count_non_finite::<T>(m, models)?,
                             });
                         }
                         found.add(task.key, s.bad.drain(..).map(|m| m as usize));
@@ -343,6 +343,14 @@ pub(super) fn run<T: Real>(
             planned.len()
         ));
     }
+    // The output bytes of key `ki`.
+    let key_bytes = |ki: usize| -> u64 {
+        key_tensors[ki]
+            .iter()
+            .map(|&t| out.tensor_range(t))
+            .map(|r| r.end - r.start)
+            .sum()
+    };
     let mut resumed_output_non_finite: BTreeMap<usize, u64> = BTreeMap::new();
     for (ki, record) in resumed {
         let name = &rows[planned[ki].row].name;
@@ -352,11 +360,7 @@ pub(super) fn run<T: Real>(
             resumed_output_non_finite.insert(ki, record.output_non_finite);
         }
         planned[ki].job = Job::Done;
-        let bytes: u64 = key_tensors[ki]
-            .iter()
-            .map(|&t| out.tensor_range(t))
-            .map(|r| r.end - r.start)
-            .sum();
+        let bytes = key_bytes(ki);
         written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         let done = keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         progress.advance(bytes, done, name);
@@ -436,7 +440,7 @@ pub(super) fn run<T: Real>(
                 found_here.push(InputNonFinite {
                     key: row.name.clone(),
                     model: m,
-                    count: count_non_finite::<T>(original, m, models)?,
+                    count: original.count_non_finite::<T>(m, models)?,
                     omitted: opts.non_finite == NonFinite::Omit,
                 });
                 row.locs[m] = None;
@@ -477,12 +481,7 @@ pub(super) fn run<T: Real>(
             let (job, action) = plan_key(graph, redo, inputs.layout, &methods, opts)?;
             report.actions[ki].1 = action;
             // The key is written again: its bytes and its completion count once.
-            let bytes: u64 = key_tensors[ki]
-                .iter()
-                .map(|&t| out.tensor_range(t))
-                .map(|r| r.end - r.start)
-                .sum();
-            written.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+            written.fetch_sub(key_bytes(ki), std::sync::atomic::Ordering::Relaxed);
             keys_done.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             journal.restart(ki);
             journal.set_inputs_non_finite(ki, &found_here);
