@@ -27,14 +27,9 @@ fn pool(d: &Path) -> Vec<PathBuf> {
     ]
 }
 
-#[test]
-fn omit_is_the_default_and_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let p = pool(d);
-    let out = d.join("out.safetensors");
-    let json = d.join("report.json");
-    let text = ok(&[
+/// `merge -m soup` of the pool into `out`, then `extra`.
+fn soup<'a>(p: &'a [PathBuf], out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
         "merge",
         "-m",
         "soup",
@@ -42,12 +37,24 @@ fn omit_is_the_default_and_is_reported() {
         s(&p[1]),
         s(&p[2]),
         "-o",
-        s(&out),
-        "--dtype",
-        "f32",
-        "--report-json",
-        s(&json),
-    ]);
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn omit_is_the_default_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = pool(d);
+    let out = d.join("out.safetensors");
+    let json = d.join("report.json");
+    let text = ok(&soup(
+        &p,
+        &out,
+        &["--dtype", "f32", "--report-json", s(&json)],
+    ));
     assert!(
         text.contains(
             "bad.safetensors) holds NaN/Inf values in 1 keys, left out of those keys: w (2)"
@@ -76,18 +83,7 @@ fn error_names_file_key_and_count() {
     let d = dir.path();
     let p = pool(d);
     let out = d.join("out.safetensors");
-    let err = fails(&[
-        "merge",
-        "-m",
-        "soup",
-        s(&p[0]),
-        s(&p[1]),
-        s(&p[2]),
-        "-o",
-        s(&out),
-        "--non-finite",
-        "error",
-    ]);
+    let err = fails(&soup(&p, &out, &["--non-finite", "error"]));
     assert!(
         err.contains("bad.safetensors: tensor `w` holds 2 NaN/Inf values"),
         "{err}"

@@ -156,14 +156,19 @@ fn one_nan_no_longer_poisons_karcher_or_model_stock() {
     }
 }
 
+/// Three models, the second holding [`BAD`] in key `a`.
+fn soup_pool(d: &Path) -> Vec<PathBuf> {
+    (0..3)
+        .map(|m| model(d, &format!("m{m}"), m, Some(if m == 1 { BAD } else { &[] })))
+        .collect()
+}
+
 /// `error` stops the merge naming file, key and count, and leaves nothing behind.
 #[test]
 fn error_names_file_key_and_count_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let paths: Vec<PathBuf> = (0..3)
-        .map(|m| model(d, &format!("m{m}"), m, Some(if m == 1 { BAD } else { &[] })))
-        .collect();
+    let paths = soup_pool(d);
     let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
     let out = d.join("out.safetensors");
     let g = one_node(&refs, "soup", vec![vec![0, 1, 2]], &[]);
@@ -258,9 +263,7 @@ impl Progress for CancelOnRedo {
 fn a_resumed_run_reports_what_the_first_found() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let paths: Vec<PathBuf> = (0..3)
-        .map(|m| model(d, &format!("m{m}"), m, Some(if m == 1 { BAD } else { &[] })))
-        .collect();
+    let paths = soup_pool(d);
     let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
     let g = one_node(&refs, "soup", vec![vec![0, 1, 2]], &[]);
     let plain = d.join("plain.safetensors");
