@@ -125,7 +125,9 @@ pub(super) fn eval<T: Real>(
 /// Runs the statistic passes of every node of `expr`, children first.
 ///
 /// Blocks are [`BLOCK`] elements rounded up to whole units of the expression; `in_flight` bounds
-/// how many are computed at once (large units are memory-bound).
+/// how many are computed at once (large units are memory-bound), and so does `stats_budget`, the
+/// bytes the unfolded blocks of a pass may take (from the pass's declared block size).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run_stats<T: Real>(
     expr: &mut Expr<T>,
     row: &KeyRow,
@@ -134,56 +136,64 @@ pub(super) fn run_stats<T: Real>(
     workers: &Workers<T>,
     block: usize,
     in_flight: usize,
+    stats_budget: u64,
 ) -> Result<()> {
     let numel = row.numel();
-    if let Expr::Node(node) = expr {
-        let NodeExpr { state, args } = &mut **node;
-        for a in args.iter_mut() {
-            run_stats(a, row, models, cache, workers, block, in_flight)?;
-        }
-        for pass in 0..state.stat_passes() {
-            // A zero-element tensor is one empty block, so every statistic has its identity
-            // value (zero sums, an all-zero Gram matrix) rather than no value at all.
-            #[allow(clippy::single_range_in_vec_init)] // one empty block, not a range of blocks
-            let blocks: Vec<Range<usize>> = if numel == 0 {
-                vec![0..0]
-            } else {
-                (0..numel)
-                    .step_by(block)
-                    .map(|s| s..(s + block).min(numel))
-                    .collect()
-            };
-            // Blocks are computed in parallel a group at a time and absorbed in block order, so
-            // at most one group of block results is held at once.
-            let group = (16 * rayon::current_num_threads().max(1)).min(in_flight);
-            for (g, chunk) in blocks.chunks(group).enumerate() {
-                let st: &dyn KeyMerge<T> = &**state;
-                let args_ref: &[Expr<T>] = args;
-                let results: Vec<Vec<f64>> = chunk
-                    .par_iter()
-                    .map(|range| {
-                        workers.with(|s| {
-                            let len = range.len();
-                            let bufs: Vec<Vec<T>> = args_ref
-                                .iter()
-                                .map(|a| eval(a, row, range, models, cache, s))
-                                .collect::<Result<_>>()?;
-                            let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
-                            let r = st.stat_block(pass, range.clone(), &refs);
-                            s.free.extend(bufs);
-                            // The output pass reads every value again and reports them.
-                            s.bad.clear();
-                            Ok(r)
-                        })
-                    })
-                    .collect::<Result<_>>()?;
-                for (i, r) in results.into_iter().enumerate() {
-                    state.absorb_block(pass, g * group + i, r);
-                }
-            }
-            state.finish_pass(pass)?;
-        }
+    let Expr::Node(node) = expr else {
+        return Ok(());
+    };
+    let NodeExpr { state, args } = &mut **node;
+    for a in args.iter_mut() {
+        run_stats(a, row, models, cache, workers, block, in_flight, stats_budget)?;
     }
+    let args: &[Expr<T>] = args;
+    // A zero-element tensor is one empty block, so every statistic has its identity value
+    // (zero sums, an all-zero Gram matrix) rather than no value at all.
+    #[allow(clippy::single_range_in_vec_init)] // one empty block, not a range of blocks
+    let blocks: Vec<Range<usize>> = if numel == 0 {
+        vec![0..0]
+    } else {
+        (0..numel)
+            .step_by(block)
+            .map(|s| s..(s + block).min(numel))
+            .collect()
+    };
+    let threads = rayon::current_num_threads().max(1);
+    let mut run = |pass: &mut dyn ErasedPass<T>| -> Result<()> {
+        // Blocks are computed in parallel a group at a time and folded in block order, so at
+        // most one group of block statistics is held at once.
+        let fits = stats_budget / pass.block_bytes(block).max(1) as u64;
+        // At least a block per thread.
+        let group = (16 * threads).min(in_flight).min(fits.max(threads as u64) as usize);
+        for chunk in blocks.chunks(group) {
+            let computing: &dyn ErasedPass<T> = &*pass;
+            let results: Vec<Box<dyn std::any::Any + Send>> = chunk
+                .par_iter()
+                .map(|range| {
+                    workers.with(|s| {
+                        let len = range.len();
+                        let bufs: Vec<Vec<T>> = args
+                            .iter()
+                            .map(|a| eval(a, row, range, models, cache, s))
+                            .collect::<Result<_>>()?;
+                        let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
+                        let r = computing.block(range.clone(), &refs);
+                        s.free.extend(bufs);
+                        // The output pass reads every value again and reports them.
+                        s.bad.clear();
+                        Ok(r)
+                    })
+                })
+                .collect::<Result<_>>()?;
+            for r in results {
+                pass.fold(r);
+            }
+        }
+        Ok(())
+    };
+    let mut passes = Passes::new(&mut run);
+    state.run_passes(&mut passes)?;
+    debug_assert_eq!(passes.ran(), state.stat_passes(), "the passes declared run");
     Ok(())
 }
 
@@ -196,9 +206,5 @@ pub(super) const CACHE_TARGET: usize = 2 << 20;
 /// large, within the budget.
 pub(super) const TASK_OUTPUT_MAX: u64 = 16 << 20;
 
-/// Keys with statistic passes in flight per thread...
+/// Keys with statistic passes in flight per thread.
 pub(super) const STAT_KEYS: usize = 2;
-/// ... and at most this many inputs' statistics in flight over all threads (one key per thread
-/// at least): the per-input statistics of four keys of 33 inputs made DGMLA's peak RSS 10 %
-/// larger at N = 32 than at N = 8.
-pub(super) const STAT_INPUTS: usize = 64;

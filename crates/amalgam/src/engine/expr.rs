@@ -40,7 +40,7 @@ impl<T: Real> Expr<T> {
             Expr::Node(node) => node
                 .args
                 .iter()
-                .fold(node.state.unit().max(1), |u, a| lcm(u, a.unit())),
+                .fold(node.state.unit().len.max(1), |u, a| lcm(u, a.unit())),
         }
     }
     /// Whether a leaf reads the key transposed from its file.

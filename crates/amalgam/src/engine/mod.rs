@@ -43,7 +43,7 @@ use crate::dtype::{dtype_name, FloatDtype};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Ref};
 use crate::input::ModelFile;
-use crate::method::{KeyCtx, KeyMerge, Method, OnMissing, Params};
+use crate::method::{ErasedPass, KeyCtx, KeyMerge, Method, OnMissing, Params, Passes};
 use crate::methods;
 use crate::non_finite::{InputNonFinite, NonFinite};
 use crate::output::{OutputFile, OutputTensor};

@@ -192,11 +192,24 @@ pub(super) fn resolve<T: Real>(
                         present: &idx,
                         n_args: present.len(),
                         seed,
-                        unit_budget,
                     };
-                    let state = methods[n].get(key).begin_key(&ctx).map_err(|e| {
+                    let at = |e: String| {
                         Error::Invalid(format!("node `{}`, key `{}`: {e}", node.name, row.name))
-                    })?;
+                    };
+                    let state = methods[n]
+                        .get(key)
+                        .begin_key(&ctx)
+                        .map_err(|e| at(e.to_string()))?;
+                    let unit = state.unit();
+                    if unit.bytes > unit_budget {
+                        return Err(at(format!(
+                            "{} ({} elements of {} arguments) needs a memory budget of {}; raise it",
+                            unit.what,
+                            unit.len,
+                            idx.len(),
+                            crate::size::format_bytes(unit.bytes.saturating_mul(4))
+                        )));
+                    }
                     Ok(Some(Expr::Node(Box::new(NodeExpr {
                         state,
                         args: args.into_iter().flatten().collect(),

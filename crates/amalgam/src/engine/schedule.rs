@@ -211,9 +211,8 @@ pub(super) fn run<T: Real>(
     // Keys with statistic passes (and units that fit a sub-chunk) run `STAT_KEYS` per thread at
     // once, each its passes and then its output: one key's passes alone leave threads idle
     // (most keys are a few blocks) and its output must wait for them. They share the budget.
-    // A key's statistics are mostly per input (a rank histogram, sums, a row of the Gram
-    // matrix): with many inputs, fewer keys are in flight (`STAT_INPUTS`).
-    let stat_keys = (STAT_KEYS * threads).min((STAT_INPUTS / leaves).max(threads));
+    // The unfolded blocks of their passes share a quarter of the budget.
+    let stat_keys = STAT_KEYS * threads;
     // Reads a key with statistic passes into memory when its inputs take at most `share` of
     // the budget's other half (the keys in flight share it), so that its passes and its output
     // read each input once; else it is streamed, once per pass, and named in the report.
@@ -261,6 +260,7 @@ pub(super) fn run<T: Real>(
                     &workers,
                     block,
                     in_flight,
+                    opts.memory_budget / 4 / stat_keys as u64,
                 )?;
                 let mut notes = Vec::new();
                 expr.notes(&mut notes);
@@ -310,7 +310,17 @@ pub(super) fn run<T: Real>(
         if has_stats {
             let block = BLOCK.div_ceil(unit) * unit;
             let cache = cache.as_ref();
-            run_stats(expr, row, models, cache, &workers, block, in_flight(block))?;
+            let stats_budget = opts.memory_budget / 4;
+            run_stats(
+                expr,
+                row,
+                models,
+                cache,
+                &workers,
+                block,
+                in_flight(block),
+                stats_budget,
+            )?;
         }
         let mut notes = Vec::new();
         expr.notes(&mut notes);

@@ -1,32 +1,52 @@
 //! Engine unit tests: statistic passes, blocks and chunking.
 
 use super::*;
+use crate::method::Pass;
 use std::sync::Mutex;
 
 /// A method with one statistic pass: the L2 norm of each argument, then `out = a / ‖a‖`.
 /// Records the block ranges it was given.
 struct Normalize {
     norm: f64,
-    absorbed: usize,
     seen: std::sync::Arc<Mutex<Vec<Range<usize>>>>,
+}
+
+/// The pass: a block's squared norm, tagged with where the block starts.
+struct SquaredNorm<'a> {
+    seen: &'a Mutex<Vec<Range<usize>>>,
+    total: f64,
+    next: usize,
+}
+
+impl Pass<f32> for SquaredNorm<'_> {
+    type Block = (usize, f64);
+    fn block_bytes(&self, _len: usize) -> usize {
+        16
+    }
+    fn block(&self, range: Range<usize>, args: &[&[f32]]) -> (usize, f64) {
+        self.seen.lock().unwrap().push(range.clone());
+        let s = args[0].iter().map(|&x| x as f64 * x as f64).sum();
+        (range.start, s)
+    }
+    fn fold(&mut self, (start, s): (usize, f64)) {
+        assert_eq!(start, self.next, "blocks arrive in order");
+        self.next += BLOCK;
+        self.total += s;
+    }
 }
 
 impl KeyMerge<f32> for Normalize {
     fn stat_passes(&self) -> usize {
         1
     }
-    fn stat_block(&self, pass: usize, range: Range<usize>, args: &[&[f32]]) -> Vec<f64> {
-        assert_eq!(pass, 0);
-        self.seen.lock().unwrap().push(range);
-        vec![args[0].iter().map(|&x| x as f64 * x as f64).sum()]
-    }
-    fn absorb_block(&mut self, _pass: usize, block: usize, stats: Vec<f64>) {
-        assert_eq!(block, self.absorbed, "blocks arrive in order");
-        self.absorbed += 1;
-        self.norm += stats[0];
-    }
-    fn finish_pass(&mut self, _pass: usize) -> Result<()> {
-        self.norm = self.norm.sqrt();
+    fn run_passes(&mut self, passes: &mut Passes<f32>) -> Result<()> {
+        let seen = self.seen.clone();
+        let pass = passes.run(SquaredNorm {
+            seen: &seen,
+            total: 0.0,
+            next: 0,
+        })?;
+        self.norm = pass.total.sqrt();
         Ok(())
     }
     fn merge_chunk(&self, _range: Range<usize>, args: &[&[f32]], out: &mut [f32]) {
@@ -87,7 +107,6 @@ fn statistic_passes_see_every_block_in_order_whatever_the_threads() {
         let mut expr = Expr::Node(Box::new(NodeExpr {
             state: Box::new(Normalize {
                 norm: 0.0,
-                absorbed: 0,
                 seen: seen.clone(),
             }),
             args: vec![Expr::Leaf(Leaf::new(&rows[0], 0))],
@@ -102,6 +121,7 @@ fn statistic_passes_see_every_block_in_order_whatever_the_threads() {
                 &workers,
                 BLOCK,
                 usize::MAX,
+                u64::MAX,
             )
         })
         .unwrap();

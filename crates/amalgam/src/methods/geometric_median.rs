@@ -222,7 +222,6 @@ pub(crate) struct GramCombination<T> {
     n: usize,
     kind: GramKind,
     solve: Solver,
-    gram: Vec<f64>,
     coefficients: Vec<T>,
 }
 
@@ -236,7 +235,6 @@ impl<T: Real> GramCombination<T> {
             n,
             kind,
             solve: Box::new(solve),
-            gram: Vec::new(),
             coefficients: Vec::new(),
         }
     }
@@ -246,20 +244,17 @@ impl<T: Real> KeyMerge<T> for GramCombination<T> {
     fn stat_passes(&self) -> usize {
         1
     }
-    fn stat_block(&self, _pass: usize, _range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
-        let mut g = vec![0.0; self.n * self.n];
-        match self.kind {
-            GramKind::Raw => add_raw_gram(args, &mut g, &mut Vec::new()),
-            GramKind::Centred => add_gram(args, &mut g),
-        }
-        g
-    }
-    fn absorb_block(&mut self, _pass: usize, _block: usize, stats: Vec<f64>) {
-        accumulate(&mut self.gram, stats);
-    }
-    fn finish_pass(&mut self, _pass: usize) -> Result<()> {
-        let gram = std::mem::take(&mut self.gram);
-        self.coefficients = (self.solve)(&gram, self.n)
+    fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
+        let (n, kind) = (self.n, self.kind);
+        let gram = passes.run(Sums::new(n * n, move |_, args: &[&[T]]| {
+            let mut g = vec![0.0; n * n];
+            match kind {
+                GramKind::Raw => add_raw_gram(args, &mut g, &mut Vec::new()),
+                GramKind::Centred => add_gram(args, &mut g),
+            }
+            g
+        }))?;
+        self.coefficients = (self.solve)(&gram.total, n)
             .into_iter()
             .map(T::from_f64)
             .collect();

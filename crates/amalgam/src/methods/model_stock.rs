@@ -83,7 +83,6 @@ impl<T: Real> Method<T> for ModelStock {
             by_row: self.by_row,
             cos_eps: self.cos_eps,
             row_len,
-            stats: Vec::new(),
             t: Vec::new(),
         }))
     }
@@ -95,9 +94,6 @@ struct StockOfKey<T> {
     by_row: bool,
     cos_eps: f64,
     row_len: usize,
-    /// Tensor unit: the N×N Gram matrix of the task vectors. Row unit: per row, the N squared
-    /// norms and the N − 1 adjacent dot products.
-    stats: Vec<f64>,
     /// The factor t (one, or one per row).
     t: Vec<T>,
 }
@@ -115,88 +111,120 @@ impl<T: Real> StockOfKey<T> {
     }
 }
 
+/// Per row of the last dimension: the N squared norms and the N − 1 adjacent dot products of the
+/// task vectors (`2N − 1` sums a row).
+struct RowSums<'a, T> {
+    key: &'a StockOfKey<T>,
+    /// Per row folded so far, its sums.
+    total: Vec<f64>,
+}
+
+/// The sums of the rows a block touches, from its first row on.
+struct RowBlock {
+    first: usize,
+    sums: Vec<f64>,
+}
+
+impl<T: Real> Pass<T> for RowSums<'_, T> {
+    type Block = RowBlock;
+    fn block_bytes(&self, len: usize) -> usize {
+        (len / self.key.row_len + 2) * self.key.per_row() * std::mem::size_of::<f64>()
+    }
+    fn block(&self, range: Range<usize>, args: &[&[T]]) -> RowBlock {
+        let (n, row_len) = (self.key.n, self.key.row_len);
+        let deltas = self.key.deltas(args);
+        let first = range.start / row_len;
+        let last = range.end.saturating_sub(1).max(range.start) / row_len;
+        let k = self.key.per_row();
+        let mut sums = vec![0.0; (last - first + 1) * k];
+        for (i, e) in range.enumerate() {
+            let r = (e / row_len - first) * k;
+            for t in 0..n {
+                let v = deltas[t][i].to_f64();
+                sums[r + t] += v * v;
+                if t + 1 < n {
+                    sums[r + n + t] += v * deltas[t + 1][i].to_f64();
+                }
+            }
+        }
+        RowBlock { first, sums }
+    }
+    fn fold(&mut self, block: RowBlock) {
+        let k = self.key.per_row();
+        let need = block.first * k + block.sums.len();
+        if self.total.len() < need {
+            self.total.resize(need, 0.0);
+        }
+        for (a, b) in self.total[block.first * k..].iter_mut().zip(block.sums) {
+            *a += b;
+        }
+    }
+}
+
+impl<T: Real> StockOfKey<T> {
+    /// The task vectors `models[t] − base` of a block.
+    fn deltas(&self, args: &[&[T]]) -> Vec<Vec<T>> {
+        let base = args[0];
+        args[1..]
+            .iter()
+            .map(|x| x.iter().zip(base).map(|(&v, &b)| v - b).collect())
+            .collect()
+    }
+    /// `t` from the task vectors' Gram matrix: the mean cosine of the pairs used.
+    fn t_of_gram(&self, gram: &[f64]) -> T {
+        let n = self.n;
+        let mut total = 0.0;
+        let mut pairs = 0usize;
+        for i in 0..n {
+            for j in (i + 1)..n {
+                if self.pairs == Pairs::Adjacent && j != i + 1 {
+                    continue;
+                }
+                total += self.cos(gram[i * n + j], gram[i * n + i], gram[j * n + j]);
+                pairs += 1;
+            }
+        }
+        T::from_f64(self.factor(total / pairs as f64))
+    }
+    /// `t` of one row from its sums (see [`RowSums`]).
+    fn t_of_row(&self, row: &[f64]) -> T {
+        let n = self.n;
+        let mean = (0..n - 1)
+            .map(|i| self.cos(row[n + i], row[i], row[i + 1]))
+            .sum::<f64>()
+            / (n - 1) as f64;
+        T::from_f64(self.factor(mean))
+    }
+}
+
 impl<T: Real> KeyMerge<T> for StockOfKey<T> {
     fn stat_passes(&self) -> usize {
         usize::from(self.n >= 2)
     }
 
-    fn stat_block(&self, _pass: usize, range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
-        let n = self.n;
-        let base = args[0];
-        let deltas: Vec<Vec<T>> = args[1..]
-            .iter()
-            .map(|x| x.iter().zip(base).map(|(&v, &b)| v - b).collect())
-            .collect();
-        if !self.by_row {
-            let mut g = vec![0.0; n * n];
-            let refs: Vec<&[T]> = deltas.iter().map(|d| d.as_slice()).collect();
-            add_raw_gram(&refs, &mut g, &mut Vec::new());
-            return g;
+    fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
+        if self.n < 2 {
+            return Ok(());
         }
-        // [first row, then per row touched: n squared norms, n - 1 adjacent dots]
-        let first = range.start / self.row_len;
-        let last = (range.end - 1) / self.row_len;
-        let k = self.per_row();
-        let mut out = vec![0.0; 1 + (last - first + 1) * k];
-        out[0] = first as f64;
-        for (i, e) in range.clone().enumerate() {
-            let r = 1 + (e / self.row_len - first) * k;
-            for t in 0..n {
-                let v = deltas[t][i].to_f64();
-                out[r + t] += v * v;
-                if t + 1 < n {
-                    out[r + n + t] += v * deltas[t + 1][i].to_f64();
-                }
-            }
-        }
-        out
-    }
-
-    fn absorb_block(&mut self, _pass: usize, _block: usize, stats: Vec<f64>) {
-        if !self.by_row {
-            accumulate(&mut self.stats, stats);
-            return;
-        }
-        let k = self.per_row();
-        let first = stats[0] as usize;
-        let need = (first + (stats.len() - 1) / k) * k;
-        if self.stats.len() < need {
-            self.stats.resize(need, 0.0);
-        }
-        for (a, &b) in self.stats[first * k..].iter_mut().zip(&stats[1..]) {
-            *a += b;
-        }
-    }
-
-    fn finish_pass(&mut self, _pass: usize) -> Result<()> {
-        let n = self.n;
-        let stats = std::mem::take(&mut self.stats);
-        if !self.by_row {
-            let mut total = 0.0;
-            let mut pairs = 0usize;
-            for i in 0..n {
-                for j in (i + 1)..n {
-                    if self.pairs == Pairs::Adjacent && j != i + 1 {
-                        continue;
-                    }
-                    total += self.cos(stats[i * n + j], stats[i * n + i], stats[j * n + j]);
-                    pairs += 1;
-                }
-            }
-            self.t = vec![T::from_f64(self.factor(total / pairs as f64))];
-        } else {
+        self.t = if self.by_row {
+            let rows = passes.run(RowSums {
+                key: self,
+                total: Vec::new(),
+            })?;
             let k = self.per_row();
-            self.t = stats
-                .chunks(k)
-                .map(|row| {
-                    let mean = (0..n - 1)
-                        .map(|i| self.cos(row[n + i], row[i], row[i + 1]))
-                        .sum::<f64>()
-                        / (n - 1) as f64;
-                    T::from_f64(self.factor(mean))
-                })
-                .collect();
-        }
+            rows.total.chunks(k).map(|row| self.t_of_row(row)).collect()
+        } else {
+            let n = self.n;
+            let key = &*self;
+            let gram = passes.run(Sums::new(n * n, |_, args: &[&[T]]| {
+                let deltas = key.deltas(args);
+                let refs: Vec<&[T]> = deltas.iter().map(|d| d.as_slice()).collect();
+                let mut g = vec![0.0; n * n];
+                add_raw_gram(&refs, &mut g, &mut Vec::new());
+                g
+            }))?;
+            vec![self.t_of_gram(&gram.total)]
+        };
         Ok(())
     }
 

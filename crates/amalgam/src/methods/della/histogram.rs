@@ -73,6 +73,11 @@ pub struct BlockCounts {
     count: Vec<u32>,
 }
 
+impl BlockCounts {
+    /// The most bytes one block's counts take (every slot of the table).
+    pub const MAX_BYTES: usize = std::mem::size_of::<BlockCounts>() + 2 * BINS * 4;
+}
+
 /// Tables a block is counted into, element `i` into table `i % LANES`: consecutive entries in the
 /// same slot (frequent: the bins near the mode hold the most) then do not wait on each other's
 /// increment.

@@ -11,9 +11,6 @@ pub(super) struct Select {
     pub(super) prefix: u64,
     /// The rank still to find among the keys with that prefix.
     pub(super) rank: u64,
-    /// The histogram of the current pass (allocated while the key's statistics run: every key's
-    /// state exists from planning on, so it must stay small until then).
-    pub(super) counts: Vec<u64>,
 }
 
 /// With `ranks = auto` or `histogram`, tensors up to this many elements are ranked exactly (a sort
@@ -29,14 +26,13 @@ pub(super) struct DellaKey {
     pub(super) config: Della,
     /// Elements ranked together when `exact` (a row or the tensor); 1 otherwise.
     pub(super) unit: usize,
+    /// The working memory of one unit when ranked exactly: its inputs, deltas, masks and a
+    /// sort buffer.
+    pub(super) unit_bytes: u64,
     /// Exact ordinal ranks per unit, or ranks estimated from a histogram pass.
     pub(super) exact: bool,
     /// Per model, the histogram (estimated ranks only).
     pub(super) hist: Vec<RankHistogram>,
-    /// Per model, the histogram while its pass runs: the blocks add their counts here as they
-    /// are computed (integer counts, so the order does not matter), rather than each block
-    /// returning a table to absorb.
-    pub(super) counting: std::sync::Mutex<Vec<RankHistogram>>,
     /// The bound on the keep-probability error of the estimate.
     pub(super) bound: f64,
     /// With exact ranks and statistic passes: the first pass computes the masks (one bit per
@@ -63,9 +59,7 @@ pub(super) struct KeyPipeline<T> {
     pub(super) thresholds: Vec<u64>,
     /// Per model, the factor its kept entries are scaled by (`l1`; empty = 1).
     pub(super) scales: Vec<T>,
-    /// The `l1` pass's sums: per model, Σ|δ| and Σ|kept δ|.
-    pub(super) l1: Vec<f64>,
-    pub(super) gram: Vec<f64>,
+    /// Per model, its coefficient in the geometric median.
     pub(super) coefficients: Vec<T>,
 }
 
@@ -98,34 +92,31 @@ pub(super) fn sign<T: Real>(v: T) -> T {
     }
 }
 
-/// What a statistic pass computes.
-#[derive(Clone, Copy, PartialEq)]
-pub(super) enum Pass {
-    /// The histogram of |δ| per model, for DELLA ranks too large to sort.
-    Histogram,
-    /// One digit of the trim threshold.
-    Trim(usize),
-    /// The L1 norms of the `l1` rescale.
-    L1,
-    /// The Gram matrix of the filtered deltas, for the geometric median.
-    Gram,
-}
-
 impl<T: Real> KeyPipeline<T> {
     pub(super) fn histogram_passes(&self) -> usize {
         usize::from(self.della.as_ref().is_some_and(|d| !d.exact))
     }
 
-    pub(super) fn pass(&self, pass: usize) -> Pass {
-        let h = self.histogram_passes();
-        if pass < h {
-            Pass::Histogram
-        } else if pass < h + self.trim_passes {
-            Pass::Trim(pass - h)
-        } else if self.config.rescale == Rescale::L1 && pass == h + self.trim_passes {
-            Pass::L1
-        } else {
-            Pass::Gram
+    /// Takes the next digit of each model's trim threshold from the digit's histogram (per model
+    /// `2^DIGIT_BITS` counts); after the last digit, the thresholds are known.
+    pub(super) fn resolve_digit(&mut self, digit: usize, counts: &[u64]) {
+        for (s, counts) in self.select.iter_mut().zip(counts.chunks(1 << DIGIT_BITS)) {
+            let mut below = 0u64;
+            let mut next = 0u64;
+            for (d, &c) in counts.iter().enumerate() {
+                if below + c >= s.rank {
+                    next = d as u64;
+                    break;
+                }
+                below += c;
+            }
+            s.rank -= below;
+            s.prefix = (s.prefix << DIGIT_BITS) | next;
+            if digit + 1 == self.trim_passes {
+                // All digits resolved: the prefix is the threshold key (the top padding bits
+                // above the key width are zero).
+                self.thresholds.push(s.prefix);
+            }
         }
     }
 
@@ -256,11 +247,6 @@ impl<T: Real> KeyPipeline<T> {
                 T::from_f64(nf * mean / (1.0 + (nf - 1.0) * mean))
             })
             .collect()
-    }
-
-    /// Whether statistic pass `pass` computes the masks that the later passes reuse.
-    pub(super) fn computes_masks(&self, pass: usize) -> bool {
-        pass == 0 && self.della.as_ref().is_some_and(|d| d.cache_masks)
     }
 
     /// Runs the pipeline up to `stage` over `range` (`args[0]` is the base), a block of `W`

@@ -2,6 +2,29 @@
 
 use super::*;
 
+impl<T: Real> KeyPipeline<T> {
+    /// Runs `stat` as a pass; the first pass of a key whose DELLA masks are cached computes and
+    /// keeps them.
+    fn run_stat<S: Stat<T>>(&mut self, passes: &mut Passes<T>, stat: S) -> Result<S> {
+        let n = self.streams.len();
+        let words = self.numel.div_ceil(64);
+        let masks = self
+            .della
+            .as_ref()
+            .filter(|d| d.cache_masks && d.masks.is_empty())
+            .map(|_| vec![vec![0u64; words]; n]);
+        let PipelinePass { stat, masks, .. } = passes.run(PipelinePass {
+            key: &*self,
+            stat,
+            masks,
+        })?;
+        if let Some(masks) = masks {
+            self.della.as_mut().expect("DELLA").masks = masks;
+        }
+        Ok(stat)
+    }
+}
+
 impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
     fn stat_passes(&self) -> usize {
         self.histogram_passes()
@@ -10,11 +33,21 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             + usize::from(matches!(self.config.fuse, Fuse::GeometricMedian(_)))
     }
 
-    fn unit(&self) -> usize {
+    fn unit(&self) -> Unit {
         // DELLA units (rows of `[rows, rest]`, or the tensor) are whole rows of the last
         // dimension too.
-        let della = self.della.as_ref().map_or(1, |d| d.unit);
-        della.max(self.stock_row)
+        let (della, bytes, what) = match &self.della {
+            Some(d) if d.unit > 1 => (d.unit, d.unit_bytes, match d.config.rank {
+                Rank::Row => "DELLA's exact ranks of a row",
+                Rank::Tensor => "DELLA's exact ranks of the tensor (or use `ranks = \"histogram\"`)",
+            }),
+            _ => (1, 0, "a row"),
+        };
+        Unit {
+            len: della.max(self.stock_row),
+            bytes,
+            what,
+        }
     }
 
     fn notes(&self) -> Vec<String> {
@@ -32,115 +65,48 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
         }
     }
 
-    fn stat_block(&self, pass: usize, range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
-        if self.computes_masks(pass) {
-            // The block's keep bits, then the pass's own statistics.
-            let d = self.della.as_ref().expect("DELLA");
-            let factors = self.della_factors(d, &range, args);
-            let mut out = vec![range.start as f64, range.len() as f64];
-            for f in factors.chunks(range.len().max(1)) {
-                for word in f.chunks(64) {
-                    let bits = word
-                        .iter()
-                        .enumerate()
-                        .fold(0u64, |w, (i, &x)| w | (u64::from(x != T::ZERO) << i));
-                    out.push(f64::from_bits(bits));
-                }
-            }
-            out.extend(self.pass_stats(pass, range, args, Some(&factors)));
-            out
-        } else {
-            self.pass_stats(pass, range, args, None)
+    fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
+        let n = self.streams.len();
+        if self.histogram_passes() > 0 {
+            let hist = (0..n).map(|_| RankHistogram::new()).collect();
+            let mut hist = self.run_stat(passes, RankCounts { hist })?.hist;
+            let (numel, d) = (self.numel, self.della.as_mut().expect("DELLA"));
+            d.bound = hist
+                .iter_mut()
+                .map(|h| h.finish(d.config.eps, numel))
+                .fold(0.0, f64::max);
+            d.hist = hist;
         }
-    }
-
-    fn absorb_block(&mut self, pass: usize, block: usize, stats: Vec<f64>) {
-        if self.computes_masks(pass) {
-            let (start, len) = (stats[0] as usize, stats[1] as usize);
-            let n = self.streams.len();
-            let numel = self.numel;
-            let d = self.della.as_mut().expect("DELLA");
-            if d.masks.is_empty() {
-                d.masks = vec![vec![0u64; numel.div_ceil(64)]; n];
-            }
-            let words = len.div_ceil(64);
-            for (t, m) in d.masks.iter_mut().enumerate() {
-                for w in 0..words {
-                    let bits = stats[2 + t * words + w].to_bits();
-                    for i in 0..64.min(len - w * 64) {
-                        let e = start + w * 64 + i;
-                        m[e / 64] |= (bits >> i & 1) << (e % 64);
-                    }
-                }
-            }
-            let rest = stats[2 + n * words..].to_vec();
-            self.absorb_stats(pass, block, rest);
-        } else {
-            self.absorb_stats(pass, block, stats);
+        for digit in 0..self.trim_passes {
+            let counts = vec![0; n << DIGIT_BITS];
+            let stat = TrimDigit { digit, counts };
+            let counts = self.run_stat(passes, stat)?.counts;
+            self.resolve_digit(digit, &counts);
         }
-    }
-
-    fn finish_pass(&mut self, pass: usize) -> Result<()> {
-        match self.pass(pass) {
-            Pass::Histogram => {
-                let numel = self.numel;
-                let d = self.della.as_mut().expect("histogram pass of DELLA");
-                d.hist = std::mem::take(d.counting.get_mut().expect("histogram lock"));
-                d.bound = d
-                    .hist
-                    .iter_mut()
-                    .map(|h| h.finish(d.config.eps, numel))
-                    .fold(0.0, f64::max);
-            }
-            Pass::Trim(trim) => {
-                for s in self.select.iter_mut() {
-                    let mut below = 0u64;
-                    let mut digit = 0u64;
-                    for (dgt, &c) in s.counts.iter().enumerate() {
-                        if below + c >= s.rank {
-                            digit = dgt as u64;
-                            break;
-                        }
-                        below += c;
-                    }
-                    s.rank -= below;
-                    s.prefix = (s.prefix << DIGIT_BITS) | digit;
-                    s.counts = Vec::new();
-                    if trim + 1 == self.trim_passes {
-                        // All digits resolved: the prefix is the threshold key (the top padding
-                        // bits above the key width are zero).
-                        self.thresholds.push(s.prefix);
-                    }
-                }
-            }
-            Pass::L1 => {
-                let l1 = std::mem::take(&mut self.l1);
-                self.scales = l1
-                    .chunks(2)
-                    .map(|s| {
-                        let (full, kept) = (s[0], s[1]);
-                        T::from_f64(if full < 1e-7 || kept < 1e-7 {
-                            1.0
-                        } else {
-                            full / kept
-                        })
+        if self.config.rescale == Rescale::L1 {
+            let sums = self.run_stat(passes, L1Sums { sums: Vec::new() })?.sums;
+            self.scales = sums
+                .chunks(2)
+                .map(|s| {
+                    let (full, kept) = (s[0], s[1]);
+                    T::from_f64(if full < 1e-7 || kept < 1e-7 {
+                        1.0
+                    } else {
+                        full / kept
                     })
-                    .collect();
-            }
-            Pass::Gram => {
-                if let Fuse::GeometricMedian(w) = self.config.fuse {
-                    let gram = std::mem::take(&mut self.gram);
-                    let n = self.streams.len();
-                    // With `base_point` the Gram matrix has the zero delta as its last point.
-                    let points = n + usize::from(self.config.base_point);
-                    self.coefficients = w
-                        .coefficients(&gram, points)
-                        .into_iter()
-                        .take(n)
-                        .map(T::from_f64)
-                        .collect();
-                }
-            }
+                })
+                .collect();
+        }
+        if let Fuse::GeometricMedian(w) = self.config.fuse {
+            let gram = self.run_stat(passes, GramOf { gram: Vec::new() })?.gram;
+            // With `base_point` the Gram matrix has the zero delta as its last point.
+            let points = n + usize::from(self.config.base_point);
+            self.coefficients = w
+                .coefficients(&gram, points)
+                .into_iter()
+                .take(n)
+                .map(T::from_f64)
+                .collect();
         }
         Ok(())
     }

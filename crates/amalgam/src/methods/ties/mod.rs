@@ -33,3 +33,4 @@ pub use options::*;
 pub use pipeline::Pipeline;
 pub use presets::*;
 use signed::*;
+use stats::*;

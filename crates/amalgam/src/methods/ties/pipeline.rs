@@ -225,11 +225,11 @@ impl<T: Real> Method<T> for Pipeline {
                 let unit: usize = d.unit_len(ctx.shape).max(1);
                 // The unit's inputs, their deltas and masks, and a sort buffer.
                 let unit_bytes = (unit * ((2 * n + 2) * std::mem::size_of::<T>() + 16)) as u64;
-                let fits = unit_bytes <= ctx.unit_budget;
                 // Small: the tensor of every model fits a few MiB, whatever the number of models.
                 // The choice depends on the tensor and the model count only, never on the budget
                 // or the threads, so the output bytes do not either: a budget too small for an
-                // exact ranking is an error below, not a silent switch to the histogram.
+                // exact ranking is an error of the engine (see `unit`), not a silent switch to
+                // the histogram.
                 let small = numel <= SMALL_TENSOR && unit_bytes <= SMALL_UNIT_BYTES;
                 let exact = match d.ranks {
                     // Rows are always ranked exactly (they are short); whole tensors when they
@@ -239,17 +239,6 @@ impl<T: Real> Method<T> for Pipeline {
                     // Sorting a small tensor costs less than a histogram's bins.
                     Ranks::Histogram => small,
                 };
-                if exact && !fits {
-                    return Err(Error::method(
-                        self.info.name,
-                        format!(
-                            "ranking {} of {unit} elements of {n} models exactly needs a memory budget of {}; raise it{}",
-                            if d.rank == Rank::Row { "rows" } else { "tensors" },
-                            crate::size::format_bytes(unit_bytes * 4),
-                            if d.rank == Rank::Row { "" } else { " or use `ranks = \"histogram\"`" }
-                        ),
-                    ));
-                }
                 if !exact && numel > u32::MAX as usize {
                     return Err(Error::method(
                         self.info.name,
@@ -259,9 +248,9 @@ impl<T: Real> Method<T> for Pipeline {
                 Some(DellaKey {
                     config: d,
                     unit: if exact { unit } else { 1 },
+                    unit_bytes: if exact { unit_bytes } else { 0 },
                     exact,
                     hist: Vec::new(),
-                    counting: std::sync::Mutex::new(Vec::new()),
                     bound: 0.0,
                     cache_masks: exact && self.config.rescale != Rescale::PerElement,
                     masks: Vec::new(),
@@ -285,16 +274,10 @@ impl<T: Real> Method<T> for Pipeline {
             // Only a trim has a selection state per model (every key's state exists from planning
             // on: without a trim it takes no memory per model).
             select: (0..if trim_passes > 0 { n } else { 0 })
-                .map(|_| Select {
-                    prefix: 0,
-                    rank,
-                    counts: Vec::new(),
-                })
+                .map(|_| Select { prefix: 0, rank })
                 .collect(),
             thresholds: Vec::new(),
             scales: Vec::new(),
-            l1: Vec::new(),
-            gram: Vec::new(),
             coefficients: Vec::new(),
         }))
     }

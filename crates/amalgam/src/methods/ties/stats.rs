@@ -1,148 +1,294 @@
-//! The statistics of one block for each pass, and how they are absorbed.
+//! The statistic passes of the pipeline, each its own block type: the rank histogram of DELLA's
+//! estimated ranks, the digits of the trim threshold, the `l1` rescale's norms and the geometric
+//! median's Gram matrix. The first pass of a key whose DELLA masks are cached also computes the
+//! masks ([`PipelinePass`]).
 
 use super::*;
 
-impl<T: Real> KeyPipeline<T> {
-    /// The statistics of pass `pass` for one block; `factors` are the DELLA factors when the
-    /// caller has computed them already.
-    pub(super) fn pass_stats(
+/// A statistic of the pipeline over one block, given the block's DELLA factors when the pass
+/// computes them anyway.
+pub(super) trait Stat<T: Real>: Send + Sync {
+    type Block: Send + 'static;
+    fn block_bytes(&self, key: &KeyPipeline<T>, len: usize) -> usize;
+    fn block(
         &self,
-        pass: usize,
+        key: &KeyPipeline<T>,
+        range: Range<usize>,
+        args: &[&[T]],
+        factors: Option<&[T]>,
+    ) -> Self::Block;
+    fn fold(&mut self, block: Self::Block);
+}
+
+/// The keep bits of one block, per model `ceil(len / 64)` words.
+pub(super) struct KeepBits {
+    start: usize,
+    len: usize,
+    words: Vec<u64>,
+}
+
+impl KeepBits {
+    /// The bits of `factors` (per model `len` of them, nonzero = kept) of the block at `start`.
+    fn of<T: Real>(start: usize, len: usize, factors: &[T]) -> KeepBits {
+        let words = factors
+            .chunks(len.max(1))
+            .flat_map(|f| {
+                f.chunks(64).map(|word| {
+                    word.iter()
+                        .enumerate()
+                        .fold(0u64, |w, (i, &x)| w | (u64::from(x != T::ZERO) << i))
+                })
+            })
+            .collect();
+        KeepBits { start, len, words }
+    }
+    /// Sets the block's bits in the masks of the whole tensor (one per model).
+    fn write(&self, masks: &mut [Vec<u64>]) {
+        let per_model = self.len.div_ceil(64);
+        for (m, words) in masks.iter_mut().zip(self.words.chunks(per_model.max(1))) {
+            for (w, &bits) in words.iter().enumerate() {
+                for i in 0..64.min(self.len - w * 64) {
+                    let e = self.start + w * 64 + i;
+                    m[e / 64] |= (bits >> i & 1) << (e % 64);
+                }
+            }
+        }
+    }
+}
+
+/// A pipeline statistic as an engine pass; with `masks`, it computes the DELLA keep masks too.
+pub(super) struct PipelinePass<'a, T, S> {
+    pub(super) key: &'a KeyPipeline<T>,
+    pub(super) stat: S,
+    /// Per model, the keep bits of every element (when this pass computes them).
+    pub(super) masks: Option<Vec<Vec<u64>>>,
+}
+
+impl<T: Real, S: Stat<T>> Pass<T> for PipelinePass<'_, T, S> {
+    type Block = (Option<KeepBits>, S::Block);
+    fn block_bytes(&self, len: usize) -> usize {
+        let bits = if self.masks.is_some() {
+            self.key.streams.len() * len.div_ceil(64) * 8
+        } else {
+            0
+        };
+        bits + self.stat.block_bytes(self.key, len)
+    }
+    fn block(&self, range: Range<usize>, args: &[&[T]]) -> Self::Block {
+        match (&self.masks, &self.key.della) {
+            (Some(_), Some(d)) => {
+                let factors = self.key.della_factors(d, &range, args);
+                let bits = KeepBits::of(range.start, range.len(), &factors);
+                (Some(bits), self.stat.block(self.key, range, args, Some(&factors)))
+            }
+            _ => (None, self.stat.block(self.key, range, args, None)),
+        }
+    }
+    fn fold(&mut self, (bits, block): Self::Block) {
+        if let (Some(bits), Some(masks)) = (bits, self.masks.as_mut()) {
+            bits.write(masks);
+        }
+        self.stat.fold(block);
+    }
+}
+
+/// The histogram of |δ| per model, for DELLA ranks of tensors too large to sort.
+pub(super) struct RankCounts {
+    pub(super) hist: Vec<RankHistogram>,
+}
+
+impl<T: Real> Stat<T> for RankCounts {
+    type Block = Vec<BlockCounts>;
+    fn block_bytes(&self, key: &KeyPipeline<T>, _len: usize) -> usize {
+        // At most every slot of the table, per model.
+        key.streams.len() * BlockCounts::MAX_BYTES
+    }
+    fn block(
+        &self,
+        _: &KeyPipeline<T>,
+        _range: Range<usize>,
+        args: &[&[T]],
+        _: Option<&[T]>,
+    ) -> Vec<BlockCounts> {
+        args[1..]
+            .iter()
+            .map(|x| {
+                let mut counts = BlockCounts::default();
+                RankHistogram::count_block(x.iter().zip(args[0]).map(|(&a, &b)| a - b), &mut counts);
+                counts
+            })
+            .collect()
+    }
+    fn fold(&mut self, block: Vec<BlockCounts>) {
+        for (h, c) in self.hist.iter_mut().zip(&block) {
+            h.absorb(c);
+        }
+    }
+}
+
+/// The histogram of the next digit of |δ| among the keys matching each model's prefix (one
+/// digit of the exact trim threshold).
+pub(super) struct TrimDigit {
+    pub(super) digit: usize,
+    /// Per model, `2^DIGIT_BITS` counts.
+    pub(super) counts: Vec<u64>,
+}
+
+impl<T: Real> Stat<T> for TrimDigit {
+    type Block = Vec<u32>;
+    fn block_bytes(&self, key: &KeyPipeline<T>, _len: usize) -> usize {
+        (key.streams.len() << DIGIT_BITS) * 4
+    }
+    fn block(
+        &self,
+        key: &KeyPipeline<T>,
+        range: Range<usize>,
+        args: &[&[T]],
+        factors: Option<&[T]>,
+    ) -> Vec<u32> {
+        let n = key.streams.len();
+        let (shift, high) = KeyPipeline::<T>::digit_shift(self.digit);
+        let mask = (1u64 << DIGIT_BITS) - 1;
+        let mut h = vec![0u32; n << DIGIT_BITS];
+        key.blocks(Stage::Dropped, &range, args, factors, |_, len, d, _| {
+            for t in 0..n {
+                let prefix = key.select[t].prefix;
+                let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
+                for v in &d[t * W..t * W + len] {
+                    let k = v.abs_key();
+                    if high >= 64 || k >> high == prefix {
+                        ht[((k >> shift) & mask) as usize] += 1;
+                    }
+                }
+            }
+        });
+        h
+    }
+    fn fold(&mut self, block: Vec<u32>) {
+        for (c, x) in self.counts.iter_mut().zip(block) {
+            *c += u64::from(x);
+        }
+    }
+}
+
+/// Per model: Σ|δ| of the whole delta and of the entries kept by drop and trim (the `l1`
+/// rescale).
+pub(super) struct L1Sums {
+    /// Per model `[full, kept]`.
+    pub(super) sums: Vec<f64>,
+}
+
+impl<T: Real> Stat<T> for L1Sums {
+    type Block = Vec<f64>;
+    fn block_bytes(&self, key: &KeyPipeline<T>, _len: usize) -> usize {
+        2 * key.streams.len() * 8
+    }
+    fn block(
+        &self,
+        key: &KeyPipeline<T>,
         range: Range<usize>,
         args: &[&[T]],
         factors: Option<&[T]>,
     ) -> Vec<f64> {
-        let n = self.streams.len();
-        match self.pass(pass) {
-            Pass::Histogram => {
-                let d = self.della.as_ref().expect("histogram pass of DELLA");
-                let mut counts = BlockCounts::default();
-                for (t, x) in args[1..].iter().enumerate() {
-                    let deltas = x.iter().zip(args[0]).map(|(&a, &b)| a - b);
-                    RankHistogram::count_block(deltas, &mut counts);
-                    let mut hist = d.counting.lock().expect("histogram lock");
-                    if hist.is_empty() {
-                        hist.extend((0..n).map(|_| RankHistogram::new()));
-                    }
-                    hist[t].absorb(&counts);
-                }
-                Vec::new()
-            }
-            Pass::Trim(trim) => {
-                // Histogram of the next digit of |δ| among the keys matching each model's prefix.
-                let (shift, high) = Self::digit_shift(trim);
-                let mask = (1u64 << DIGIT_BITS) - 1;
-                let mut h = vec![0f64; n << DIGIT_BITS];
-                self.blocks(Stage::Dropped, &range, args, factors, |_, len, d, _| {
-                    for t in 0..n {
-                        let prefix = self.select[t].prefix;
-                        let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
-                        for v in &d[t * W..t * W + len] {
-                            let key = v.abs_key();
-                            if high >= 64 || key >> high == prefix {
-                                ht[((key >> shift) & mask) as usize] += 1.0;
-                            }
-                        }
-                    }
-                });
-                h
-            }
-            Pass::L1 => {
-                // Per model: Σ|δ| of the whole delta and of the entries kept by drop and trim.
-                let mut sums = vec![0f64; 2 * n];
-                for (t, x) in args[1..].iter().enumerate() {
-                    sums[2 * t] = x
+        let n = key.streams.len();
+        let mut sums = vec![0f64; 2 * n];
+        for (t, x) in args[1..].iter().enumerate() {
+            sums[2 * t] = x
+                .iter()
+                .zip(args[0])
+                .map(|(&v, &b)| (v - b).abs().to_f64())
+                .sum();
+        }
+        key.blocks(Stage::Kept, &range, args, factors, |_, len, d, _| {
+                for t in 0..n {
+                    sums[2 * t + 1] += d[t * W..t * W + len]
                         .iter()
-                        .zip(args[0])
-                        .map(|(&v, &b)| (v - b).abs().to_f64())
-                        .sum();
+                        .map(|v| v.abs().to_f64())
+                        .sum::<f64>();
                 }
-                self.blocks(Stage::Kept, &range, args, factors, |_, len, d, _| {
-                    for t in 0..n {
-                        sums[2 * t + 1] += d[t * W..t * W + len]
-                            .iter()
-                            .map(|v| v.abs().to_f64())
-                            .sum::<f64>();
-                    }
-                });
-                sums
-            }
-            Pass::Gram => {
-                // The filtered deltas, one row per model, `GRAM_SPAN` elements at a time, then a
-                // matrix product per span: the buffer does not grow with the block (a whole
-                // tensor, for units ranked exactly). The rows are centred on the per-element mean
-                // as they are filled (distances do not change, and centred points keep the
-                // products' rounding small next to the distances).
-                // With `base_point`, a last row for the base as a zero delta; it enters the mean
-                // like every other point.
-                let points = n + usize::from(self.config.base_point);
-                // Fewer elements per span for many points: the rows take about as much memory
-                // as 9 points' (a power of two of at least `W` elements).
-                let fit = (GRAM_SPAN * 9 / points).max(W);
-                let span = (1usize << fit.ilog2()).min(GRAM_SPAN).min(range.len());
-                let mut rows = vec![0f64; points * span];
-                let mut g = vec![0.0; points * points];
-                let mut mean = [0f64; W];
-                let inv = 1.0 / points as f64;
-                let mut filled = 0;
-                self.blocks(Stage::Filtered, &range, args, factors, |at, len, d, _| {
-                    debug_assert_eq!(at % span, filled);
-                    let mean = &mut mean[..len];
-                    mean.fill(0.0);
-                    for t in 0..n {
-                        for (m, &v) in mean.iter_mut().zip(&d[t * W..t * W + len]) {
-                            *m += v.to_f64();
-                        }
-                    }
-                    mean.iter_mut().for_each(|m| *m *= inv);
-                    for t in 0..points {
-                        let row = &mut rows[t * span + filled..t * span + filled + len];
-                        if t < n {
-                            for ((o, &v), &m) in
-                                row.iter_mut().zip(&d[t * W..t * W + len]).zip(&*mean)
-                            {
-                                *o = v.to_f64() - m;
-                            }
-                        } else {
-                            for (o, &m) in row.iter_mut().zip(&*mean) {
-                                *o = 0.0 - m;
-                            }
-                        }
-                    }
-                    filled += len;
-                    if filled == span || at + len == range.len() {
-                        if filled < span {
-                            // The last, shorter span: its rows packed to its length.
-                            for t in 1..points {
-                                rows.copy_within(t * span..t * span + filled, t * filled);
-                            }
-                        }
-                        gram_of_rows(&rows[..points * filled], points, filled, &mut g);
-                        filled = 0;
-                    }
-                });
-                g
-            }
-        }
+            });
+        sums
     }
+    fn fold(&mut self, block: Vec<f64>) {
+        accumulate(&mut self.sums, block)
+    }
+}
 
-    pub(super) fn absorb_stats(&mut self, pass: usize, _block: usize, stats: Vec<f64>) {
-        match self.pass(pass) {
-            // The blocks have added their counts already.
-            Pass::Histogram => {}
-            Pass::Trim(_) => {
-                for (t, s) in self.select.iter_mut().enumerate() {
-                    if s.counts.is_empty() {
-                        s.counts = vec![0; 1 << DIGIT_BITS];
+/// The Gram matrix of the filtered deltas (with `base_point`, and the zero delta), for the
+/// geometric median.
+pub(super) struct GramOf {
+    pub(super) gram: Vec<f64>,
+}
+
+impl<T: Real> Stat<T> for GramOf {
+    type Block = Vec<f64>;
+    fn block_bytes(&self, key: &KeyPipeline<T>, _len: usize) -> usize {
+        (key.streams.len() + usize::from(key.config.base_point)).pow(2) * 8
+    }
+    fn block(
+        &self,
+        key: &KeyPipeline<T>,
+        range: Range<usize>,
+        args: &[&[T]],
+        factors: Option<&[T]>,
+    ) -> Vec<f64> {
+        let n = key.streams.len();
+        // The filtered deltas, one row per model, `GRAM_SPAN` elements at a time, then a
+        // matrix product per span: the buffer does not grow with the block (a whole
+        // tensor, for units ranked exactly). The rows are centred on the per-element mean
+        // as they are filled (distances do not change, and centred points keep the
+        // products' rounding small next to the distances).
+        // With `base_point`, a last row for the base as a zero delta; it enters the mean
+        // like every other point.
+        let points = n + usize::from(key.config.base_point);
+        // Fewer elements per span for many points: the rows take about as much memory
+        // as 9 points' (a power of two of at least `W` elements).
+        let fit = (GRAM_SPAN * 9 / points).max(W);
+        let span = (1usize << fit.ilog2()).min(GRAM_SPAN).min(range.len());
+        let mut rows = vec![0f64; points * span];
+        let mut g = vec![0.0; points * points];
+        let mut mean = [0f64; W];
+        let inv = 1.0 / points as f64;
+        let mut filled = 0;
+        key.blocks(Stage::Filtered, &range, args, factors, |at, len, d, _| {
+            debug_assert_eq!(at % span, filled);
+            let mean = &mut mean[..len];
+            mean.fill(0.0);
+            for t in 0..n {
+                for (m, &v) in mean.iter_mut().zip(&d[t * W..t * W + len]) {
+                    *m += v.to_f64();
+                }
+            }
+            mean.iter_mut().for_each(|m| *m *= inv);
+            for t in 0..points {
+                let row = &mut rows[t * span + filled..t * span + filled + len];
+                if t < n {
+                    for ((o, &v), &m) in
+                        row.iter_mut().zip(&d[t * W..t * W + len]).zip(&*mean)
+                    {
+                        *o = v.to_f64() - m;
                     }
-                    let h = &stats[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
-                    for (c, &x) in s.counts.iter_mut().zip(h) {
-                        *c += x as u64;
+                } else {
+                    for (o, &m) in row.iter_mut().zip(&*mean) {
+                        *o = 0.0 - m;
                     }
                 }
             }
-            Pass::L1 => accumulate(&mut self.l1, stats),
-            Pass::Gram => accumulate(&mut self.gram, stats),
-        }
+            filled += len;
+            if filled == span || at + len == range.len() {
+                if filled < span {
+                    // The last, shorter span: its rows packed to its length.
+                    for t in 1..points {
+                        rows.copy_within(t * span..t * span + filled, t * filled);
+                    }
+                }
+                gram_of_rows(&rows[..points * filled], points, filled, &mut g);
+                filled = 0;
+            }
+        });
+        g
+    }
+    fn fold(&mut self, block: Vec<f64>) {
+        accumulate(&mut self.gram, block)
     }
 }

@@ -1,0 +1,167 @@
+//! The interface between the engine and merge methods.
+//!
+//! A method never does I/O. For each key the engine asks the method for a [`KeyMerge`], hands it the
+//! chunks of its arguments (already read and converted to the compute type) and gets back output
+//! chunks. Methods that need per-tensor statistics first (norms, dot products, thresholds, Gram
+//! matrices) run statistic passes ([`Pass`], in [`KeyMerge::run_passes`]): typed values whose
+//! per-block statistics the engine folds in block order, so the statistics do not depend on the
+//! chunk size or the thread count. Methods that need rows or whole tensors together (per-row
+//! ranks, SVD) declare a [`KeyMerge::unit`].
+
+mod params;
+mod pass;
+
+pub use params::*;
+pub(crate) use pass::ErasedPass;
+pub use pass::{accumulate, Pass, Passes, Sums};
+
+use crate::error::Result;
+use crate::real::Real;
+use std::ops::Range;
+
+/// How many arguments of one slot a method takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotKind {
+    /// Exactly one argument.
+    One,
+    /// One or more arguments (a list; a model group expands into it).
+    Many,
+}
+
+/// A named argument slot, e.g. `base` (one model) or `models` (a list).
+#[derive(Clone, Copy, Debug)]
+pub struct Slot {
+    pub name: &'static str,
+    pub kind: SlotKind,
+    pub doc: &'static str,
+}
+
+/// What a method is: its name, formula, argument slots and parameters. Used to parse recipes, to
+/// print `amalgam methods` and to check the README.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodInfo {
+    pub name: &'static str,
+    pub formula: &'static str,
+    pub summary: &'static str,
+    pub slots: &'static [Slot],
+    pub params: &'static [ParamInfo],
+}
+
+
+/// What a node does for a key some of its arguments lack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnMissing {
+    /// Merge the arguments that have the key (N-way methods leave absent models out).
+    MergePresent,
+    /// Pass this argument (an index into the flattened arguments) through unchanged.
+    PassThrough(usize),
+    /// The node has no value for this key; the output policy decides (see the key policy).
+    Absent,
+}
+
+impl OnMissing {
+    /// The policy of methods whose first argument is a base and whose others are N models: a key
+    /// the base lacks has no value here; models lacking it are left out; with none left, the
+    /// base passes through.
+    pub fn base_and_models(present: &[bool]) -> OnMissing {
+        if !present[0] {
+            OnMissing::Absent
+        } else if present[1..].iter().any(|&p| p) {
+            OnMissing::MergePresent
+        } else {
+            OnMissing::PassThrough(0)
+        }
+    }
+}
+
+/// Per-key facts given to a method.
+#[derive(Clone, Debug)]
+pub struct KeyCtx<'a> {
+    pub key: &'a str,
+    pub shape: &'a [usize],
+    /// Indices (into the node's flattened arguments) of the arguments present for this key, in
+    /// order; the chunks passed to [`KeyMerge`] follow this order.
+    pub present: &'a [usize],
+    /// The node's flattened argument count.
+    pub n_args: usize,
+    /// The run's seed, for methods with random masks.
+    pub seed: u64,
+}
+
+impl KeyCtx<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A merge method, constructed from its parameters, generic over the compute type.
+pub trait Method<T: Real>: Send + Sync {
+    fn info(&self) -> &'static MethodInfo;
+
+    /// What to do for a key when the arguments marked `false` lack it (at least one is `true`).
+    fn on_missing(&self, present: &[bool]) -> OnMissing;
+
+    /// Starts merging one key. `ctx.present` lists the arguments that will be supplied.
+    ///
+    /// The engine plans every key before reading any tensor, so the state of every key exists at
+    /// once: keep it small here and allocate statistics buffers when the passes run.
+    fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>>;
+
+    /// Lines for the log about this node's run as configured (e.g. an effective probability
+    /// range), printed once.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Elements a method computes together (see [`KeyMerge::unit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unit {
+    /// Consecutive elements that must be in the same chunk and the same statistic block (a row
+    /// for per-row methods, the element count for whole-tensor methods); it divides the element
+    /// count.
+    pub len: usize,
+    /// The working memory the method needs for one unit of every argument, in bytes. The engine
+    /// refuses a key whose unit needs more than a quarter of the memory budget, naming the key
+    /// and the budget it needs, whatever the thread count (a method never picks a computation
+    /// by the budget, so the output bytes do not depend on it).
+    pub bytes: u64,
+    /// What the unit is, for that error (e.g. `DELLA's exact ranks of a row`).
+    pub what: &'static str,
+}
+
+impl Unit {
+    /// Element by element: no unit.
+    pub const ELEMENT: Unit = Unit {
+        len: 1,
+        bytes: 0,
+        what: "an element",
+    };
+}
+
+/// The merge of one key.
+pub trait KeyMerge<T: Real>: Send + Sync {
+    /// The number of statistic passes [`KeyMerge::run_passes`] runs (known when the key is
+    /// planned: the engine reads a key's inputs once for all of them when they fit the budget).
+    fn stat_passes(&self) -> usize {
+        0
+    }
+    /// Runs the statistic passes, each with [`Passes::run`], before the first
+    /// [`KeyMerge::merge_chunk`].
+    fn run_passes(&mut self, _passes: &mut Passes<T>) -> Result<()> {
+        Ok(())
+    }
+    /// The elements computed together: chunks and statistic blocks start at multiples of
+    /// `unit().len` and span whole units.
+    fn unit(&self) -> Unit {
+        Unit::ELEMENT
+    }
+    /// Lines for the log about this key (e.g. an approximation used), asked after the
+    /// statistic passes.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Computes `out` for elements `range` of the flattened tensor from the arguments' chunks
+    /// (in `KeyCtx::present` order, each `range.len()` long).
+    fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]);
+}
