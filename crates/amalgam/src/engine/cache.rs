@@ -42,7 +42,7 @@ impl Buffers {
 
 /// The raw bytes the inputs of `expr` take for the key of `row` (each model counted once; only
 /// plainly stored keys can be held).
-fn held_models<T: Real>(expr: &Expr<T>, row: &KeyRow) -> (Vec<usize>, u64) {
+pub(super) fn held_models<T: Real>(expr: &Expr<T>, row: &KeyRow) -> (Vec<usize>, u64) {
     let mut models = Vec::new();
     expr.leaf_models(&mut models);
     models.sort_unstable();

@@ -144,7 +144,16 @@ pub(super) fn run_stats<T: Real>(
     };
     let NodeExpr { state, args } = &mut **node;
     for a in args.iter_mut() {
-        run_stats(a, row, models, cache, workers, block, in_flight, stats_budget)?;
+        run_stats(
+            a,
+            row,
+            models,
+            cache,
+            workers,
+            block,
+            in_flight,
+            stats_budget,
+        )?;
     }
     let args: &[Expr<T>] = args;
     // A zero-element tensor is one empty block, so every statistic has its identity value
@@ -164,7 +173,9 @@ pub(super) fn run_stats<T: Real>(
         // most one group of block statistics is held at once.
         let fits = stats_budget / pass.block_bytes(block).max(1) as u64;
         // At least a block per thread.
-        let group = (16 * threads).min(in_flight).min(fits.max(threads as u64) as usize);
+        let group = (16 * threads)
+            .min(in_flight)
+            .min(fits.max(threads as u64) as usize);
         for chunk in blocks.chunks(group) {
             let computing: &dyn ErasedPass<T> = &*pass;
             let results: Vec<Box<dyn std::any::Any + Send>> = chunk

@@ -213,13 +213,16 @@ pub(super) fn run<T: Real>(
     // (most keys are a few blocks) and its output must wait for them. They share the budget.
     // The unfolded blocks of their passes share a quarter of the budget.
     let stat_keys = STAT_KEYS * threads;
-    // Reads a key with statistic passes into memory when its inputs take at most `share` of
-    // the budget's other half (the keys in flight share it), so that its passes and its output
-    // read each input once; else it is streamed, once per pass, and named in the report.
+    // Reads a key with statistic passes into memory when its inputs take at most half the
+    // budget, so that its passes and its output read each input once; else it is streamed, once
+    // per pass, and named in the report. The keys in flight together hold at most half the
+    // budget (a key joins a group while the group's inputs fit): whether a key is held depends on
+    // its size and the budget only, not on the threads.
     let streamed: std::sync::Mutex<Vec<String>> = Default::default();
     let buffers = Buffers::default();
-    let hold_key = |expr: &Expr<T>, row: &KeyRow, share: u64| -> Result<Option<KeyCache>> {
-        let limit = opts.memory_budget / 2 / share.max(1);
+    let hold_limit = opts.memory_budget / 2;
+    let hold_key = |expr: &Expr<T>, row: &KeyRow| -> Result<Option<KeyCache>> {
+        let limit = hold_limit;
         let cache = read_key(expr, row, models, limit, &buffers)?;
         if cache.is_none() {
             streamed
@@ -251,7 +254,7 @@ pub(super) fn run<T: Real>(
                 let numel = *numel;
                 let block = BLOCK.div_ceil(*unit) * *unit;
                 let in_flight = (in_flight(block) / stat_keys).max(1);
-                let cache = hold_key(expr, row, stat_keys as u64)?;
+                let cache = hold_key(expr, row)?;
                 run_stats(
                     expr,
                     row,
@@ -303,7 +306,7 @@ pub(super) fn run<T: Real>(
         let unit = key_unit(ki, expr, row);
         let (large, has_stats) = (unit > sub, expr.has_stats());
         let cache = if has_stats {
-            hold_key(expr, row, 1)?
+            hold_key(expr, row)?
         } else {
             None
         };
@@ -343,6 +346,8 @@ pub(super) fn run<T: Real>(
     // per-key statistics never accumulate over many keys.
     let mut tasks: Vec<Task> = Vec::new();
     let mut with_stats: Vec<(usize, usize)> = Vec::new();
+    // The input bytes of the keys in `with_stats`.
+    let mut group_bytes = 0u64;
     let mut key_notes: Vec<(usize, (String, String))> = Vec::new();
     let mut raw_buf = Vec::new();
     // Keys a killed run wrote already (see `crate::resume`).
@@ -409,15 +414,23 @@ pub(super) fn run<T: Real>(
         let large = unit > sub;
         let has_stats = expr.has_stats();
         if has_stats && !large {
+            let bytes = held_models(expr, row).1;
+            if group_bytes + bytes > hold_limit && !with_stats.is_empty() {
+                run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
+                group_bytes = 0;
+            }
             with_stats.push((ki, unit));
+            group_bytes += bytes;
             if with_stats.len() == stat_keys {
                 run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
+                group_bytes = 0;
             }
             continue;
         }
         if large {
             run_batch(&mut tasks, &mut planned)?;
             run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
+            group_bytes = 0;
             let job = std::mem::replace(&mut planned[ki].job, Job::Done);
             let mut key = PlannedKey {
                 row: planned[ki].row,

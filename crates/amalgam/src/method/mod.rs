@@ -47,7 +47,6 @@ pub struct MethodInfo {
     pub params: &'static [ParamInfo],
 }
 
-
 /// What a node does for a key some of its arguments lack.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OnMissing {

@@ -13,7 +13,6 @@ pub struct ParamInfo {
     pub doc: &'static str,
 }
 
-
 /// A parameter value from a recipe or the command line.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[serde(untagged)]

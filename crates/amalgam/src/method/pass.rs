@@ -65,7 +65,9 @@ pub struct Passes<'a, T> {
 }
 
 impl<'a, T: Real> Passes<'a, T> {
-    pub(crate) fn new(run: &'a mut (dyn FnMut(&mut dyn ErasedPass<T>) -> Result<()> + Send)) -> Self {
+    pub(crate) fn new(
+        run: &'a mut (dyn FnMut(&mut dyn ErasedPass<T>) -> Result<()> + Send),
+    ) -> Self {
         Passes { run, ran: 0 }
     }
     /// Runs `pass` over every block of the tensor and returns it with every block folded.

@@ -37,10 +37,16 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
         // DELLA units (rows of `[rows, rest]`, or the tensor) are whole rows of the last
         // dimension too.
         let (della, bytes, what) = match &self.della {
-            Some(d) if d.unit > 1 => (d.unit, d.unit_bytes, match d.config.rank {
-                Rank::Row => "DELLA's exact ranks of a row",
-                Rank::Tensor => "DELLA's exact ranks of the tensor (or use `ranks = \"histogram\"`)",
-            }),
+            Some(d) if d.unit > 1 => (
+                d.unit,
+                d.unit_bytes,
+                match d.config.rank {
+                    Rank::Row => "DELLA's exact ranks of a row",
+                    Rank::Tensor => {
+                        "DELLA's exact ranks of the tensor (or use `ranks = \"histogram\"`)"
+                    }
+                },
+            ),
             _ => (1, 0, "a row"),
         };
         Unit {

@@ -79,7 +79,10 @@ impl<T: Real, S: Stat<T>> Pass<T> for PipelinePass<'_, T, S> {
             (Some(_), Some(d)) => {
                 let factors = self.key.della_factors(d, &range, args);
                 let bits = KeepBits::of(range.start, range.len(), &factors);
-                (Some(bits), self.stat.block(self.key, range, args, Some(&factors)))
+                (
+                    Some(bits),
+                    self.stat.block(self.key, range, args, Some(&factors)),
+                )
             }
             _ => (None, self.stat.block(self.key, range, args, None)),
         }
@@ -114,7 +117,10 @@ impl<T: Real> Stat<T> for RankCounts {
             .iter()
             .map(|x| {
                 let mut counts = BlockCounts::default();
-                RankHistogram::count_block(x.iter().zip(args[0]).map(|(&a, &b)| a - b), &mut counts);
+                RankHistogram::count_block(
+                    x.iter().zip(args[0]).map(|(&a, &b)| a - b),
+                    &mut counts,
+                );
                 counts
             })
             .collect()
@@ -200,13 +206,13 @@ impl<T: Real> Stat<T> for L1Sums {
                 .sum();
         }
         key.blocks(Stage::Kept, &range, args, factors, |_, len, d, _| {
-                for t in 0..n {
-                    sums[2 * t + 1] += d[t * W..t * W + len]
-                        .iter()
-                        .map(|v| v.abs().to_f64())
-                        .sum::<f64>();
-                }
-            });
+            for t in 0..n {
+                sums[2 * t + 1] += d[t * W..t * W + len]
+                    .iter()
+                    .map(|v| v.abs().to_f64())
+                    .sum::<f64>();
+            }
+        });
         sums
     }
     fn fold(&mut self, block: Vec<f64>) {
@@ -263,9 +269,7 @@ impl<T: Real> Stat<T> for GramOf {
             for t in 0..points {
                 let row = &mut rows[t * span + filled..t * span + filled + len];
                 if t < n {
-                    for ((o, &v), &m) in
-                        row.iter_mut().zip(&d[t * W..t * W + len]).zip(&*mean)
-                    {
+                    for ((o, &v), &m) in row.iter_mut().zip(&d[t * W..t * W + len]).zip(&*mean) {
                         *o = v.to_f64() - m;
                     }
                 } else {
