@@ -274,7 +274,7 @@ fn methods_lists_every_method() {
     assert_eq!(text.matches("  sign_tie = zero").count(), 1, "{text}");
     let one = ok(&["methods", "ties_soup"]);
     assert!(
-        one.starts_with("ties_soup\n") && one.contains("  k = 1.0: "),
+        one.starts_with("ties_soup\n") && one.contains("  k = 1.0 (a number in (0, 1]): "),
         "{one}"
     );
     assert!(!one.contains("\nsoup\n"), "{one}");

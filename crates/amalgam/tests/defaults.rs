@@ -1,15 +1,12 @@
 //! Every documented default is the default: for each method and each parameter `amalgam methods`
-//! lists with a default, a merge given that default explicitly writes the same bytes as one that
-//! does not give it. (Defaults written as prose, like `weights`' "1 for every model", are named
-//! here and skipped.)
+//! lists with a default (its declaration's `default_text`), a merge given that default explicitly,
+//! as a recipe writes it, writes the same bytes as one that does not give it.
 mod common;
 use amalgam::dtype::OutputDtype;
 use amalgam::method::ParamValue;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
 use std::path::{Path, PathBuf};
-
-const PROSE: &[&str] = &["1 for every model"];
 
 fn value(default: &str) -> ParamValue {
     match default {
@@ -56,10 +53,10 @@ fn documented_defaults_are_the_defaults() {
         };
         let plain = run(&[], "plain").unwrap_or_else(|e| panic!("{}: {e}", info.name));
         for p in info.params {
-            let Some(default) = p.default else { continue };
-            if PROSE.contains(&default) {
+            let Some(default) = p.default_text() else {
                 continue;
-            }
+            };
+            let default = default.as_str();
             checked += 1;
             match run(&[(p.name, value(default))], p.name) {
                 Ok(given) if given == plain => {}
@@ -79,4 +76,72 @@ fn documented_defaults_are_the_defaults() {
     }
     assert!(checked > 50, "{checked} defaults checked");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// docs/methods.md states every declared parameter and default: a method's table row names each of
+/// its parameters and shows its default; the TIES family's table names every parameter of the
+/// pipeline, and each preset's row shows the defaults it overrides.
+#[test]
+fn docs_show_the_declared_parameters_and_defaults() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/methods.md"
+    ))
+    .unwrap()
+    .replace('−', "-");
+    let row = |name: &str| -> &str {
+        doc.lines()
+            .find(|l| l.starts_with(&format!("| `{name}`")))
+            .unwrap_or_else(|| panic!("docs/methods.md has no row for `{name}`"))
+    };
+    let mut problems = Vec::new();
+    for info in amalgam::methods::ALL {
+        let line = row(info.name);
+        match amalgam::methods::preset_of(info) {
+            Some(preset) => {
+                for (param, default) in preset.overrides {
+                    let default = default.unwrap_or_default();
+                    if !line.contains(&default) {
+                        problems.push(format!(
+                            "{}: `{param}` = {default} not in its row",
+                            info.name
+                        ));
+                    }
+                }
+            }
+            None if info.name == "ties" => {
+                for p in info.params {
+                    if !doc.contains(&format!("`{}`", p.name)) {
+                        problems.push(format!("ties: `{}` is not documented", p.name));
+                    }
+                }
+            }
+            None => {
+                for p in info.params {
+                    let default = p.default_text().unwrap_or_default();
+                    let at = line.rfind(&format!("`{}`", p.name));
+                    match at {
+                        None => {
+                            problems.push(format!("{}: `{}` not in its row", info.name, p.name))
+                        }
+                        // The default follows the name closely: `alpha` (0.5), `unit`: `tensor`.
+                        Some(at)
+                            if !line[at..]
+                                .chars()
+                                .take(40)
+                                .collect::<String>()
+                                .contains(&default) =>
+                        {
+                            problems.push(format!(
+                                "{}: `{}`'s default {default} not in its row",
+                                info.name, p.name
+                            ))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

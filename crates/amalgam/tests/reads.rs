@@ -62,12 +62,14 @@ fn keys_too_large_for_the_budget_are_streamed_with_the_same_bytes() {
     let all = f32_pool(d, amalgam::arch::Layout::SdxlSgm, 4, 16);
     let base = d.join("base.safetensors");
     let pool: Vec<PathBuf> = all.into_iter().filter(|p| *p != base).collect();
-    for method in ["dgmla", "model_stock"] {
+    // (DGMLA's exact DELLA ranks of the largest tensors need more than this budget: they are
+    // refused rather than streamed, see tests/ties.rs.)
+    for method in ["tgmd", "model_stock"] {
         let held = d.join(format!("{method}-held.safetensors"));
         let streamed = d.join(format!("{method}-streamed.safetensors"));
         let a = run(&pool, &base, method, &held, 2 << 30);
-        // 16 MiB: the largest keys (5 inputs of up to 6.5 MB in f32) exceed a key's share.
-        let b = run(&pool, &base, method, &streamed, 16 << 20);
+        // 8 MiB: the largest keys (5 inputs of up to 6.5 MB in f32) exceed half the budget.
+        let b = run(&pool, &base, method, &streamed, 8 << 20);
         assert_eq!(
             std::fs::read(&held).unwrap(),
             std::fs::read(&streamed).unwrap(),
@@ -85,6 +87,7 @@ fn keys_too_large_for_the_budget_are_streamed_with_the_same_bytes() {
             .iter()
             .find(|n| n.contains("read once per pass"))
             .unwrap_or_else(|| panic!("{method}: {:?}", b.notes));
-        assert!(note.contains("model.diffusion_model"), "{note}");
+        // The largest tensor of the pool (49408 tokens × width) is the one streamed.
+        assert!(note.contains("token_embedding.weight"), "{note}");
     }
 }

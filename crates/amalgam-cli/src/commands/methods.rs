@@ -20,7 +20,7 @@ pub(crate) fn cmd_methods(a: MethodsArgs) -> Result<()> {
             let o: Vec<String> = p
                 .overrides
                 .iter()
-                .map(|(k, v)| format!("{k} = {}", v.unwrap_or("(required)")))
+                .map(|(k, v)| format!("{k} = {}", v.as_deref().unwrap_or("(not set)")))
                 .collect();
             println!(
                 "  `{}` with {} (`amalgam methods {}` shows it whole)\n",
@@ -41,12 +41,13 @@ pub(crate) fn cmd_methods(a: MethodsArgs) -> Result<()> {
             .collect();
         println!("  inputs: {}", slots.join("; "));
         for p in info.params {
-            println!(
-                "  {} = {}: {}",
-                p.name,
-                p.default.unwrap_or("(required)"),
-                p.doc
-            );
+            let default = p.default_text().unwrap_or_else(|| "(not set)".into());
+            // A choice's options are in its doc, with what each does.
+            let kind = match p.kind {
+                amalgam::method::ParamKind::Choice { .. } => String::new(),
+                _ => format!(" ({})", p.type_text()),
+            };
+            println!("  {} = {default}{kind}: {}", p.name, p.doc);
         }
         println!();
     }

@@ -547,7 +547,7 @@ pub(super) fn run<T: Real>(
     let streamed = streamed.into_inner().unwrap_or_else(|e| e.into_inner());
     if !streamed.is_empty() {
         report.notes.push(format!(
-            "{} keys with statistic passes were read once per pass (their inputs take more than their share of --memory-budget): {}{}",
+            "{} keys with statistic passes were read once per pass (their inputs take more than half of --memory-budget): {}{}",
             streamed.len(),
             streamed[..streamed.len().min(4)].join(", "),
             if streamed.len() > 4 { ", ..." } else { "" }

@@ -166,8 +166,8 @@ pub fn to_mecha(
                 {
                     return None;
                 }
-                let default = if node.method == "add" { 1.0 } else { 0.5 };
-                let alpha = param_line(&mut w, p("alpha").unwrap_or(&ParamValue::Number(default)))?;
+                let default = ParamValue::Number(default_of(node.method, "alpha"));
+                let alpha = param_line(&mut w, p("alpha").unwrap_or(&default))?;
                 let method = if node.method == "add" {
                     "add_difference"
                 } else {
@@ -209,17 +209,17 @@ pub fn to_mecha(
                         if text("pairs") != Some("adjacent") || text("unit") != Some("row") {
                             return None;
                         }
-                        let cos =
-                            param_line(&mut w, p("cos_eps").unwrap_or(&ParamValue::Number(1e-6)))?;
+                        let default = ParamValue::Number(default_of("model_stock", "cos_eps"));
+                        let cos = param_line(&mut w, p("cos_eps").unwrap_or(&default))?;
                         ("model_stock", vec![("cos_eps", cos)], 1.0)
                     }
                     "dropout" => {
-                        let num = |k: &str, d: f64| match p(k) {
+                        let num = |k: &str| match p(k) {
                             Some(ParamValue::Number(x)) => *x,
-                            _ => d,
+                            _ => default_of("dropout", k),
                         };
-                        let prob = w.scalar(Value::Float(num("p", 0.9)));
-                        let rescale = w.scalar(Value::Float(num("rescale", 1.0)));
+                        let prob = w.scalar(Value::Float(num("p")));
+                        let rescale = w.scalar(Value::Float(num("rescale")));
                         let one = w.scalar(Value::Float(1.0));
                         let zero = w.scalar(Value::Float(0.0));
                         let s = w.scalar(Value::Int(seed as i64));
@@ -232,7 +232,7 @@ pub fn to_mecha(
                                 ("overlap_emphasis", zero),
                                 ("seed", s),
                             ],
-                            num("lambda", 1.0),
+                            num("lambda"),
                         )
                     }
                     name => {
@@ -339,4 +339,16 @@ pub fn to_mecha(
         return None;
     }
     Some(format!("{VERSION_LINE}\n{}", w.lines.join("\n")))
+}
+
+/// The declared default of number parameter `name` of `method` (see [`crate::method::ParamInfo`]).
+fn default_of(method: &str, name: &str) -> f64 {
+    crate::methods::info(method)
+        .ok()
+        .and_then(|i| i.params.iter().find(|p| p.name == name))
+        .and_then(|p| match p.kind {
+            crate::method::ParamKind::Number { default, .. } => default,
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("`{method}` declares a number `{name}` with a default"))
 }

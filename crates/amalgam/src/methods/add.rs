@@ -22,11 +22,7 @@ pub static INFO: MethodInfo = MethodInfo {
             doc: "the delta (a LoRA file, a subtract node)",
         },
     ],
-    params: &[ParamInfo {
-        name: "alpha",
-        default: Some("1.0"),
-        doc: "strength of the delta",
-    }],
+    params: &[ParamInfo::number("alpha", 1.0, "strength of the delta")],
 };
 
 pub struct Add {
@@ -34,9 +30,9 @@ pub struct Add {
 }
 
 impl Add {
-    pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
-        let alpha = params.number("alpha", 1.0)?;
-        params.finish(&INFO)?;
+    pub fn new(mut params: Params) -> Result<Self> {
+        let alpha = params.number("alpha")?;
+        params.finish()?;
         Ok(Add { alpha })
     }
 }

@@ -27,11 +27,11 @@ pub static INFO: MethodInfo = MethodInfo {
             doc: "the model b was trained from",
         },
     ],
-    params: &[ParamInfo {
-        name: "alpha",
-        default: Some("1.0"),
-        doc: "strength of the difference",
-    }],
+    params: &[ParamInfo::number(
+        "alpha",
+        1.0,
+        "strength of the difference",
+    )],
 };
 
 pub struct AddDifference {
@@ -39,9 +39,9 @@ pub struct AddDifference {
 }
 
 impl AddDifference {
-    pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
-        let alpha = params.number("alpha", 1.0)?;
-        params.finish(&INFO)?;
+    pub fn new(mut params: Params) -> Result<Self> {
+        let alpha = params.number("alpha")?;
+        params.finish()?;
         Ok(AddDifference { alpha })
     }
 }

@@ -7,7 +7,7 @@
 //! Only sd-mecha's default `overlap = 1` (independent masks) is offered; its other overlap modes
 //! are broken in sd-mecha itself. Masks come from amalgam's counter-based stream (see `rng`).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
 use crate::rng;
@@ -30,21 +30,9 @@ pub static INFO: MethodInfo = MethodInfo {
         },
     ],
     params: &[
-        ParamInfo {
-            name: "p",
-            default: Some("0.9"),
-            doc: "drop probability, in [0, 1] (sd-mecha's `probability`)",
-        },
-        ParamInfo {
-            name: "rescale",
-            default: Some("1.0"),
-            doc: "exponent of the 1 / (1 - p) rescale (0 = none; none either when p = 1)",
-        },
-        ParamInfo {
-            name: "lambda",
-            default: Some("1.0"),
-            doc: "scale of the merged delta (sd-mecha's wrapper `alpha`, 0.5 there)",
-        },
+        ParamInfo::number_in("p", 0.9, Domain::UnitInterval, "drop probability, in [0, 1] (sd-mecha's `probability`)"),
+        ParamInfo::number("rescale", 1.0, "exponent of the 1 / (1 - p) rescale (0 = none; none either when p = 1)"),
+        ParamInfo::number("lambda", 1.0, "scale of the merged delta (sd-mecha's wrapper `alpha`, 0.5 there)"),
     ],
 };
 
@@ -54,17 +42,11 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
-        let p = params.number("p", 0.9)?;
-        if !(0.0..=1.0).contains(&p) {
-            return Err(Error::method(
-                "dropout",
-                format!("`p` must be in [0, 1], got {p}"),
-            ));
-        }
-        let rescale = params.number("rescale", 1.0)?;
-        let lambda = params.number("lambda", 1.0)?;
-        params.finish(&INFO)?;
+    pub fn new(mut params: Params) -> Result<Self> {
+        let p = params.number("p")?;
+        let rescale = params.number("rescale")?;
+        let lambda = params.number("lambda")?;
+        params.finish()?;
         let factor = (1.0 - p).powf(rescale);
         let factor = if p >= 1.0 || !factor.is_finite() || factor == 0.0 {
             1.0

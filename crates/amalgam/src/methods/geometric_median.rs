@@ -26,23 +26,7 @@ pub static INFO: MethodInfo = MethodInfo {
         kind: SlotKind::Many,
         doc: "the points",
     }],
-    params: &[
-        ParamInfo {
-            name: "eps",
-            default: Some("1e-6"),
-            doc: "smallest distance used in a weight",
-        },
-        ParamInfo {
-            name: "maxiter",
-            default: Some("100"),
-            doc: "most Weiszfeld iterations",
-        },
-        ParamInfo {
-            name: "ftol",
-            default: Some("1e-20"),
-            doc: "stop when the objective changes by at most ftol times itself",
-        },
-    ],
+    params: &Weiszfeld::PARAMS,
 };
 
 /// Weiszfeld's stopping rule and guard, as sd-mecha has them.
@@ -70,12 +54,32 @@ impl Weiszfeld {
         ]
     }
 
+    /// The parameters, declared once for every method that runs Weiszfeld's iteration.
+    pub const PARAMS: [ParamInfo; 3] = [
+        ParamInfo::number_in(
+            "eps",
+            Self::DEFAULT.eps,
+            Domain::Positive,
+            "geometric median: smallest distance",
+        ),
+        ParamInfo::count(
+            "maxiter",
+            Self::DEFAULT.maxiter,
+            "geometric median: most iterations",
+        ),
+        ParamInfo::number_in(
+            "ftol",
+            Self::DEFAULT.ftol,
+            Domain::NonNegative,
+            "geometric median: relative objective change to stop at",
+        ),
+    ];
+
     pub fn from_params(params: &mut Params) -> Result<Self> {
-        let d = Weiszfeld::DEFAULT;
         Ok(Weiszfeld {
-            eps: params.number_in("eps", d.eps, Domain::Positive)?,
-            maxiter: params.count("maxiter", d.maxiter)?,
-            ftol: params.number_in("ftol", d.ftol, Domain::NonNegative)?,
+            eps: params.number("eps")?,
+            maxiter: params.count("maxiter")?,
+            ftol: params.number("ftol")?,
         })
     }
 
@@ -180,9 +184,9 @@ pub struct GeometricMedian {
 }
 
 impl GeometricMedian {
-    pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
+    pub fn new(mut params: Params) -> Result<Self> {
         let weiszfeld = Weiszfeld::from_params(&mut params)?;
-        params.finish(&INFO)?;
+        params.finish()?;
         Ok(GeometricMedian { weiszfeld })
     }
 }

@@ -22,16 +22,13 @@ pub static INFO: MethodInfo = MethodInfo {
         doc: "the models to average",
     }],
     params: &[
-        ParamInfo {
-            name: "max_iter",
-            default: Some("10"),
-            doc: "most iterations",
-        },
-        ParamInfo {
-            name: "tol",
-            default: Some("1e-5"),
-            doc: "norms, angles and steps below this count as zero",
-        },
+        ParamInfo::count("max_iter", 10, "most iterations"),
+        ParamInfo::number_in(
+            "tol",
+            1e-5,
+            Domain::Positive,
+            "norms, angles and steps below this count as zero",
+        ),
     ],
 };
 
@@ -41,10 +38,10 @@ pub struct Karcher {
 }
 
 impl Karcher {
-    pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
-        let max_iter = params.count("max_iter", 10)?;
-        let tol = params.number_in("tol", 1e-5, Domain::Positive)?;
-        params.finish(&INFO)?;
+    pub fn new(mut params: Params) -> Result<Self> {
+        let max_iter = params.count("max_iter")?;
+        let tol = params.number("tol")?;
+        params.finish()?;
         Ok(Karcher { max_iter, tol })
     }
 }

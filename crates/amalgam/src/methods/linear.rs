@@ -17,16 +17,16 @@ pub static INFO: MethodInfo = MethodInfo {
         doc: "the models to combine",
     }],
     params: &[
-        ParamInfo {
-            name: "weights",
-            default: Some("1 for every model"),
-            doc: "one weight per model (a list), or one number for all",
-        },
-        ParamInfo {
-            name: "normalize",
-            default: Some("true"),
-            doc: "divide by the sum of the weights (must not be 0)",
-        },
+        ParamInfo::per_model(
+            "weights",
+            1.0,
+            "one weight per model (a list), or one number for all",
+        ),
+        ParamInfo::flag(
+            "normalize",
+            true,
+            "divide by the sum of the weights (must not be 0)",
+        ),
     ],
 };
 
@@ -36,10 +36,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(mut params: Params, counts: &[usize]) -> Result<Self> {
-        let weights = params.per_model("weights", counts[0], 1.0)?;
-        let normalize = params.boolean("normalize", true)?;
-        params.finish(&INFO)?;
+    pub fn new(mut params: Params) -> Result<Self> {
+        let weights = params.per_model("weights")?;
+        let normalize = params.boolean("normalize")?;
+        params.finish()?;
         if normalize && weights.iter().sum::<f64>().abs() < 1e-8 {
             return Err(Error::method(
                 INFO.name,

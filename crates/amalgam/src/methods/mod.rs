@@ -33,7 +33,7 @@ macro_rules! registry {
             let name = canonical_name(name)?;
             $(
                 if name == $info.name {
-                    return Ok(Box::new($ctor(params, counts)?));
+                    return Ok(Box::new($ctor(params.bind(&$info, counts))?));
                 }
             )*
             unreachable!("canonical_name returned an unregistered method")
@@ -107,7 +107,7 @@ pub struct Preset {
     /// The method it is a preset of (the first registered of its family).
     pub of: &'static MethodInfo,
     /// The parameters whose defaults differ: (name, this preset's default).
-    pub overrides: Vec<(&'static str, Option<&'static str>)>,
+    pub overrides: Vec<(&'static str, Option<String>)>,
 }
 
 /// `info` as a preset of an earlier registered method with the same formula, inputs and
@@ -134,8 +134,8 @@ pub fn preset_of(info: &MethodInfo) -> Option<Preset> {
         .params
         .iter()
         .zip(info.params)
-        .filter(|(a, b)| a.default != b.default)
-        .map(|(_, b)| (b.name, b.default))
+        .filter(|(a, b)| a.kind != b.kind)
+        .map(|(_, b)| (b.name, b.default_text()))
         .collect();
     Some(Preset { of, overrides })
 }

@@ -23,9 +23,9 @@ pub static INFO: MethodInfo = MethodInfo {
         Slot { name: "models", kind: SlotKind::Many, doc: "the fine-tuned models" },
     ],
     params: &[
-        ParamInfo { name: "pairs", default: Some("all"), doc: "all (mergekit) | adjacent (sd-mecha): which pairs' cosines are averaged" },
-        ParamInfo { name: "unit", default: Some("tensor"), doc: "tensor (mergekit) | row (sd-mecha: along the last dimension, one t per row; needs pairs = adjacent)" },
-        ParamInfo { name: "cos_eps", default: Some("1e-6"), doc: "guard of the norms in the cosine" },
+        ParamInfo::choice("pairs", &["all", "adjacent"], "all", "all (mergekit) | adjacent (sd-mecha): which pairs' cosines are averaged"),
+        ParamInfo::choice("unit", &["tensor", "row"], "tensor", "tensor (mergekit) | row (sd-mecha: along the last dimension, one t per row; needs pairs = adjacent)"),
+        ParamInfo::number_in("cos_eps", 1e-6, Domain::NonNegative, "guard of the norms in the cosine"),
     ],
 };
 
@@ -42,14 +42,14 @@ pub struct ModelStock {
 }
 
 impl ModelStock {
-    pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
-        let pairs = match params.choice("pairs", &["all", "adjacent"], "all")? {
+    pub fn new(mut params: Params) -> Result<Self> {
+        let pairs = match params.choice("pairs")? {
             "adjacent" => Pairs::Adjacent,
             _ => Pairs::All,
         };
-        let by_row = params.choice("unit", &["tensor", "row"], "tensor")? == "row";
-        let cos_eps = params.number_in("cos_eps", 1e-6, Domain::NonNegative)?;
-        params.finish(&INFO)?;
+        let by_row = params.choice("unit")? == "row";
+        let cos_eps = params.number("cos_eps")?;
+        params.finish()?;
         if by_row && pairs == Pairs::All {
             return Err(Error::method(
                 INFO.name,

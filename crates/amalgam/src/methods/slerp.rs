@@ -33,16 +33,8 @@ pub static INFO: MethodInfo = MethodInfo {
         },
     ],
     params: &[
-        ParamInfo {
-            name: "alpha",
-            default: Some("0.5"),
-            doc: "position between a (0) and b (1)",
-        },
-        ParamInfo {
-            name: "variant",
-            default: Some("sd_mecha"),
-            doc: "sd_mecha (rescaled to the interpolated norm) | mergekit (coefficients on the tensors as they are, lerp when nearly parallel)",
-        },
+        ParamInfo::number("alpha", 0.5, "position between a (0) and b (1)"),
+        ParamInfo::choice("variant", &["sd_mecha", "mergekit"], "sd_mecha", "sd_mecha (rescaled to the interpolated norm) | mergekit (coefficients on the tensors as they are, lerp when nearly parallel)"),
     ],
 };
 
@@ -58,19 +50,19 @@ pub struct Slerp {
 }
 
 impl Slerp {
-    pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
-        let alpha = params.number("alpha", 0.5)?;
+    pub fn new(mut params: Params) -> Result<Self> {
+        let alpha = params.number("alpha")?;
         if !alpha.is_finite() {
             return Err(Error::method(
                 "slerp",
                 format!("`alpha` must be finite, got {alpha}"),
             ));
         }
-        let variant = match params.choice("variant", &["sd_mecha", "mergekit"], "sd_mecha")? {
+        let variant = match params.choice("variant")? {
             "mergekit" => Variant::Mergekit,
             _ => Variant::SdMecha,
         };
-        params.finish(&INFO)?;
+        params.finish()?;
         Ok(Slerp { alpha, variant })
     }
 }

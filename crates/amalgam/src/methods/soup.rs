@@ -24,8 +24,8 @@ pub static INFO: MethodInfo = MethodInfo {
 pub struct Soup;
 
 impl Soup {
-    pub fn new(params: Params, _counts: &[usize]) -> Result<Self> {
-        params.finish(&INFO)?;
+    pub fn new(params: Params) -> Result<Self> {
+        params.finish()?;
         Ok(Soup)
     }
 }

@@ -28,8 +28,8 @@ pub static INFO: MethodInfo = MethodInfo {
 pub struct Subtract;
 
 impl Subtract {
-    pub fn new(params: Params, _counts: &[usize]) -> Result<Self> {
-        params.finish(&INFO)?;
+    pub fn new(params: Params) -> Result<Self> {
+        params.finish()?;
         Ok(Subtract)
     }
 }

@@ -24,16 +24,16 @@ pub static INFO: MethodInfo = MethodInfo {
         },
     ],
     params: &[
-        ParamInfo {
-            name: "weights",
-            default: Some("1 for every model"),
-            doc: "one weight per fine-tune (a list), or one number for all",
-        },
-        ParamInfo {
-            name: "lambda",
-            default: Some("1.0"),
-            doc: "global scale of the summed task vectors (negative forgets)",
-        },
+        ParamInfo::per_model(
+            "weights",
+            1.0,
+            "one weight per fine-tune (a list), or one number for all",
+        ),
+        ParamInfo::number(
+            "lambda",
+            1.0,
+            "global scale of the summed task vectors (negative forgets)",
+        ),
     ],
 };
 
@@ -43,10 +43,10 @@ pub struct TaskArithmetic {
 }
 
 impl TaskArithmetic {
-    pub fn new(mut params: Params, counts: &[usize]) -> Result<Self> {
-        let weights = params.per_model("weights", counts[1], 1.0)?;
-        let lambda = params.number("lambda", 1.0)?;
-        params.finish(&INFO)?;
+    pub fn new(mut params: Params) -> Result<Self> {
+        let weights = params.per_model("weights")?;
+        let lambda = params.number("lambda")?;
+        params.finish()?;
         Ok(TaskArithmetic { weights, lambda })
     }
 }

@@ -21,11 +21,11 @@ pub static INFO: MethodInfo = MethodInfo {
             doc: "second model",
         },
     ],
-    params: &[ParamInfo {
-        name: "alpha",
-        default: Some("0.5"),
-        doc: "weight of b; values outside [0, 1] extrapolate",
-    }],
+    params: &[ParamInfo::number(
+        "alpha",
+        0.5,
+        "weight of b; values outside [0, 1] extrapolate",
+    )],
 };
 
 pub struct WeightedSum {
@@ -33,9 +33,9 @@ pub struct WeightedSum {
 }
 
 impl WeightedSum {
-    pub fn new(mut params: Params, _counts: &[usize]) -> Result<Self> {
-        let alpha = params.number("alpha", 0.5)?;
-        params.finish(&INFO)?;
+    pub fn new(mut params: Params) -> Result<Self> {
+        let alpha = params.number("alpha")?;
+        params.finish()?;
         Ok(WeightedSum { alpha })
     }
 }

@@ -10,41 +10,31 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub(super) fn build(info: &'static MethodInfo, mut params: Params) -> Result<Self> {
-        let default = |name: &str| -> &'static str {
-            info.params
-                .iter()
-                .find(|p| p.name == name)
-                .and_then(|p| p.default)
-                .expect("preset default")
-        };
         let bad = |msg: String| Error::method(info.name, msg);
-        let drop_kind = params.choice("drop", &["none", "dare", "della"], default("drop"))?;
-        let p = params.number("p", default("p").parse().unwrap())?;
-        if drop_kind != "none" && !(0.0..1.0).contains(&p) {
-            return Err(bad(format!("`p` must be in [0, 1), got {p}")));
-        }
-        let epsilon = params.number("epsilon", f64::NAN)?;
-        let della_eps = params.number("della_eps", f64::NAN)?;
-        let eps = match (della_eps.is_nan(), epsilon.is_nan()) {
-            (false, false) => {
+        let drop_kind = params.choice("drop")?;
+        let p = params.number("p")?;
+        let della_eps_given = params.is_given("della_eps");
+        let della_eps = params.number("della_eps")?;
+        let epsilon = params.optional_number("epsilon")?;
+        let eps = match (della_eps_given, epsilon) {
+            (true, Some(_)) => {
                 return Err(bad(
                     "give `della_eps` (total width) or `epsilon` (half width), not both".into(),
                 ))
             }
-            (true, false) => 2.0 * epsilon,
-            (false, true) => della_eps,
-            (true, true) => default("della_eps").parse().unwrap(),
+            (false, Some(epsilon)) => 2.0 * epsilon,
+            _ => della_eps,
         };
-        let rank = match params.choice("rank", &["tensor", "row"], default("rank"))? {
+        let rank = match params.choice("rank")? {
             "row" => Rank::Row,
             _ => Rank::Tensor,
         };
-        if drop_kind != "della" && !(della_eps.is_nan() && epsilon.is_nan()) {
+        if drop_kind != "della" && (della_eps_given || epsilon.is_some()) {
             return Err(bad(
                 "`della_eps` and `epsilon` only apply to `drop = \"della\"`".into(),
             ));
         }
-        let ranks = match params.choice("ranks", &["auto", "exact", "histogram"], "auto")? {
+        let ranks = match params.choice("ranks")? {
             "exact" => Ranks::Exact,
             "histogram" => Ranks::Histogram,
             _ => Ranks::Auto,
@@ -65,36 +55,24 @@ impl Pipeline {
             }),
             _ => Drop::None,
         };
-        let k = params.number("k", default("k").parse().unwrap())?;
-        if !(k > 0.0 && k <= 1.0) {
-            return Err(bad(format!("`k` must be in (0, 1], got {k}")));
-        }
-        let election =
-            match params.choice("election", &["mass", "count", "none"], default("election"))? {
-                "mass" => Election::Mass,
-                "count" => Election::Count,
-                _ => Election::None,
-            };
-        let sign_tie = match params.choice("sign_tie", &["zero", "positive"], "zero")? {
+        let k = params.number("k")?;
+        let election = match params.choice("election")? {
+            "mass" => Election::Mass,
+            "count" => Election::Count,
+            _ => Election::None,
+        };
+        let sign_tie = match params.choice("sign_tie")? {
             "positive" => SignTie::Positive,
             _ => SignTie::Zero,
         };
         let weiszfeld = Weiszfeld::from_params(&mut params)?;
-        let fuse = match params.choice(
-            "fuse",
-            &["disjoint_mean", "mean", "sum", "geometric_median"],
-            default("fuse"),
-        )? {
+        let fuse = match params.choice("fuse")? {
             "disjoint_mean" => Fuse::DisjointMean,
             "mean" => Fuse::Mean,
             "sum" => Fuse::Sum,
             _ => Fuse::GeometricMedian(weiszfeld),
         };
-        let rescale = match params.choice(
-            "rescale",
-            &["none", "inverse_keep", "per_element", "l1"],
-            default("rescale"),
-        )? {
+        let rescale = match params.choice("rescale")? {
             "inverse_keep" => Rescale::InverseKeep,
             "per_element" => Rescale::PerElement,
             "l1" => Rescale::L1,
@@ -115,10 +93,10 @@ impl Pipeline {
                 "`fuse = \"disjoint_mean\"` needs an election (mass or count)".into(),
             ));
         }
-        let lambda = params.number("lambda", 1.0)?;
-        let base_point = params.boolean("base_point", default("base_point") == "true")?;
-        let cos_eps = params.number_in("cos_eps", 1e-6, Domain::NonNegative)?;
-        let stock = match params.choice("stock", &["none", "adjacent_rows"], "none")? {
+        let lambda = params.number("lambda")?;
+        let base_point = params.boolean("base_point")?;
+        let cos_eps = params.number("cos_eps")?;
+        let stock = match params.choice("stock")? {
             "adjacent_rows" => {
                 if matches!(fuse, Fuse::GeometricMedian(_)) {
                     return Err(bad(
@@ -134,7 +112,7 @@ impl Pipeline {
                 "`base_point` only applies to `fuse = \"geometric_median\"`".into(),
             ));
         }
-        params.finish(info)?;
+        params.finish()?;
         Ok(Pipeline {
             info,
             config: Config {
@@ -151,25 +129,25 @@ impl Pipeline {
         })
     }
 
-    pub fn ties(params: Params, _counts: &[usize]) -> Result<Self> {
+    pub fn ties(params: Params) -> Result<Self> {
         Self::build(&TIES, params)
     }
-    pub fn ties_soup(params: Params, _counts: &[usize]) -> Result<Self> {
+    pub fn ties_soup(params: Params) -> Result<Self> {
         Self::build(&TIES_SOUP, params)
     }
-    pub fn dare(params: Params, _counts: &[usize]) -> Result<Self> {
+    pub fn dare(params: Params) -> Result<Self> {
         Self::build(&DARE, params)
     }
-    pub fn tsd(params: Params, _counts: &[usize]) -> Result<Self> {
+    pub fn tsd(params: Params) -> Result<Self> {
         Self::build(&TSD, params)
     }
-    pub fn tgmd(params: Params, _counts: &[usize]) -> Result<Self> {
+    pub fn tgmd(params: Params) -> Result<Self> {
         Self::build(&TGMD, params)
     }
-    pub fn della(params: Params, _counts: &[usize]) -> Result<Self> {
+    pub fn della(params: Params) -> Result<Self> {
         Self::build(&DELLA, params)
     }
-    pub fn dgmla(params: Params, _counts: &[usize]) -> Result<Self> {
+    pub fn dgmla(params: Params) -> Result<Self> {
         Self::build(&DGMLA, params)
     }
 
@@ -182,7 +160,7 @@ impl Pipeline {
         let info = [&TIES, &TIES_SOUP, &DARE, &DELLA, &TSD, &TGMD, &DGMLA]
             .into_iter()
             .find(|i| i.name == name)?;
-        Some(Self::build(info, params))
+        Some(Self::build(info, params.bind(info, &[])))
     }
 }
 

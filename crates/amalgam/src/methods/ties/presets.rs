@@ -1,84 +1,118 @@
-//! The presets: one declaration each, differing from the others only in their defaults.
+//! The presets: one declaration of the pipeline's parameters (with `ties`'s defaults), and per
+//! preset a table of the defaults it overrides.
 
 use super::*;
+use crate::method::PresetDefault::{Bool, Choice, Number};
 
-macro_rules! pipeline_info {
-    ($name:literal, $summary:literal, $drop:literal, $p:literal, $k:literal, $election:literal, $fuse:literal, $rescale:literal) => {
-        pipeline_info!($name, $summary, $drop, $p, "0.0", "tensor", $k, $election, $fuse, $rescale, "false")
-    };
-    ($name:literal, $summary:literal, $drop:literal, $p:literal, $della_eps:literal, $rank:literal, $k:literal, $election:literal, $fuse:literal, $rescale:literal, $base_point:literal) => {
-        MethodInfo {
-            name: $name,
-            formula: "base + lambda * rescale(fuse(elect(trim(drop(models[t] - base)))))",
-            summary: $summary,
-            slots: &[
-                Slot { name: "base", kind: SlotKind::One, doc: "the pre-trained model" },
-                Slot { name: "models", kind: SlotKind::Many, doc: "the fine-tuned models" },
-            ],
-            params: &[
-                ParamInfo { name: "drop", default: Some($drop), doc: "none | dare (uniform) | della (by magnitude rank)" },
-                ParamInfo { name: "p", default: Some($p), doc: "mean drop probability of `dare` and `della`, in [0, 1)" },
-                ParamInfo { name: "della_eps", default: Some($della_eps), doc: "della: total width of the keep-probability window, kept with 1 - p - della_eps/2 (smallest |delta|) to 1 - p + della_eps/2 (largest); negative drops large deltas more (sd-mecha's della_eps)" },
-                ParamInfo { name: "epsilon", default: None, doc: "della: half width of the window instead (mergekit's epsilon); della_eps = 2 * epsilon" },
-                ParamInfo { name: "rank", default: Some($rank), doc: "della: rank |delta| over the whole tensor (sd-mecha) | row (official DELLA, mergekit)" },
-                ParamInfo { name: "ranks", default: Some("auto"), doc: "della, rank = tensor: auto (exact for tensors up to 65536 elements whose values for all models take at most 4 MiB, estimated from a histogram above) | exact (sorts each tensor of every model; needs the tensor of all models in a quarter of the memory budget) | histogram (estimated wherever auto would); estimates keep each entry within |della_eps| * (fullest 1/128-octave bin) / elements of its exact probability, reported per key" },
-                ParamInfo { name: "k", default: Some($k), doc: "fraction kept by magnitude per model and tensor, (0, 1]; entries equal to the threshold are all kept" },
-                ParamInfo { name: "election", default: Some($election), doc: "mass (sign of the sum) | count (sign of the sum of signs) | none" },
-                ParamInfo { name: "sign_tie", default: Some("zero"), doc: "zero (keep the base) | positive" },
-                ParamInfo { name: "fuse", default: Some($fuse), doc: "disjoint_mean | mean | sum | geometric_median" },
-                ParamInfo { name: "rescale", default: Some($rescale), doc: "none | inverse_keep (the result divided by 1 - p) | per_element (kept entries divided by their keep probability before the vote) | l1 (each model's kept entries scaled back to its delta's L1 norm)" },
-                ParamInfo { name: "lambda", default: Some("1.0"), doc: "scale of the merged delta" },
-                ParamInfo { name: "base_point", default: Some($base_point), doc: "geometric median: add the base as a zero-delta point" },
-                ParamInfo { name: "stock", default: Some("none"), doc: "none | adjacent_rows: multiply the fused result by the model-stock factor t = N cos / (1 + (N - 1) cos) of the filtered deltas, cos the mean over adjacent models along the last dimension (sd-mecha's ties_sum_extended with its inverted apply_stock = false)" },
-                ParamInfo { name: "cos_eps", default: Some("1e-6"), doc: "stock: guard of the norms in the cosines" },
-                ParamInfo { name: "eps", default: Some("1e-6"), doc: "geometric median: smallest distance" },
-                ParamInfo { name: "maxiter", default: Some("100"), doc: "geometric median: most iterations" },
-                ParamInfo { name: "ftol", default: Some("1e-20"), doc: "geometric median: relative objective change to stop at" },
-            ],
+const FORMULA: &str = "base + lambda * rescale(fuse(elect(trim(drop(models[t] - base)))))";
+
+const SLOTS: &[Slot] = &[
+    Slot {
+        name: "base",
+        kind: SlotKind::One,
+        doc: "the pre-trained model",
+    },
+    Slot {
+        name: "models",
+        kind: SlotKind::Many,
+        doc: "the fine-tuned models",
+    },
+];
+
+/// The pipeline's parameters, with the defaults of `ties`.
+#[rustfmt::skip]
+const PARAMS: [ParamInfo; 18] = [
+    ParamInfo::choice("drop", &["none", "dare", "della"], "none", "none | dare (uniform) | della (by magnitude rank)"),
+    ParamInfo::number_in("p", 0.0, Domain::Probability, "mean drop probability of `dare` and `della`"),
+    ParamInfo::number("della_eps", 0.0, "della: total width of the keep-probability window, kept with 1 - p - della_eps/2 (smallest |delta|) to 1 - p + della_eps/2 (largest); negative drops large deltas more (sd-mecha's della_eps)"),
+    ParamInfo::optional("epsilon", Domain::Any, "della: half width of the window instead (mergekit's epsilon); della_eps = 2 * epsilon"),
+    ParamInfo::choice("rank", &["tensor", "row"], "tensor", "della: rank |delta| over the whole tensor (sd-mecha) | row (official DELLA, mergekit)"),
+    ParamInfo::choice("ranks", &["auto", "exact", "histogram"], "auto", "della, rank = tensor: auto (exact for tensors up to 65536 elements whose values for all models take at most 4 MiB, estimated from a histogram above) | exact (sorts each tensor of every model; needs the tensor of all models in a quarter of the memory budget) | histogram (estimated wherever auto would); estimates keep each entry within |della_eps| * (fullest 1/128-octave bin) / elements of its exact probability, reported per key"),
+    ParamInfo::number_in("k", 0.2, Domain::Fraction, "fraction kept by magnitude per model and tensor; entries equal to the threshold are all kept"),
+    ParamInfo::choice("election", &["mass", "count", "none"], "mass", "mass (sign of the sum) | count (sign of the sum of signs) | none"),
+    ParamInfo::choice("sign_tie", &["zero", "positive"], "zero", "zero (keep the base) | positive"),
+    ParamInfo::choice("fuse", &["disjoint_mean", "mean", "sum", "geometric_median"], "disjoint_mean", "disjoint_mean | mean | sum | geometric_median"),
+    ParamInfo::choice("rescale", &["none", "inverse_keep", "per_element", "l1"], "none", "none | inverse_keep (the result divided by 1 - p) | per_element (kept entries divided by their keep probability before the vote) | l1 (each model's kept entries scaled back to its delta's L1 norm)"),
+    ParamInfo::number("lambda", 1.0, "scale of the merged delta"),
+    ParamInfo::flag("base_point", false, "geometric median: add the base as a zero-delta point"),
+    ParamInfo::choice("stock", &["none", "adjacent_rows"], "none", "none | adjacent_rows: multiply the fused result by the model-stock factor t = N cos / (1 + (N - 1) cos) of the filtered deltas, cos the mean over adjacent models along the last dimension (sd-mecha's ties_sum_extended with its inverted apply_stock = false)"),
+    ParamInfo::number_in("cos_eps", 1e-6, Domain::NonNegative, "stock: guard of the norms in the cosines"),
+    Weiszfeld::PARAMS[0],
+    Weiszfeld::PARAMS[1],
+    Weiszfeld::PARAMS[2],
+];
+
+/// `PARAMS` with the defaults of `overrides` (a name not declared is a compile-time error).
+const fn preset(overrides: &[(&str, PresetDefault)]) -> [ParamInfo; 18] {
+    let mut params = PARAMS;
+    let mut i = 0;
+    while i < overrides.len() {
+        let mut j = 0;
+        loop {
+            assert!(
+                j < params.len(),
+                "a preset overrides an undeclared parameter"
+            );
+            if same(params[j].name, overrides[i].0) {
+                params[j] = params[j].with_default(overrides[i].1);
+                break;
+            }
+            j += 1;
         }
+        i += 1;
+    }
+    params
+}
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+macro_rules! presets {
+    ($($static:ident = $name:literal, $summary:literal, [$($param:literal => $value:expr),* $(,)?];)*) => {
+        $(
+            pub static $static: MethodInfo = MethodInfo {
+                name: $name,
+                formula: FORMULA,
+                summary: $summary,
+                slots: SLOTS,
+                params: &const { preset(&[$(($param, $value)),*]) },
+            };
+        )*
     };
 }
 
-pub static TIES: MethodInfo = pipeline_info!(
-    "ties",
-    "TIES-Merging (Yadav et al. 2023): trim to the top k, mass election, disjoint mean.",
-    "none",
-    "0.0",
-    "0.2",
-    "mass",
-    "disjoint_mean",
-    "none"
-);
-pub static TIES_SOUP: MethodInfo =
-    pipeline_info!(
-    "ties_soup",
-    "TIES-SOUP (AstolfoMix): no trim, count election, disjoint mean: a soup of the majority side.",
-    "none", "0.0", "1.0", "count", "disjoint_mean", "none"
-);
-pub static DARE: MethodInfo = pipeline_info!(
-    "dare",
-    "DARE (Yu et al. 2023) with task arithmetic: drop each delta entry with probability p, sum, rescale by 1/(1-p).",
-    "dare", "0.1", "1.0", "none", "sum", "inverse_keep"
-);
-pub static DELLA: MethodInfo = pipeline_info!(
-    "della",
-    "DELLA (Deep et al. 2024, official code): drop by per-row magnitude rank (p = 0.3, window 0.28 = mergekit epsilon 0.14), rescale each kept entry by 1/q, mass election, disjoint mean.",
-    "della", "0.3", "0.28", "row", "1.0", "mass", "disjoint_mean", "per_element", "false"
-);
-pub static TSD: MethodInfo =
-    pipeline_info!(
-    "tsd",
-    "TSD, TIES-SOUP with DROP (AstolfoMix x101a): DARE p = 0.1 without rescale, then TIES-SOUP.",
-    "dare", "0.1", "1.0", "count", "disjoint_mean", "none"
-);
-pub static TGMD: MethodInfo = pipeline_info!(
-    "tgmd",
-    "TGMD, TIES with geometric median and DROP (AstolfoMix x116a): DARE p = 0.1 without rescale, count election, geometric median of the filtered deltas.",
-    "dare", "0.1", "1.0", "count", "geometric_median", "none"
-);
-
-pub static DGMLA: MethodInfo = pipeline_info!(
-    "dgmla",
-    "DGMLA (AstolfoMix x215a): DELLA drop by whole-tensor rank, p = 0.1, della_eps = -0.1, no rescale, count election, geometric median with the base as a zero-delta point.",
-    "della", "0.1", "-0.1", "tensor", "1.0", "count", "geometric_median", "none", "true"
-);
+presets! {
+    TIES = "ties", "TIES-Merging (Yadav et al. 2023): trim to the top k, mass election, disjoint mean.", [];
+    TIES_SOUP = "ties_soup", "TIES-SOUP (AstolfoMix): no trim, count election, disjoint mean: a soup of the majority side.", ["k" => Number(1.0), "election" => Choice("count")];
+    DARE = "dare", "DARE (Yu et al. 2023) with task arithmetic: drop each delta entry with probability p, sum, rescale by 1/(1-p).", [
+        "drop" => Choice("dare"), "p" => Number(0.1), "k" => Number(1.0), "election" => Choice("none"),
+        "fuse" => Choice("sum"), "rescale" => Choice("inverse_keep"),
+    ];
+    DELLA = "della", "DELLA (Deep et al. 2024, official code): drop by per-row magnitude rank (p = 0.3, window 0.28 = mergekit epsilon 0.14), rescale each kept entry by 1/q, mass election, disjoint mean.", [
+        "drop" => Choice("della"), "p" => Number(0.3), "della_eps" => Number(0.28), "rank" => Choice("row"),
+        "k" => Number(1.0), "rescale" => Choice("per_element"),
+    ];
+    TSD = "tsd", "TSD, TIES-SOUP with DROP (AstolfoMix x101a): DARE p = 0.1 without rescale, then TIES-SOUP.", [
+        "drop" => Choice("dare"), "p" => Number(0.1), "k" => Number(1.0), "election" => Choice("count"),
+    ];
+    TGMD = "tgmd", "TGMD, TIES with geometric median and DROP (AstolfoMix x116a): DARE p = 0.1 without rescale, count election, geometric median of the filtered deltas.", [
+        "drop" => Choice("dare"), "p" => Number(0.1), "k" => Number(1.0), "election" => Choice("count"),
+        "fuse" => Choice("geometric_median"),
+    ];
+    DGMLA = "dgmla", "DGMLA (AstolfoMix x215a): DELLA drop by whole-tensor rank, p = 0.1, della_eps = -0.1, no rescale, count election, geometric median with the base as a zero-delta point.", [
+        "drop" => Choice("della"), "p" => Number(0.1), "della_eps" => Number(-0.1), "k" => Number(1.0),
+        "election" => Choice("count"), "fuse" => Choice("geometric_median"), "base_point" => Bool(true),
+    ];
+}
