@@ -36,6 +36,22 @@ pub struct Slot {
     pub doc: &'static str,
 }
 
+impl Slot {
+    /// The inputs of the methods that merge N fine-tunes' deltas from their base.
+    pub const BASE_AND_MODELS: &'static [Slot] = &[
+        Slot {
+            name: "base",
+            kind: SlotKind::One,
+            doc: "the pre-trained model",
+        },
+        Slot {
+            name: "models",
+            kind: SlotKind::Many,
+            doc: "the fine-tuned models",
+        },
+    ];
+}
+
 /// What a method is: its name, formula, argument slots and parameters. Used to parse recipes, to
 /// print `amalgam methods` and to check the README.
 #[derive(Clone, Copy, Debug)]

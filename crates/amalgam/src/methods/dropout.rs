@@ -17,18 +17,7 @@ pub static INFO: MethodInfo = MethodInfo {
     name: "dropout",
     formula: "base + lambda * sum_t m_t (models[t] - base) / max(1, sum_t m_t) / (1 - p)^rescale",
     summary: "Each model's delta entries kept with probability 1 - p, the kept ones averaged per element, rescaled (sd-mecha's n-supermario dropout).",
-    slots: &[
-        Slot {
-            name: "base",
-            kind: SlotKind::One,
-            doc: "the pre-trained model",
-        },
-        Slot {
-            name: "models",
-            kind: SlotKind::Many,
-            doc: "the fine-tuned models",
-        },
-    ],
+    slots: Slot::BASE_AND_MODELS,
     params: &[
         ParamInfo::number_in("p", 0.9, Domain::UnitInterval, "drop probability, in [0, 1] (sd-mecha's `probability`)"),
         ParamInfo::number("rescale", 1.0, "exponent of the 1 / (1 - p) rescale (0 = none; none either when p = 1)"),

@@ -18,10 +18,7 @@ pub static INFO: MethodInfo = MethodInfo {
     formula: "base + t * mean_t(models[t] - base),  t = N cos / (1 + (N - 1) cos)",
     summary: "Model Stock: moves from the base towards the average by a factor set by the angle \
               between the task vectors. With one fine-tune present for a key, t = 1.",
-    slots: &[
-        Slot { name: "base", kind: SlotKind::One, doc: "the pre-trained model" },
-        Slot { name: "models", kind: SlotKind::Many, doc: "the fine-tuned models" },
-    ],
+    slots: Slot::BASE_AND_MODELS,
     params: &[
         ParamInfo::choice("pairs", &["all", "adjacent"], "all", "all (mergekit) | adjacent (sd-mecha): which pairs' cosines are averaged"),
         ParamInfo::choice("unit", &["tensor", "row"], "tensor", "tensor (mergekit) | row (sd-mecha: along the last dimension, one t per row; needs pairs = adjacent)"),

@@ -11,18 +11,7 @@ pub static INFO: MethodInfo = MethodInfo {
     formula: "base + lambda * sum_t weights[t] * (models[t] - base)",
     summary: "Adds the weighted task vectors of N fine-tunes to their base. A fine-tune lacking a \
               key is left out of it; a key the base lacks is left to the key policy.",
-    slots: &[
-        Slot {
-            name: "base",
-            kind: SlotKind::One,
-            doc: "the pre-trained model",
-        },
-        Slot {
-            name: "models",
-            kind: SlotKind::Many,
-            doc: "the fine-tuned models",
-        },
-    ],
+    slots: Slot::BASE_AND_MODELS,
     params: &[
         ParamInfo::per_model(
             "weights",

@@ -6,18 +6,7 @@ use crate::method::PresetDefault::{Bool, Choice, Number};
 
 const FORMULA: &str = "base + lambda * rescale(fuse(elect(trim(drop(models[t] - base)))))";
 
-const SLOTS: &[Slot] = &[
-    Slot {
-        name: "base",
-        kind: SlotKind::One,
-        doc: "the pre-trained model",
-    },
-    Slot {
-        name: "models",
-        kind: SlotKind::Many,
-        doc: "the fine-tuned models",
-    },
-];
+const SLOTS: &[Slot] = Slot::BASE_AND_MODELS;
 
 /// The pipeline's parameters, with the defaults of `ties`.
 #[rustfmt::skip]
