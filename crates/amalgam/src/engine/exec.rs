@@ -155,6 +155,9 @@ pub(super) fn run_stats<T: Real>(
             stats_budget,
         )?;
     }
+    if state.stat_passes() == 0 {
+        return Ok(());
+    }
     let args: &[Expr<T>] = args;
     // A zero-element tensor is one empty block, so every statistic has its identity value
     // (zero sums, an all-zero Gram matrix) rather than no value at all.

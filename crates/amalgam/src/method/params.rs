@@ -293,6 +293,10 @@ impl Params {
         self.info = Some(info);
         self
     }
+    /// The declaration the values are read against, once bound.
+    pub(crate) fn info(&self) -> Option<&'static MethodInfo> {
+        self.info
+    }
     fn err(&self, msg: String) -> Error {
         Error::method(&self.method, msg)
     }

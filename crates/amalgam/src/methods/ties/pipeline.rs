@@ -129,26 +129,10 @@ impl Pipeline {
         })
     }
 
-    pub fn ties(params: Params) -> Result<Self> {
-        Self::build(&TIES, params)
-    }
-    pub fn ties_soup(params: Params) -> Result<Self> {
-        Self::build(&TIES_SOUP, params)
-    }
-    pub fn dare(params: Params) -> Result<Self> {
-        Self::build(&DARE, params)
-    }
-    pub fn tsd(params: Params) -> Result<Self> {
-        Self::build(&TSD, params)
-    }
-    pub fn tgmd(params: Params) -> Result<Self> {
-        Self::build(&TGMD, params)
-    }
-    pub fn della(params: Params) -> Result<Self> {
-        Self::build(&DELLA, params)
-    }
-    pub fn dgmla(params: Params) -> Result<Self> {
-        Self::build(&DGMLA, params)
+    /// The pipeline of the preset its parameters were bound to by the registry.
+    pub fn new(params: Params) -> Result<Self> {
+        let info = params.info().expect("parameters bound to a preset");
+        Self::build(info, params)
     }
 
     pub fn config(&self) -> &Config {
