@@ -14,6 +14,14 @@ impl KeyCache {
     pub(super) fn bytes(&self, m: usize) -> Option<&[u8]> {
         self.raw.get(m)?.as_ref().map(|r| r.bytes())
     }
+    /// The raw bytes held, all models together.
+    pub(super) fn held_bytes(&self) -> u64 {
+        self.raw
+            .iter()
+            .flatten()
+            .map(|r| r.bytes().len() as u64)
+            .sum()
+    }
 }
 
 /// The buffers of keys done, reused for the next keys: allocating fresh memory for every key

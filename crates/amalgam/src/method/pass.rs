@@ -62,13 +62,27 @@ impl<T: Real, P: Pass<T>> ErasedPass<T> for P {
 pub struct Passes<'a, T> {
     run: &'a mut (dyn FnMut(&mut dyn ErasedPass<T>) -> Result<()> + Send),
     ran: usize,
+    allowance: u64,
 }
 
 impl<'a, T: Real> Passes<'a, T> {
     pub(crate) fn new(
         run: &'a mut (dyn FnMut(&mut dyn ErasedPass<T>) -> Result<()> + Send),
+        allowance: u64,
     ) -> Self {
-        Passes { run, ran: 0 }
+        Passes {
+            run,
+            ran: 0,
+            allowance,
+        }
+    }
+    /// The bytes the method may keep from its passes for its output (per-element state such as
+    /// keep bits, so that the output does not compute them again): an eighth of the raw bytes of
+    /// the key's inputs when the engine holds them in memory (within the budget it reserved for
+    /// them), 0 when it streams them. What the method keeps must not change its output: it only
+    /// saves recomputing it.
+    pub fn allowance(&self) -> u64 {
+        self.allowance
     }
     /// Runs `pass` over every block of the tensor and returns it with every block folded.
     pub fn run<P: Pass<T>>(&mut self, mut pass: P) -> Result<P> {

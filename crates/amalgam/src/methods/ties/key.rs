@@ -61,6 +61,10 @@ pub(super) struct KeyPipeline<T> {
     pub(super) scales: Vec<T>,
     /// Per model, its coefficient in the geometric median.
     pub(super) coefficients: Vec<T>,
+    /// Per model, one bit per element: whether drop, trim and election kept its delta (kept by
+    /// the Gram pass when the inputs are held, so that the output applies the bits instead of
+    /// drawing, ranking and electing again); empty otherwise.
+    pub(super) filtered: Vec<Vec<u64>>,
 }
 
 /// Elements processed together: every stage runs over one block of all models at a time, model
@@ -79,6 +83,18 @@ pub(super) enum Stage {
     Kept,
     /// After drop, trim, election and sign filter.
     Filtered,
+}
+
+/// The 64 bits of `bits` from bit `e` on (zeros past the end).
+#[inline]
+pub(super) fn bits_at(bits: &[u64], e: usize) -> u64 {
+    let (w, s) = (e / 64, e % 64);
+    let low = bits.get(w).copied().unwrap_or(0);
+    if s == 0 {
+        low
+    } else {
+        low >> s | bits.get(w + 1).copied().unwrap_or(0) << (64 - s)
+    }
 }
 
 #[inline(always)]
@@ -222,7 +238,7 @@ impl<T: Real> KeyPipeline<T> {
         }
         let mut dots = vec![0f64; rows * (n - 1)];
         let mut norms = vec![0f64; rows * n];
-        self.blocks(Stage::Filtered, range, args, None, |at, len, d, _| {
+        self.blocks(Stage::Filtered, range, args, None, |at, len, d| {
             for t in 0..n {
                 for i in 0..len {
                     let r = (at + i) / row;
@@ -249,21 +265,61 @@ impl<T: Real> KeyPipeline<T> {
             .collect()
     }
 
+    /// Whether the filtered deltas' bits are worth keeping from the Gram pass, and fit in
+    /// `allowance` bytes: their values are then `δ · scale` where a bit is set (no per-element
+    /// factor).
+    pub(super) fn keeps_filtered(&self, allowance: u64) -> bool {
+        let bytes = (self.streams.len() * self.numel.div_ceil(64) * 8) as u64;
+        self.config.rescale != Rescale::PerElement
+            && (self.config.drop != Drop::None
+                || self.config.election != Election::None
+                || self.trim_passes > 0)
+            && bytes <= allowance
+    }
+
     /// Runs the pipeline up to `stage` over `range` (`args[0]` is the base), a block of `W`
-    /// elements at a time, calling `sink(offset, len, deltas, gamma)` per block: `deltas` holds
-    /// model `t`'s values at `[t * W..t * W + len]`, `gamma` the elected signs (Filtered only).
+    /// elements at a time, calling `sink(offset, len, deltas)` per block: `deltas` holds model
+    /// `t`'s values at `[t * W..t * W + len]`.
     pub(super) fn blocks(
         &self,
         stage: Stage,
         range: &Range<usize>,
         args: &[&[T]],
         factors: Option<&[T]>,
-        mut sink: impl FnMut(usize, usize, &[T], &[T]),
+        mut sink: impl FnMut(usize, usize, &[T]),
     ) {
         let base = args[0];
         let models = &args[1..];
         let n = models.len();
         let mut d = vec![T::ZERO; n * W];
+        if stage == Stage::Filtered && !self.filtered.is_empty() {
+            // The bits the Gram pass kept: `δ · scale` where set, as the stages compute it.
+            let total = range.len();
+            for at in (0..total).step_by(W) {
+                let len = W.min(total - at);
+                let b = &base[at..at + len];
+                for t in 0..n {
+                    let dt = &mut d[t * W..t * W + len];
+                    for ((o, &x), &bb) in dt.iter_mut().zip(&models[t][at..at + len]).zip(b) {
+                        *o = x - bb;
+                    }
+                    if let Some(&scale) = self.scales.get(t) {
+                        dt.iter_mut().for_each(|o| *o *= scale);
+                    }
+                    // A select, not a product: a value the stages set to zero stays zero even
+                    // if it was not finite (the bit of one they multiplied by zero is set).
+                    let bits = &self.filtered[t];
+                    for (c, chunk) in dt.chunks_mut(64).enumerate() {
+                        let word = bits_at(bits, range.start + at + c * 64);
+                        for (i, o) in chunk.iter_mut().enumerate() {
+                            *o = if word >> i & 1 == 1 { *o } else { T::ZERO };
+                        }
+                    }
+                }
+                sink(at, len, &d);
+            }
+            return;
+        }
         let mut gamma = [T::ZERO; W];
         let mut words = vec![0u16; W];
         let per_element = self.config.rescale == Rescale::PerElement;
@@ -412,8 +468,25 @@ impl<T: Real> KeyPipeline<T> {
                     }
                 }
             }
-            sink(at, len, &d, g);
+            sink(at, len, &d);
             at += len;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bits_at;
+
+    #[test]
+    fn bits_at_reads_across_words_and_past_the_end() {
+        let bits = [0x8000_0000_0000_0001u64, 0b1011];
+        assert_eq!(bits_at(&bits, 0), bits[0]);
+        assert_eq!(bits_at(&bits, 64), 0b1011);
+        // Bit 63 of word 0 then word 1's bits.
+        assert_eq!(bits_at(&bits, 63), 1 | 0b1011 << 1);
+        assert_eq!(bits_at(&bits, 65), 0b101);
+        assert_eq!(bits_at(&bits, 128), 0);
+        assert_eq!(bits_at(&bits, 1000), 0);
     }
 }

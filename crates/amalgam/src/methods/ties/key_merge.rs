@@ -104,7 +104,16 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                 .collect();
         }
         if let Fuse::GeometricMedian(w) = self.config.fuse {
-            let gram = self.run_stat(passes, GramOf { gram: Vec::new() })?.gram;
+            let words = self.numel.div_ceil(64);
+            let filtered = self
+                .keeps_filtered(passes.allowance())
+                .then(|| vec![vec![0u64; words]; n]);
+            let stat = GramOf {
+                gram: Vec::new(),
+                filtered,
+            };
+            let GramOf { gram, filtered } = self.run_stat(passes, stat)?;
+            self.filtered = filtered.unwrap_or_default();
             // With `base_point` the Gram matrix has the zero delta as its last point.
             let points = n + usize::from(self.config.base_point);
             self.coefficients = w
@@ -169,7 +178,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             }
             return;
         }
-        self.blocks(stage, &range, args, None, |at, len, d, _| {
+        self.blocks(stage, &range, args, None, |at, len, d| {
             let o = &mut out[at..at + len];
             o.fill(T::ZERO);
             match self.config.fuse {

@@ -241,6 +241,7 @@ impl<T: Real> Method<T> for Pipeline {
             thresholds: Vec::new(),
             scales: Vec::new(),
             coefficients: Vec::new(),
+            filtered: Vec::new(),
         }))
     }
 }

@@ -42,9 +42,36 @@ impl KeepBits {
             .collect();
         KeepBits { start, len, words }
     }
+    /// No bits set yet, for `n` models.
+    fn zeroed(start: usize, len: usize, n: usize) -> KeepBits {
+        let words = vec![0; n * len.div_ceil(64)];
+        KeepBits { start, len, words }
+    }
+    /// Sets model `t`'s bits of the `len` values `d` at offset `at` of the block (a multiple
+    /// of 64): a bit for each value that is not zero.
+    fn set<T: Real>(&mut self, t: usize, at: usize, d: &[T]) {
+        debug_assert_eq!(at % 64, 0);
+        let first = t * self.len.div_ceil(64) + at / 64;
+        for (w, word) in self.words[first..].iter_mut().zip(d.chunks(64)) {
+            *w = word
+                .iter()
+                .enumerate()
+                .fold(0u64, |w, (i, &x)| w | (u64::from(x != T::ZERO) << i));
+        }
+    }
     /// Sets the block's bits in the masks of the whole tensor (one per model).
     fn write(&self, masks: &mut [Vec<u64>]) {
         let per_model = self.len.div_ceil(64);
+        if self.start % 64 == 0 {
+            // Whole words (a block's last word has no bits past its end).
+            let first = self.start / 64;
+            for (m, words) in masks.iter_mut().zip(self.words.chunks(per_model.max(1))) {
+                for (o, &w) in m[first..].iter_mut().zip(words) {
+                    *o |= w;
+                }
+            }
+            return;
+        }
         for (m, words) in masks.iter_mut().zip(self.words.chunks(per_model.max(1))) {
             for (w, &bits) in words.iter().enumerate() {
                 for i in 0..64.min(self.len - w * 64) {
@@ -156,7 +183,7 @@ impl<T: Real> Stat<T> for TrimDigit {
         let (shift, high) = KeyPipeline::<T>::digit_shift(self.digit);
         let mask = (1u64 << DIGIT_BITS) - 1;
         let mut h = vec![0u32; n << DIGIT_BITS];
-        key.blocks(Stage::Dropped, &range, args, factors, |_, len, d, _| {
+        key.blocks(Stage::Dropped, &range, args, factors, |_, len, d| {
             for t in 0..n {
                 let prefix = key.select[t].prefix;
                 let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
@@ -205,7 +232,7 @@ impl<T: Real> Stat<T> for L1Sums {
                 .map(|(&v, &b)| (v - b).abs().to_f64())
                 .sum();
         }
-        key.blocks(Stage::Kept, &range, args, factors, |_, len, d, _| {
+        key.blocks(Stage::Kept, &range, args, factors, |_, len, d| {
             for t in 0..n {
                 sums[2 * t + 1] += d[t * W..t * W + len]
                     .iter()
@@ -221,15 +248,23 @@ impl<T: Real> Stat<T> for L1Sums {
 }
 
 /// The Gram matrix of the filtered deltas (with `base_point`, and the zero delta), for the
-/// geometric median.
+/// geometric median; with `filtered`, it also keeps the filtered deltas' bits.
 pub(super) struct GramOf {
     pub(super) gram: Vec<f64>,
+    /// Per model, the bit of every element whose filtered delta is not zero (when kept).
+    pub(super) filtered: Option<Vec<Vec<u64>>>,
 }
 
 impl<T: Real> Stat<T> for GramOf {
-    type Block = Vec<f64>;
-    fn block_bytes(&self, key: &KeyPipeline<T>, _len: usize) -> usize {
-        (key.streams.len() + usize::from(key.config.base_point)).pow(2) * 8
+    type Block = (Vec<f64>, Option<KeepBits>);
+    fn block_bytes(&self, key: &KeyPipeline<T>, len: usize) -> usize {
+        let n = key.streams.len();
+        let bits = if self.filtered.is_some() {
+            n * len.div_ceil(64) * 8
+        } else {
+            0
+        };
+        (n + usize::from(key.config.base_point)).pow(2) * 8 + bits
     }
     fn block(
         &self,
@@ -237,8 +272,12 @@ impl<T: Real> Stat<T> for GramOf {
         range: Range<usize>,
         args: &[&[T]],
         factors: Option<&[T]>,
-    ) -> Vec<f64> {
+    ) -> Self::Block {
         let n = key.streams.len();
+        let mut bits = self
+            .filtered
+            .as_ref()
+            .map(|_| KeepBits::zeroed(range.start, range.len(), n));
         // The filtered deltas, one row per model, `GRAM_SPAN` elements at a time, then a
         // matrix product per span: the buffer does not grow with the block (a whole
         // tensor, for units ranked exactly). The rows are centred on the per-element mean
@@ -256,8 +295,13 @@ impl<T: Real> Stat<T> for GramOf {
         let mut mean = [0f64; W];
         let inv = 1.0 / points as f64;
         let mut filled = 0;
-        key.blocks(Stage::Filtered, &range, args, factors, |at, len, d, _| {
+        key.blocks(Stage::Filtered, &range, args, factors, |at, len, d| {
             debug_assert_eq!(at % span, filled);
+            if let Some(bits) = bits.as_mut() {
+                for t in 0..n {
+                    bits.set(t, at, &d[t * W..t * W + len]);
+                }
+            }
             let mean = &mut mean[..len];
             mean.fill(0.0);
             for t in 0..n {
@@ -290,9 +334,12 @@ impl<T: Real> Stat<T> for GramOf {
                 filled = 0;
             }
         });
-        g
+        (g, bits)
     }
-    fn fold(&mut self, block: Vec<f64>) {
+    fn fold(&mut self, (block, bits): Self::Block) {
+        if let (Some(bits), Some(filtered)) = (bits, self.filtered.as_mut()) {
+            bits.write(filtered);
+        }
         accumulate(&mut self.gram, block)
     }
 }
