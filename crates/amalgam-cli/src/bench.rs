@@ -128,7 +128,7 @@ fn read_all(files: &[PathBuf], threads: usize) -> Result<(f64, u64)> {
                 // where malloc puts a buffer would otherwise decide whether the kernel's copy
                 // runs at full speed.
                 let mut words = Vec::new();
-                let buf = amalgam::input::line_matched_bytes(&mut words, 8 << 20, 0, 1);
+                let buf = amalgam::io::input::line_matched_bytes(&mut words, 8 << 20, 0, 1);
                 let mut n = 0u64;
                 loop {
                     let k = f.read(buf)?;
@@ -150,7 +150,7 @@ fn write_new(dir: &Path, len: u64) -> Result<f64> {
     use std::io::Write;
     let path = dir.join("bench-write.tmp");
     let mut words = Vec::new();
-    let buf = amalgam::input::line_matched_bytes(&mut words, 8 << 20, 0, 1);
+    let buf = amalgam::io::input::line_matched_bytes(&mut words, 8 << 20, 0, 1);
     buf.fill(1);
     let t = Instant::now();
     let mut f = std::fs::File::create(&path)?;

@@ -1,6 +1,6 @@
 //! `amalgam demo`: synthesise a small SD1-layout pool and merge it, end to end.
 
-use amalgam::input::ModelFile;
+use amalgam::io::input::ModelFile;
 use amalgam::recipe;
 use amalgam::size::format_bytes;
 use amalgam::synth::{Layout, SynthOptions};
@@ -101,7 +101,7 @@ pub fn run(keep: Option<PathBuf>, force: bool) -> Result<()> {
     eprintln!("{report}");
 
     let recipe_path = dir.join("demo.toml");
-    amalgam::dest::write_atomic(&recipe_path, RECIPE.as_bytes(), &[], force)
+    amalgam::io::dest::write_atomic(&recipe_path, RECIPE.as_bytes(), &[], force)
         .context("writing the demo recipe")?;
     eprintln!("\n== recipe {}:\n{RECIPE}", recipe_path.display());
     let out = dir.join("blend.safetensors");

@@ -6,11 +6,11 @@ mod demo;
 mod progress;
 mod signals;
 
-use amalgam::dtype::{dtype_name, OutputDtype};
-use amalgam::graph::Graph;
-use amalgam::input::ModelFile;
+use amalgam::io::dtype::{dtype_name, OutputDtype};
+use amalgam::io::input::ModelFile;
 use amalgam::method::ParamValue;
 use amalgam::real::ComputeDtype;
+use amalgam::recipe::graph::Graph;
 use amalgam::recipe::{self, RecipeSettings};
 use amalgam::size::{format_bytes, parse_bytes};
 use amalgam::synth::{Layout, SynthOptions};
@@ -78,12 +78,12 @@ pub struct EngineArgs {
     /// Write the output in this key layout, e.g. sdxl-kohya or sd1-kohya [default: the original
     /// (ldm/sgm) layout, or the recipe's]
     #[arg(long)]
-    layout: Option<amalgam::arch::Layout>,
+    layout: Option<amalgam::layout::arch::Layout>,
     /// A model whose tensor for a key holds NaN or Inf: omit (leave it out of that key, like a
     /// missing key, and report it), error (stop, naming file, key and count) or keep (merge the
     /// values as they are) [default: omit, or the recipe's]
     #[arg(long)]
-    non_finite: Option<amalgam::non_finite::NonFinite>,
+    non_finite: Option<amalgam::io::non_finite::NonFinite>,
 }
 
 #[derive(Args)]

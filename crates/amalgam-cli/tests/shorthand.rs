@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 
-use amalgam::input::ModelFile;
+use amalgam::io::input::ModelFile;
 use std::collections::BTreeSet;
 use std::path::Path;
 

@@ -1,9 +1,9 @@
 //! The options of a merge run, how it reports progress, and how it is cancelled: what the engine,
 //! the resume journal and the recipes' settings share.
 
-use crate::arch::Layout;
-use crate::dtype::OutputDtype;
-use crate::non_finite::NonFinite;
+use crate::io::dtype::OutputDtype;
+use crate::io::non_finite::NonFinite;
+use crate::layout::arch::Layout;
 use crate::real::ComputeDtype;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,7 +28,7 @@ pub struct MergeOptions {
     /// Replace an existing output file (and report file); only regular files are replaced.
     pub overwrite: bool,
     /// Also write the report as JSON here, after the output (checked with it, before any
-    /// tensor is read, by the same rules: see [`crate::dest`]).
+    /// tensor is read, by the same rules: see [`crate::io::dest`]).
     pub report_json: Option<PathBuf>,
     /// Resume an interrupted merge into the same output, when its partial file's fingerprint
     /// matches (see [`crate::resume`]).

@@ -108,7 +108,7 @@ impl Real for f32 {
         f32::sqrt(self)
     }
     fn from_f16_slice(src: &[f16], dst: &mut [Self]) {
-        crate::simd::f16_to_f32(src, dst)
+        crate::io::simd::f16_to_f32(src, dst)
     }
     fn from_bf16_slice(src: &[bf16], dst: &mut [Self]) {
         // bf16 is the top half of an f32: a shift is exact and vectorises.
@@ -125,7 +125,7 @@ impl Real for f32 {
         }
     }
     fn to_f16_slice(src: &[Self], dst: &mut [f16]) {
-        crate::simd::f32_to_f16(src, dst)
+        crate::io::simd::f32_to_f16(src, dst)
     }
     fn to_bf16_slice(src: &[Self], dst: &mut [bf16]) {
         dst.convert_from_f32_slice(src)
@@ -169,7 +169,7 @@ impl Real for f64 {
         // Through f32 (exact: every f16 is an f32), in blocks that stay in L1.
         let mut tmp = [0f32; 256];
         for (s, d) in src.chunks(256).zip(dst.chunks_mut(256)) {
-            crate::simd::f16_to_f32(s, &mut tmp[..s.len()]);
+            crate::io::simd::f16_to_f32(s, &mut tmp[..s.len()]);
             for (o, &x) in d.iter_mut().zip(&tmp[..s.len()]) {
                 *o = x as f64;
             }

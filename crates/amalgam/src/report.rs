@@ -1,6 +1,6 @@
 //! What a merge did with every key: the key policy made visible.
 
-use crate::graph::Graph;
+use crate::recipe::graph::Graph;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
@@ -64,8 +64,8 @@ pub struct MergeReport {
     /// What the methods said about single keys: (key, line).
     pub key_notes: Vec<(String, String)>,
     /// The inputs whose tensor for a key holds NaN or Inf, in key order (see
-    /// [`crate::non_finite`]).
-    pub inputs_non_finite: Vec<crate::non_finite::InputNonFinite>,
+    /// [`crate::io::non_finite`]).
+    pub inputs_non_finite: Vec<crate::io::non_finite::InputNonFinite>,
     /// The output keys holding NaN or Inf, in the output dtype: (key, count).
     pub outputs_non_finite: Vec<(String, u64)>,
 }

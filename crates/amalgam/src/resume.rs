@@ -22,9 +22,9 @@
 //! measurable time.
 
 use crate::error::{Error, Result};
-use crate::graph::Graph;
+use crate::io::output::{out_err, read_exact_at, OutputFile, OutputTensor};
 use crate::options::{MergeOptions, Progress};
-use crate::output::{out_err, read_exact_at, OutputFile, OutputTensor};
+use crate::recipe::graph::Graph;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -42,7 +42,7 @@ fn beside(output: &Path, suffix: &str) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".into());
-    crate::dest::folder_of(output).join(format!(".{name}.{suffix}"))
+    crate::io::dest::folder_of(output).join(format!(".{name}.{suffix}"))
 }
 
 /// The partial file a merge into `output` writes: `.NAME.amalgam-partial` beside it.
@@ -63,7 +63,7 @@ struct KeyState {
     written: AtomicU64,
     /// Not journaled when written: an input's non-finite values may make it computed again.
     held: AtomicBool,
-    /// Non-finite values written (see [`crate::non_finite`]).
+    /// Non-finite values written (see [`crate::io::non_finite`]).
     out_non_finite: AtomicU64,
 }
 
@@ -72,7 +72,7 @@ struct KeyState {
 pub(crate) struct KeyRecord {
     pub notes: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub inputs_non_finite: Vec<crate::non_finite::InputNonFinite>,
+    pub inputs_non_finite: Vec<crate::io::non_finite::InputNonFinite>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub output_non_finite: u64,
 }
@@ -204,7 +204,7 @@ pub(crate) fn open(
     progress: &dyn Progress,
 ) -> Result<Opened> {
     let dest = opts.output.as_path();
-    let layout = crate::output::layout(dest, tensors, metadata)?;
+    let layout = crate::io::output::layout(dest, tensors, metadata)?;
     let print = fingerprint(&layout.header, graph, opts)?;
     let partial = partial_path(dest);
     let jpath = journal_path(dest);
@@ -365,7 +365,7 @@ impl Journal {
     pub(crate) fn set_inputs_non_finite(
         &self,
         key: usize,
-        found: &[crate::non_finite::InputNonFinite],
+        found: &[crate::io::non_finite::InputNonFinite],
     ) {
         let mut r = self.records.lock().unwrap_or_else(|e| e.into_inner());
         r.entry(key).or_default().inputs_non_finite = found.to_vec();

@@ -7,9 +7,9 @@
 //! heavy-tailed (Student t, 2 degrees of freedom) individual part. Random numbers come from ChaCha8
 //! keyed by (seed, key index) and model index, so files are identical whatever the thread count.
 
-use crate::dtype::OutputDtype;
 use crate::error::{Error, Result};
-use crate::output::{OutputFile, OutputTensor};
+use crate::io::dtype::OutputDtype;
+use crate::io::output::{OutputFile, OutputTensor};
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -17,7 +17,7 @@ use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-pub use crate::arch::{Layout, LayoutKey};
+pub use crate::layout::arch::{Layout, LayoutKey};
 
 /// What to synthesise.
 #[derive(Clone, Debug)]

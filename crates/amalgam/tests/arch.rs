@@ -2,8 +2,8 @@
 //! embedded layout.
 
 mod common;
-use amalgam::arch::{autov2_hash, detect, Detection, Layout};
-use amalgam::input::ModelFile;
+use amalgam::io::input::ModelFile;
+use amalgam::layout::arch::{autov2_hash, detect, Detection, Layout};
 use amalgam::synth::{synthesize, SynthOptions};
 use common::*;
 use std::path::Path;
@@ -48,10 +48,10 @@ fn every_layout_is_detected_with_its_components() {
         // The components each architecture is known by.
         let names: Vec<&str> = d.components.iter().map(|c| c.name.as_str()).collect();
         let want: &[&str] = match layout.arch() {
-            amalgam::arch::Arch::Sd1 => &["diffuser"],
-            amalgam::arch::Arch::Sdxl => &["diffuser"],
-            amalgam::arch::Arch::Sd3 => &["diffuser", "clip_l", "clip_g", "t5xxl", "vae"],
-            amalgam::arch::Arch::Flux => &["diffuser", "clip_l", "t5xxl", "vae"],
+            amalgam::layout::arch::Arch::Sd1 => &["diffuser"],
+            amalgam::layout::arch::Arch::Sdxl => &["diffuser"],
+            amalgam::layout::arch::Arch::Sd3 => &["diffuser", "clip_l", "clip_g", "t5xxl", "vae"],
+            amalgam::layout::arch::Arch::Flux => &["diffuser", "clip_l", "t5xxl", "vae"],
         };
         for w in want {
             assert!(names.contains(w), "{layout}: {names:?}");

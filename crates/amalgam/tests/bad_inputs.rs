@@ -3,7 +3,7 @@
 //! tensor twice is refused, offset errors name the tensor, and SD1 and SDXL in one merge are
 //! named as different architectures.
 mod common;
-use amalgam::input::ModelFile;
+use amalgam::io::input::ModelFile;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
 use std::path::Path;

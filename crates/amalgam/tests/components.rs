@@ -2,9 +2,9 @@
 //! on synthetic SDXL-layout files.
 
 mod common;
-use amalgam::arch::Layout;
-use amalgam::dtype::OutputDtype;
-use amalgam::input::ModelFile;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::io::input::ModelFile;
+use amalgam::layout::arch::Layout;
 use amalgam::synth::{synthesize, SynthOptions};
 use amalgam::{merge, recipe, MergeOptions, NoProgress};
 use common::*;

@@ -2,7 +2,7 @@
 //! lists with a default (its declaration's `default_text`), a merge given that default explicitly,
 //! as a recipe writes it, writes the same bytes as one that does not give it.
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;

@@ -2,7 +2,7 @@
 //! scalar (`[]`), one-element, 1×n and n×1 tensors, in both compute dtypes, gives an output tensor
 //! of the same shape with finite values.
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::method::SlotKind;
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, MergeOptions, NoProgress};
@@ -57,7 +57,7 @@ fn every_method_survives_degenerate_tensors() {
                 Err(_) => failures.push(format!("{} ({compute:?}) panicked", info.name)),
                 Ok(Err(e)) => failures.push(format!("{} ({compute:?}) failed: {e}", info.name)),
                 Ok(Ok(_)) => {
-                    let f = amalgam::input::ModelFile::open(&out).unwrap();
+                    let f = amalgam::io::input::ModelFile::open(&out).unwrap();
                     for (name, shape) in SHAPES {
                         let t = f.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
                         assert_eq!(&t.shape, shape, "{} {name}", info.name);

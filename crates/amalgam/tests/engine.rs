@@ -1,7 +1,7 @@
 //! The engine: input dtypes, determinism, key policy, output safety and bad inputs.
 
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{List, Number};
 use amalgam::real::ComputeDtype;
 use amalgam::report::{KeyAction, TakenBecause};
@@ -243,7 +243,7 @@ fn output_dtypes_are_written_as_asked() {
         let mut o = MergeOptions::new(&out);
         o.output_dtype = dtype;
         merge(&g, &o, &NoProgress).unwrap();
-        let m = amalgam::input::ModelFile::open(&out).unwrap();
+        let m = amalgam::io::input::ModelFile::open(&out).unwrap();
         assert_eq!(format!("{:?}", m.tensor("w").unwrap().dtype), name);
         assert_eq!(read_f32(&out, "w"), want);
     }
@@ -292,7 +292,7 @@ fn key_policy_missing_keys_fallback_and_non_float_keys() {
     assert_eq!(read_f32(&out, "unet.w"), [3.0, 5.0]); // 1 + (2,0) + (0,4)
     assert_eq!(read_f32(&out, "vae.w"), [12.0, 10.0]); // b left out
     assert_eq!(read_f32(&out, "only_a.w"), [5.0]); // base lacks it: taken from a
-    let m = amalgam::input::ModelFile::open(&out).unwrap();
+    let m = amalgam::io::input::ModelFile::open(&out).unwrap();
     let ids_out = m.tensor("te.position_ids").unwrap();
     assert_eq!(format!("{:?}", ids_out.dtype), "I64");
     let mut got = vec![0u8; 32];
@@ -434,7 +434,9 @@ fn corrupt_files_give_clear_errors() {
     for (name, content, expect) in cases {
         let p = d.join(format!("{name}.safetensors"));
         std::fs::write(&p, content).unwrap();
-        let e = amalgam::input::ModelFile::open(&p).unwrap_err().to_string();
+        let e = amalgam::io::input::ModelFile::open(&p)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&format!("{name}.safetensors")), "{name}: {e}");
         assert!(e.contains(expect), "{name}: expected `{expect}` in: {e}");
         let out = d.join(format!("out-{name}.safetensors"));
@@ -529,7 +531,7 @@ fn metadata_records_version_and_options_and_header_is_sorted() {
         &NoProgress,
     )
     .unwrap();
-    let m = amalgam::input::ModelFile::open(&out).unwrap();
+    let m = amalgam::io::input::ModelFile::open(&out).unwrap();
     assert_eq!(m.metadata()["amalgam_version"], amalgam::VERSION);
     assert_eq!(m.metadata()["amalgam_recipe"], "# recipe text");
     // Tensor data is laid out in name order.

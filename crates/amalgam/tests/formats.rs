@@ -1,10 +1,10 @@
 //! Checkpoints saved in kohya / diffusers key names merge as the original (ldm/sgm) layout.
 
 mod common;
-use amalgam::arch::Layout;
-use amalgam::dtype::OutputDtype;
-use amalgam::formats::{to_canonical, Source};
-use amalgam::input::ModelFile;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::io::input::ModelFile;
+use amalgam::layout::arch::Layout;
+use amalgam::layout::formats::{to_canonical, Source};
 use amalgam::synth::{synthesize, SynthOptions};
 use amalgam::{merge, Graph, MergeOptions, NoProgress};
 use common::*;

@@ -1,7 +1,7 @@
 //! Bounded fuzzing on stable Rust: mutated safetensors files, TOML recipes and `.mecha` texts give
 //! a clean error or a parse, never a panic or a hang.
 mod common;
-use amalgam::input::ModelFile;
+use amalgam::io::input::ModelFile;
 use common::*;
 use proptest::prelude::*;
 
@@ -97,11 +97,11 @@ proptest! {
         let at = pos.index(text.len() + 1);
         let end = (at + del).min(text.len());
         text.replace_range(at..end, &insert);
-        let _ = amalgam::mecha::parse(&text, "fuzz.mecha");
+        let _ = amalgam::recipe::mecha::parse(&text, "fuzz.mecha");
         // Through translation too (models that do not exist are an error, not a panic).
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("fuzz.mecha");
         std::fs::write(&p, &text).unwrap();
-        let _ = amalgam::mecha::load(&p, &[]);
+        let _ = amalgam::recipe::mecha::load(&p, &[]);
     }
 }

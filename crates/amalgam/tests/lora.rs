@@ -1,9 +1,9 @@
 //! LoRA / LoCon baking: a kohya LoRA file is read as the delta it encodes, and `add` bakes it.
 
 mod common;
-use amalgam::arch::Layout;
-use amalgam::dtype::OutputDtype;
-use amalgam::input::ModelFile;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::io::input::ModelFile;
+use amalgam::layout::arch::Layout;
 use amalgam::method::ParamValue;
 use amalgam::{merge, Graph, MergeOptions, NoProgress};
 use common::*;

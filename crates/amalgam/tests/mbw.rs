@@ -2,9 +2,9 @@
 //! checked key by key against the hand formula.
 
 mod common;
-use amalgam::arch::{block_ids, block_of, expand_block_list, Arch, Layout};
-use amalgam::dtype::OutputDtype;
-use amalgam::input::ModelFile;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::io::input::ModelFile;
+use amalgam::layout::arch::{block_ids, block_of, expand_block_list, Arch, Layout};
 use amalgam::{merge, recipe, MergeOptions, NoProgress};
 use common::*;
 use std::collections::BTreeMap;
@@ -188,7 +188,7 @@ fn block_weighted_weighted_sum_sdxl_from_a_table() {
 
 #[test]
 fn time_embed_and_label_emb_follow_the_chosen_mapping() {
-    use amalgam::arch::{block_of_with, BlockMapping};
+    use amalgam::layout::arch::{block_of_with, BlockMapping};
     for key in [
         "model.diffusion_model.time_embed.0.weight",
         "model.diffusion_model.label_emb.0.0.weight",

@@ -1,10 +1,10 @@
 //! The `.mecha` recipes sd-mecha 1.1.8 writes (`tests/fixtures/mecha/`, copied from the project's
 //! spec examples) parse, with the structure they have.
 
-use amalgam::mecha::{parse, Kind, Value};
+use amalgam::recipe::mecha::{parse, Kind, Value};
 use std::path::Path;
 
-fn example(name: &str) -> amalgam::mecha::Recipe {
+fn example(name: &str) -> amalgam::recipe::mecha::Recipe {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/mecha")
         .join(name);
@@ -99,8 +99,8 @@ fn dgmla_recipe_has_the_published_parameters() {
 }
 
 mod common;
-use amalgam::arch::Layout;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::layout::arch::Layout;
 use amalgam::{merge, recipe, MergeOptions, NoProgress};
 use common::f32_pool;
 use std::collections::BTreeMap;
@@ -121,7 +121,7 @@ fn same_as_native(name: &str, native: &str, tol: f32) {
         .join(name);
     let m = d.join(name);
     std::fs::copy(&src, &m).unwrap();
-    let t = amalgam::mecha::load(&m, &[]).unwrap();
+    let t = amalgam::recipe::mecha::load(&m, &[]).unwrap();
     let mut opts = MergeOptions::new(d.join("mecha.safetensors"));
     opts.output_dtype = OutputDtype::F32;
     opts.seed = t.seed.unwrap_or(0);
@@ -219,7 +219,10 @@ fn unsupported_methods_and_missing_models_are_reported_before_reading() {
     let d = dir.path();
     let p = d.join("r.mecha");
     std::fs::write(&p, "version 0.1.0\nmodel \"a.safetensors\" model_config=null merge_space=\"weight\"\nmodel \"b.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"rotate\" &0 &1").unwrap();
-    let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
+    let e = amalgam::recipe::mecha::load(&p, &[])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("r.mecha:4")
             && e.contains("method `rotate` is not supported")
@@ -228,7 +231,7 @@ fn unsupported_methods_and_missing_models_are_reported_before_reading() {
     );
     std::fs::write(&p, "version 0.1.0\nmodel \"/nowhere/a.safetensors\" model_config=null merge_space=\"weight\"\nmodel \"b.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"n_average\" &0 &1").unwrap();
     let elsewhere = d.join("models");
-    let e = amalgam::mecha::load(&p, std::slice::from_ref(&elsewhere))
+    let e = amalgam::recipe::mecha::load(&p, std::slice::from_ref(&elsewhere))
         .err()
         .unwrap()
         .to_string();
@@ -252,7 +255,7 @@ fn dropout_and_slerp_recipes_run() {
     let run = |name: &str, text: &str| -> BTreeMap<String, Vec<f32>> {
         let p = d.join(format!("{name}.mecha"));
         std::fs::write(&p, text).unwrap();
-        let t = amalgam::mecha::load(&p, &[]).unwrap();
+        let t = amalgam::recipe::mecha::load(&p, &[]).unwrap();
         let out = d.join(format!("{name}.safetensors"));
         let mut opts = MergeOptions::new(&out);
         opts.output_dtype = OutputDtype::F32;
@@ -300,18 +303,18 @@ fn recipes_written_back_as_mecha_run_the_same_and_outputs_carry_them() {
             .join(name);
         let p = d.join(name);
         std::fs::copy(&src, &p).unwrap();
-        let first = amalgam::mecha::load(&p, &[]).unwrap();
+        let first = amalgam::recipe::mecha::load(&p, &[]).unwrap();
         let seed = first.seed.unwrap_or(0);
-        let text = amalgam::mecha::to_mecha(
+        let text = amalgam::recipe::mecha::to_mecha(
             &first.graph,
             &layouts[..first.graph.models.len()],
-            Some(amalgam::arch::Arch::Sdxl),
+            Some(amalgam::layout::arch::Arch::Sdxl),
             seed,
         )
         .unwrap_or_else(|| panic!("{name} is expressible in .mecha"));
         let again = d.join(format!("again-{name}"));
         std::fs::write(&again, &text).unwrap();
-        let second = amalgam::mecha::load(&again, &[]).unwrap();
+        let second = amalgam::recipe::mecha::load(&again, &[]).unwrap();
         assert_eq!(second.seed.unwrap_or(0), seed, "{name}");
         let run = |g: &amalgam::Graph, out: &str| {
             let mut opts = MergeOptions::new(d.join(out));
@@ -331,7 +334,7 @@ fn recipes_written_back_as_mecha_run_the_same_and_outputs_carry_them() {
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let recorded = meta.metadata().as_ref().unwrap()["mecha_recipe"].clone();
         assert!(
-            amalgam::mecha::parse(&recorded, "recorded").is_ok(),
+            amalgam::recipe::mecha::parse(&recorded, "recorded").is_ok(),
             "{recorded}"
         );
     }
@@ -357,7 +360,7 @@ fn omit_component_and_cast_run() {
     let run = |name: &str, text: &str| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
-        let t = amalgam::mecha::load(&p, &[]).unwrap();
+        let t = amalgam::recipe::mecha::load(&p, &[]).unwrap();
         let out = d.join(format!("{name}.safetensors"));
         let mut opts = MergeOptions::new(&out);
         opts.output_dtype = OutputDtype::F32;
@@ -389,18 +392,19 @@ fn the_inverted_apply_stock_round_trips() {
         merge \"add_difference\" &0 &7 alpha=1.0";
     let p = d.join("stock.mecha");
     std::fs::write(&p, text).unwrap();
-    let t = amalgam::mecha::load(&p, &[]).unwrap();
+    let t = amalgam::recipe::mecha::load(&p, &[]).unwrap();
     let node = t.graph.nodes.iter().find(|n| n.method == "ties").unwrap();
     assert_eq!(
         node.params.get("stock"),
         Some(&amalgam::method::ParamValue::Text("adjacent_rows".into()))
     );
-    let back = amalgam::mecha::to_mecha(&t.graph, &[Some(Layout::Sd1Ldm); 4], None, 0).unwrap();
+    let back =
+        amalgam::recipe::mecha::to_mecha(&t.graph, &[Some(Layout::Sd1Ldm); 4], None, 0).unwrap();
     assert!(back.contains("apply_stock=&"), "{back}");
-    let again = amalgam::mecha::parse(&back, "back").unwrap();
+    let again = amalgam::recipe::mecha::parse(&back, "back").unwrap();
     let p2 = d.join("back.mecha");
     std::fs::write(&p2, &back).unwrap();
-    let t2 = amalgam::mecha::load(&p2, &[]).unwrap();
+    let t2 = amalgam::recipe::mecha::load(&p2, &[]).unwrap();
     let node2 = t2.graph.nodes.iter().find(|n| n.method == "ties").unwrap();
     assert_eq!(node.params.get("stock"), node2.params.get("stock"));
     assert!(!again.commands.is_empty());
@@ -427,24 +431,33 @@ fn recipes_contradicting_their_files_or_sd_mecha_are_refused() {
         .unwrap();
     };
     write("\"sdxl-sgm\"", "merge \"n_average\" &0 &1");
-    amalgam::mecha::load(&p, &[]).unwrap();
+    amalgam::recipe::mecha::load(&p, &[]).unwrap();
     write("null", "merge \"n_average\" &0 &1");
-    amalgam::mecha::load(&p, &[]).unwrap();
+    amalgam::recipe::mecha::load(&p, &[]).unwrap();
     write("\"sd1-ldm\"", "merge \"n_average\" &0 &1");
-    let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
+    let e = amalgam::recipe::mecha::load(&p, &[])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("r.mecha:2")
             && e.contains("declares model_config `sd1-ldm`, but the file is sdxl-sgm"),
         "{e}"
     );
     write("null", "merge \"weighted_sum\" &0 &1 alpha=0.3 beta=0.2");
-    let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
+    let e = amalgam::recipe::mecha::load(&p, &[])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("r.mecha:4") && e.contains("no parameter `beta`"),
         "{e}"
     );
     write("null", "merge \"model_stock\" &0 &1");
-    let e = amalgam::mecha::load(&p, &[]).err().unwrap().to_string();
+    let e = amalgam::recipe::mecha::load(&p, &[])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("`model_stock` takes inputs in merge space `delta`"),
         "{e}"

@@ -5,8 +5,8 @@
 //! (`tests/fixtures/sd_mecha_random_stats.json`, from `tools/sd_mecha_random_stats.py`).
 
 mod common;
-use amalgam::arch::Layout;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::layout::arch::Layout;
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::f32_pool;
@@ -79,7 +79,7 @@ fn random_recipes_agree_with_sd_mecha_in_their_statistics() {
     for r in f["recipes"].as_array().unwrap() {
         let name = r["recipe"].as_str().unwrap();
         std::fs::copy(root.join("mecha").join(name), d.join(name)).unwrap();
-        let t = amalgam::mecha::load(&d.join(name), &[]).unwrap();
+        let t = amalgam::recipe::mecha::load(&d.join(name), &[]).unwrap();
         let out = d.join(format!("{name}.safetensors"));
         let mut opts = MergeOptions::new(&out);
         opts.output_dtype = OutputDtype::F32;

@@ -4,8 +4,8 @@
 //! `synth` and checked by their SHA-256).
 
 mod common;
-use amalgam::arch::Layout;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::layout::arch::Layout;
 use amalgam::real::ComputeDtype;
 use amalgam::synth::{synthesize, SynthOptions};
 use amalgam::{merge, MergeOptions, NoProgress};
@@ -42,7 +42,7 @@ fn example_recipes_match_sd_mecha_outputs() {
     for r in f["recipes"].as_array().unwrap() {
         let name = r["recipe"].as_str().unwrap();
         std::fs::copy(root.join("mecha").join(name), d.join(name)).unwrap();
-        let t = amalgam::mecha::load(&d.join(name), &[]).unwrap();
+        let t = amalgam::recipe::mecha::load(&d.join(name), &[]).unwrap();
         let out = d.join(format!("{name}.safetensors"));
         let mut opts = MergeOptions::new(&out);
         opts.output_dtype = OutputDtype::F32;

@@ -1,7 +1,7 @@
 //! Hand-computed small cases for every method, and properties of the linear family.
 
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{self, Bool, List, Number};
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, MergeOptions, NoProgress};
@@ -205,20 +205,20 @@ fn bad_parameters_are_rejected_before_reading() {
         true,
     );
     let graph = |params: Vec<(&str, ParamValue)>| amalgam::Graph {
-        models: vec![amalgam::graph::ModelInput {
+        models: vec![amalgam::recipe::graph::ModelInput {
             name: "a".into(),
             path: p.clone(),
         }],
-        nodes: vec![amalgam::graph::Node {
+        nodes: vec![amalgam::recipe::graph::Node {
             name: "n".into(),
             method: "linear",
             params: params
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
-            slots: vec![vec![amalgam::graph::Ref::Model(0)]],
+            slots: vec![vec![amalgam::recipe::graph::Ref::Model(0)]],
         }],
-        output: amalgam::graph::Ref::Node(0),
+        output: amalgam::recipe::graph::Ref::Node(0),
         fallback: None,
         components: Default::default(),
         repair: None,

@@ -2,8 +2,8 @@
 //! them is left out of that key exactly as if it lacked the key, the merge stops naming file, key
 //! and count, or the values are kept; the output's non-finite values are always reported.
 mod common;
-use amalgam::dtype::OutputDtype;
-use amalgam::non_finite::{InputNonFinite, NonFinite};
+use amalgam::io::dtype::OutputDtype;
+use amalgam::io::non_finite::{InputNonFinite, NonFinite};
 use amalgam::{merge, Error, MergeOptions, MergeReport, NoProgress, Progress};
 use common::*;
 use std::path::{Path, PathBuf};

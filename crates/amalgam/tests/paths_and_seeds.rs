@@ -2,7 +2,7 @@
 //! bytes of an output not depending on how its model paths were written.
 
 mod common;
-use amalgam::graph::Shorthand;
+use amalgam::recipe::graph::Shorthand;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ fn pool(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
 }
 
 fn data_of(path: &Path) -> Vec<u8> {
-    let m = amalgam::input::ModelFile::open(path).unwrap();
+    let m = amalgam::io::input::ModelFile::open(path).unwrap();
     let mut v = vec![0u8; 64 * 64 * 2];
     m.read_raw("w", 0, &mut v).unwrap();
     v
@@ -108,7 +108,7 @@ fn an_output_is_the_same_whether_its_models_were_named_relatively_through_links_
         "the output's bytes depend on how its models were named"
     );
     // Its embedded recipe runs again to the same bytes.
-    let recipe = amalgam::input::ModelFile::open(d.join("rel.safetensors"))
+    let recipe = amalgam::io::input::ModelFile::open(d.join("rel.safetensors"))
         .unwrap()
         .metadata()["amalgam_recipe"]
         .clone();

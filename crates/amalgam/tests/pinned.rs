@@ -5,7 +5,7 @@
 //! The hash covers each tensor's name, dtype, shape and bytes, in name order; not the metadata,
 //! which holds the pool's (temporary) paths.
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
 use sha2::{Digest, Sha256};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 const PINS: &str = "tests/fixtures/pinned_outputs.txt";
 
 fn tensor_hash(path: &Path) -> String {
-    let f = amalgam::input::ModelFile::open(path).unwrap();
+    let f = amalgam::io::input::ModelFile::open(path).unwrap();
     let mut h = Sha256::new();
     for (name, t) in f.tensors() {
         h.update(format!("{name} {:?} {:?}\n", t.dtype, t.shape).as_bytes());
@@ -31,7 +31,7 @@ fn outputs_are_pinned() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // base.safetensors and m000..m003: SDXL keys, 1/1024 of the parameters, f32.
-    let pool = f32_pool(d, amalgam::arch::Layout::SdxlSgm, 4, 32);
+    let pool = f32_pool(d, amalgam::layout::arch::Layout::SdxlSgm, 4, 32);
     let base = d.join("base.safetensors");
     let models: Vec<PathBuf> = pool.iter().filter(|p| **p != base).cloned().collect();
     let mut got: BTreeMap<String, String> = BTreeMap::new();
@@ -60,7 +60,7 @@ fn outputs_are_pinned() {
         let name = src.file_name().unwrap().to_str().unwrap().to_string();
         let p = d.join(&name);
         std::fs::copy(&src, &p).unwrap();
-        let t = amalgam::mecha::load(&p, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let t = amalgam::recipe::mecha::load(&p, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
         let out = d.join(format!("recipe-{name}.safetensors"));
         let mut o = MergeOptions::new(&out);
         o.output_dtype = OutputDtype::F16;

@@ -2,7 +2,7 @@
 //! read their inputs once when a key fits the memory budget, the report says what was really
 //! read, and a budget too small to hold a key streams it (several reads) with the same bytes.
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ fn run(
 fn multi_pass_methods_read_each_input_once() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let all = f32_pool(d, amalgam::arch::Layout::SdxlSgm, 6, 32);
+    let all = f32_pool(d, amalgam::layout::arch::Layout::SdxlSgm, 6, 32);
     let base = d.join("base.safetensors");
     let pool: Vec<PathBuf> = all.into_iter().filter(|p| *p != base).collect();
     for method in ["dgmla", "tgmd", "ties_soup", "model_stock", "della"] {
@@ -59,7 +59,7 @@ fn multi_pass_methods_read_each_input_once() {
 fn keys_too_large_for_the_budget_are_streamed_with_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let all = f32_pool(d, amalgam::arch::Layout::SdxlSgm, 4, 16);
+    let all = f32_pool(d, amalgam::layout::arch::Layout::SdxlSgm, 4, 16);
     let base = d.join("base.safetensors");
     let pool: Vec<PathBuf> = all.into_iter().filter(|p| *p != base).collect();
     // (DGMLA's exact DELLA ranks of the largest tensors need more than this budget: they are

@@ -1,7 +1,7 @@
 //! The TOML recipe format: a DAG run end to end, the recorded recipe, and errors with lines.
 
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::recipe;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
@@ -83,8 +83,10 @@ fn recipe_dag_runs_and_records_itself() {
     assert_close(&read_f32(&out, "w"), &[2.125, 3.0], 1e-6);
 
     // The recorded recipe alone reproduces the output byte for byte.
-    let recorded =
-        amalgam::input::ModelFile::open(&out).unwrap().metadata()["amalgam_recipe"].clone();
+    let recorded = amalgam::io::input::ModelFile::open(&out)
+        .unwrap()
+        .metadata()["amalgam_recipe"]
+        .clone();
     assert_eq!(recorded, text);
     let again = recipe::parse(&recorded, "recorded", Path::new("/")).unwrap();
     assert_eq!(again.settings, r.settings);

@@ -4,7 +4,7 @@
 //! DELLA drop, the keep rate per magnitude decile must agree within the sampling error.
 
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{self, Number, Text};
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, MergeOptions, NoProgress};

@@ -1,7 +1,7 @@
 //! SLERP (both variants) and dropout, on hand-computed cases.
 
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{self, Number, Text};
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, MergeOptions, NoProgress};

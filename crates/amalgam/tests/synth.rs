@@ -1,6 +1,6 @@
 //! Synthetic checkpoints: real layouts, shrinking, pruning, determinism.
 
-use amalgam::input::ModelFile;
+use amalgam::io::input::ModelFile;
 use amalgam::synth::{synthesize, Layout, SynthOptions};
 
 #[test]
@@ -100,7 +100,7 @@ fn synthetic_models_are_finite() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = SynthOptions::new(Layout::Sd1Ldm, 4);
     o.shrink = 8;
-    o.dtype = amalgam::dtype::OutputDtype::F32;
+    o.dtype = amalgam::io::dtype::OutputDtype::F32;
     let mut bad = Vec::new();
     for p in synthesize(dir.path(), &o).unwrap() {
         let m = ModelFile::open(&p).unwrap();

@@ -1,7 +1,7 @@
 //! The TIES / DARE / geometric-median family: hand-worked cases and sd-mecha reference values.
 
 mod common;
-use amalgam::dtype::OutputDtype;
+use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{self, Bool, Number, Text};
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, MergeOptions, NoProgress};
@@ -397,11 +397,11 @@ fn pipeline_options_are_validated() {
         true,
     );
     let graph = |method: &str, params: Vec<(&str, ParamValue)>| amalgam::Graph {
-        models: vec![amalgam::graph::ModelInput {
+        models: vec![amalgam::recipe::graph::ModelInput {
             name: "a".into(),
             path: p.clone(),
         }],
-        nodes: vec![amalgam::graph::Node {
+        nodes: vec![amalgam::recipe::graph::Node {
             name: "n".into(),
             method: amalgam::methods::canonical_name(method).unwrap(),
             params: params
@@ -409,11 +409,11 @@ fn pipeline_options_are_validated() {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             slots: vec![
-                vec![amalgam::graph::Ref::Model(0)],
-                vec![amalgam::graph::Ref::Model(0)],
+                vec![amalgam::recipe::graph::Ref::Model(0)],
+                vec![amalgam::recipe::graph::Ref::Model(0)],
             ],
         }],
-        output: amalgam::graph::Ref::Node(0),
+        output: amalgam::recipe::graph::Ref::Node(0),
         fallback: None,
         components: Default::default(),
         repair: None,

@@ -61,14 +61,14 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
             }
         }
     }
-    let detection = amalgam::arch::detect(
+    let detection = amalgam::layout::arch::detect(
         m.tensors()
             .iter()
             .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
     );
     let names: Vec<&str> = m.tensors().keys().map(String::as_str).collect();
-    if amalgam::formats::is_lora(&names) {
-        let (layout, modules, unknown) = amalgam::formats::lora_modules(&names);
+    if amalgam::layout::formats::is_lora(&names) {
+        let (layout, modules, unknown) = amalgam::layout::formats::lora_modules(&names);
         match layout {
             Some(l) => println!(
                 "architecture: a kohya LoRA for {l}: {} modules map to its keys{}",
@@ -85,7 +85,10 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
         print_detection(&detection, m.tensors().len());
     }
     if !a.no_hash {
-        println!("AutoV2:     {}", amalgam::arch::autov2_hash(&a.file)?);
+        println!(
+            "AutoV2:     {}",
+            amalgam::layout::arch::autov2_hash(&a.file)?
+        );
     }
     if a.keys {
         println!("keys:");
@@ -97,7 +100,7 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
 }
 
 /// The architecture part of `inspect`.
-pub(crate) fn print_detection(d: &amalgam::arch::Detection, keys: usize) {
+pub(crate) fn print_detection(d: &amalgam::layout::arch::Detection, keys: usize) {
     let Some(layout) = d.layout else {
         println!(
             "architecture: unknown (no known layout has most of its keys; it merges key by key)"

@@ -114,7 +114,7 @@ pub(crate) fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<S
             if a.inputs.is_empty() {
                 bail!("no models given: amalgam merge --method {method} A.safetensors B.safetensors ... -o OUT.safetensors");
             }
-            use amalgam::input::{path_problem, PathProblem};
+            use amalgam::io::input::{path_problem, PathProblem};
             let mut missing = Vec::new();
             let mut other = Vec::new();
             for p in a
@@ -135,7 +135,7 @@ pub(crate) fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<S
             if !other.is_empty() {
                 bail!("{}", other.join("; "));
             }
-            let (graph, notes) = amalgam::graph::Shorthand {
+            let (graph, notes) = amalgam::recipe::graph::Shorthand {
                 method: method.clone(),
                 models: a.inputs.clone(),
                 base: a.base.clone(),

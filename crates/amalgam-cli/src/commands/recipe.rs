@@ -32,7 +32,7 @@ pub(crate) fn cmd_recipe(a: RecipeArgs) -> Result<()> {
         force,
     } = a.command;
     // The output rules (folder, not the input, existing file kept) before anything is read.
-    amalgam::dest::check_output(&output, &[input.as_path()], force)?;
+    amalgam::io::dest::check_output(&output, &[input.as_path()], force)?;
     let r = recipe::load_any(&input, &mecha.model_dirs, &mecha.renames)?;
     let text = recipe::to_text_for(&output, &r)?.ok_or_else(|| {
         anyhow::anyhow!(
@@ -42,7 +42,7 @@ pub(crate) fn cmd_recipe(a: RecipeArgs) -> Result<()> {
     })?;
     let mut inputs: Vec<&Path> = vec![input.as_path()];
     inputs.extend(r.graph.models.iter().map(|m| m.path.as_path()));
-    amalgam::dest::write_atomic(&output, text.as_bytes(), &inputs, force)?;
+    amalgam::io::dest::write_atomic(&output, text.as_bytes(), &inputs, force)?;
     eprintln!("wrote {}", output.display());
     Ok(())
 }

@@ -6,7 +6,7 @@ use super::*;
 
 /// A key's inputs held in memory: per model (by input index), the raw bytes of its tensor.
 pub(super) struct KeyCache {
-    raw: Vec<Option<crate::input::RawTensor>>,
+    raw: Vec<Option<crate::io::input::RawTensor>>,
 }
 
 impl KeyCache {
@@ -76,7 +76,7 @@ pub(super) fn read_key<T: Real>(
     if held.is_empty() || bytes > limit {
         return Ok(None);
     }
-    let read: Vec<(usize, crate::input::RawTensor)> = held
+    let read: Vec<(usize, crate::io::input::RawTensor)> = held
         .par_iter()
         .map(|&m| {
             let loc = row.locs[m].expect("held models have the key");
@@ -86,7 +86,8 @@ pub(super) fn read_key<T: Real>(
             Ok((m, models[m].read_whole(loc.offset, len, width, words)?))
         })
         .collect::<Result<_>>()?;
-    let mut raw: Vec<Option<crate::input::RawTensor>> = (0..row.locs.len()).map(|_| None).collect();
+    let mut raw: Vec<Option<crate::io::input::RawTensor>> =
+        (0..row.locs.len()).map(|_| None).collect();
     for (m, r) in read {
         raw[m] = Some(r);
     }

@@ -100,7 +100,7 @@ pub(super) fn eval<T: Real>(
             if !finite {
                 s.bad.push(l.model);
                 if s.clean {
-                    crate::non_finite::clean(&mut buf[..len]);
+                    crate::io::non_finite::clean(&mut buf[..len]);
                 }
             }
             Ok(buf)

@@ -19,7 +19,7 @@ pub(super) fn graph_layout(graph: &Graph, layouts: &[Option<Layout>]) -> Result<
     // Files in another key format are read as the original layout.
     let layouts: Vec<Option<Layout>> = layouts
         .iter()
-        .map(|l| l.map(|l| crate::formats::canonical(l).unwrap_or(l)))
+        .map(|l| l.map(|l| crate::layout::formats::canonical(l).unwrap_or(l)))
         .collect();
     let layouts = layouts.as_slice();
     let layout = match graph.fallback.and_then(|f| layouts[f]) {

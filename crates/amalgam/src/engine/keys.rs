@@ -26,7 +26,7 @@ pub(super) const PLAIN: u32 = u32::MAX;
 
 const _: () = assert!(std::mem::size_of::<Option<Loc>>() == 16);
 
-/// How a key's elements are laid out in a file saved in another key format (see [`formats`](crate::formats)).
+/// How a key's elements are laid out in a file saved in another key format (see [`formats`](crate::layout::formats)).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum View {
     /// Stored as is.
@@ -56,7 +56,7 @@ pub(super) struct LoraSpec {
 
 impl Loc {
     /// Decodes elements `start..start + dst.len()` of the key of `row`; returns whether they
-    /// are all finite (checked as they are decoded, see [`crate::non_finite`]).
+    /// are all finite (checked as they are decoded, see [`crate::io::non_finite`]).
     pub(super) fn read<T: Real>(
         &self,
         row: &KeyRow,
@@ -83,7 +83,7 @@ impl Loc {
                     }
                     *d = sum * scale;
                 }
-                Ok(crate::non_finite::all_finite(dst))
+                Ok(crate::io::non_finite::all_finite(dst))
             }
             View::Plain => model.decode_checked(self.offset, dtype, start, dst, scratch),
             View::Concat3 {
@@ -117,7 +117,7 @@ impl Loc {
                     let e = start + k;
                     *d = full[(e % rows) * cols + e / rows];
                 }
-                Ok(crate::non_finite::all_finite(dst))
+                Ok(crate::io::non_finite::all_finite(dst))
             }
         }
     }
@@ -154,7 +154,7 @@ impl KeyRow {
         for start in (0..numel).step_by(step) {
             let len = step.min(numel - start);
             loc.read(row, &models[m], start, &mut buf[..len], &mut raw)?;
-            n += crate::non_finite::count(&buf[..len]);
+            n += crate::io::non_finite::count(&buf[..len]);
         }
         Ok(n)
     }
@@ -240,7 +240,7 @@ impl KeyTable {
     ) -> Result<()> {
         {
             let e_dtype = loc.dtype;
-            if let Some(why) = crate::dtype::unsupported_float(e_dtype) {
+            if let Some(why) = crate::io::dtype::unsupported_float(e_dtype) {
                 return Err(Error::UnsupportedDtype {
                     path: paths[i].to_path_buf(),
                     key: name.to_string(),
@@ -308,10 +308,10 @@ pub(super) fn mixed_archs(
         return None;
     };
     let name = |l: Layout| match l.arch() {
-        crate::arch::Arch::Sd1 => "SD1",
-        crate::arch::Arch::Sdxl => "SDXL",
-        crate::arch::Arch::Sd3 => "SD3",
-        crate::arch::Arch::Flux => "FLUX",
+        crate::layout::arch::Arch::Sd1 => "SD1",
+        crate::layout::arch::Arch::Sdxl => "SDXL",
+        crate::layout::arch::Arch::Sd3 => "SD3",
+        crate::layout::arch::Arch::Flux => "FLUX",
     };
     (la.arch() != lb.arch()).then(|| {
         Error::Invalid(format!(

@@ -38,16 +38,16 @@ use plan::*;
 use schedule::*;
 use views::*;
 
-use crate::arch::Layout;
-use crate::dtype::{dtype_name, FloatDtype};
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Ref};
-use crate::input::ModelFile;
+use crate::io::dtype::{dtype_name, FloatDtype};
+use crate::io::input::ModelFile;
+use crate::io::non_finite::{InputNonFinite, NonFinite};
+use crate::io::output::{OutputFile, OutputTensor};
+use crate::layout::arch::Layout;
 use crate::method::{ErasedPass, KeyCtx, KeyMerge, Method, OnMissing, Params, Passes};
 use crate::methods;
-use crate::non_finite::{InputNonFinite, NonFinite};
-use crate::output::{OutputFile, OutputTensor};
 use crate::real::{ComputeDtype, Real};
+use crate::recipe::graph::{Graph, Ref};
 use crate::report::{KeyAction, MergeReport, TakenBecause};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -67,7 +67,7 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
     let input_paths: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
     let mut outputs = vec![opts.output.as_path()];
     outputs.extend(opts.report_json.as_deref());
-    crate::dest::check_outputs(&outputs, &input_paths, opts.overwrite)?;
+    crate::io::dest::check_outputs(&outputs, &input_paths, opts.overwrite)?;
     let graph = &canonical_paths(graph);
     let (models, rows, layouts, notes) = open_inputs(graph, &opts.output)?;
     let layout = graph_layout(graph, &layouts)?;
@@ -91,7 +91,7 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
             path: path.clone(),
             message: format!("cannot encode the report: {e}"),
         })?;
-        crate::dest::write_atomic(path, json.as_bytes(), &input_paths, opts.overwrite)?;
+        crate::io::dest::write_atomic(path, json.as_bytes(), &input_paths, opts.overwrite)?;
     }
     Ok(report)
 }

@@ -90,7 +90,7 @@ pub(super) fn output_views<T: Real>(
     let map = match opts.output_layout {
         None => None,
         Some(target) => {
-            let canonical = crate::formats::canonical(target).unwrap_or(target);
+            let canonical = crate::layout::formats::canonical(target).unwrap_or(target);
             if Some(canonical) != layout {
                 return Err(Error::Invalid(format!(
                     "cannot write the output as {target}: the merge is {}",
@@ -98,7 +98,7 @@ pub(super) fn output_views<T: Real>(
                 )));
             }
             let names: Vec<&str> = target.keys().iter().map(|k| k.key.as_str()).collect();
-            Some((target, crate::formats::to_canonical(target, &names)))
+            Some((target, crate::layout::formats::to_canonical(target, &names)))
         }
     };
     for p in planned {
@@ -109,7 +109,7 @@ pub(super) fn output_views<T: Real>(
             .and_then(|(t, m)| Some((*t, m.get(&row.name)?)));
         let float = matches!(p.job, Job::Compute { .. } | Job::Done);
         match source {
-            Some((target, crate::formats::Source::Rename(k))) => {
+            Some((target, crate::layout::formats::Source::Rename(k))) => {
                 views.push(OutView::Same(tensors.len()));
                 tensors.push(OutputTensor {
                     name: k.clone(),
@@ -117,7 +117,9 @@ pub(super) fn output_views<T: Real>(
                     shape: unit_dims_like(row.shape.clone(), target, k),
                 });
             }
-            Some((_, crate::formats::Source::Concat(ks))) if float && row.shape[0] % 3 == 0 => {
+            Some((_, crate::layout::formats::Source::Concat(ks)))
+                if float && row.shape[0] % 3 == 0 =>
+            {
                 let mut shape = row.shape.clone();
                 shape[0] /= 3;
                 let first = tensors.len();
@@ -133,7 +135,9 @@ pub(super) fn output_views<T: Real>(
                     part: row.numel() / 3,
                 });
             }
-            Some((_, crate::formats::Source::Transpose(k))) if float && row.shape.len() == 2 => {
+            Some((_, crate::layout::formats::Source::Transpose(k)))
+                if float && row.shape.len() == 2 =>
+            {
                 views.push(OutView::Transposed {
                     i: tensors.len(),
                     rows: row.shape[0],

@@ -30,11 +30,11 @@ pub(super) struct NodeMethods<T: Real> {
     pub(super) instances: Vec<Box<dyn Method<T>>>,
     /// The layout and key → block mapping the blocks are found with.
     pub(super) layout: Option<Layout>,
-    pub(super) mapping: crate::arch::BlockMapping,
+    pub(super) mapping: crate::layout::arch::BlockMapping,
 }
 
 impl<T: Real> NodeMethods<T> {
-    pub(super) fn build(node: &crate::graph::Node, layout: Option<Layout>) -> Result<Self> {
+    pub(super) fn build(node: &crate::recipe::graph::Node, layout: Option<Layout>) -> Result<Self> {
         let build = |params| {
             methods::build::<T>(
                 node.method,
@@ -43,12 +43,12 @@ impl<T: Real> NodeMethods<T> {
             )
         };
         let mapping = match node.params.get(crate::method::BLOCK_MAPPING) {
-            None => crate::arch::BlockMapping::Supermerger,
+            None => crate::layout::arch::BlockMapping::Supermerger,
             Some(crate::method::ParamValue::Text(t)) if t == "supermerger" => {
-                crate::arch::BlockMapping::Supermerger
+                crate::layout::arch::BlockMapping::Supermerger
             }
             Some(crate::method::ParamValue::Text(t)) if t == "sd_mecha" => {
-                crate::arch::BlockMapping::SdMecha
+                crate::layout::arch::BlockMapping::SdMecha
             }
             Some(other) => {
                 return Err(Error::Invalid(format!(
@@ -66,8 +66,8 @@ impl<T: Real> NodeMethods<T> {
             });
         }
         let ids = layout
-            .filter(|&l| crate::arch::block_of(l, "").is_some())
-            .and_then(|l| crate::arch::block_ids(l.arch()))
+            .filter(|&l| crate::layout::arch::block_of(l, "").is_some())
+            .and_then(|l| crate::layout::arch::block_ids(l.arch()))
             .ok_or_else(|| {
                 Error::Invalid(format!(
                     "node `{}` has per-block parameters, which need SD1 (ldm) or SDXL (sgm) checkpoints; the inputs are {}",
@@ -107,7 +107,8 @@ impl<T: Real> NodeMethods<T> {
         if self.blocks.is_empty() {
             return &*self.instances[0];
         }
-        let block = key.and_then(|k| crate::arch::block_of_with(self.layout?, k, self.mapping));
+        let block =
+            key.and_then(|k| crate::layout::arch::block_of_with(self.layout?, k, self.mapping));
         let i = block
             .and_then(|b| self.blocks.iter().position(|x| *x == b))
             .unwrap_or(0);

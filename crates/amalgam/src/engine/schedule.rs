@@ -81,7 +81,7 @@ pub(super) fn run<T: Real>(
     // ComfyUI-mecha users can read where the model came from.
     if !metadata.contains_key("mecha_recipe") {
         let arch = inputs.layout.map(|l| l.arch());
-        if let Some(text) = crate::mecha::to_mecha(graph, inputs.layouts, arch, opts.seed) {
+        if let Some(text) = crate::recipe::mecha::to_mecha(graph, inputs.layouts, arch, opts.seed) {
             metadata.insert("mecha_recipe".into(), text);
         }
     }
@@ -102,73 +102,76 @@ pub(super) fn run<T: Real>(
     report.input_bytes = bytes_read(&planned, rows);
     let read_before: u64 = models.iter().map(ModelFile::bytes_read).sum();
     let workers = Workers::<T>::new(threads, opts.non_finite.cleans());
-    let found = crate::non_finite::Found::default();
+    let found = crate::io::non_finite::Found::default();
     let out_dtype = opts.output_dtype;
     let written = std::sync::atomic::AtomicU64::new(0);
     let keys_done = std::sync::atomic::AtomicUsize::new(0);
     // Computes one task of a key (of `row`: a key computed again without an input is given a
     // row without it).
-    let run_task =
-        |task: &Task, key: &PlannedKey<T>, row: &KeyRow, cache: Option<&KeyCache>| -> Result<()> {
-            if opts.cancel.is_cancelled() {
-                return Err(Error::Cancelled);
-            }
-            let Job::Compute { expr, numel } = &key.job else {
-                unreachable!("only computed keys become tasks")
-            };
-            let len = task.range.len();
-            let step = task.step;
-            let mut non_finite = 0;
-            workers.with(|s| -> Result<()> {
-                let mut out_words = std::mem::take(&mut s.out);
-                let view = &views[task.key];
-                let pos = view.file_pos(&out, task.range.start, out_size);
-                let bytes =
-                    crate::input::line_matched_bytes(&mut out_words, len * out_size, pos, out_size);
-                let mut at = task.range.start;
-                while at < task.range.end {
-                    let r = at..(at + step).min(task.range.end);
-                    let buf = eval(expr, row, &r, models, cache, s)?;
-                    if !s.bad.is_empty() {
-                        // Rare: an input holds NaN or Inf; the key is handled after the others.
-                        journal.hold(task.key);
-                        if opts.non_finite == NonFinite::Error {
-                            let m = s.bad[0] as usize;
-                            return Err(Error::NonFinite {
-                                path: graph.models[m].path.clone(),
-                                key: row.name.clone(),
-                                count: row.count_non_finite::<T>(m, models)?,
-                            });
-                        }
-                        found.add(task.key, s.bad.drain(..).map(|m| m as usize));
-                    }
-                    let o = (r.start - task.range.start) * out_size;
-                    let dst = &mut bytes[o..o + r.len() * out_size];
-                    out_dtype.encode(&buf[..r.len()], dst);
-                    non_finite += out_dtype.count_non_finite(dst);
-                    s.free.push(buf);
-                    at = r.end;
-                }
-                let result = view.write(&out, task.range.start, out_size, bytes);
-                s.out = out_words;
-                if step > sub {
-                    // Buffers of a large unit are not kept for the small chunks that follow.
-                    s.free.retain(|b| b.len() <= sub);
-                    s.out = Vec::new();
-                }
-                result
-            })?;
-            let bytes = (len * out_size) as u64;
-            journal.wrote(task.key, bytes, non_finite)?;
-            written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-            let done = if task.range.end == *numel {
-                keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
-            } else {
-                keys_done.load(std::sync::atomic::Ordering::Relaxed)
-            };
-            progress.advance(bytes, done, &row.name);
-            Ok(())
+    let run_task = |task: &Task,
+                    key: &PlannedKey<T>,
+                    row: &KeyRow,
+                    cache: Option<&KeyCache>|
+     -> Result<()> {
+        if opts.cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let Job::Compute { expr, numel } = &key.job else {
+            unreachable!("only computed keys become tasks")
         };
+        let len = task.range.len();
+        let step = task.step;
+        let mut non_finite = 0;
+        workers.with(|s| -> Result<()> {
+            let mut out_words = std::mem::take(&mut s.out);
+            let view = &views[task.key];
+            let pos = view.file_pos(&out, task.range.start, out_size);
+            let bytes =
+                crate::io::input::line_matched_bytes(&mut out_words, len * out_size, pos, out_size);
+            let mut at = task.range.start;
+            while at < task.range.end {
+                let r = at..(at + step).min(task.range.end);
+                let buf = eval(expr, row, &r, models, cache, s)?;
+                if !s.bad.is_empty() {
+                    // Rare: an input holds NaN or Inf; the key is handled after the others.
+                    journal.hold(task.key);
+                    if opts.non_finite == NonFinite::Error {
+                        let m = s.bad[0] as usize;
+                        return Err(Error::NonFinite {
+                            path: graph.models[m].path.clone(),
+                            key: row.name.clone(),
+                            count: row.count_non_finite::<T>(m, models)?,
+                        });
+                    }
+                    found.add(task.key, s.bad.drain(..).map(|m| m as usize));
+                }
+                let o = (r.start - task.range.start) * out_size;
+                let dst = &mut bytes[o..o + r.len() * out_size];
+                out_dtype.encode(&buf[..r.len()], dst);
+                non_finite += out_dtype.count_non_finite(dst);
+                s.free.push(buf);
+                at = r.end;
+            }
+            let result = view.write(&out, task.range.start, out_size, bytes);
+            s.out = out_words;
+            if step > sub {
+                // Buffers of a large unit are not kept for the small chunks that follow.
+                s.free.retain(|b| b.len() <= sub);
+                s.out = Vec::new();
+            }
+            result
+        })?;
+        let bytes = (len * out_size) as u64;
+        journal.wrote(task.key, bytes, non_finite)?;
+        written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let done = if task.range.end == *numel {
+            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+        } else {
+            keys_done.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        progress.advance(bytes, done, &row.name);
+        Ok(())
+    };
     // Runs the tasks gathered so far, then drops the state of their keys.
     let run_batch = |tasks: &mut Vec<Task>, planned: &mut [PlannedKey<T>]| -> Result<()> {
         tasks
@@ -453,7 +456,7 @@ pub(super) fn run<T: Real>(
     run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
 
     // Keys where an input holds NaN or Inf: computed again without it, or kept as written (see
-    // `crate::non_finite`). Only these keys are read again.
+    // `crate::io::non_finite`). Only these keys are read again.
     for (ki, mut bad) in found.take() {
         let original = &rows[planned[ki].row];
         let mut row = original.clone();

@@ -32,7 +32,7 @@ pub(super) fn unit_dims_like(mut shape: Vec<usize>, to: Layout, key: &str) -> Ve
 pub(super) fn lora_keys(model: &ModelFile, path: &Path) -> Result<Viewed> {
     let tensors = model.tensors();
     let names: Vec<&str> = tensors.keys().map(String::as_str).collect();
-    let (layout, modules, unknown) = crate::formats::lora_modules(&names);
+    let (layout, modules, unknown) = crate::layout::formats::lora_modules(&names);
     let Some(to) = layout else {
         return Err(Error::Invalid(format!(
             "{}: a LoRA file, but none of its modules names an SD1 or SDXL key (e.g. `{}`)",
@@ -40,7 +40,7 @@ pub(super) fn lora_keys(model: &ModelFile, path: &Path) -> Result<Viewed> {
             unknown.first().map_or("", String::as_str)
         )));
     };
-    let float = |k: &str| -> Result<(&crate::input::TensorEntry, FloatDtype)> {
+    let float = |k: &str| -> Result<(&crate::io::input::TensorEntry, FloatDtype)> {
         let e = &tensors[k];
         let d = e.float_dtype().ok_or_else(|| {
             Error::Invalid(format!("{}: `{k}` is not a float tensor", path.display()))
@@ -121,15 +121,16 @@ pub(super) fn viewed_keys(
 ) -> Result<Viewed> {
     let tensors = model.tensors();
     let names: Vec<&str> = tensors.keys().map(String::as_str).collect();
-    if crate::formats::is_lora(&names) {
+    if crate::layout::formats::is_lora(&names) {
         return lora_keys(model, path);
     }
-    let plain = |e: &crate::input::TensorEntry| Place {
+    let plain = |e: &crate::io::input::TensorEntry| Place {
         offset: e.offset,
         dtype: e.dtype,
         view: View::Plain,
     };
-    let (Some(from), Some(to)) = (layout, layout.and_then(crate::formats::canonical)) else {
+    let (Some(from), Some(to)) = (layout, layout.and_then(crate::layout::formats::canonical))
+    else {
         return Ok(Viewed {
             keys: tensors
                 .iter()
@@ -139,19 +140,19 @@ pub(super) fn viewed_keys(
             notes: Vec::new(),
         });
     };
-    let map = crate::formats::to_canonical(from, &names);
+    let map = crate::layout::formats::to_canonical(from, &names);
     let mut used = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(tensors.len());
     for (key, src) in &map {
-        let entries: Vec<&crate::input::TensorEntry> =
+        let entries: Vec<&crate::io::input::TensorEntry> =
             src.keys().iter().map(|k| &tensors[*k]).collect();
         used.extend(src.keys().into_iter().map(str::to_string));
         let e = entries[0];
         let (shape, view) = match src {
-            crate::formats::Source::Rename(_) => {
+            crate::layout::formats::Source::Rename(_) => {
                 (unit_dims_like(e.shape.clone(), to, key), View::Plain)
             }
-            crate::formats::Source::Concat(_) => {
+            crate::layout::formats::Source::Concat(_) => {
                 let same = entries
                     .iter()
                     .all(|x| x.shape == e.shape && x.dtype == e.dtype);
@@ -171,7 +172,7 @@ pub(super) fn viewed_keys(
                 };
                 (shape, view)
             }
-            crate::formats::Source::Transpose(_) => {
+            crate::layout::formats::Source::Transpose(_) => {
                 let [rows, cols] = e.shape[..] else {
                     return Err(Error::Invalid(format!(
                         "{}: `{}` should be 2-D to be transposed into `{key}`",

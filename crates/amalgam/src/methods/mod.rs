@@ -1,26 +1,24 @@
-//! The merge methods, one file each, and the registry that names them.
+//! The merge methods, one file each in a folder per family, and the registry that names them.
 //!
-//! Adding a method: write `methods/NAME.rs` with an `INFO` and a type implementing
-//! [`Method`](crate::method::Method), then list it in `registry!` below. The engine is not touched.
+//! - [`linear`]: weighted sums of models and task vectors;
+//! - [`delta`]: task-vector filtering (the TIES pipeline and its presets, DELLA, dropout);
+//! - [`gram`]: combinations through the models' Gram matrix (geometric median, Karcher, model
+//!   stock, SLERP).
+//!
+//! Adding a method: write `methods/FAMILY/NAME.rs` with an `INFO` and a type implementing
+//! [`Method`], then list it in `registry!` below. The engine is not touched.
 
 use crate::error::{Error, Result};
 use crate::method::{Method, MethodInfo, Params};
 use crate::real::Real;
 
-pub mod add;
-pub mod add_difference;
-pub mod della;
-pub mod dropout;
-pub mod geometric_median;
-pub mod karcher;
+pub mod delta;
+pub mod gram;
 pub mod linear;
-pub mod model_stock;
-pub mod slerp;
-pub mod soup;
-pub mod subtract;
-pub mod task_arithmetic;
-pub mod ties;
-pub mod weighted_sum;
+
+use delta::{dropout, ties};
+use gram::{geometric_median, karcher, model_stock, slerp};
+use linear::{add, add_difference, soup, subtract, task_arithmetic, weighted_sum};
 
 macro_rules! registry {
     ($($info:path => $ctor:path),* $(,)?) => {
@@ -44,7 +42,7 @@ macro_rules! registry {
 registry!(
     weighted_sum::INFO => weighted_sum::WeightedSum::new,
     soup::INFO => soup::Soup::new,
-    linear::INFO => linear::Linear::new,
+    linear::linear::INFO => linear::linear::Linear::new,
     add_difference::INFO => add_difference::AddDifference::new,
     add::INFO => add::Add::new,
     subtract::INFO => subtract::Subtract::new,

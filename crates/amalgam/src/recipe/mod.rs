@@ -1,21 +1,26 @@
+//! What to merge: the merge [`graph`] (models, method nodes, one output), read from the native
+//! recipe format here or from sd-mecha's `.mecha` format ([`mecha`]).
+//!
 //! The native recipe format (TOML): named models (files, lists or globs), named method nodes, one
 //! output. See `docs/recipes.md` for the format.
 //!
 //! Every error names the recipe file, the line and the model or node concerned, and is raised
 //! before any tensor is read (paths are checked for existence, all at once).
 
+pub mod graph;
+pub mod mecha;
 mod parse;
 mod write;
 
 pub use parse::parse;
 pub use write::to_toml;
 
-use crate::dtype::OutputDtype;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, ModelInput, Node, Ref};
+use crate::io::dtype::OutputDtype;
 use crate::method::{ParamValue, Params, SlotKind};
 use crate::methods;
 use crate::real::ComputeDtype;
+use crate::recipe::graph::{Graph, ModelInput, Node, Ref};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,9 +33,9 @@ pub struct RecipeSettings {
     pub compute_dtype: Option<ComputeDtype>,
     pub seed: Option<u64>,
     /// The key layout to write (`sdxl-kohya`, ...), when not the original one.
-    pub layout: Option<crate::arch::Layout>,
-    /// What to do with inputs holding NaN or Inf (see [`crate::non_finite`]).
-    pub non_finite: Option<crate::non_finite::NonFinite>,
+    pub layout: Option<crate::layout::arch::Layout>,
+    /// What to do with inputs holding NaN or Inf (see [`crate::io::non_finite`]).
+    pub non_finite: Option<crate::io::non_finite::NonFinite>,
 }
 
 impl RecipeSettings {
@@ -97,7 +102,7 @@ pub fn is_mecha(path: &Path) -> bool {
 }
 
 /// Loads a recipe of either format, by its extension: a `.mecha` file's models are looked for
-/// in `model_dirs` and renamed by `renames` first (see [`crate::mecha::load_with`]); it sets the
+/// in `model_dirs` and renamed by `renames` first (see [`crate::recipe::mecha::load_with`]); it sets the
 /// seed only.
 pub fn load_any(
     path: &Path,
@@ -105,7 +110,7 @@ pub fn load_any(
     renames: &[(String, String)],
 ) -> Result<Recipe> {
     if is_mecha(path) {
-        let t = crate::mecha::load_with(path, model_dirs, renames)?;
+        let t = crate::recipe::mecha::load_with(path, model_dirs, renames)?;
         return Ok(Recipe {
             graph: t.graph,
             settings: RecipeSettings {
@@ -124,14 +129,14 @@ pub fn to_text_for(path: &Path, recipe: &Recipe) -> Result<Option<String>> {
     if !is_mecha(path) {
         return Ok(Some(to_toml(&recipe.graph, &recipe.settings)));
     }
-    let layouts: Vec<Option<crate::arch::Layout>> = recipe
+    let layouts: Vec<Option<crate::layout::arch::Layout>> = recipe
         .graph
         .models
         .iter()
-        .map(|m| Ok(crate::input::ModelFile::open(&m.path)?.detected_layout()))
+        .map(|m| Ok(crate::io::input::ModelFile::open(&m.path)?.detected_layout()))
         .collect::<Result<_>>()?;
     let arch = layouts.iter().flatten().next().map(|l| l.arch());
-    Ok(crate::mecha::to_mecha(
+    Ok(crate::recipe::mecha::to_mecha(
         &recipe.graph,
         &layouts,
         arch,

@@ -485,14 +485,17 @@ pub(super) fn block_param(t: &toml::Table) -> std::result::Result<ParamValue, St
         let list = list
             .as_str()
             .ok_or("`list` must be a string of comma-separated values")?;
-        for (id, v) in crate::arch::expand_block_list(list)? {
+        for (id, v) in crate::layout::arch::expand_block_list(list)? {
             map.insert(id.to_string(), v);
         }
     }
-    let known: Vec<&str> = [crate::arch::Arch::Sd1, crate::arch::Arch::Sdxl]
-        .iter()
-        .flat_map(|a| crate::arch::block_ids(*a).unwrap().iter().copied())
-        .collect();
+    let known: Vec<&str> = [
+        crate::layout::arch::Arch::Sd1,
+        crate::layout::arch::Arch::Sdxl,
+    ]
+    .iter()
+    .flat_map(|a| crate::layout::arch::block_ids(*a).unwrap().iter().copied())
+    .collect();
     for (k, v) in t {
         if k == "list" {
             continue;

@@ -2,9 +2,9 @@
 //! broken ones) and read tensors back.
 #![allow(dead_code)]
 
-use amalgam::graph::{Graph, ModelInput, Node, Ref};
-use amalgam::input::ModelFile;
+use amalgam::io::input::ModelFile;
 use amalgam::method::ParamValue;
+use amalgam::recipe::graph::{Graph, ModelInput, Node, Ref};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -209,13 +209,13 @@ pub fn all_f32(path: &Path) -> BTreeMap<String, Vec<f32>> {
 /// dimension above 16 divided by `shrink`; returns their paths (base first).
 pub fn f32_pool(
     dir: &Path,
-    layout: amalgam::arch::Layout,
+    layout: amalgam::layout::arch::Layout,
     n: usize,
     shrink: usize,
 ) -> Vec<PathBuf> {
     let mut o = amalgam::synth::SynthOptions::new(layout, n);
     o.shrink = shrink;
-    o.dtype = amalgam::dtype::OutputDtype::F32;
+    o.dtype = amalgam::io::dtype::OutputDtype::F32;
     amalgam::synth::synthesize(dir, &o).unwrap()
 }
 

@@ -12,9 +12,9 @@
 use super::della::{
     key32, ordinal_ranks, BlockCounts, Della, Rank, RankHistogram, RankScratch, Ranks,
 };
-use super::geometric_median::{gram_of_rows, Weiszfeld};
 use crate::error::{Error, Result};
 use crate::method::*;
+use crate::methods::gram::geometric_median::{gram_of_rows, Weiszfeld};
 use crate::real::Real;
 use crate::rng;
 use rayon::prelude::*;

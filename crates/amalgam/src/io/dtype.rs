@@ -55,7 +55,7 @@ impl FloatDtype {
     /// from the raw words (one vectorised max over the exponent bits, 16 values per
     /// instruction for f16), else from the decoded values.
     pub fn decode_checked<T: Real>(self, raw: &[u8], dst: &mut [T]) -> bool {
-        use crate::non_finite::words_finite;
+        use crate::io::non_finite::words_finite;
         let finite = match self {
             FloatDtype::F16 => words_finite(raw, 0x7fffu16, 0x7c00),
             FloatDtype::BF16 => words_finite(raw, 0x7fffu16, 0x7f80),
@@ -67,7 +67,7 @@ impl FloatDtype {
             _ => None,
         };
         self.decode(raw, dst);
-        finite.unwrap_or_else(|| crate::non_finite::all_finite(dst))
+        finite.unwrap_or_else(|| crate::io::non_finite::all_finite(dst))
     }
 
     /// Decodes little-endian elements in `raw` (exactly `dst.len() * size()` bytes, any alignment
@@ -226,7 +226,7 @@ impl OutputDtype {
             exp: W,
             from_le: impl Fn(&[u8]) -> W,
         ) -> u64 {
-            if crate::non_finite::words_finite(bytes, abs, exp) == Some(true) {
+            if crate::io::non_finite::words_finite(bytes, abs, exp) == Some(true) {
                 return 0;
             }
             let size = std::mem::size_of::<W>();

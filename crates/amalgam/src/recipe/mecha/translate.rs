@@ -2,7 +2,7 @@
 
 use super::{err, Kind, Recipe, Value};
 use crate::error::{Error, Result};
-use crate::methods::geometric_median::Weiszfeld;
+use crate::methods::gram::geometric_median::Weiszfeld;
 
 /// The result of one command during translation.
 #[derive(Clone, Debug)]
@@ -17,11 +17,11 @@ enum Item {
     /// A parameter value (`convert_singleton`, block conversions, `fallback` of parameters).
     Param(crate::method::ParamValue),
     /// A model or node: something with tensors.
-    Tensors(crate::graph::Ref),
+    Tensors(crate::recipe::graph::Ref),
     /// `pick_component(model, component)`: the model's keys of one component.
-    Component(crate::graph::Ref, String),
+    Component(crate::recipe::graph::Ref, String),
     /// `omit_component(model, component)`: the model's keys of the other components.
-    Omitted(crate::graph::Ref, String),
+    Omitted(crate::recipe::graph::Ref, String),
 }
 
 /// The sd-mecha methods amalgam runs, as they appear in `.mecha` files.
@@ -48,7 +48,7 @@ pub const SUPPORTED: &[&str] = &[
 
 /// A recipe translated into an amalgam graph, and the seed it asks for.
 pub struct Translated {
-    pub graph: crate::graph::Graph,
+    pub graph: crate::recipe::graph::Graph,
     pub seed: Option<u64>,
     /// The `model_config` each model line declares (see [`super::check::check_model_configs`]).
     pub model_configs: Vec<super::check::ModelConfig>,
@@ -65,8 +65,8 @@ pub fn translate(
     model_dirs: &[std::path::PathBuf],
     renames: &[(String, String)],
 ) -> Result<Translated> {
-    use crate::graph::{Graph, ModelInput, Node, Ref};
     use crate::method::ParamValue;
+    use crate::recipe::graph::{Graph, ModelInput, Node, Ref};
     use std::collections::BTreeMap;
 
     let e = |line: usize, m: String| err(origin, line, m);

@@ -15,7 +15,7 @@
 //!
 //! Whatever the policy, each model's non-finite values are reported per key, and so are the
 //! non-finite values of the output (counted in the encoded output dtype, so an f16 overflow
-//! counts too: [`crate::dtype::OutputDtype::count_non_finite`]).
+//! counts too: [`crate::io::dtype::OutputDtype::count_non_finite`]).
 
 use crate::real::Real;
 use std::collections::{BTreeMap, BTreeSet};

@@ -138,7 +138,7 @@ pub(crate) fn out_err(dest: &Path, what: &str, e: std::io::Error) -> Error {
 }
 
 impl OutputFile {
-    /// Checks `dest` by the rules of [`crate::dest`], creates the temporary file and writes the
+    /// Checks `dest` by the rules of [`crate::io::dest`], creates the temporary file and writes the
     /// header. Tensors are laid out in the order given (callers pass them sorted by name, so the
     /// output is deterministic).
     pub fn create(
@@ -147,10 +147,10 @@ impl OutputFile {
         metadata: HashMap<String, String>,
         overwrite: bool,
     ) -> Result<Self> {
-        crate::dest::check_output(dest, &[], overwrite)?;
+        crate::io::dest::check_output(dest, &[], overwrite)?;
         let layout = layout(dest, tensors, metadata)?;
-        let temp = crate::dest::temp_name(dest, "partial");
-        let file = crate::dest::create_new(&temp)
+        let temp = crate::io::dest::temp_name(dest, "partial");
+        let file = crate::io::dest::create_new(&temp)
             .map_err(|e| out_err(dest, "cannot create the file", e))?;
         let out = OutputFile::from_parts(dest, temp, file, layout, overwrite);
         out.start()?;
@@ -236,7 +236,7 @@ impl OutputFile {
         let file = self.file.take().expect("output already committed");
         let result = file.sync_all().and_then(|()| {
             drop(file);
-            crate::dest::place(&self.temp, &self.dest, self.overwrite)
+            crate::io::dest::place(&self.temp, &self.dest, self.overwrite)
         });
         if let Err(e) = result {
             let _ = std::fs::remove_file(&self.temp);

@@ -12,8 +12,8 @@ use header::*;
 use path::*;
 pub use path::{path_problem, PathProblem};
 
-use crate::dtype::{dtype_name, FloatDtype};
 use crate::error::{Error, Result};
+use crate::io::dtype::{dtype_name, FloatDtype};
 use crate::real::Real;
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
@@ -287,8 +287,8 @@ impl ModelFile {
 
     /// The float dtype most of this file's float elements are stored in, as an output dtype
     /// (FP8 files give f16).
-    pub fn main_dtype(&self) -> crate::dtype::OutputDtype {
-        use crate::dtype::OutputDtype;
+    pub fn main_dtype(&self) -> crate::io::dtype::OutputDtype {
+        use crate::io::dtype::OutputDtype;
         let mut counts: BTreeMap<&'static str, (usize, OutputDtype)> = BTreeMap::new();
         for t in self.tensors.values() {
             let out = match t.float_dtype() {
@@ -306,9 +306,9 @@ impl ModelFile {
             .map_or(OutputDtype::F16, |(_, d)| d)
     }
 
-    /// The layout detected from this file's keys and shapes (before [`ModelFile::forget_index`]).
-    pub fn detected_layout(&self) -> Option<crate::arch::Layout> {
-        crate::arch::detect(
+    /// The layout detected from this file's keys and shapes (before its index is forgotten).
+    pub fn detected_layout(&self) -> Option<crate::layout::arch::Layout> {
+        crate::layout::arch::detect(
             self.tensors
                 .iter()
                 .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),

@@ -7,14 +7,14 @@ use super::{Value, VERSION_LINE};
 /// something sd-mecha cannot express (a method or option it lacks). `layouts` gives each model's
 /// `model_config`; `arch` decides the block conversions of per-block parameters.
 pub fn to_mecha(
-    graph: &crate::graph::Graph,
-    layouts: &[Option<crate::arch::Layout>],
-    arch: Option<crate::arch::Arch>,
+    graph: &crate::recipe::graph::Graph,
+    layouts: &[Option<crate::layout::arch::Layout>],
+    arch: Option<crate::layout::arch::Arch>,
     seed: u64,
 ) -> Option<String> {
-    use crate::graph::Ref;
     use crate::method::ParamValue;
-    use crate::methods::ties::{Drop, Election, Fuse, Pipeline, Rescale, SignTie};
+    use crate::methods::delta::ties::{Drop, Election, Fuse, Pipeline, Rescale, SignTie};
+    use crate::recipe::graph::Ref;
 
     struct W {
         lines: Vec<String>,
@@ -82,10 +82,10 @@ pub fn to_mecha(
             ParamValue::List(_) => return None,
             ParamValue::Blocks(map) => {
                 let (config, convert) = match arch? {
-                    crate::arch::Arch::Sdxl => {
+                    crate::layout::arch::Arch::Sdxl => {
                         ("sdxl-supermerger_blocks", "convert_sdxl_blocks_to_sgm")
                     }
-                    crate::arch::Arch::Sd1 => {
+                    crate::layout::arch::Arch::Sd1 => {
                         ("sd1-supermerger_blocks", "convert_sd1_blocks_to_ldm")
                     }
                     _ => return None,
@@ -177,7 +177,7 @@ pub fn to_mecha(
             }
             "geometric_median" => {
                 let mut kw = Vec::new();
-                for (k, d) in crate::methods::geometric_median::Weiszfeld::DEFAULT.params() {
+                for (k, d) in crate::methods::gram::geometric_median::Weiszfeld::DEFAULT.params() {
                     let v = p(k).cloned().unwrap_or(ParamValue::Number(d));
                     let v = match (k, v) {
                         ("maxiter", ParamValue::Number(x)) => w.scalar(Value::Int(x as i64)),
@@ -255,7 +255,7 @@ pub fn to_mecha(
                             Drop::None => (0.0, 0.0),
                             Drop::Dare { p } => (p, 0.0),
                             Drop::Della(d)
-                                if d.rank == crate::methods::della::Rank::Tensor
+                                if d.rank == crate::methods::delta::della::Rank::Tensor
                                     && d.eps != 0.0 =>
                             {
                                 (d.p, d.eps)
@@ -279,7 +279,7 @@ pub fn to_mecha(
                             deltas.push(w.merge("subtract", &[base, base], &[]));
                         }
                         let wz = weiszfeld
-                            .unwrap_or(crate::methods::geometric_median::Weiszfeld::DEFAULT);
+                            .unwrap_or(crate::methods::gram::geometric_median::Weiszfeld::DEFAULT);
                         let kw = vec![
                             ("probability", w.scalar(Value::Float(prob))),
                             ("della_eps", w.scalar(Value::Float(eps))),

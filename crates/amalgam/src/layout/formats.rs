@@ -10,7 +10,7 @@
 //! - VAE (SD1 kohya files): diffusers names ↔ ldm names; the attention projections are linear
 //!   `[o, i]` in diffusers and 1×1 convolutions `[o, i, 1, 1]` in ldm (the same elements).
 
-use crate::arch::Layout;
+use crate::layout::arch::Layout;
 use std::collections::BTreeMap;
 
 /// How one key of the canonical layout is read from a file in another layout.
@@ -194,7 +194,7 @@ fn unet_to_ldm(k: &str, from: Layout) -> Option<String> {
 }
 
 /// A UNet key in ldm/sgm names (without `model.diffusion_model.`) → the diffusers name: the
-/// inverse of [`unet_to_ldm`].
+/// inverse of `unet_to_ldm`.
 pub fn ldm_to_unet(k: &str) -> Option<String> {
     let simple = [
         ("input_blocks.0.0.", "conv_in."),

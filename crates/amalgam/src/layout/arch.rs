@@ -85,15 +85,15 @@ impl Layout {
     /// kohya UNet keys without `unet.`).
     fn source(self) -> (&'static str, Option<&'static str>) {
         match self {
-            Layout::Sd1Ldm => (include_str!("../data/sd1-ldm.tsv"), None),
-            Layout::Sd1Kohya => (include_str!("../data/sd1-kohya.tsv"), None),
-            Layout::Sd1DiffusersUnet => (include_str!("../data/sd1-kohya.tsv"), Some("unet.")),
-            Layout::SdxlSgm => (include_str!("../data/sdxl-sgm.tsv"), None),
-            Layout::SdxlKohya => (include_str!("../data/sdxl-kohya.tsv"), None),
+            Layout::Sd1Ldm => (include_str!("../../data/sd1-ldm.tsv"), None),
+            Layout::Sd1Kohya => (include_str!("../../data/sd1-kohya.tsv"), None),
+            Layout::Sd1DiffusersUnet => (include_str!("../../data/sd1-kohya.tsv"), Some("unet.")),
+            Layout::SdxlSgm => (include_str!("../../data/sdxl-sgm.tsv"), None),
+            Layout::SdxlKohya => (include_str!("../../data/sdxl-kohya.tsv"), None),
             // Derived below from the sgm UNet keys.
-            Layout::SdxlDiffusersUnet => (include_str!("../data/sdxl-sgm.tsv"), None),
-            Layout::Sd3ComfyUi => (include_str!("../data/sd3-comfyui.tsv"), None),
-            Layout::Flux => (include_str!("../data/flux-flux.tsv"), None),
+            Layout::SdxlDiffusersUnet => (include_str!("../../data/sdxl-sgm.tsv"), None),
+            Layout::Sd3ComfyUi => (include_str!("../../data/sd3-comfyui.tsv"), None),
+            Layout::Flux => (include_str!("../../data/flux-flux.tsv"), None),
         }
     }
 
@@ -112,7 +112,7 @@ impl Layout {
                 .filter_map(|k| {
                     let ldm = k.key.strip_prefix("model.diffusion_model.")?;
                     Some(LayoutKey {
-                        key: crate::formats::ldm_to_unet(ldm)?,
+                        key: crate::layout::formats::ldm_to_unet(ldm)?,
                         ..k
                     })
                 })

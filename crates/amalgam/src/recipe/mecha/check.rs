@@ -331,13 +331,13 @@ pub fn check_model_configs(
     origin: &str,
 ) -> Result<()> {
     for c in configs {
-        let Ok(declared) = c.config.parse::<crate::arch::Layout>() else {
+        let Ok(declared) = c.config.parse::<crate::layout::arch::Layout>() else {
             continue;
         };
         let Some(path) = paths.get(c.model).filter(|p| p.is_file()) else {
             continue;
         };
-        let detected = crate::input::ModelFile::open(path)?.detected_layout();
+        let detected = crate::io::input::ModelFile::open(path)?.detected_layout();
         if let Some(found) = detected.filter(|l| *l != declared) {
             return Err(err(
                 origin,

@@ -1,0 +1,6 @@
+//! Key layouts: the known model architectures (SD1, SDXL, SD3, FLUX in their tools' namings),
+//! detection, components and block ids ([`arch`]), and reading kohya and diffusers key names as
+//! the ldm/sgm layout ([`formats`]).
+
+pub mod arch;
+pub mod formats;
