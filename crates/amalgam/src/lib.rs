@@ -12,8 +12,10 @@
 //! - [`layout`]: the known key layouts (SD1, SDXL, SD3, FLUX in their tools' namings), detection,
 //!   components, block ids, and the kohya and diffusers key names.
 //! - [`synth`]: synthetic checkpoints with real SD key layouts, for demos, tests and benchmarks.
-//! - [`options`], [`report`]: what a merge is asked and what it reports; [`real`], [`rng`],
+//! - [`options`], [`report`]: what a merge is asked and what it reports; [`real`], `rng`,
 //!   [`size`]: the compute types, the counter-based random streams, byte sizes.
+
+#![warn(missing_docs)]
 
 pub mod engine;
 pub mod error;
@@ -26,7 +28,7 @@ pub mod real;
 pub mod recipe;
 pub mod report;
 pub mod resume;
-pub mod rng;
+pub(crate) mod rng;
 pub mod size;
 pub mod synth;
 

@@ -17,13 +17,17 @@ pub const BLOCK: usize = 1 << 14;
 /// Options of one merge run.
 #[derive(Clone, Debug)]
 pub struct MergeOptions {
+    /// The output file.
     pub output: PathBuf,
+    /// The dtype of the merged tensors.
     pub output_dtype: OutputDtype,
+    /// The accumulation precision.
     pub compute_dtype: ComputeDtype,
     /// Bytes the working set may use (buffers for inputs, intermediate nodes and output chunks).
     pub memory_budget: u64,
     /// Worker threads; 0 = one per core.
     pub threads: usize,
+    /// The seed of the random masks.
     pub seed: u64,
     /// Replace an existing output file (and report file); only regular files are replaced.
     pub overwrite: bool,
@@ -50,6 +54,7 @@ pub struct MergeOptions {
 }
 
 impl MergeOptions {
+    /// The default options for writing `output`.
     pub fn new(output: impl Into<PathBuf>) -> Self {
         MergeOptions {
             output: output.into(),
@@ -77,6 +82,7 @@ pub trait Progress: Sync {
     fn start(&self, _total_bytes: u64, _keys: usize) {}
     /// `bytes` more output bytes were written; `key` is the last key touched.
     fn advance(&self, _bytes: u64, _keys_done: usize, _key: &str) {}
+    /// Called once when the merge is done.
     fn finish(&self) {}
     /// A message for the log (resuming, stale partial files removed).
     fn note(&self, _message: &str) {}
@@ -93,6 +99,7 @@ impl Progress for NoProgress {}
 pub struct Cancel(Arc<AtomicBool>);
 
 impl Cancel {
+    /// A token not cancelled.
     pub fn new() -> Self {
         Self::default()
     }
@@ -100,6 +107,7 @@ impl Cancel {
     pub fn cancel(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
+    /// Whether the merge was asked to stop.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }

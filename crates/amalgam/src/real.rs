@@ -9,17 +9,21 @@ use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
+    /// Single precision.
     F32,
+    /// Double precision.
     F64,
 }
 
 impl ComputeDtype {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             ComputeDtype::F32 => 4,
             ComputeDtype::F64 => 8,
         }
     }
+    /// The name users write (`f32`, `f64`).
     pub fn name(self) -> &'static str {
         match self {
             ComputeDtype::F32 => "f32",
@@ -60,25 +64,40 @@ pub trait Real:
     + MulAssign
     + 'static
 {
+    /// Zero.
     const ZERO: Self;
+    /// One.
     const ONE: Self;
+    /// Which compute dtype this is.
     const DTYPE: ComputeDtype;
     /// Bits of the key that orders non-negative values (32 for f32, 64 for f64).
     const KEY_BITS: u32;
     /// An unsigned key with the order of `|self|` (the bit pattern of the absolute value).
     fn abs_key(self) -> u64;
+    /// From an f64 (rounded to nearest).
     fn from_f64(v: f64) -> Self;
+    /// To an f64 (exact).
     fn to_f64(self) -> f64;
+    /// The absolute value.
     fn abs(self) -> Self;
+    /// The square root.
     fn sqrt(self) -> Self;
 
+    /// Decodes f16 values.
     fn from_f16_slice(src: &[f16], dst: &mut [Self]);
+    /// Decodes bf16 values.
     fn from_bf16_slice(src: &[bf16], dst: &mut [Self]);
+    /// Decodes f32 values.
     fn from_f32_slice(src: &[f32], dst: &mut [Self]);
+    /// Decodes f64 values (rounded to nearest).
     fn from_f64_slice(src: &[f64], dst: &mut [Self]);
+    /// Encodes as f16 (round to nearest even).
     fn to_f16_slice(src: &[Self], dst: &mut [f16]);
+    /// Encodes as bf16 (round to nearest even).
     fn to_bf16_slice(src: &[Self], dst: &mut [bf16]);
+    /// Encodes as f32.
     fn to_f32_slice(src: &[Self], dst: &mut [f32]);
+    /// Encodes as f64.
     fn to_f64_slice(src: &[Self], dst: &mut [f64]);
 }
 

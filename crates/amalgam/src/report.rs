@@ -23,9 +23,17 @@ pub enum KeyAction {
     /// Merged, but some inputs lacked the key and were left out (the note says where).
     MergedPartly(String),
     /// A float key written unchanged (converted to the output dtype) from one model.
-    Taken { model: usize, because: TakenBecause },
+    Taken {
+        /// The model (input index).
+        model: usize,
+        /// Why it was taken rather than merged.
+        because: TakenBecause,
+    },
     /// A non-float key (e.g. int64 `position_ids`) copied byte for byte from the first model that has it.
-    CopiedUnchanged { model: usize },
+    CopiedUnchanged {
+        /// The model (input index).
+        model: usize,
+    },
 }
 
 /// The summary of a merge.
@@ -50,12 +58,17 @@ pub struct MergeReport {
     /// Bytes of tensor data the merge uses (each input's tensors once): what a merge reading
     /// every input once reads.
     pub input_bytes: u64,
+    /// Bytes written to the output.
     pub bytes_written: u64,
+    /// Elements per chunk.
     pub chunk_elements: usize,
+    /// Worker threads.
     pub threads: usize,
     /// The working set the chunk size was derived for.
     pub working_set_bytes: u64,
+    /// Wall time of the merge.
     pub elapsed: Duration,
+    /// The output file (none for a dry run).
     pub output: Option<PathBuf>,
     /// The process's peak resident set size at the end of the merge (Linux only).
     pub peak_rss_bytes: Option<u64>,
@@ -71,6 +84,7 @@ pub struct MergeReport {
 }
 
 impl MergeReport {
+    /// An empty report for the merge of `graph`.
     pub fn new(graph: &Graph) -> Self {
         MergeReport {
             models: graph

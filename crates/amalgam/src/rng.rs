@@ -33,6 +33,7 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// The stream of `(seed, key, model)` from element `start` on.
     pub fn new(seed: u64, key: &str, model: u64, start: usize) -> Self {
         let mut rng = ChaCha8Rng::from_seed(key_seed(seed, key));
         rng.set_stream(model);

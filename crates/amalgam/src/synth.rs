@@ -22,12 +22,15 @@ pub use crate::layout::arch::{Layout, LayoutKey};
 /// What to synthesise.
 #[derive(Clone, Debug)]
 pub struct SynthOptions {
+    /// The key layout of the models.
     pub layout: Layout,
     /// Number of fine-tuned models (`m000`, `m001`, ...).
     pub n: usize,
     /// Divide every dimension larger than 16 by this (to at least 16). 1 = full size.
     pub shrink: usize,
+    /// The dtype of their tensors.
     pub dtype: OutputDtype,
+    /// The seed their values are drawn from.
     pub seed: u64,
     /// Also write `base.safetensors`.
     pub base: bool,
@@ -42,6 +45,7 @@ pub struct SynthOptions {
 }
 
 impl SynthOptions {
+    /// The options for `n` models of `layout`.
     pub fn new(layout: Layout, n: usize) -> Self {
         SynthOptions {
             layout,

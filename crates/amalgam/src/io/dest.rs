@@ -7,7 +7,7 @@
 //! device such as `/dev/null`, a FIFO, a socket or a symbolic link).
 //!
 //! Files are written under a temporary name in the destination folder, synced, renamed into
-//! place and the folder synced ([`write_atomic`] for small files; [`crate::io::output::OutputFile`]
+//! place and the folder synced ([`write_atomic`] for small files; `OutputFile`
 //! for safetensors files), so a reader never sees a half-written file under the final name. New
 //! files get the permissions the umask gives (`0666 & !umask`).
 

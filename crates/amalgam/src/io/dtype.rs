@@ -7,9 +7,13 @@ use safetensors::Dtype;
 /// A floating-point storage dtype amalgam can read and merge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FloatDtype {
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
+    /// IEEE single precision.
     F32,
+    /// IEEE double precision.
     F64,
     /// OCP FP8 E4M3 ("fn": no infinities, 0x7f/0xff are NaN), as PyTorch's `float8_e4m3fn`.
     F8E4M3,
@@ -39,6 +43,7 @@ impl FloatDtype {
         })
     }
 
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             FloatDtype::F8E4M3
@@ -185,13 +190,18 @@ pub fn unsupported_float(d: Dtype) -> Option<&'static str> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputDtype {
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
+    /// IEEE single precision.
     F32,
+    /// IEEE double precision.
     F64,
 }
 
 impl OutputDtype {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             OutputDtype::F16 | OutputDtype::BF16 => 2,
@@ -199,6 +209,7 @@ impl OutputDtype {
             OutputDtype::F64 => 8,
         }
     }
+    /// The safetensors dtype written.
     pub fn safetensors(self) -> Dtype {
         match self {
             OutputDtype::F16 => Dtype::F16,
@@ -207,6 +218,7 @@ impl OutputDtype {
             OutputDtype::F64 => Dtype::F64,
         }
     }
+    /// The name users write (`f16`, `bf16`, `f32`, `f64`).
     pub fn name(self) -> &'static str {
         match self {
             OutputDtype::F16 => "f16",

@@ -35,8 +35,10 @@ pub enum NonFinite {
 }
 
 impl NonFinite {
+    /// Every policy, in documentation order.
     pub const ALL: [NonFinite; 3] = [NonFinite::Omit, NonFinite::Error, NonFinite::Keep];
 
+    /// The name users write (`omit`, `error`, `keep`).
     pub fn name(self) -> &'static str {
         match self {
             NonFinite::Omit => "omit",
@@ -114,6 +116,7 @@ where
 /// One model's non-finite values in one key.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InputNonFinite {
+    /// The key.
     pub key: String,
     /// The input, in input order.
     pub model: usize,

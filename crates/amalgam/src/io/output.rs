@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 /// One tensor to be written.
 #[derive(Clone, Debug)]
 pub struct OutputTensor {
+    /// The key.
     pub name: String,
+    /// The dtype written.
     pub dtype: Dtype,
+    /// The shape.
     pub shape: Vec<usize>,
 }
 
@@ -193,16 +196,6 @@ impl OutputFile {
         self.file.as_ref().expect("output already committed")
     }
 
-    /// The destination.
-    pub fn dest(&self) -> &Path {
-        &self.dest
-    }
-
-    /// The length prefix and header bytes at the start of the file.
-    pub fn header_bytes(&self) -> &[u8] {
-        &self.header
-    }
-
     /// The file positions of tensor `index`'s data.
     pub fn tensor_range(&self, index: usize) -> std::ops::Range<u64> {
         self.offsets[index]..self.offsets[index] + self.lens[index]
@@ -224,11 +217,6 @@ impl OutputFile {
         let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         write_all_at(file, bytes, self.offsets[index] + start)
             .map_err(|e| out_err(&self.dest, "cannot write", e))
-    }
-
-    /// The file being written (its temporary name).
-    pub fn temp_path(&self) -> &Path {
-        &self.temp
     }
 
     /// Syncs the finished file, renames it into place and syncs the folder.

@@ -30,23 +30,33 @@ pub enum Layout {
 /// The architecture a layout describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
+    /// Stable Diffusion 1.x.
     Sd1,
+    /// Stable Diffusion XL.
     Sdxl,
+    /// Stable Diffusion 3.
     Sd3,
+    /// FLUX.
     Flux,
 }
 
 /// One key of a layout.
 #[derive(Clone, Debug)]
 pub struct LayoutKey {
+    /// The component the key belongs to (`unet`, `te0`, `vae`, ...).
     pub component: String,
+    /// The key.
     pub key: String,
+    /// Its shape in the full-size model.
     pub shape: Vec<usize>,
+    /// Its dtype in the reference checkpoint.
     pub dtype: String,
+    /// Whether checkpoints may omit it (EMA, `position_ids`, ...).
     pub optional: bool,
 }
 
 impl Layout {
+    /// Every known layout, in documentation order.
     pub const ALL: [Layout; 8] = [
         Layout::Sd1Ldm,
         Layout::Sd1Kohya,
@@ -72,6 +82,7 @@ impl Layout {
         }
     }
 
+    /// The architecture this layout is a naming of.
     pub fn arch(self) -> Arch {
         match self {
             Layout::Sd1Ldm | Layout::Sd1Kohya | Layout::Sd1DiffusersUnet => Arch::Sd1,
@@ -219,6 +230,7 @@ impl std::fmt::Display for Layout {
 /// How much of one component a file has.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ComponentStatus {
+    /// The component's name.
     pub name: String,
     /// Required keys of the component the file has.
     pub present: usize,
@@ -351,6 +363,7 @@ pub fn detect<'a>(keys: impl IntoIterator<Item = (&'a str, &'a [usize], usize)>)
 }
 
 impl Detection {
+    /// The status of component `name`, if the layout has it.
     pub fn component(&self, name: &str) -> Option<&ComponentStatus> {
         self.components.iter().find(|c| c.name == name)
     }

@@ -31,8 +31,11 @@ pub enum SlotKind {
 /// A named argument slot, e.g. `base` (one model) or `models` (a list).
 #[derive(Clone, Copy, Debug)]
 pub struct Slot {
+    /// The slot's name (as recipes and `.mecha` files call the input).
     pub name: &'static str,
+    /// One model, or a list of them.
     pub kind: SlotKind,
+    /// What the input is for.
     pub doc: &'static str,
 }
 
@@ -56,10 +59,15 @@ impl Slot {
 /// print `amalgam methods` and to check the README.
 #[derive(Clone, Copy, Debug)]
 pub struct MethodInfo {
+    /// The name recipes and the command line use.
     pub name: &'static str,
+    /// The formula, in the notation of `docs/methods.md`.
     pub formula: &'static str,
+    /// One line on what it does and where it comes from.
     pub summary: &'static str,
+    /// Its inputs.
     pub slots: &'static [Slot],
+    /// Its parameters, each declared once (type, default, domain, doc).
     pub params: &'static [ParamInfo],
 }
 
@@ -92,7 +100,9 @@ impl OnMissing {
 /// Per-key facts given to a method.
 #[derive(Clone, Debug)]
 pub struct KeyCtx<'a> {
+    /// The key being merged.
     pub key: &'a str,
+    /// Its shape.
     pub shape: &'a [usize],
     /// Indices (into the node's flattened arguments) of the arguments present for this key, in
     /// order; the chunks passed to [`KeyMerge`] follow this order.
@@ -104,6 +114,7 @@ pub struct KeyCtx<'a> {
 }
 
 impl KeyCtx<'_> {
+    /// The number of elements of the key.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -111,6 +122,7 @@ impl KeyCtx<'_> {
 
 /// A merge method, constructed from its parameters, generic over the compute type.
 pub trait Method<T: Real>: Send + Sync {
+    /// The method's declaration.
     fn info(&self) -> &'static MethodInfo;
 
     /// What to do for a key when the arguments marked `false` lack it (at least one is `true`).

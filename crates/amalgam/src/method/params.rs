@@ -10,9 +10,11 @@ use std::collections::BTreeMap;
 /// A parameter of a method, declared once.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ParamInfo {
+    /// The name recipes and `--param` use.
     pub name: &'static str,
     /// Its type, with its default and domain.
     pub kind: ParamKind,
+    /// What it does, for `amalgam methods` and the docs.
     pub doc: &'static str,
 }
 
@@ -22,19 +24,32 @@ pub enum ParamKind {
     /// A finite number in `domain`. `default: None`: the parameter is optional and its absence
     /// means something of its own (documented in `doc`).
     Number {
+        /// The default; `None`: optional.
         default: Option<f64>,
+        /// The values it accepts.
         domain: Domain,
     },
     /// One number per model of the method's list slot: a list of as many numbers, or one number
     /// for every model.
-    PerModel { default: f64 },
+    PerModel {
+        /// The default for every model.
+        default: f64,
+    },
     /// A non-negative integer.
-    Count { default: usize },
+    Count {
+        /// The default.
+        default: usize,
+    },
     /// `true` or `false`.
-    Bool { default: bool },
+    Bool {
+        /// The default.
+        default: bool,
+    },
     /// One of `options` (a string; `-` for `_` and any case are accepted).
     Choice {
+        /// The accepted values.
         options: &'static [&'static str],
+        /// The default value.
         default: &'static str,
     },
 }
@@ -154,8 +169,11 @@ impl ParamInfo {
 /// A preset's default for a parameter (see [`ParamInfo::with_default`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum PresetDefault {
+    /// A number.
     Number(f64),
+    /// One of a choice's options.
     Choice(&'static str),
+    /// A flag.
     Bool(bool),
 }
 
@@ -169,9 +187,13 @@ pub fn format_number(x: f64) -> String {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum ParamValue {
+    /// `true` or `false`.
     Bool(bool),
+    /// A number.
     Number(f64),
+    /// A list of numbers (one per model).
     List(Vec<f64>),
+    /// A string (a choice).
     Text(String),
     /// A scalar given per block (MBW): block id (`BASE`, `IN00`, ..., or `default`) → value.
     /// The engine resolves it to a `Number` for each key's block before building the method.
@@ -206,6 +228,7 @@ pub fn params_for_block(
 }
 
 impl ParamValue {
+    /// The domain in words (`>= 0`, `(0, 1]`, ...).
     pub fn describe(&self) -> &'static str {
         match self {
             ParamValue::Bool(_) => "a boolean",
@@ -235,6 +258,7 @@ pub enum Domain {
 }
 
 impl Domain {
+    /// Whether `x` is in the domain.
     pub fn contains(self, x: f64) -> bool {
         match self {
             Domain::Any => true,
@@ -273,6 +297,7 @@ pub struct Params {
 }
 
 impl Params {
+    /// The values given to `method`, by parameter name.
     pub fn new(method: &str, values: BTreeMap<String, ParamValue>) -> Self {
         Params {
             method: method.to_string(),

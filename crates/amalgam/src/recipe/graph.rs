@@ -10,7 +10,9 @@ use std::path::PathBuf;
 /// A reference to a model input or to a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ref {
+    /// The model at this index of [`Graph::models`].
     Model(usize),
+    /// The node at this index of [`Graph::nodes`].
     Node(usize),
 }
 
@@ -19,15 +21,18 @@ pub enum Ref {
 pub struct ModelInput {
     /// The name it has in the recipe (for a glob group, `group[i]`).
     pub name: String,
+    /// The model file.
     pub path: PathBuf,
 }
 
 /// One method application.
 #[derive(Clone, Debug)]
 pub struct Node {
+    /// The method's registered name.
     pub name: String,
     /// The method's registered name.
     pub method: &'static str,
+    /// Its parameters, by name.
     pub params: BTreeMap<String, ParamValue>,
     /// Arguments per slot of the method (`MethodInfo::slots` order).
     pub slots: Vec<Vec<Ref>>,
@@ -38,6 +43,7 @@ impl Node {
     pub fn flat_args(&self) -> Vec<Ref> {
         self.slots.iter().flatten().copied().collect()
     }
+    /// The number of arguments given to each of the method's slots.
     pub fn counts(&self) -> Vec<usize> {
         self.slots.iter().map(Vec::len).collect()
     }
@@ -52,8 +58,11 @@ impl Node {
 /// A validated merge graph. Nodes only refer to models and to earlier nodes.
 #[derive(Clone, Debug)]
 pub struct Graph {
+    /// The models read.
     pub models: Vec<ModelInput>,
+    /// The method nodes, each after the nodes it takes as arguments.
     pub nodes: Vec<Node>,
+    /// What is written.
     pub output: Ref,
     /// The model keys are taken from when the output node has no value for them (see the key
     /// policy); `None` means the first model (in input order) that has the key.
@@ -191,11 +200,17 @@ impl Graph {
 /// - `repair`: complete models that lack keys (pruned files) from the base, else the fallback.
 #[derive(Clone, Debug, Default)]
 pub struct Shorthand {
+    /// The method.
     pub method: String,
+    /// The models, in order.
     pub models: Vec<PathBuf>,
+    /// The base model, for methods that take one (and the fallback).
     pub base: Option<PathBuf>,
+    /// Where keys the merge has no value for come from.
     pub fallback: Option<PathBuf>,
+    /// Whether models that lack keys are completed from the base or fallback.
     pub repair: bool,
+    /// The method's parameters.
     pub params: BTreeMap<String, ParamValue>,
 }
 

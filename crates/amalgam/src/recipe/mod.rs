@@ -29,8 +29,11 @@ use toml::Spanned;
 /// Settings a recipe may carry in its `[output]` table (the command line overrides them).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RecipeSettings {
+    /// The dtype of the merged tensors.
     pub dtype: Option<OutputDtype>,
+    /// The accumulation precision.
     pub compute_dtype: Option<ComputeDtype>,
+    /// The seed of the random masks.
     pub seed: Option<u64>,
     /// The key layout to write (`sdxl-kohya`, ...), when not the original one.
     pub layout: Option<crate::layout::arch::Layout>,
@@ -85,7 +88,9 @@ impl RecipeSettings {
 /// A parsed recipe.
 #[derive(Clone, Debug)]
 pub struct Recipe {
+    /// What to merge.
     pub graph: Graph,
+    /// The settings of its `[output]` table.
     pub settings: RecipeSettings,
 }
 

@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 /// Header facts about one tensor of an input file.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
+    /// The stored dtype.
     pub dtype: Dtype,
+    /// The shape.
     pub shape: Vec<usize>,
     /// Absolute byte offset of the tensor's data in the file.
     pub offset: u64,
@@ -33,6 +35,7 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
+    /// The number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -192,9 +195,11 @@ impl ModelFile {
         Ok(RawTensor { words, skip, len })
     }
 
+    /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// The file's size in bytes.
     pub fn file_size(&self) -> u64 {
         self.size
     }
@@ -202,6 +207,7 @@ impl ModelFile {
     pub fn tensors(&self) -> &BTreeMap<String, TensorEntry> {
         &self.tensors
     }
+    /// The header entry of `key`, if the file has it.
     pub fn tensor(&self, key: &str) -> Option<&TensorEntry> {
         self.tensors.get(key)
     }

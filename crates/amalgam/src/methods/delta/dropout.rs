@@ -13,6 +13,7 @@ use crate::real::Real;
 use crate::rng;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "dropout",
     formula: "base + lambda * sum_t m_t (models[t] - base) / max(1, sum_t m_t) / (1 - p)^rescale",
@@ -25,13 +26,13 @@ pub static INFO: MethodInfo = MethodInfo {
     ],
 };
 
-pub struct Dropout {
+pub(crate) struct Dropout {
     p: f64,
     scale: f64,
 }
 
 impl Dropout {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let p = params.number("p")?;
         let rescale = params.number("rescale")?;
         let lambda = params.number("lambda")?;

@@ -16,6 +16,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "geometric_median",
     formula: "argmin_m sum_t ||models[t] - m||  (Weiszfeld; each whole tensor is one point)",
@@ -32,8 +33,11 @@ pub static INFO: MethodInfo = MethodInfo {
 /// Weiszfeld's stopping rule and guard, as sd-mecha has them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Weiszfeld {
+    /// The smallest distance a point's weight is taken from (`1 / max(d, eps)`).
     pub eps: f64,
+    /// The most Weiszfeld iterations.
     pub maxiter: usize,
+    /// The relative change of the mean distance that stops the iterations.
     pub ftol: f64,
 }
 
@@ -75,6 +79,7 @@ impl Weiszfeld {
         ),
     ];
 
+    /// Reads `eps`, `maxiter` and `ftol` from `params`.
     pub fn from_params(params: &mut Params) -> Result<Self> {
         Ok(Weiszfeld {
             eps: params.number("eps")?,
@@ -179,12 +184,12 @@ pub(crate) fn add_gram_with<T: Real>(points: &[&[T]], acc: &mut [f64], centred: 
     gram_of_rows(rest, n, len, acc);
 }
 
-pub struct GeometricMedian {
+pub(crate) struct GeometricMedian {
     weiszfeld: Weiszfeld,
 }
 
 impl GeometricMedian {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let weiszfeld = Weiszfeld::from_params(&mut params)?;
         params.finish()?;
         Ok(GeometricMedian { weiszfeld })

@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "karcher",
     formula: "mean_t ||models[t]|| * KarcherMean_t(models[t] / ||models[t]||)",
@@ -32,13 +33,13 @@ pub static INFO: MethodInfo = MethodInfo {
     ],
 };
 
-pub struct Karcher {
+pub(crate) struct Karcher {
     max_iter: usize,
     tol: f64,
 }
 
 impl Karcher {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let max_iter = params.count("max_iter")?;
         let tol = params.number("tol")?;
         params.finish()?;

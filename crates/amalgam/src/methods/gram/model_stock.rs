@@ -13,6 +13,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "model_stock",
     formula: "base + t * mean_t(models[t] - base),  t = N cos / (1 + (N - 1) cos)",
@@ -32,14 +33,14 @@ enum Pairs {
     Adjacent,
 }
 
-pub struct ModelStock {
+pub(crate) struct ModelStock {
     pairs: Pairs,
     by_row: bool,
     cos_eps: f64,
 }
 
 impl ModelStock {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let pairs = match params.choice("pairs")? {
             "adjacent" => Pairs::Adjacent,
             _ => Pairs::All,

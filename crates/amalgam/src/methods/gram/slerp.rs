@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::method::*;
 use crate::real::Real;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "slerp",
     formula: "c_a * a + c_b * b, the spherical interpolation of a and b at alpha",
@@ -44,13 +45,13 @@ enum Variant {
     Mergekit,
 }
 
-pub struct Slerp {
+pub(crate) struct Slerp {
     alpha: f64,
     variant: Variant,
 }
 
 impl Slerp {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let alpha = params.number("alpha")?;
         if !alpha.is_finite() {
             return Err(Error::method(

@@ -6,6 +6,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "add",
     formula: "a + alpha * b",
@@ -25,12 +26,12 @@ pub static INFO: MethodInfo = MethodInfo {
     params: &[ParamInfo::number("alpha", 1.0, "strength of the delta")],
 };
 
-pub struct Add {
+pub(crate) struct Add {
     alpha: f64,
 }
 
 impl Add {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let alpha = params.number("alpha")?;
         params.finish()?;
         Ok(Add { alpha })

@@ -5,6 +5,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "add_difference",
     formula: "a + alpha * (b - c)",
@@ -34,12 +35,12 @@ pub static INFO: MethodInfo = MethodInfo {
     )],
 };
 
-pub struct AddDifference {
+pub(crate) struct AddDifference {
     alpha: f64,
 }
 
 impl AddDifference {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let alpha = params.number("alpha")?;
         params.finish()?;
         Ok(AddDifference { alpha })

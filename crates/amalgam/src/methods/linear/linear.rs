@@ -6,6 +6,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "linear",
     formula: "sum_t weights[t] * models[t]  (divided by sum_t weights[t] when normalize)",
@@ -30,13 +31,13 @@ pub static INFO: MethodInfo = MethodInfo {
     ],
 };
 
-pub struct Linear {
+pub(crate) struct Linear {
     weights: Vec<f64>,
     normalize: bool,
 }
 
 impl Linear {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let weights = params.per_model("weights")?;
         let normalize = params.boolean("normalize")?;
         params.finish()?;

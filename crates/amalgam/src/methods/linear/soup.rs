@@ -8,6 +8,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "soup",
     formula: "(1/N) * sum_t models[t]",
@@ -21,10 +22,10 @@ pub static INFO: MethodInfo = MethodInfo {
     params: &[],
 };
 
-pub struct Soup;
+pub(crate) struct Soup;
 
 impl Soup {
-    pub fn new(params: Params) -> Result<Self> {
+    pub(crate) fn new(params: Params) -> Result<Self> {
         params.finish()?;
         Ok(Soup)
     }

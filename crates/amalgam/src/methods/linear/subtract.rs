@@ -5,6 +5,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "subtract",
     formula: "a - b",
@@ -25,10 +26,10 @@ pub static INFO: MethodInfo = MethodInfo {
     params: &[],
 };
 
-pub struct Subtract;
+pub(crate) struct Subtract;
 
 impl Subtract {
-    pub fn new(params: Params) -> Result<Self> {
+    pub(crate) fn new(params: Params) -> Result<Self> {
         params.finish()?;
         Ok(Subtract)
     }

@@ -6,6 +6,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "task_arithmetic",
     formula: "base + lambda * sum_t weights[t] * (models[t] - base)",
@@ -26,13 +27,13 @@ pub static INFO: MethodInfo = MethodInfo {
     ],
 };
 
-pub struct TaskArithmetic {
+pub(crate) struct TaskArithmetic {
     weights: Vec<f64>,
     lambda: f64,
 }
 
 impl TaskArithmetic {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let weights = params.per_model("weights")?;
         let lambda = params.number("lambda")?;
         params.finish()?;

@@ -5,6 +5,7 @@ use crate::method::*;
 use crate::real::Real;
 use std::ops::Range;
 
+/// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "weighted_sum",
     formula: "(1 - alpha) * a + alpha * b",
@@ -28,12 +29,12 @@ pub static INFO: MethodInfo = MethodInfo {
     )],
 };
 
-pub struct WeightedSum {
+pub(crate) struct WeightedSum {
     alpha: f64,
 }
 
 impl WeightedSum {
-    pub fn new(mut params: Params) -> Result<Self> {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
         let alpha = params.number("alpha")?;
         params.finish()?;
         Ok(WeightedSum { alpha })

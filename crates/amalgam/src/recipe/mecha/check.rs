@@ -38,7 +38,12 @@ pub enum Spaces {
     /// Every input in one space, which is the result's (sd-mecha's symbol `X`).
     Same,
     /// Every input in `input`; the result in `output`.
-    Fixed { input: Space, output: Space },
+    Fixed {
+        /// The inputs' space.
+        input: Space,
+        /// The result's space.
+        output: Space,
+    },
     /// The first input in any space `X`, the others deltas; the result in `X` (`add_difference`).
     FirstThenDeltas,
     /// A parameter made from a literal (`convert_singleton`, block conversions).
@@ -48,9 +53,11 @@ pub enum Spaces {
 /// One method as sd-mecha declares it.
 #[derive(Debug)]
 pub struct Declared {
+    /// The sd-mecha method name.
     pub method: &'static str,
     /// Its keyword parameters (inputs are positional).
     pub params: &'static [&'static str],
+    /// Its merge spaces.
     pub spaces: Spaces,
 }
 
@@ -194,7 +201,9 @@ pub fn declared(method: &str) -> Option<&'static Declared> {
 pub struct ModelConfig {
     /// The model's index among the recipe's model lines.
     pub model: usize,
+    /// The recipe line.
     pub line: usize,
+    /// The model config the line declares.
     pub config: String,
 }
 

@@ -6,10 +6,15 @@ use crate::error::Result;
 /// A value in a command.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// `null`.
     Null,
+    /// `true` or `false`.
     Bool(bool),
+    /// An integer.
     Int(i64),
+    /// A float.
     Float(f64),
+    /// A string.
     Str(String),
     /// The result of command number `N` (`&N`).
     Ref(usize),
@@ -18,7 +23,9 @@ pub enum Value {
 /// One argument: positional (`name` is `None`) or keyword.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Arg {
+    /// The argument's name, for a keyword argument.
     pub name: Option<String>,
+    /// Its value.
     pub value: Value,
 }
 
@@ -38,7 +45,9 @@ pub enum Kind {
 /// One command of a recipe.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Command {
+    /// What the line does.
     pub kind: Kind,
+    /// Its arguments.
     pub args: Vec<Arg>,
     /// The line of the file it is on (1 = the version line).
     pub line: usize,
@@ -64,6 +73,7 @@ impl Command {
 /// A parsed recipe: its commands in order; the last is the result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Recipe {
+    /// The recipe's lines, in order.
     pub commands: Vec<Command>,
 }
 

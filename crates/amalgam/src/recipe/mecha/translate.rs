@@ -48,7 +48,9 @@ pub const SUPPORTED: &[&str] = &[
 
 /// A recipe translated into an amalgam graph, and the seed it asks for.
 pub struct Translated {
+    /// What to merge.
     pub graph: crate::recipe::graph::Graph,
+    /// The recipe's seed, if it sets one.
     pub seed: Option<u64>,
     /// The `model_config` each model line declares (see [`super::check::check_model_configs`]).
     pub model_configs: Vec<super::check::ModelConfig>,

@@ -104,6 +104,7 @@ impl RankHistogram {
         (self.table.len() / BLOCK_WORDS, self.octaves.len())
     }
 
+    /// An empty histogram.
     pub fn new() -> Self {
         RankHistogram {
             first: 0,

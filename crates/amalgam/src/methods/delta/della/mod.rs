@@ -27,7 +27,9 @@ use crate::real::Real;
 /// What the magnitude rank is taken over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rank {
+    /// Ranks over the whole tensor.
     Tensor,
+    /// Ranks within each row (the last dimension).
     Row,
 }
 
@@ -49,7 +51,9 @@ pub struct Della {
     pub p: f64,
     /// Total width of the keep-probability window (negative: large |δ| dropped more).
     pub eps: f64,
+    /// What the ranks are taken over.
     pub rank: Rank,
+    /// How the ranks are computed (exact or estimated from a histogram).
     pub ranks: Ranks,
 }
 

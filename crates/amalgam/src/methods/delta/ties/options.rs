@@ -5,9 +5,11 @@ use super::*;
 /// Which entries of the deltas are dropped at random before anything else.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Drop {
+    /// No drop.
     None,
     /// DARE: every entry is dropped with probability `p`, independently.
     Dare {
+        /// The drop probability.
         p: f64,
     },
     /// DELLA (MagPrune): entries dropped with probabilities linear in their magnitude rank.
@@ -52,6 +54,7 @@ pub enum Fuse {
 /// The factor the fused result is divided by.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Rescale {
+    /// No rescale.
     None,
     /// `1 / (1 − p)` of the drop, once on the result (sd-mecha's `rescale`).
     InverseKeep,
@@ -75,13 +78,19 @@ pub enum SignTie {
 /// The whole pipeline's configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
+    /// The random drop.
     pub drop: Drop,
     /// Fraction of entries kept per model and tensor by magnitude (1 = no trim).
     pub k: f64,
+    /// How the sign of each entry is elected.
     pub election: Election,
+    /// The sign of a tied election.
     pub sign_tie: SignTie,
+    /// How the entries of the elected sign are combined.
     pub fuse: Fuse,
+    /// The factor the fused result is divided by.
     pub rescale: Rescale,
+    /// The factor of the fused delta added to the base.
     pub lambda: f64,
     /// Add the base itself as a zero-delta point (geometric median only, as the DGMLA recipe).
     pub base_point: bool,

@@ -135,6 +135,7 @@ impl Pipeline {
         Self::build(info, params)
     }
 
+    /// The pipeline's stages as configured.
     pub fn config(&self) -> &Config {
         &self.config
     }

@@ -71,6 +71,7 @@ const fn same(a: &str, b: &str) -> bool {
 macro_rules! presets {
     ($($static:ident = $name:literal, $summary:literal, [$($param:literal => $value:expr),* $(,)?];)*) => {
         $(
+            #[doc = concat!("The `", $name, "` preset: ", $summary)]
             pub static $static: MethodInfo = MethodInfo {
                 name: $name,
                 formula: FORMULA,
