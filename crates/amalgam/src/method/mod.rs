@@ -10,10 +10,12 @@
 
 mod params;
 mod pass;
+mod pointwise;
 
 pub use params::*;
 pub(crate) use pass::ErasedPass;
 pub use pass::{accumulate, Pass, Passes, Sums};
+pub(crate) use pointwise::{keep_first, Pointwise, PointwiseMethod};
 
 use crate::error::Result;
 use crate::real::Real;

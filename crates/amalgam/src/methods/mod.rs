@@ -6,10 +6,12 @@
 //!   stock, SLERP).
 //!
 //! Adding a method: write `methods/FAMILY/NAME.rs` with an `INFO` and a type implementing
-//! [`Method`], then list it in `registry!` below. The engine is not touched.
+//! [`Method`] (for a formula applied element by element, `Pointwise`: the declaration, the
+//! parameters read and the formula over a chunk), then list it in `registry!` below. The engine
+//! is not touched.
 
 use crate::error::{Error, Result};
-use crate::method::{Method, MethodInfo, Params};
+use crate::method::{Method, MethodInfo, Params, PointwiseMethod};
 use crate::real::Real;
 
 pub mod delta;
@@ -40,12 +42,12 @@ macro_rules! registry {
 }
 
 registry!(
-    weighted_sum::INFO => weighted_sum::WeightedSum::new,
+    weighted_sum::INFO => PointwiseMethod::<weighted_sum::WeightedSum>::new,
     soup::INFO => soup::Soup::new,
     linear::linear::INFO => linear::linear::Linear::new,
-    add_difference::INFO => add_difference::AddDifference::new,
-    add::INFO => add::Add::new,
-    subtract::INFO => subtract::Subtract::new,
+    add_difference::INFO => PointwiseMethod::<add_difference::AddDifference>::new,
+    add::INFO => PointwiseMethod::<add::Add>::new,
+    subtract::INFO => PointwiseMethod::<subtract::Subtract>::new,
     task_arithmetic::INFO => task_arithmetic::TaskArithmetic::new,
     ties::TIES => ties::Pipeline::new,
     ties::TIES_SOUP => ties::Pipeline::new,

@@ -4,7 +4,6 @@
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
-use std::ops::Range;
 
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
@@ -30,40 +29,20 @@ pub(crate) struct Add {
     alpha: f64,
 }
 
-impl Add {
-    pub(crate) fn new(mut params: Params) -> Result<Self> {
-        let alpha = params.number("alpha")?;
-        params.finish()?;
-        Ok(Add { alpha })
-    }
-}
-
-impl<T: Real> Method<T> for Add {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
+impl Pointwise for Add {
+    const INFO: &'static MethodInfo = &INFO;
+    fn read(params: &mut Params) -> Result<Self> {
+        Ok(Add {
+            alpha: params.number("alpha")?,
+        })
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if present[0] {
-            OnMissing::PassThrough(0)
-        } else {
-            OnMissing::Absent
-        }
+        keep_first(present)
     }
-    fn begin_key(&self, _ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
-        Ok(Box::new(Sum {
-            alpha: T::from_f64(self.alpha),
-        }))
-    }
-}
-
-struct Sum<T> {
-    alpha: T,
-}
-
-impl<T: Real> KeyMerge<T> for Sum<T> {
-    fn merge_chunk(&self, _range: Range<usize>, args: &[&[T]], out: &mut [T]) {
+    fn merge<T: Real>(&self, args: &[&[T]], out: &mut [T]) {
+        let alpha = T::from_f64(self.alpha);
         for ((o, &a), &b) in out.iter_mut().zip(args[0]).zip(args[1]) {
-            *o = a + self.alpha * b;
+            *o = a + alpha * b;
         }
     }
 }

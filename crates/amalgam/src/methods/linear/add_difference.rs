@@ -3,7 +3,6 @@
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
-use std::ops::Range;
 
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
@@ -39,41 +38,21 @@ pub(crate) struct AddDifference {
     alpha: f64,
 }
 
-impl AddDifference {
-    pub(crate) fn new(mut params: Params) -> Result<Self> {
-        let alpha = params.number("alpha")?;
-        params.finish()?;
-        Ok(AddDifference { alpha })
-    }
-}
-
-impl<T: Real> Method<T> for AddDifference {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
+impl Pointwise for AddDifference {
+    const INFO: &'static MethodInfo = &INFO;
+    fn read(params: &mut Params) -> Result<Self> {
+        Ok(AddDifference {
+            alpha: params.number("alpha")?,
+        })
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if present[0] {
-            OnMissing::PassThrough(0)
-        } else {
-            OnMissing::Absent
-        }
+        keep_first(present)
     }
-    fn begin_key(&self, _ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
-        Ok(Box::new(AddScaledDifference {
-            alpha: T::from_f64(self.alpha),
-        }))
-    }
-}
-
-struct AddScaledDifference<T> {
-    alpha: T,
-}
-
-impl<T: Real> KeyMerge<T> for AddScaledDifference<T> {
-    fn merge_chunk(&self, _range: Range<usize>, args: &[&[T]], out: &mut [T]) {
+    fn merge<T: Real>(&self, args: &[&[T]], out: &mut [T]) {
+        let alpha = T::from_f64(self.alpha);
         let (a, b, c) = (args[0], args[1], args[2]);
         for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
-            *o = a + self.alpha * (b - c);
+            *o = a + alpha * (b - c);
         }
     }
 }

@@ -3,7 +3,6 @@
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
-use std::ops::Range;
 
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
@@ -28,29 +27,15 @@ pub static INFO: MethodInfo = MethodInfo {
 
 pub(crate) struct Subtract;
 
-impl Subtract {
-    pub(crate) fn new(params: Params) -> Result<Self> {
-        params.finish()?;
+impl Pointwise for Subtract {
+    const INFO: &'static MethodInfo = &INFO;
+    fn read(_params: &mut Params) -> Result<Self> {
         Ok(Subtract)
-    }
-}
-
-impl<T: Real> Method<T> for Subtract {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
     }
     fn on_missing(&self, _present: &[bool]) -> OnMissing {
         OnMissing::Absent
     }
-    fn begin_key(&self, _ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
-        Ok(Box::new(Difference))
-    }
-}
-
-struct Difference;
-
-impl<T: Real> KeyMerge<T> for Difference {
-    fn merge_chunk(&self, _range: Range<usize>, args: &[&[T]], out: &mut [T]) {
+    fn merge<T: Real>(&self, args: &[&[T]], out: &mut [T]) {
         for ((o, &a), &b) in out.iter_mut().zip(args[0]).zip(args[1]) {
             *o = a - b;
         }

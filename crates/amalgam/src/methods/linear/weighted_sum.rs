@@ -3,7 +3,6 @@
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
-use std::ops::Range;
 
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
@@ -33,40 +32,21 @@ pub(crate) struct WeightedSum {
     alpha: f64,
 }
 
-impl WeightedSum {
-    pub(crate) fn new(mut params: Params) -> Result<Self> {
-        let alpha = params.number("alpha")?;
-        params.finish()?;
-        Ok(WeightedSum { alpha })
-    }
-}
-
-impl<T: Real> Method<T> for WeightedSum {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
+impl Pointwise for WeightedSum {
+    const INFO: &'static MethodInfo = &INFO;
+    fn read(params: &mut Params) -> Result<Self> {
+        Ok(WeightedSum {
+            alpha: params.number("alpha")?,
+        })
     }
     /// A key only one model has is taken from that model.
     fn on_missing(&self, present: &[bool]) -> OnMissing {
         OnMissing::PassThrough(if present[0] { 0 } else { 1 })
     }
-    fn begin_key(&self, _ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
-        Ok(Box::new(Lerp {
-            wa: T::from_f64(1.0 - self.alpha),
-            wb: T::from_f64(self.alpha),
-        }))
-    }
-}
-
-struct Lerp<T> {
-    wa: T,
-    wb: T,
-}
-
-impl<T: Real> KeyMerge<T> for Lerp<T> {
-    fn merge_chunk(&self, _range: Range<usize>, args: &[&[T]], out: &mut [T]) {
-        let (a, b) = (args[0], args[1]);
-        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-            *o = self.wa * x + self.wb * y;
+    fn merge<T: Real>(&self, args: &[&[T]], out: &mut [T]) {
+        let (wa, wb) = (T::from_f64(1.0 - self.alpha), T::from_f64(self.alpha));
+        for ((o, &x), &y) in out.iter_mut().zip(args[0]).zip(args[1]) {
+            *o = wa * x + wb * y;
         }
     }
 }
