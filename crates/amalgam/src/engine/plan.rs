@@ -204,9 +204,13 @@ pub(super) fn resolve<T: Real>(
                     let unit = state.unit();
                     if unit.bytes > unit_budget {
                         return Err(at(format!(
-                            "{} ({} elements of {} arguments) needs a memory budget of {}; raise it",
+                            "{} ({}{} arguments) needs a memory budget of {}; raise it",
                             unit.what,
-                            unit.len,
+                            if unit.len > 1 {
+                                format!("{} elements of ", unit.len)
+                            } else {
+                                String::new()
+                            },
                             idx.len(),
                             crate::size::format_bytes(unit.bytes.saturating_mul(4))
                         )));

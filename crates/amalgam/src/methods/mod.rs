@@ -2,6 +2,7 @@
 //!
 //! - [`linear`]: weighted sums of models and task vectors;
 //! - [`delta`]: task-vector filtering (the TIES pipeline and its presets, DELLA, dropout);
+//! - [`svd`]: methods on the singular values of each matrix (ISO-C);
 //! - [`gram`]: combinations through the models' Gram matrix (geometric median, Karcher, model
 //!   stock, SLERP).
 //!
@@ -17,6 +18,7 @@ use crate::real::Real;
 pub mod delta;
 pub mod gram;
 pub mod linear;
+pub mod svd;
 
 use delta::{dropout, ties};
 use gram::{geometric_median, karcher, model_stock, slerp};
@@ -61,6 +63,7 @@ registry!(
     model_stock::INFO => model_stock::ModelStock::new,
     karcher::INFO => karcher::Karcher::new,
     slerp::INFO => slerp::Slerp::new,
+    svd::iso_c::INFO => svd::iso_c::IsoC::new,
 );
 
 /// The methods whose output depends on the run's seed (random masks): with their default

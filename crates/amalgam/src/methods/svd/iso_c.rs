@@ -1,0 +1,180 @@
+//! ISO-C, isotropic merging in common space (Marczak et al. 2025, spec §12):
+//! `θ = θ_0 + α·σ̄·U Vᵀ` where `Σ_t τ_t = U diag(σ) Vᵀ` for matrix keys (the spectrum of the summed
+//! task vectors flattened to its mean), and `θ = θ_0 + α·mean_t τ_t` for the others.
+
+use super::spectrum::{matrix_shape, scaled_polar, spectrum_mean, svd_bytes, thin_svd};
+use super::spectrum::{HighDim, SpectrumMean};
+use crate::error::Result;
+use crate::method::*;
+use crate::real::Real;
+use std::ops::Range;
+
+/// The method's declaration: its name, inputs, parameters and documentation.
+pub static INFO: MethodInfo = MethodInfo {
+    name: "iso_c",
+    formula: "base + alpha * mean(sigma) * U V^T, where U diag(sigma) V^T = sum_t (models[t] - base) \
+              (matrix keys); base + alpha * mean_t (models[t] - base) (the others)",
+    summary: "ISO-C (Marczak et al. 2025): the summed task vectors of each matrix with all their \
+              singular values replaced by their mean, a flat spectrum. Needs each matrix whole (one \
+              tensor in f64, whatever the number of models).",
+    slots: Slot::BASE_AND_MODELS,
+    params: PARAMS,
+};
+
+const PARAMS: &[ParamInfo] = &[
+    ParamInfo::number(
+        "alpha",
+        1.0,
+        "scale of the merged delta (the paper picks it in 0.1..3.0)",
+    ),
+    ParamInfo::choice(
+        "high_dim",
+        &["vector", "flatten"],
+        "vector",
+        "keys of more than 2 dimensions: `vector` averages their task vectors like 1-D keys (the \
+         paper); `flatten` treats them as the matrix [out, rest] (the fork's `apply_high_dim`)",
+    ),
+    ParamInfo::choice(
+        "mean",
+        &["arithmetic", "geometric"],
+        "arithmetic",
+        "the mean the singular values are replaced by: `geometric` is the fork's `apply_exp` (0 \
+         when a singular value is 0)",
+    ),
+];
+
+/// The options of the isotropic spectrum shared by ISO-C and its relatives.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Isotropic {
+    pub(crate) alpha: f64,
+    pub(crate) high_dim: HighDim,
+    pub(crate) mean: SpectrumMean,
+}
+
+impl Isotropic {
+    fn read(params: &mut Params) -> Result<Self> {
+        let alpha = params.number("alpha")?;
+        let high_dim = match params.choice("high_dim")? {
+            "flatten" => HighDim::Flatten,
+            _ => HighDim::Vector,
+        };
+        let mean = match params.choice("mean")? {
+            "geometric" => SpectrumMean::Geometric,
+            _ => SpectrumMean::Arithmetic,
+        };
+        Ok(Isotropic {
+            alpha,
+            high_dim,
+            mean,
+        })
+    }
+}
+
+pub(crate) struct IsoC(Isotropic);
+
+impl IsoC {
+    pub(crate) fn new(mut params: Params) -> Result<Self> {
+        let iso = Isotropic::read(&mut params)?;
+        params.finish()?;
+        Ok(IsoC(iso))
+    }
+}
+
+impl<T: Real> Method<T> for IsoC {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+    fn on_missing(&self, present: &[bool]) -> OnMissing {
+        OnMissing::base_and_models(present)
+    }
+    fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
+        Ok(Box::new(IsoKey {
+            iso: self.0,
+            key: ctx.key.to_string(),
+            matrix: matrix_shape(ctx.key, ctx.shape, self.0.high_dim),
+            delta: Vec::new(),
+        }))
+    }
+}
+
+struct IsoKey {
+    iso: Isotropic,
+    key: String,
+    /// `[rows, cols]` for a matrix key; `None` for the keys averaged.
+    matrix: Option<(usize, usize)>,
+    /// After the pass: `α·σ̄·U Vᵀ`, row-major (matrix keys).
+    delta: Vec<f64>,
+}
+
+/// `Σ_t τ_t` of a block, in f64; folded into the whole tensor.
+struct SumOfTaskVectors {
+    sum: Vec<f64>,
+}
+
+impl<T: Real> Pass<T> for SumOfTaskVectors {
+    type Block = Vec<f64>;
+    fn block_bytes(&self, len: usize) -> usize {
+        len * 8
+    }
+    fn block(&self, _range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
+        let base = args[0];
+        let mut s = vec![0f64; base.len()];
+        for x in &args[1..] {
+            for ((o, &v), &b) in s.iter_mut().zip(x.iter()).zip(base) {
+                *o += (v - b).to_f64();
+            }
+        }
+        s
+    }
+    fn fold(&mut self, block: Vec<f64>) {
+        self.sum.extend(block);
+    }
+}
+
+impl<T: Real> KeyMerge<T> for IsoKey {
+    fn stat_passes(&self) -> usize {
+        usize::from(self.matrix.is_some())
+    }
+    fn unit(&self) -> Unit {
+        match self.matrix {
+            // Any chunks: the whole matrix is the pass's own (folded block by block).
+            Some((rows, cols)) => Unit {
+                len: 1,
+                bytes: svd_bytes(rows, cols),
+                what: "the whole matrix of ISO-C and its SVD",
+            },
+            None => Unit::ELEMENT,
+        }
+    }
+    fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
+        let Some((rows, cols)) = self.matrix else {
+            return Ok(());
+        };
+        let sum = passes.run(SumOfTaskVectors { sum: Vec::new() })?.sum;
+        let (u, sigma, v) = thin_svd(&sum, rows, cols, &self.key)?;
+        drop(sum);
+        let scale = self.iso.alpha * spectrum_mean(&sigma, self.iso.mean);
+        self.delta = scaled_polar(&u, &v, scale);
+        Ok(())
+    }
+    fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]) {
+        let base = args[0];
+        if self.matrix.is_some() {
+            for ((o, &b), &d) in out.iter_mut().zip(base).zip(&self.delta[range]) {
+                *o = b + T::from_f64(d);
+            }
+            return;
+        }
+        // The mean of the task vectors.
+        let scale = T::from_f64(self.iso.alpha / (args.len() - 1).max(1) as f64);
+        out.fill(T::ZERO);
+        for x in &args[1..] {
+            for ((o, &v), &b) in out.iter_mut().zip(x.iter()).zip(base) {
+                *o += v - b;
+            }
+        }
+        for (o, &b) in out.iter_mut().zip(base) {
+            *o = b + scale * *o;
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Methods on the singular values of a key's matrix (spec §12-§13): ISO-C flattens the spectrum
+//! of the summed task vectors. They need the whole matrix of a key at once: a statistic pass
+//! accumulates it (one tensor in f64, whatever the number of models), the factors are computed
+//! from it, and the output pass writes from them.
+
+pub mod iso_c;
+pub(crate) mod spectrum;

@@ -1,0 +1,203 @@
+//! ISO-C (spec §12): hand-computed small matrices, the flat spectrum of its output on random
+//! matrices (checked with an SVD of the output), the keys it averages, determinism, and the
+//! budget error for a matrix that does not fit.
+
+mod common;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::method::ParamValue::{self, Number, Text};
+use amalgam::real::ComputeDtype;
+use amalgam::{merge, MergeOptions, NoProgress};
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// A model: its tensors as (key, shape, values).
+type Model = Vec<(&'static str, Vec<usize>, Vec<f64>)>;
+
+/// Writes a base and fine-tunes (each a list of (key, shape, values)) and runs `iso_c`.
+fn iso(
+    dir: &Path,
+    models: &[Model],
+    params: &[(&str, ParamValue)],
+    threads: usize,
+    budget: u64,
+) -> amalgam::Result<PathBuf> {
+    let paths: Vec<PathBuf> = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let tensors: Vec<T> = m.iter().map(|(k, s, v)| f64t(k, s, v)).collect();
+            write_file(&dir.join(format!("m{i}.safetensors")), &tensors, true)
+        })
+        .collect();
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let g = one_node(
+        &refs,
+        "iso_c",
+        vec![vec![0], (1..refs.len()).collect()],
+        params,
+    );
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = dir.join(format!("out-{run}.safetensors"));
+    let mut o = MergeOptions::new(&out);
+    o.output_dtype = OutputDtype::F64;
+    o.compute_dtype = ComputeDtype::F64;
+    o.threads = threads;
+    o.memory_budget = budget;
+    merge(&g, &o, &NoProgress)?;
+    Ok(out)
+}
+
+fn close(got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol,
+            "element {i}: {g} != {w} (got {got:?})"
+        );
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn hand_computed_matrices() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = |v: [f64; 4]| vec![("w", vec![2, 2], v.to_vec())];
+    // Σ τ = diag(2, 4): σ = (4, 2), mean 3, U Vᵀ = I.
+    let pool = [
+        m([0.0; 4]),
+        m([2.0, 0.0, 0.0, 0.0]),
+        m([0.0, 0.0, 0.0, 4.0]),
+    ];
+    let out = iso(dir.path(), &pool, &[], 0, GIB).unwrap();
+    close(&read_f64(&out, "w"), &[3.0, 0.0, 0.0, 3.0], 1e-12);
+    // alpha and the geometric mean: 0.5 · √8.
+    let params = [("alpha", Number(0.5)), ("mean", Text("geometric".into()))];
+    let out = iso(dir.path(), &pool, &params, 0, GIB).unwrap();
+    let g = 0.5 * 8f64.sqrt();
+    close(&read_f64(&out, "w"), &[g, 0.0, 0.0, g], 1e-12);
+    // Σ τ = [[0, −2], [4, 0]] = R·diag(4, 2) with R a quarter turn: Δ = 3·R, around a base of 1s.
+    let pool = [m([1.0; 4]), m([1.0, -1.0, 5.0, 1.0]), m([1.0; 4])];
+    let out = iso(dir.path(), &pool, &[], 0, GIB).unwrap();
+    close(&read_f64(&out, "w"), &[1.0, -2.0, 4.0, 1.0], 1e-12);
+    // A wide matrix: Σ τ = [[3, 0, 0], [0, 0, 4]]: σ = (4, 3), mean 3.5.
+    let w = |v: [f64; 6]| vec![("w", vec![2, 3], v.to_vec())];
+    let pool = [
+        w([1.0; 6]),
+        w([4.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        w([1.0, 1.0, 1.0, 1.0, 1.0, 5.0]),
+    ];
+    let out = iso(dir.path(), &pool, &[], 0, GIB).unwrap();
+    close(&read_f64(&out, "w"), &[4.5, 1.0, 1.0, 1.0, 1.0, 4.5], 1e-12);
+}
+
+#[test]
+fn vectors_and_text_projection_take_the_mean_task_vector() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = |b: [f64; 3], p: [f64; 4]| {
+        vec![
+            ("b", vec![3], b.to_vec()),
+            ("cond.text_projection", vec![2, 2], p.to_vec()),
+        ]
+    };
+    let pool = [
+        m([1.0, 1.0, 1.0], [0.0; 4]),
+        m([3.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0]),
+        m([1.0, 5.0, 0.0], [0.0, 0.0, 0.0, 4.0]),
+    ];
+    let out = iso(dir.path(), &pool, &[("alpha", Number(2.0))], 0, GIB).unwrap();
+    // 1 + 2 · mean(τ)
+    close(&read_f64(&out, "b"), &[3.0, 5.0, -1.0], 1e-12);
+    close(
+        &read_f64(&out, "cond.text_projection"),
+        &[2.0, 0.0, 0.0, 4.0],
+        1e-12,
+    );
+}
+
+/// Pseudo-random values in [-1, 1) (a fixed LCG: the test's data, not the method's).
+fn values(seed: u64, n: usize) -> Vec<f64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+fn singular_values(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    faer::MatRef::from_row_major_slice(a, rows, cols)
+        .singular_values()
+        .unwrap()
+}
+
+#[test]
+fn random_matrices_get_a_flat_spectrum_of_the_mean_singular_value() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 12×7 matrix and a conv [6, 2, 2, 2] flattened to 6×8, over 4 fine-tunes.
+    let shapes = [("w", vec![12, 7]), ("conv", vec![6, 2, 2, 2])];
+    let pool: Vec<Model> = (0..5)
+        .map(|m| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(k, (name, s))| {
+                    (
+                        *name,
+                        s.clone(),
+                        values(10 * m + k as u64, s.iter().product()),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let params = [("high_dim", Text("flatten".into()))];
+    let out = iso(dir.path(), &pool, &params, 0, GIB).unwrap();
+    for (k, (name, s)) in shapes.iter().enumerate() {
+        let (rows, cols) = (s[0], s[1..].iter().product::<usize>());
+        let base = &pool[0][k].2;
+        let sum: Vec<f64> = (0..rows * cols)
+            .map(|i| pool[1..].iter().map(|m| m[k].2[i] - base[i]).sum())
+            .collect();
+        let sigma = singular_values(&sum, rows, cols);
+        let mean = sigma.iter().sum::<f64>() / sigma.len() as f64;
+        let delta: Vec<f64> = read_f64(&out, name)
+            .iter()
+            .zip(base)
+            .map(|(o, b)| o - b)
+            .collect();
+        let flat = singular_values(&delta, rows, cols);
+        close(&flat, &vec![mean; flat.len()], 1e-9 * mean);
+    }
+    // Without `flatten`, the conv takes the mean task vector.
+    let out = iso(dir.path(), &pool, &[], 0, GIB).unwrap();
+    let base = &pool[0][1].2;
+    let want: Vec<f64> = (0..base.len())
+        .map(|i| base[i] + pool[1..].iter().map(|m| m[1].2[i] - base[i]).sum::<f64>() / 4.0)
+        .collect();
+    close(&read_f64(&out, "conv"), &want, 1e-12);
+}
+
+#[test]
+fn same_bytes_for_any_thread_count_and_budget_and_an_error_naming_the_key_when_it_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool: Vec<Model> = (0..4)
+        .map(|m| vec![("big", vec![96, 80], values(m, 96 * 80))])
+        .collect();
+    let one = iso(dir.path(), &pool, &[], 1, GIB).unwrap();
+    let two = iso(dir.path(), &pool, &[], 2, 8 << 20).unwrap();
+    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&two).unwrap());
+    let e = iso(dir.path(), &pool, &[], 0, 256 << 10)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`big`") && e.contains("ISO-C") && e.contains("needs a memory budget of"),
+        "{e}"
+    );
+}
