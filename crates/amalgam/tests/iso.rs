@@ -1,6 +1,7 @@
-//! ISO-C (spec §12): hand-computed small matrices, the flat spectrum of its output on random
+//! ISO-C and ISO-Z (spec §12-§13). ISO-C: hand-computed small matrices, the flat spectrum of its output on random
 //! matrices (checked with an SVD of the output), the keys it averages, determinism, and the
-//! budget error for a matrix that does not fit.
+//! budget error for a matrix that does not fit. ISO-Z: z = 1 is the delta, z = 0 is ISO-C of it,
+//! other z shrink the spectrum as `m + z·(σ − m)`, one singular value gives no NaN.
 
 mod common;
 use amalgam::io::dtype::OutputDtype;
@@ -21,6 +22,18 @@ fn iso(
     threads: usize,
     budget: u64,
 ) -> amalgam::Result<PathBuf> {
+    run("iso_c", dir, models, params, threads, budget)
+}
+
+/// Writes the models and runs `method` (`iso_c`: base then fine-tunes; `iso_z`: one delta).
+fn run(
+    method: &str,
+    dir: &Path,
+    models: &[Model],
+    params: &[(&str, ParamValue)],
+    threads: usize,
+    budget: u64,
+) -> amalgam::Result<PathBuf> {
     let paths: Vec<PathBuf> = models
         .iter()
         .enumerate()
@@ -30,12 +43,11 @@ fn iso(
         })
         .collect();
     let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-    let g = one_node(
-        &refs,
-        "iso_c",
-        vec![vec![0], (1..refs.len()).collect()],
-        params,
-    );
+    let slots = match method {
+        "iso_c" => vec![vec![0], (1..refs.len()).collect()],
+        _ => vec![vec![0]],
+    };
+    let g = one_node(&refs, method, slots, params);
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = dir.join(format!("out-{run}.safetensors"));
@@ -200,4 +212,130 @@ fn same_bytes_for_any_thread_count_and_budget_and_an_error_naming_the_key_when_i
         e.contains("`big`") && e.contains("ISO-C") && e.contains("needs a memory budget of"),
         "{e}"
     );
+}
+
+#[test]
+fn iso_z_shrinks_the_spectrum_towards_its_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, cols) = (9, 6);
+    let d = values(7, rows * cols);
+    let delta: Model = vec![
+        ("w", vec![rows, cols], d.clone()),
+        ("row", vec![1, 5], vec![1.0, -2.0, 3.0, 0.5, 0.0]),
+        ("b", vec![3], vec![1.0, 2.0, 3.0]),
+    ];
+    let z = |z: f64| {
+        let out = run(
+            "iso_z",
+            dir.path(),
+            std::slice::from_ref(&delta),
+            &[("z", Number(z))],
+            0,
+            GIB,
+        )
+        .unwrap();
+        (
+            read_f64(&out, "w"),
+            read_f64(&out, "row"),
+            read_f64(&out, "b"),
+        )
+    };
+    // z = 1: the delta itself; vectors and single-singular-value rows unchanged, for any z.
+    let (w, row, b) = z(1.0);
+    close(&w, &d, 1e-12);
+    for zz in [0.0, 0.8, 2.0] {
+        let (_, r, bb) = z(zz);
+        close(&r, &row, 1e-12);
+        close(&bb, &b, 0.0);
+    }
+    // z = 0: ISO-C of the delta (from a zero base).
+    let (w0, _, _) = z(0.0);
+    let zero: Model = vec![("w", vec![rows, cols], vec![0.0; rows * cols])];
+    let one: Model = vec![("w", vec![rows, cols], d.clone())];
+    let c = iso(dir.path(), &[zero, one], &[], 0, GIB).unwrap();
+    close(&w0, &read_f64(&c, "w"), 1e-12);
+    // z = 0.8: σ' = m + 0.8·(σ − m).
+    let sigma = singular_values(&d, rows, cols);
+    let m = sigma.iter().sum::<f64>() / sigma.len() as f64;
+    let want: Vec<f64> = sigma.iter().map(|s| m + 0.8 * (s - m)).collect();
+    let (w8, _, _) = z(0.8);
+    close(&singular_values(&w8, rows, cols), &want, 1e-12);
+}
+
+/// The DGMIZ pipeline of docs/recipes.md (DGMLA deltas → ISO-Z → base + delta) as one recipe
+/// gives the same bytes as its four steps run one by one through f32 files.
+#[test]
+fn the_dgmiz_recipe_equals_its_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = f32_pool(d, amalgam::layout::arch::Layout::SdxlSgm, 3, 32);
+    let base = d.join("base.safetensors");
+    let recipe = r#"
+[models]
+base = "base.safetensors"
+pool = "m*.safetensors"
+
+[nodes.dgmla]
+method = "dgmla"
+base = "base"
+models = ["pool"]
+
+[nodes.delta]
+method = "subtract"
+a = "dgmla"
+b = "base"
+
+[nodes.iso]
+method = "iso_z"
+delta = "delta"
+z = 0.8
+high_dim = "flatten"
+
+[nodes.dgmiz]
+method = "add"
+a = "base"
+b = "iso"
+
+[output]
+node = "dgmiz"
+"#;
+    let r = amalgam::recipe::parse(recipe, "dgmiz.toml", d).unwrap();
+    let opts = |out: &Path| {
+        let mut o = MergeOptions::new(out);
+        o.output_dtype = OutputDtype::F32;
+        o.seed = 3;
+        o
+    };
+    let whole = d.join("whole.safetensors");
+    merge(&r.graph, &opts(&whole), &NoProgress).unwrap();
+    let step =
+        |name: &str, inputs: &[&Path], method: &str, slots, params: &[(&str, ParamValue)]| {
+            let out = d.join(format!("step-{name}.safetensors"));
+            merge(
+                &one_node(inputs, method, slots, params),
+                &opts(&out),
+                &NoProgress,
+            )
+            .unwrap();
+            out
+        };
+    let mut all: Vec<&Path> = vec![&base];
+    let models: Vec<PathBuf> = pool.iter().filter(|p| **p != base).cloned().collect();
+    all.extend(models.iter().map(|p| p.as_path()));
+    let dgmla = step("dgmla", &all, "dgmla", vec![vec![0], vec![1, 2, 3]], &[]);
+    let delta = step(
+        "delta",
+        &[&dgmla, &base],
+        "subtract",
+        vec![vec![0], vec![1]],
+        &[],
+    );
+    let params = [("z", Number(0.8)), ("high_dim", Text("flatten".into()))];
+    let iso = step("iso", &[&delta], "iso_z", vec![vec![0]], &params);
+    let dgmiz = step("dgmiz", &[&base, &iso], "add", vec![vec![0], vec![1]], &[]);
+    let (a, b) = (all_f32(&whole), all_f32(&dgmiz));
+    assert_eq!(a.len(), b.len());
+    for (k, v) in &a {
+        assert_eq!(v, &b[k], "{k}");
+    }
 }

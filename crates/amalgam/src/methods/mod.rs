@@ -2,7 +2,7 @@
 //!
 //! - [`linear`]: weighted sums of models and task vectors;
 //! - [`delta`]: task-vector filtering (the TIES pipeline and its presets, DELLA, dropout);
-//! - [`svd`]: methods on the singular values of each matrix (ISO-C);
+//! - [`svd`]: methods on the singular values of each matrix (ISO-C, ISO-Z);
 //! - [`gram`]: combinations through the models' Gram matrix (geometric median, Karcher, model
 //!   stock, SLERP).
 //!
@@ -64,6 +64,7 @@ registry!(
     karcher::INFO => karcher::Karcher::new,
     slerp::INFO => slerp::Slerp::new,
     svd::iso_c::INFO => svd::iso_c::IsoC::new,
+    svd::iso_z::INFO => svd::iso_z::IsoZ::new,
 );
 
 /// The methods whose output depends on the run's seed (random masks): with their default

@@ -27,33 +27,39 @@ const PARAMS: &[ParamInfo] = &[
         1.0,
         "scale of the merged delta (the paper picks it in 0.1..3.0)",
     ),
-    ParamInfo::choice(
-        "high_dim",
-        &["vector", "flatten"],
-        "vector",
-        "keys of more than 2 dimensions: `vector` averages their task vectors like 1-D keys (the \
-         paper); `flatten` treats them as the matrix [out, rest] (the fork's `apply_high_dim`)",
-    ),
-    ParamInfo::choice(
-        "mean",
-        &["arithmetic", "geometric"],
-        "arithmetic",
-        "the mean the singular values are replaced by: `geometric` is the fork's `apply_exp` (0 \
-         when a singular value is 0)",
-    ),
+    HIGH_DIM,
+    MEAN,
 ];
 
-/// The options of the isotropic spectrum shared by ISO-C and its relatives.
+/// `high_dim`, declared once for the SVD family.
+pub(crate) const HIGH_DIM: ParamInfo = ParamInfo::choice(
+    "high_dim",
+    &["vector", "flatten"],
+    "vector",
+    "keys of more than 2 dimensions: `vector` treats them as 1-D keys (the paper); `flatten` as \
+     the matrix [out, rest] (the fork's `apply_high_dim`)",
+);
+
+/// `mean`, declared once for the SVD family.
+pub(crate) const MEAN: ParamInfo = ParamInfo::choice(
+    "mean",
+    &["arithmetic", "geometric"],
+    "arithmetic",
+    "the mean of the singular values: `geometric` is the fork's `apply_exp` (0 when a singular \
+     value is 0)",
+);
+
+/// How a key's spectrum is taken: which keys are matrices, and which mean (shared by ISO-C and
+/// ISO-Z).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Isotropic {
-    pub(crate) alpha: f64,
     pub(crate) high_dim: HighDim,
     pub(crate) mean: SpectrumMean,
 }
 
 impl Isotropic {
-    fn read(params: &mut Params) -> Result<Self> {
-        let alpha = params.number("alpha")?;
+    /// Reads `high_dim` and `mean`.
+    pub(crate) fn read(params: &mut Params) -> Result<Self> {
         let high_dim = match params.choice("high_dim")? {
             "flatten" => HighDim::Flatten,
             _ => HighDim::Vector,
@@ -62,21 +68,21 @@ impl Isotropic {
             "geometric" => SpectrumMean::Geometric,
             _ => SpectrumMean::Arithmetic,
         };
-        Ok(Isotropic {
-            alpha,
-            high_dim,
-            mean,
-        })
+        Ok(Isotropic { high_dim, mean })
     }
 }
 
-pub(crate) struct IsoC(Isotropic);
+pub(crate) struct IsoC {
+    alpha: f64,
+    iso: Isotropic,
+}
 
 impl IsoC {
     pub(crate) fn new(mut params: Params) -> Result<Self> {
+        let alpha = params.number("alpha")?;
         let iso = Isotropic::read(&mut params)?;
         params.finish()?;
-        Ok(IsoC(iso))
+        Ok(IsoC { alpha, iso })
     }
 }
 
@@ -89,16 +95,18 @@ impl<T: Real> Method<T> for IsoC {
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         Ok(Box::new(IsoKey {
-            iso: self.0,
+            alpha: self.alpha,
+            mean: self.iso.mean,
             key: ctx.key.to_string(),
-            matrix: matrix_shape(ctx.key, ctx.shape, self.0.high_dim),
+            matrix: matrix_shape(ctx.key, ctx.shape, self.iso.high_dim),
             delta: Vec::new(),
         }))
     }
 }
 
 struct IsoKey {
-    iso: Isotropic,
+    alpha: f64,
+    mean: SpectrumMean,
     key: String,
     /// `[rows, cols]` for a matrix key; `None` for the keys averaged.
     matrix: Option<(usize, usize)>,
@@ -106,17 +114,22 @@ struct IsoKey {
     delta: Vec<f64>,
 }
 
-/// `Σ_t τ_t` of a block, in f64; folded into the whole tensor.
-struct SumOfTaskVectors {
-    sum: Vec<f64>,
+/// A key's matrix in f64, block by block, folded into the whole tensor: `Σ_t τ_t` of the
+/// arguments after the base (`tasks`), or the one argument itself.
+pub(crate) struct WholeMatrix {
+    pub(crate) tasks: bool,
+    pub(crate) sum: Vec<f64>,
 }
 
-impl<T: Real> Pass<T> for SumOfTaskVectors {
+impl<T: Real> Pass<T> for WholeMatrix {
     type Block = Vec<f64>;
     fn block_bytes(&self, len: usize) -> usize {
         len * 8
     }
     fn block(&self, _range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
+        if !self.tasks {
+            return args[0].iter().map(|v| v.to_f64()).collect();
+        }
         let base = args[0];
         let mut s = vec![0f64; base.len()];
         for x in &args[1..] {
@@ -131,29 +144,38 @@ impl<T: Real> Pass<T> for SumOfTaskVectors {
     }
 }
 
+/// The unit of a key whose matrix is taken whole (`what` names the method), or element by element.
+pub(crate) fn matrix_unit(matrix: Option<(usize, usize)>, what: &'static str) -> Unit {
+    match matrix {
+        // Any chunks: the whole matrix is the pass's own (folded block by block).
+        Some((rows, cols)) => Unit {
+            len: 1,
+            bytes: svd_bytes(rows, cols),
+            what,
+        },
+        None => Unit::ELEMENT,
+    }
+}
+
 impl<T: Real> KeyMerge<T> for IsoKey {
     fn stat_passes(&self) -> usize {
         usize::from(self.matrix.is_some())
     }
     fn unit(&self) -> Unit {
-        match self.matrix {
-            // Any chunks: the whole matrix is the pass's own (folded block by block).
-            Some((rows, cols)) => Unit {
-                len: 1,
-                bytes: svd_bytes(rows, cols),
-                what: "the whole matrix of ISO-C and its SVD",
-            },
-            None => Unit::ELEMENT,
-        }
+        matrix_unit(self.matrix, "the whole matrix of ISO-C and its SVD")
     }
     fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
         let Some((rows, cols)) = self.matrix else {
             return Ok(());
         };
-        let sum = passes.run(SumOfTaskVectors { sum: Vec::new() })?.sum;
+        let pass = WholeMatrix {
+            tasks: true,
+            sum: Vec::new(),
+        };
+        let sum = passes.run(pass)?.sum;
         let (u, sigma, v) = thin_svd(&sum, rows, cols, &self.key)?;
         drop(sum);
-        let scale = self.iso.alpha * spectrum_mean(&sigma, self.iso.mean);
+        let scale = self.alpha * spectrum_mean(&sigma, self.mean);
         self.delta = scaled_polar(&u, &v, scale);
         Ok(())
     }
@@ -166,7 +188,7 @@ impl<T: Real> KeyMerge<T> for IsoKey {
             return;
         }
         // The mean of the task vectors.
-        let scale = T::from_f64(self.iso.alpha / (args.len() - 1).max(1) as f64);
+        let scale = T::from_f64(self.alpha / (args.len() - 1).max(1) as f64);
         out.fill(T::ZERO);
         for x in &args[1..] {
             for ((o, &v), &b) in out.iter_mut().zip(x.iter()).zip(base) {

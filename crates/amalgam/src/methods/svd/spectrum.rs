@@ -117,3 +117,25 @@ pub fn svd_bytes(rows: usize, cols: usize) -> u64 {
     let scratch = svd_scratch::<f64>(rows, cols, thin, thin, Par::Seq, Default::default());
     (8 * (2 * rows * cols + (rows + cols) * r + r)) as u64 + scratch.size_bytes() as u64
 }
+
+/// `U diag(s) Vᵀ`, row-major.
+pub fn reconstruct(u: &Mat<f64>, s: &[f64], v: &Mat<f64>) -> Vec<f64> {
+    let mut us = u.clone();
+    for (j, &sj) in s.iter().enumerate() {
+        for x in us.col_mut(j).iter_mut() {
+            *x *= sj;
+        }
+    }
+    let (rows, cols) = (u.nrows(), v.nrows());
+    let mut out = vec![0.0; rows * cols];
+    let dst = faer::MatMut::from_row_major_slice_mut(&mut out, rows, cols);
+    faer::linalg::matmul::matmul(
+        dst,
+        faer::Accum::Replace,
+        us.as_ref(),
+        v.transpose(),
+        1.0,
+        Par::Seq,
+    );
+    out
+}
