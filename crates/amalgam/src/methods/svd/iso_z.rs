@@ -3,8 +3,10 @@
 //! unchanged. Written in this cancelled form, a single singular value gives no NaN (the fork's
 //! z-score divides by a variance that is then 0).
 
-use super::iso_c::{matrix_unit, Isotropic, WholeMatrix, HIGH_DIM, MEAN};
-use super::spectrum::{matrix_shape, reconstruct, spectrum_mean, thin_svd};
+use super::iso_c::{
+    exact_note, matrix_unit, Isotropic, WholeMatrix, FACTORIZATION, HIGH_DIM, MEAN,
+};
+use super::spectrum::{matrix_shape, polar, spectrum_mean, Factorization};
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
@@ -34,6 +36,7 @@ pub static INFO: MethodInfo = MethodInfo {
         ),
         HIGH_DIM,
         MEAN,
+        FACTORIZATION,
     ],
 };
 
@@ -65,6 +68,7 @@ impl<T: Real> Method<T> for IsoZ {
             key: ctx.key.to_string(),
             matrix: matrix_shape(ctx.key, ctx.shape, self.iso.high_dim),
             delta: Vec::new(),
+            exact: false,
         }))
     }
 }
@@ -76,6 +80,8 @@ struct IsoZKey {
     matrix: Option<(usize, usize)>,
     /// After the pass: the delta with its spectrum shrunk, row-major (matrix keys).
     delta: Vec<f64>,
+    /// Whether `factorization = auto` fell back to an exact SVD (an ill-conditioned matrix).
+    exact: bool,
 }
 
 impl<T: Real> KeyMerge<T> for IsoZKey {
@@ -83,7 +89,7 @@ impl<T: Real> KeyMerge<T> for IsoZKey {
         usize::from(self.matrix.is_some())
     }
     fn unit(&self) -> Unit {
-        matrix_unit(self.matrix, "the whole matrix of ISO-Z and its SVD")
+        matrix_unit(self.matrix, "the whole matrix of ISO-Z and its factors")
     }
     fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
         let Some((rows, cols)) = self.matrix else {
@@ -93,13 +99,19 @@ impl<T: Real> KeyMerge<T> for IsoZKey {
             tasks: false,
             sum: Vec::new(),
         };
-        let delta = passes.run(pass)?.sum;
-        let (u, sigma, v) = thin_svd(&delta, rows, cols, &self.key)?;
-        drop(delta);
-        let m = spectrum_mean(&sigma, self.iso.mean);
-        let shrunk: Vec<f64> = sigma.iter().map(|&s| m + self.z * (s - m)).collect();
-        self.delta = reconstruct(&u, &shrunk, &v);
+        let mut delta = passes.run(pass)?.sum;
+        // U diag(m + z(σ − m)) Vᵀ = (1 − z)·m·U Vᵀ + z·Δ: the polar factor and the mean suffice.
+        let p = polar(&delta, rows, cols, self.iso.factorization, &self.key)?;
+        self.exact = p.exact && self.iso.factorization == Factorization::Auto;
+        let flat = (1.0 - self.z) * spectrum_mean(&p.sigma, self.iso.mean);
+        for (d, &f) in delta.iter_mut().zip(&p.factor) {
+            *d = flat * f + self.z * *d;
+        }
+        self.delta = delta;
         Ok(())
+    }
+    fn notes(&self) -> Vec<String> {
+        exact_note(self.exact)
     }
     fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]) {
         if self.matrix.is_some() {

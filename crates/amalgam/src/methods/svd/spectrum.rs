@@ -1,11 +1,13 @@
-//! The matrix view of a key, its thin SVD (faer, sequential, so the result does not depend on
-//! the thread count) and the mean of its spectrum.
+//! The matrix view of a key, its singular values and polar factor `U Vᵀ` (faer, sequential, so the
+//! result does not depend on the thread count), and the mean of its spectrum.
 
 use crate::error::{Error, Result};
 use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
+use faer::linalg::matmul::matmul;
 use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors};
-use faer::{Mat, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 /// How tensors of more than two dimensions are treated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,33 +111,140 @@ pub fn scaled_polar(u: &Mat<f64>, v: &Mat<f64>, scale: f64) -> Vec<f64> {
     out
 }
 
-/// The bytes [`thin_svd`] and [`scaled_polar`] of a `rows × cols` matrix take, with the matrix
-/// itself: the matrix and the product (`2·m·n`), U and V (`(m + n)·r`), and the SVD's scratch.
-pub fn svd_bytes(rows: usize, cols: usize) -> u64 {
-    let r = rows.min(cols);
+/// The bytes [`polar`] of a `rows × cols` matrix takes at most, with the matrix itself: the
+/// matrix and the factor (`2·m·n`), and the larger of the SVD's (U, V, σ and its scratch) and the
+/// Gram eigendecomposition's (three `k × k` matrices, `k = min(m, n)`, and its scratch).
+pub fn polar_bytes(rows: usize, cols: usize) -> u64 {
+    let k = rows.min(cols);
     let thin = ComputeSvdVectors::Thin;
-    let scratch = svd_scratch::<f64>(rows, cols, thin, thin, Par::Seq, Default::default());
-    (8 * (2 * rows * cols + (rows + cols) * r + r)) as u64 + scratch.size_bytes() as u64
+    let svd = svd_scratch::<f64>(rows, cols, thin, thin, Par::Seq, Default::default()).size_bytes()
+        + 8 * ((rows + cols) * k + k);
+    let yes = ComputeEigenvectors::Yes;
+    let gram = self_adjoint_evd_scratch::<f64>(k, yes, Par::Seq, Default::default()).size_bytes()
+        + 8 * (3 * k * k + k);
+    (8 * 2 * rows * cols + svd.max(gram)) as u64
 }
 
-/// `U diag(s) Vᵀ`, row-major.
-pub fn reconstruct(u: &Mat<f64>, s: &[f64], v: &Mat<f64>) -> Vec<f64> {
-    let mut us = u.clone();
-    for (j, &sj) in s.iter().enumerate() {
-        for x in us.col_mut(j).iter_mut() {
-            *x *= sj;
+/// How the singular values and the polar factor `U Vᵀ` of a matrix are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Factorization {
+    /// From the eigendecomposition of the smaller Gram matrix (`AᵀA` or `AAᵀ`, in f64):
+    /// `σ_i = √λ_i` and `U Vᵀ = A·W diag(1/σ) Wᵀ` (or `W diag(1/σ) Wᵀ·A`), when the matrix is well
+    /// conditioned (`σ_min ≥` [`GRAM_MIN_RATIO`]`·σ_max`, so that the squared condition number
+    /// costs at most about 8 of f64's 16 digits); an exact SVD otherwise (a rank-deficient or
+    /// ill-conditioned matrix). About 5 to 10 times faster than the SVD for square matrices.
+    Auto,
+    /// An exact thin SVD for every matrix.
+    Svd,
+}
+
+/// The smallest `σ_min / σ_max` for which [`Factorization::Auto`] keeps the Gram
+/// eigendecomposition's result.
+pub const GRAM_MIN_RATIO: f64 = 1e-4;
+
+/// A matrix's singular values (the `min(rows, cols)` of them, in no particular order) and its
+/// polar factor `U Vᵀ` (row-major, `rows × cols`).
+pub struct Polar {
+    /// The singular values.
+    pub sigma: Vec<f64>,
+    /// `U Vᵀ`, row-major.
+    pub factor: Vec<f64>,
+    /// Whether an exact SVD computed them (not the Gram eigendecomposition).
+    pub exact: bool,
+}
+
+/// The singular values and polar factor `U Vᵀ` of the row-major `rows × cols` matrix `a`.
+pub fn polar(a: &[f64], rows: usize, cols: usize, how: Factorization, key: &str) -> Result<Polar> {
+    if how == Factorization::Auto {
+        if let Some(p) = gram_polar(a, rows, cols, key)? {
+            return Ok(p);
         }
     }
-    let (rows, cols) = (u.nrows(), v.nrows());
-    let mut out = vec![0.0; rows * cols];
-    let dst = faer::MatMut::from_row_major_slice_mut(&mut out, rows, cols);
-    faer::linalg::matmul::matmul(
-        dst,
-        faer::Accum::Replace,
-        us.as_ref(),
-        v.transpose(),
+    let (u, sigma, v) = thin_svd(a, rows, cols, key)?;
+    Ok(Polar {
+        sigma,
+        factor: scaled_polar(&u, &v, 1.0),
+        exact: true,
+    })
+}
+
+/// [`Factorization::Auto`]'s first try: the polar factor from the Gram matrix's
+/// eigendecomposition, or `None` when the matrix is too ill-conditioned for it.
+fn gram_polar(a: &[f64], rows: usize, cols: usize, key: &str) -> Result<Option<Polar>> {
+    let m = MatRef::from_row_major_slice(a, rows, cols);
+    let tall = rows >= cols;
+    let k = rows.min(cols);
+    // G = AᵀA (tall) or AAᵀ (wide): k × k.
+    let (x, y) = if tall {
+        (m.transpose(), m)
+    } else {
+        (m, m.transpose())
+    };
+    let mut g = Mat::<f64>::zeros(k, k);
+    matmul(g.as_mut(), Accum::Replace, x, y, 1.0, Par::Seq);
+    let mut w = Mat::<f64>::zeros(k, k);
+    let mut lambda = Diag::<f64>::zeros(k);
+    let yes = ComputeEigenvectors::Yes;
+    let scratch = self_adjoint_evd_scratch::<f64>(k, yes, Par::Seq, Default::default());
+    let mut mem = MemBuffer::new(scratch);
+    let stack = MemStack::new(&mut mem);
+    self_adjoint_evd(
+        g.as_ref(),
+        lambda.as_mut(),
+        Some(w.as_mut()),
+        Par::Seq,
+        stack,
+        Default::default(),
+    )
+    .map_err(|e| {
+        Error::Invalid(format!(
+            "`{key}`: the eigendecomposition of its {k}x{k} Gram matrix failed: {e:?}"
+        ))
+    })?;
+    drop(g);
+    let sigma: Vec<f64> = (0..k).map(|i| lambda[i].max(0.0).sqrt()).collect();
+    let top = sigma.iter().copied().fold(0.0, f64::max);
+    let bottom = sigma.iter().copied().fold(f64::INFINITY, f64::min);
+    if top == 0.0 {
+        // The zero matrix: every singular value is 0, and so is σ̄·U Vᵀ for any U, V.
+        return Ok(Some(Polar {
+            sigma,
+            factor: vec![0.0; rows * cols],
+            exact: false,
+        }));
+    }
+    if !(bottom >= GRAM_MIN_RATIO * top) {
+        return Ok(None);
+    }
+    // (AᵀA)^(-1/2) = W diag(1/σ) Wᵀ.
+    let mut ws = w.clone();
+    for (j, &s) in sigma.iter().enumerate() {
+        ws.col_mut(j).iter_mut().for_each(|v| *v /= s);
+    }
+    let mut inv_root = Mat::<f64>::zeros(k, k);
+    matmul(
+        inv_root.as_mut(),
+        Accum::Replace,
+        ws.as_ref(),
+        w.transpose(),
         1.0,
         Par::Seq,
     );
-    out
+    drop((w, ws));
+    let mut factor = vec![0.0; rows * cols];
+    let dst = MatMut::from_row_major_slice_mut(&mut factor, rows, cols);
+    if tall {
+        matmul(dst, Accum::Replace, m, inv_root.as_ref(), 1.0, Par::Seq);
+    } else {
+        matmul(dst, Accum::Replace, inv_root.as_ref(), m, 1.0, Par::Seq);
+    }
+    Ok(Some(Polar {
+        sigma,
+        factor,
+        exact: false,
+    }))
 }
+
+#[cfg(test)]
+#[path = "spectrum_tests.rs"]
+mod tests;

@@ -1,0 +1,149 @@
+//! Differential tests of the SVD family against the references in `tests/fixtures/svd.json`
+//! (made offline by `tools/svd_fixtures.py`; CI does not need Python): numpy written from the spec
+//! for `iso_c`, `iso_z` and `iso_cts` (`iso_cts` also checked there against the official
+//! iso-merging code), sd-mecha 1.1.8 itself for `truncate_rank`. Every case is merged in f64 from
+//! real safetensors files, with both factorizations where the method has the choice.
+
+mod common;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::method::ParamValue::{self, Number, Text};
+use amalgam::real::ComputeDtype;
+use amalgam::{merge, MergeOptions, NoProgress};
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/svd.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A tensor `{shape, values}` (nested, row-major) as (shape, flat values).
+fn tensor(v: &Value) -> (Vec<usize>, Vec<f64>) {
+    fn flatten(v: &Value, out: &mut Vec<f64>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
+            x => out.push(x.as_f64().unwrap()),
+        }
+    }
+    let shape = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let mut values = Vec::new();
+    flatten(&v["values"], &mut values);
+    (shape, values)
+}
+
+/// The case's inputs in slot order, with the slots they fill.
+fn inputs(case: &Value) -> (Vec<&Value>, Vec<Vec<usize>>) {
+    let i = &case["inputs"];
+    if let Some(models) = i["models"].as_array() {
+        let mut all = vec![&i["base"]];
+        all.extend(models.iter());
+        let n = all.len();
+        return (all, vec![vec![0], (1..n).collect()]);
+    }
+    if !i["b"].is_null() {
+        return (vec![&i["a"], &i["b"]], vec![vec![0], vec![1]]);
+    }
+    let one = if i["delta"].is_null() {
+        &i["a"]
+    } else {
+        &i["delta"]
+    };
+    (vec![one], vec![vec![0]])
+}
+
+/// Runs the case (its inputs written as key `w`) with extra parameters; the output's `w`.
+fn run(dir: &Path, case: &Value, extra: &[(&str, ParamValue)]) -> Vec<f64> {
+    let (tensors, slots) = inputs(case);
+    let paths: Vec<PathBuf> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (shape, values) = tensor(t);
+            write_file(
+                &dir.join(format!("in{i}.safetensors")),
+                &[f64t("w", &shape, &values)],
+                true,
+            )
+        })
+        .collect();
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let mut params: Vec<(&str, ParamValue)> = case["params"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let value = match v {
+                Value::String(s) => Text(s.clone()),
+                x => Number(x.as_f64().unwrap()),
+            };
+            (k.as_str(), value)
+        })
+        .collect();
+    params.extend(extra.iter().cloned());
+    let g = one_node(&refs, case["method"].as_str().unwrap(), slots, &params);
+    let out = dir.join("out.safetensors");
+    let _ = std::fs::remove_file(&out);
+    let mut o = MergeOptions::new(&out);
+    o.output_dtype = OutputDtype::F64;
+    o.compute_dtype = ComputeDtype::F64;
+    merge(&g, &o, &NoProgress).unwrap();
+    read_f64(&out, "w")
+}
+
+/// Runs every case of `method` (with each of `variants` added to its parameters) and compares
+/// with the reference: `|x − e| ≤ 1e-9·max(1, gain)·max(1, max|e|)`, the gain being how much the
+/// output moves for a nudge of the inputs (measured by the fixture script).
+fn check(method: &str, variants: &[&[(&str, ParamValue)]]) {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ran = 0;
+    for case in f["cases"].as_array().unwrap() {
+        if case["method"] != method {
+            continue;
+        }
+        let name = case["name"].as_str().unwrap();
+        let (_, want) = tensor(&case["expected"]);
+        let gain = case["diagnostics"]["perturbation_gain"]
+            .as_f64()
+            .unwrap_or(1.0);
+        let scale = want.iter().fold(1f64, |m, x| m.max(x.abs()));
+        let tol = 1e-9 * gain.max(1.0) * scale;
+        for extra in variants {
+            let got = run(dir.path(), case, extra);
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= tol,
+                    "{name} {extra:?}: element {i}: {g} vs {w} (tolerance {tol:e})"
+                );
+            }
+        }
+        ran += 1;
+    }
+    assert!(ran >= 4, "{method}: only {ran} cases in the fixtures");
+}
+
+fn factorizations() -> [Vec<(&'static str, ParamValue)>; 2] {
+    [
+        vec![("factorization", Text("auto".into()))],
+        vec![("factorization", Text("svd".into()))],
+    ]
+}
+
+#[test]
+fn iso_c_equals_the_numpy_reference() {
+    let [auto, svd] = factorizations();
+    check("iso_c", &[&auto, &svd]);
+}
+
+#[test]
+fn iso_z_equals_the_numpy_reference() {
+    let [auto, svd] = factorizations();
+    check("iso_z", &[&auto, &svd]);
+}
