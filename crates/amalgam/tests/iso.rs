@@ -1,4 +1,4 @@
-//! ISO-C and ISO-Z (spec §12-§13). ISO-C: hand-computed small matrices, the flat spectrum of its output on random
+//! ISO-C, ISO-CTS and ISO-Z (spec §12-§13). ISO-C: hand-computed small matrices, the flat spectrum of its output on random
 //! matrices (checked with an SVD of the output), the keys it averages, determinism, and the
 //! budget error for a matrix that does not fit. ISO-Z: z = 1 is the delta, z = 0 is ISO-C of it,
 //! other z shrink the spectrum as `m + z·(σ − m)`, one singular value gives no NaN.
@@ -44,7 +44,7 @@ fn run(
         .collect();
     let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
     let slots = match method {
-        "iso_c" => vec![vec![0], (1..refs.len()).collect()],
+        "iso_c" | "iso_cts" => vec![vec![0], (1..refs.len()).collect()],
         _ => vec![vec![0]],
     };
     let g = one_node(&refs, method, slots, params);
@@ -338,4 +338,32 @@ node = "dgmiz"
     for (k, v) in &a {
         assert_eq!(v, &b[k], "{k}");
     }
+}
+
+/// ISO-CTS: with the whole rank common (f = 1) it is ISO-C; otherwise its delta still has a
+/// flat spectrum (the mean of the kept singular values), of full rank; the same bytes for any
+/// thread count and budget.
+#[test]
+fn iso_cts_is_iso_c_with_a_common_fraction_of_one_and_flat_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, cols) = (14, 10);
+    let pool: Vec<Model> = (0..4)
+        .map(|m| vec![("w", vec![rows, cols], values(20 + m, rows * cols))])
+        .collect();
+    let cts = |f: f64, threads: usize, budget: u64| {
+        let params = [("common_space_fraction", Number(f))];
+        let out = run("iso_cts", dir.path(), &pool, &params, threads, budget).unwrap();
+        read_f64(&out, "w")
+    };
+    let c = read_f64(&iso(dir.path(), &pool, &[], 0, GIB).unwrap(), "w");
+    close(&cts(1.0, 0, GIB), &c, 1e-12);
+    // f = 0.5, three tasks: r = 10, k = 5, s = round(5/3) = 2, k = 10 - 6 = 4.
+    let out = cts(0.5, 1, GIB);
+    assert_ne!(out, c);
+    let base = &pool[0][0].2;
+    let delta: Vec<f64> = out.iter().zip(base).map(|(o, b)| o - b).collect();
+    let sigma = singular_values(&delta, rows, cols);
+    assert_eq!(sigma.len(), cols);
+    close(&sigma, &vec![sigma[0]; cols], 1e-9 * sigma[0]);
+    assert_eq!(cts(0.5, 2, 8 << 20), out);
 }

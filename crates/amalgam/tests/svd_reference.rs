@@ -147,3 +147,8 @@ fn iso_z_equals_the_numpy_reference() {
     let [auto, svd] = factorizations();
     check("iso_z", &[&auto, &svd]);
 }
+
+#[test]
+fn iso_cts_equals_the_reference() {
+    check("iso_cts", &[&[]]);
+}

@@ -64,6 +64,7 @@ registry!(
     karcher::INFO => karcher::Karcher::new,
     slerp::INFO => slerp::Slerp::new,
     svd::iso_c::INFO => svd::iso_c::IsoC::new,
+    svd::iso_cts::INFO => svd::iso_cts::IsoCts::new,
     svd::iso_z::INFO => svd::iso_z::IsoZ::new,
 );
 

@@ -3,9 +3,8 @@
 //! unchanged. Written in this cancelled form, a single singular value gives no NaN (the fork's
 //! z-score divides by a variance that is then 0).
 
-use super::iso_c::{
-    exact_note, matrix_unit, Isotropic, WholeMatrix, FACTORIZATION, HIGH_DIM, MEAN,
-};
+use super::shared::{exact_note, matrix_unit, Isotropic, Source, WholeMatrix};
+use super::shared::{FACTORIZATION, HIGH_DIM, MEAN};
 use super::spectrum::{matrix_shape, polar, spectrum_mean, Factorization};
 use crate::error::Result;
 use crate::method::*;
@@ -95,11 +94,7 @@ impl<T: Real> KeyMerge<T> for IsoZKey {
         let Some((rows, cols)) = self.matrix else {
             return Ok(());
         };
-        let pass = WholeMatrix {
-            tasks: false,
-            sum: Vec::new(),
-        };
-        let mut delta = passes.run(pass)?.sum;
+        let mut delta = passes.run(WholeMatrix::new(Source::First))?.sum;
         // U diag(m + z(σ − m)) Vᵀ = (1 − z)·m·U Vᵀ + z·Δ: the polar factor and the mean suffice.
         let p = polar(&delta, rows, cols, self.iso.factorization, &self.key)?;
         self.exact = p.exact && self.iso.factorization == Factorization::Auto;

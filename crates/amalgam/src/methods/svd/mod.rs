@@ -1,9 +1,12 @@
 //! Methods on the singular values of a key's matrix (spec §12-§13): ISO-C flattens the spectrum
-//! of the summed task vectors, ISO-Z shrinks the spectrum of a delta towards its mean. They need
+//! of the summed task vectors, ISO-CTS flattens it over a common subspace joined with
+//! task-specific ones, ISO-Z shrinks the spectrum of a delta towards its mean. They need
 //! the whole matrix of a key at once: a statistic pass accumulates it (one tensor in f64,
 //! whatever the number of models), the factors are computed from it, and the output pass writes
 //! from them.
 
 pub mod iso_c;
+pub mod iso_cts;
 pub mod iso_z;
+mod shared;
 pub(crate) mod spectrum;
