@@ -461,7 +461,7 @@ def truncate_rank_cases():
             diag["sigma"] = np.linalg.svd(a.reshape(a.shape[0], -1), compute_uv=False).tolist()
         out.append({
             "name": f"truncate_rank/{name}", "method": "truncate_rank",
-            "params": {"rank": rank, "method": "exact"},
+            "params": {"rank": rank, "svd": "exact"},
             "sd_mecha_method": "truncate_rank",
             "sd_mecha_params": sdm_params,
             "sd_mecha_call": "sd_mecha.extensions.merge_methods.resolve('truncate_rank').__wrapped__(a, **sd_mecha_params)",
@@ -640,7 +640,7 @@ def main():
             "iso_z": {"z": "fork z_cof", "high_dim": "fork apply_high_dim", "mean": "fork apply_exp"},
             "iso_cts": {"alpha": "paper scaling_coef", "common_space_fraction": "config method.common_space_fraction (0.8)",
                         "high_dim": "amalgam extension (upstream: 2-D only)"},
-            "truncate_rank": {"rank": "rank", "method": "exact <-> use_approximate_basis=False, randomized <-> True"},
+            "truncate_rank": {"rank": "rank", "svd": "exact <-> use_approximate_basis=False, randomized <-> True"},
             "rotate": {"alignment": "alignment", "alpha": "alpha", "centralization": "centralization"},
         },
         "sd_mecha_signatures": {

@@ -70,6 +70,17 @@ pub fn draws(seed: u64, key: &str, model: u64, start: usize, out: &mut [u16]) {
     Stream::new(seed, key, model, start).fill(out)
 }
 
+/// Uniform values in `[-1, 1)` (53 bits each, one 64-bit word of the stream of `(seed, key,
+/// stream)` per value, from value 0): the test matrices of randomized SVDs. Plain arithmetic on
+/// the words, so every platform gets the same values.
+pub fn uniform_signed(seed: u64, key: &str, stream: u64, out: &mut [f64]) {
+    let mut rng = ChaCha8Rng::from_seed(key_seed(seed, key));
+    rng.set_stream(stream);
+    for x in out {
+        *x = (rng.next_u64() >> 11) as f64 * (2.0 / (1u64 << 53) as f64) - 1.0;
+    }
+}
+
 /// The draw threshold of a Bernoulli trial that succeeds with probability `q`: a draw `d`
 /// succeeds when `d < threshold(q)` (exact to 2^-16; q ≥ 1 always, q ≤ 0 never).
 #[inline]

@@ -152,3 +152,8 @@ fn iso_z_equals_the_numpy_reference() {
 fn iso_cts_equals_the_reference() {
     check("iso_cts", &[&[]]);
 }
+
+#[test]
+fn truncate_rank_equals_sd_mecha() {
+    check("truncate_rank", &[&[]]);
+}

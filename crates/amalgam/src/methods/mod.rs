@@ -66,6 +66,7 @@ registry!(
     svd::iso_c::INFO => svd::iso_c::IsoC::new,
     svd::iso_cts::INFO => svd::iso_cts::IsoCts::new,
     svd::iso_z::INFO => svd::iso_z::IsoZ::new,
+    svd::truncate_rank::INFO => svd::truncate_rank::TruncateRank::new,
 );
 
 /// The methods whose output depends on the run's seed (random masks): with their default
