@@ -20,6 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use commands::extract_lora::*;
 use commands::inspect::*;
 use commands::merge::*;
 pub(crate) use commands::merge::{merge_options, run_merge};
@@ -51,6 +52,8 @@ enum Command {
     Demo(DemoArgs),
     /// Complete a pruned model (e.g. one without its VAE) from a base model of its architecture.
     Repair(RepairArgs),
+    /// Extract a fine-tune's difference from its base as a kohya LoRA (LoCon for convolutions).
+    ExtractLora(ExtractLoraArgs),
     /// Recipe tools: `recipe convert IN OUT` between amalgam's TOML and sd-mecha's .mecha.
     Recipe(RecipeArgs),
     /// List the merge methods and their parameters (presets as their overrides), or one whole.
@@ -107,6 +110,7 @@ fn main() {
         Command::Synth(a) => cmd_synth(a),
         Command::Demo(a) => demo::run(a.keep, a.force),
         Command::Repair(a) => cmd_repair(a),
+        Command::ExtractLora(a) => cmd_extract_lora(a),
         Command::Recipe(a) => cmd_recipe(a),
         Command::Methods(a) => {
             signals::default_sigpipe();

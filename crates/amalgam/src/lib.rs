@@ -19,6 +19,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod extract;
 pub mod io;
 pub mod layout;
 pub mod method;

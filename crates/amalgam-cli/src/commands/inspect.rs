@@ -67,8 +67,8 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
             .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
     );
     let names: Vec<&str> = m.tensors().keys().map(String::as_str).collect();
-    if amalgam::layout::formats::is_lora(&names) {
-        let (layout, modules, unknown) = amalgam::layout::formats::lora_modules(&names);
+    if amalgam::layout::lora::is_lora(&names) {
+        let (layout, modules, unknown) = amalgam::layout::lora::lora_modules(&names);
         match layout {
             Some(l) => println!(
                 "architecture: a kohya LoRA for {l}: {} modules map to its keys{}",

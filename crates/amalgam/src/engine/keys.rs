@@ -35,7 +35,8 @@ pub(super) enum View {
     Concat3 { part: u64, second: u64, third: u64 },
     /// Stored transposed: the file's tensor is `[rows, cols]`.
     Transposed { rows: u64, cols: u64 },
-    /// The delta of a LoRA module: `scale · up · down`, spec `i` of the row's `lora`.
+    /// The delta of LoRA modules: `scale · up · down` of each module of entry `i` of the row's
+    /// `lora`, stacked along the rows (one module for most keys; q, k and v for a fused one).
     Lora(u32),
 }
 
@@ -54,6 +55,33 @@ pub(super) struct LoraSpec {
     pub(super) scale: f64,
 }
 
+impl LoraSpec {
+    /// Elements `start..start + dst.len()` of `scale · up · down`.
+    fn delta<T: Real>(
+        &self,
+        model: &ModelFile,
+        start: usize,
+        dst: &mut [T],
+        scratch: &mut Vec<u64>,
+    ) -> Result<()> {
+        let mut up = vec![T::ZERO; self.out * self.rank];
+        let mut down = vec![T::ZERO; self.rank * self.inner];
+        model.decode(self.up, self.up_dtype, 0, &mut up, scratch)?;
+        model.decode(self.down, self.down_dtype, 0, &mut down, scratch)?;
+        let scale = T::from_f64(self.scale);
+        for (k, d) in dst.iter_mut().enumerate() {
+            let e = start + k;
+            let (o, c) = (e / self.inner, e % self.inner);
+            let mut sum = T::ZERO;
+            for r in 0..self.rank {
+                sum += up[o * self.rank + r] * down[r * self.inner + c];
+            }
+            *d = sum * scale;
+        }
+        Ok(())
+    }
+}
+
 impl Loc {
     /// Decodes elements `start..start + dst.len()` of the key of `row`; returns whether they
     /// are all finite (checked as they are decoded, see [`crate::io::non_finite`]).
@@ -68,20 +96,17 @@ impl Loc {
         let dtype = FloatDtype::from_safetensors(self.dtype).expect("float key");
         match row.view(self) {
             View::Lora(i) => {
-                let sp = &row.lora[i as usize];
-                let mut up = vec![T::ZERO; sp.out * sp.rank];
-                let mut down = vec![T::ZERO; sp.rank * sp.inner];
-                model.decode(sp.up, sp.up_dtype, 0, &mut up, scratch)?;
-                model.decode(sp.down, sp.down_dtype, 0, &mut down, scratch)?;
-                let scale = T::from_f64(sp.scale);
-                for (k, d) in dst.iter_mut().enumerate() {
-                    let e = start + k;
-                    let (o, c) = (e / sp.inner, e % sp.inner);
-                    let mut sum = T::ZERO;
-                    for r in 0..sp.rank {
-                        sum += up[o * sp.rank + r] * down[r * sp.inner + c];
+                // The modules' elements in order: module `p` covers its `out · inner` elements.
+                let (mut first, mut at) = (0, 0);
+                for sp in &row.lora[i as usize] {
+                    let len = sp.out * sp.inner;
+                    let (lo, hi) = (start.max(first), (start + dst.len()).min(first + len));
+                    if lo < hi {
+                        let part = &mut dst[at..at + (hi - lo)];
+                        sp.delta(model, lo - first, part, scratch)?;
+                        at += hi - lo;
                     }
-                    *d = sum * scale;
+                    first += len;
                 }
                 Ok(crate::io::non_finite::all_finite(dst))
             }
@@ -133,7 +158,7 @@ pub(super) struct KeyRow {
     /// Per model, where it stores the key.
     pub(super) locs: Vec<Option<Loc>>,
     /// The LoRA modules of the inputs that are LoRA files (see [`View::Lora`]).
-    pub(super) lora: Vec<LoraSpec>,
+    pub(super) lora: Vec<Vec<LoraSpec>>,
     /// The views of the locations that are not plain.
     pub(super) views: Vec<View>,
 }
@@ -235,7 +260,7 @@ impl KeyTable {
         name: &str,
         shape: Vec<usize>,
         mut loc: Place,
-        lora: Option<LoraSpec>,
+        lora: Option<Vec<LoraSpec>>,
         paths: &[&Path],
     ) -> Result<()> {
         {

@@ -4,7 +4,7 @@
 use super::*;
 
 /// One key of a model as the engine sees it.
-pub(super) type ViewedKey = (String, Vec<usize>, Place, Option<LoraSpec>);
+pub(super) type ViewedKey = (String, Vec<usize>, Place, Option<Vec<LoraSpec>>);
 
 /// A model's keys as the engine sees them, the layout it counts as, and notes for the report.
 pub(super) struct Viewed {
@@ -32,7 +32,7 @@ pub(super) fn unit_dims_like(mut shape: Vec<usize>, to: Layout, key: &str) -> Ve
 pub(super) fn lora_keys(model: &ModelFile, path: &Path) -> Result<Viewed> {
     let tensors = model.tensors();
     let names: Vec<&str> = tensors.keys().map(String::as_str).collect();
-    let (layout, modules, unknown) = crate::layout::formats::lora_modules(&names);
+    let (layout, modules, unknown) = crate::layout::lora::lora_modules(&names);
     let Some(to) = layout else {
         return Err(Error::Invalid(format!(
             "{}: a LoRA file, but none of its modules names an SD1 or SDXL key (e.g. `{}`)",
@@ -47,67 +47,107 @@ pub(super) fn lora_keys(model: &ModelFile, path: &Path) -> Result<Viewed> {
         })?;
         Ok((e, d))
     };
-    let mut keys = Vec::new();
+    // The modules of each target, in row-block order.
+    let mut targets: BTreeMap<&str, Vec<&crate::layout::lora::LoraModule>> = BTreeMap::new();
     for m in &modules {
-        let (up, up_dtype) = float(&m.up)?;
-        let (down, down_dtype) = float(&m.down)?;
-        let rank = *down.shape.first().unwrap_or(&0);
-        let out = *up.shape.first().unwrap_or(&0);
-        if rank == 0 || up.shape.get(1) != Some(&rank) || up.numel() != out * rank {
-            return Err(Error::Invalid(format!(
-                "{}: LoRA module `{}`: up {:?} and down {:?} do not share a rank",
-                path.display(),
-                m.up.trim_end_matches(".lora_up.weight"),
-                up.shape,
-                down.shape
-            )));
+        targets.entry(m.target.as_str()).or_default().push(m);
+    }
+    let mut keys = Vec::new();
+    let mut incomplete = Vec::new();
+    for (target, mut parts) in targets {
+        parts.sort_by_key(|m| m.part.0);
+        if parts.len() != parts[0].part.1 {
+            // A fused key needs all its parts (q, k and v) to be one delta.
+            incomplete.extend(
+                parts
+                    .iter()
+                    .map(|m| m.up.trim_end_matches(".lora_up.weight")),
+            );
+            continue;
         }
-        let alpha = match &m.alpha {
-            Some(a) => {
-                let (e, d) = float(a)?;
-                let mut v = [0f64];
-                model.decode(e.offset, d, 0, &mut v, &mut Vec::new())?;
-                v[0]
-            }
-            None => rank as f64,
-        };
+        let mut specs = Vec::new();
+        for m in &parts {
+            specs.push(module_spec(model, path, m, &float)?);
+        }
+        let out: usize = specs.iter().map(|s| s.out).sum();
         let mut shape = vec![out];
+        let down = &tensors[&parts[0].down];
         shape.extend_from_slice(&down.shape[1..]);
-        let shape = unit_dims_like(shape, to, &m.target);
-        let spec = LoraSpec {
-            up: up.offset,
-            up_dtype,
-            down: down.offset,
-            down_dtype,
-            out,
-            rank,
-            inner: down.numel() / rank,
-            scale: alpha / rank as f64,
-        };
+        let shape = unit_dims_like(shape, to, target);
+        let up = &tensors[&parts[0].up];
         let loc = Place {
             offset: up.offset,
             dtype: up.dtype,
             view: View::Plain,
         };
-        keys.push((m.target.clone(), shape, loc, Some(spec)));
+        keys.push((target.to_string(), shape, loc, Some(specs)));
     }
+    let modules_read = modules.len() - incomplete.len();
     let mut notes = vec![format!(
-        "{}: a LoRA for {to}: {} modules read as deltas",
+        "{}: a LoRA for {to}: {modules_read} modules read as deltas",
         path.display(),
-        modules.len()
     )];
     if !unknown.is_empty() {
         notes.push(format!(
-            "{}: {} LoRA modules left out: they name no whole key of {to} (e.g. `{}`; CLIP-G q/k/v are parts of a fused key)",
+            "{}: {} LoRA modules left out: they name no key of {to} (e.g. `{}`)",
             path.display(),
             unknown.len(),
             unknown[0]
+        ));
+    }
+    if !incomplete.is_empty() {
+        notes.push(format!(
+            "{}: {} LoRA modules left out: they are some but not all parts of a fused key (e.g. `{}` without its q/k/v siblings)",
+            path.display(),
+            incomplete.len(),
+            incomplete[0]
         ));
     }
     Ok(Viewed {
         keys,
         layout: Some(to),
         notes,
+    })
+}
+
+/// One LoRA module's factors, checked.
+fn module_spec<'a>(
+    model: &ModelFile,
+    path: &Path,
+    m: &crate::layout::lora::LoraModule,
+    float: &impl Fn(&str) -> Result<(&'a crate::io::input::TensorEntry, FloatDtype)>,
+) -> Result<LoraSpec> {
+    let (up, up_dtype) = float(&m.up)?;
+    let (down, down_dtype) = float(&m.down)?;
+    let rank = *down.shape.first().unwrap_or(&0);
+    let out = *up.shape.first().unwrap_or(&0);
+    if rank == 0 || up.shape.get(1) != Some(&rank) || up.numel() != out * rank {
+        return Err(Error::Invalid(format!(
+            "{}: LoRA module `{}`: up {:?} and down {:?} do not share a rank",
+            path.display(),
+            m.up.trim_end_matches(".lora_up.weight"),
+            up.shape,
+            down.shape
+        )));
+    }
+    let alpha = match &m.alpha {
+        Some(a) => {
+            let (e, d) = float(a)?;
+            let mut v = [0f64];
+            model.decode(e.offset, d, 0, &mut v, &mut Vec::new())?;
+            v[0]
+        }
+        None => rank as f64,
+    };
+    Ok(LoraSpec {
+        up: up.offset,
+        up_dtype,
+        down: down.offset,
+        down_dtype,
+        out,
+        rank,
+        inner: down.numel() / rank,
+        scale: alpha / rank as f64,
     })
 }
 
@@ -121,7 +161,7 @@ pub(super) fn viewed_keys(
 ) -> Result<Viewed> {
     let tensors = model.tensors();
     let names: Vec<&str> = tensors.keys().map(String::as_str).collect();
-    if crate::layout::formats::is_lora(&names) {
+    if crate::layout::lora::is_lora(&names) {
         return lora_keys(model, path);
     }
     let plain = |e: &crate::io::input::TensorEntry| Place {

@@ -1,0 +1,378 @@
+//! LoRA extraction: a fine-tune's difference from its base, `Δ = tuned − base`, as a kohya LoRA
+//! (LoCon for convolutions) of rank at most R per module:
+//!
+//! ```text
+//! Δ as [out, rest] = U diag(σ) Vᵀ  →  lora_up = U_r·diag(√σ_r),  lora_down = diag(√σ_r)·V_rᵀ,  alpha = r
+//! ```
+//!
+//! so that `lora_up · lora_down · alpha / r = U_r diag(σ_r) V_rᵀ`, the best rank-r approximation
+//! of `Δ`. Module names are kohya's (`lora_unet_…`, `lora_te_…`, `lora_te1_…`, `lora_te2_…`), as
+//! amalgam's own LoRA baking, ComfyUI and A1111 read them; a fused key (CLIP-G's `in_proj_weight`)
+//! gives one module per part. Keys are done one at a time per thread, each with an exact SVD in
+//! f64 (sequential: the same bytes for any thread count); the factors are kept until the file is
+//! written, so memory is the output's size plus one key's working set per thread.
+
+use crate::error::{Error, Result};
+use crate::io::dtype::OutputDtype;
+use crate::io::input::ModelFile;
+use crate::io::output::{OutputFile, OutputTensor};
+use crate::layout::arch::Layout;
+use crate::methods::svd::spectrum::thin_svd;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// How the rank of each module is chosen (never above [`ExtractOptions::rank`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RankRule {
+    /// The maximum rank for every module.
+    Fixed,
+    /// `round(f·min(out, rest))`, at least 1.
+    Ratio(f64),
+    /// The smallest rank keeping this fraction of the delta's energy `‖Δ‖²_F = Σσ²`.
+    Energy(f64),
+}
+
+/// What to extract and where.
+#[derive(Clone, Debug)]
+pub struct ExtractOptions {
+    /// The fine-tuned model.
+    pub tuned: PathBuf,
+    /// Its base.
+    pub base: PathBuf,
+    /// The LoRA file written.
+    pub output: PathBuf,
+    /// The largest rank of a module.
+    pub rank: usize,
+    /// How each module's rank is chosen.
+    pub rule: RankRule,
+    /// The dtype of the factors.
+    pub dtype: OutputDtype,
+    /// Worker threads (0 = one per core).
+    pub threads: usize,
+    /// Replace an existing output.
+    pub overwrite: bool,
+}
+
+/// One module extracted.
+#[derive(Clone, Debug)]
+pub struct ModuleReport {
+    /// The kohya module name.
+    pub module: String,
+    /// The model key (original layout) it comes from.
+    pub key: String,
+    /// `[out, rest]` of the delta.
+    pub shape: (usize, usize),
+    /// Which row block of the key it is, of how many (`(0, 1)` but for fused keys).
+    pub part: (usize, usize),
+    /// The rank kept.
+    pub rank: usize,
+    /// The fraction of the delta's energy `Σσ²` kept (1 for a zero delta).
+    pub energy: f64,
+}
+
+/// What an extraction did.
+#[derive(Clone, Debug, Default)]
+pub struct ExtractReport {
+    /// The architecture of the models.
+    pub layout: Option<String>,
+    /// The modules written, by name.
+    pub modules: Vec<ModuleReport>,
+    /// Keys that can have a module but whose delta is zero (no module written).
+    pub unchanged: Vec<String>,
+    /// Keys without a LoRA module (biases, norms, embeddings, the VAE), changed by the fine-tune:
+    /// a LoRA cannot carry them.
+    pub not_carried: Vec<String>,
+    /// The file written.
+    pub output: PathBuf,
+}
+
+impl ExtractReport {
+    /// The smallest energy fraction kept by any module, and its module.
+    pub fn worst(&self) -> Option<&ModuleReport> {
+        self.modules
+            .iter()
+            .min_by(|a, b| a.energy.total_cmp(&b.energy))
+    }
+}
+
+impl std::fmt::Display for ExtractReport {
+    /// The summary: modules, ranks, the energy kept (least and mean), what a LoRA cannot carry.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.modules.len();
+        let ranks = self.modules.iter().map(|m| m.rank);
+        let (lo, hi) = (ranks.clone().min().unwrap_or(0), ranks.max().unwrap_or(0));
+        writeln!(
+            f,
+            "LoRA of {} modules ({}), rank {}",
+            n,
+            self.layout.as_deref().unwrap_or("unknown architecture"),
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}..{hi}")
+            }
+        )?;
+        if let Some(w) = self.worst() {
+            let mean = self.modules.iter().map(|m| m.energy).sum::<f64>() / n as f64;
+            writeln!(
+                f,
+                "energy kept: mean {:.2} %, least {:.2} % ({}, rank {} of {})",
+                100.0 * mean,
+                100.0 * w.energy,
+                w.module,
+                w.rank,
+                w.shape.0.min(w.shape.1)
+            )?;
+        }
+        if !self.unchanged.is_empty() {
+            writeln!(
+                f,
+                "{} keys unchanged by the fine-tune (no module)",
+                self.unchanged.len()
+            )?;
+        }
+        if !self.not_carried.is_empty() {
+            writeln!(
+                f,
+                "{} changed keys a LoRA cannot carry (biases, norms, embeddings, VAE), e.g. `{}`",
+                self.not_carried.len(),
+                self.not_carried[0]
+            )?;
+        }
+        write!(f, "wrote {}", self.output.display())
+    }
+}
+
+/// The rank kept of a delta with singular values `sigma` (nonincreasing) under `rule`.
+pub fn rank_for(sigma: &[f64], max: usize, rule: RankRule) -> usize {
+    let full = sigma.len();
+    let r = match rule {
+        RankRule::Fixed => max,
+        RankRule::Ratio(f) => ((full as f64 * f).round() as usize).max(1),
+        RankRule::Energy(f) => {
+            let total: f64 = sigma.iter().map(|s| s * s).sum();
+            let mut kept = 0.0;
+            let mut r = full;
+            for (i, s) in sigma.iter().enumerate() {
+                kept += s * s;
+                if kept >= f * total {
+                    r = i + 1;
+                    break;
+                }
+            }
+            r
+        }
+    };
+    r.min(max).min(full)
+}
+
+/// A module's factors, encoded in the output dtype: `up` `[out, r]`, `down` `[r, rest]`
+/// (row-major).
+struct Factors {
+    report: ModuleReport,
+    up: Vec<u8>,
+    down: Vec<u8>,
+    /// The key's shape after the first dimension (`[in, kh, kw]` for a convolution).
+    rest: Vec<usize>,
+}
+
+/// Reads key `key` of `file` whole in f64.
+fn read_f64(file: &ModelFile, key: &str) -> Result<Vec<f64>> {
+    let n = file.tensor(key).map_or(0, |t| t.numel());
+    let mut out = vec![0.0; n];
+    file.read_chunk(key, 0, &mut out, &mut Vec::new())?;
+    Ok(out)
+}
+
+fn encoded(values: &[f64], dtype: OutputDtype) -> Vec<u8> {
+    let mut bytes = vec![0u8; values.len() * dtype.size()];
+    dtype.encode(values, &mut bytes);
+    bytes
+}
+
+/// The factors of the modules of one key (one per part of a fused key), or `None` when its
+/// delta is zero.
+fn extract_key(
+    tuned: &ModelFile,
+    base: &ModelFile,
+    key: &str,
+    modules: &[String],
+    opts: &ExtractOptions,
+) -> Result<Option<Vec<Factors>>> {
+    let shape = tuned.tensor(key).expect("listed").shape.clone();
+    let mut delta = read_f64(tuned, key)?;
+    for (d, b) in delta.iter_mut().zip(read_f64(base, key)?) {
+        *d -= b;
+    }
+    if delta.iter().all(|&d| d == 0.0) {
+        return Ok(None);
+    }
+    let rows = shape[0] / modules.len();
+    let cols: usize = shape[1..].iter().product();
+    let mut out = Vec::new();
+    for (part, (values, module)) in delta.chunks_exact(rows * cols).zip(modules).enumerate() {
+        let (u, sigma, v) = thin_svd(values, rows, cols, key)?;
+        let r = rank_for(&sigma, opts.rank, opts.rule);
+        let total: f64 = sigma.iter().map(|s| s * s).sum();
+        let kept: f64 = sigma[..r].iter().map(|s| s * s).sum();
+        let mut up = vec![0.0; rows * r];
+        let mut down = vec![0.0; r * cols];
+        for j in 0..r {
+            let root = sigma[j].sqrt();
+            for i in 0..rows {
+                up[i * r + j] = u[(i, j)] * root;
+            }
+            for c in 0..cols {
+                down[j * cols + c] = v[(c, j)] * root;
+            }
+        }
+        out.push(Factors {
+            report: ModuleReport {
+                module: module.clone(),
+                key: key.to_string(),
+                shape: (rows, cols),
+                part: (part, modules.len()),
+                rank: r,
+                energy: if total > 0.0 { kept / total } else { 1.0 },
+            },
+            up: encoded(&up, opts.dtype),
+            down: encoded(&down, opts.dtype),
+            rest: shape[1..].to_vec(),
+        });
+    }
+    Ok(Some(out))
+}
+
+/// Extracts the LoRA of `opts.tuned` against `opts.base` and writes it to `opts.output`.
+pub fn extract_lora(opts: &ExtractOptions) -> Result<ExtractReport> {
+    if opts.rank == 0 {
+        return Err(Error::Invalid("the LoRA rank must be at least 1".into()));
+    }
+    let inputs = [opts.tuned.as_path(), opts.base.as_path()];
+    crate::io::dest::check_output(&opts.output, &inputs, opts.overwrite)?;
+    let tuned = ModelFile::open(&opts.tuned)?;
+    let base = ModelFile::open(&opts.base)?;
+    let layout = tuned.detected_layout();
+    let names = layout
+        .map(crate::layout::lora::module_names)
+        .unwrap_or_default();
+    if names.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: LoRA extraction needs an SD1 (ldm) or SDXL (sgm) checkpoint; this one is {}",
+            opts.tuned.display(),
+            layout.map_or("of an unknown architecture".to_string(), |l| format!(
+                "`{}`",
+                l.name()
+            ))
+        )));
+    }
+    // The keys both models have with the same shape and a float dtype.
+    let mut keys = Vec::new();
+    let mut report = ExtractReport {
+        layout: layout.map(|l| l.name().to_string()),
+        output: opts.output.clone(),
+        ..Default::default()
+    };
+    for (key, t) in tuned.tensors() {
+        let Some(b) = base.tensor(key) else { continue };
+        if b.shape != t.shape || t.float_dtype().is_none() || b.float_dtype().is_none() {
+            continue;
+        }
+        match names.get(key) {
+            Some(m) if t.shape.len() >= 2 && t.shape[0] % m.len() == 0 => keys.push((key, m)),
+            _ => {
+                if read_f64(&tuned, key)? != read_f64(&base, key)? {
+                    report.not_carried.push(key.clone());
+                }
+            }
+        }
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let done: Vec<(String, Option<Vec<Factors>>)> = pool.install(|| {
+        keys.par_iter()
+            .map(|(k, m)| Ok((k.to_string(), extract_key(&tuned, &base, k, m, opts)?)))
+            .collect::<Result<_>>()
+    })?;
+    let mut factors = Vec::new();
+    for (key, f) in done {
+        match f {
+            Some(f) => factors.extend(f),
+            None => report.unchanged.push(key),
+        }
+    }
+    factors.sort_by(|a, b| a.report.module.cmp(&b.report.module));
+    report.modules = write(factors, opts, layout)?;
+    Ok(report)
+}
+
+/// Writes the modules' `alpha`, `lora_down.weight` and `lora_up.weight` (LoCon for
+/// convolutions: down `[r, in, kh, kw]`, up `[out, r, 1, 1]`).
+fn write(
+    factors: Vec<Factors>,
+    opts: &ExtractOptions,
+    layout: Option<Layout>,
+) -> Result<Vec<ModuleReport>> {
+    let dtype = opts.dtype.safetensors();
+    let mut tensors = Vec::new();
+    let mut data: Vec<Vec<u8>> = Vec::new();
+    let mut reports = Vec::new();
+    for f in factors {
+        let r = f.report.rank;
+        let conv = f.rest.len() > 1;
+        let m = &f.report.module;
+        tensors.push(OutputTensor {
+            name: format!("{m}.alpha"),
+            dtype,
+            shape: Vec::new(),
+        });
+        data.push(encoded(&[r as f64], opts.dtype));
+        let mut down = vec![r];
+        down.extend(&f.rest);
+        tensors.push(OutputTensor {
+            name: format!("{m}.lora_down.weight"),
+            dtype,
+            shape: down,
+        });
+        data.push(f.down);
+        let mut up = vec![f.report.shape.0, r];
+        if conv {
+            up.extend([1, 1]);
+        }
+        tensors.push(OutputTensor {
+            name: format!("{m}.lora_up.weight"),
+            dtype,
+            shape: up,
+        });
+        data.push(f.up);
+        reports.push(f.report);
+    }
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert("amalgam_version".to_string(), crate::VERSION.to_string());
+    metadata.insert(
+        "amalgam_extract_lora".to_string(),
+        format!(
+            "{} - {}, rank <= {}, {:?}",
+            opts.tuned.display(),
+            opts.base.display(),
+            opts.rank,
+            opts.rule
+        ),
+    );
+    if layout == Some(Layout::SdxlSgm) {
+        metadata.insert(
+            "ss_base_model_version".to_string(),
+            "sdxl_base_v1-0".to_string(),
+        );
+    }
+    let out = OutputFile::create(&opts.output, &tensors, metadata, opts.overwrite)?;
+    for (i, bytes) in data.iter().enumerate() {
+        out.write_at(i, 0, bytes)?;
+    }
+    out.commit()?;
+    Ok(reports)
+}
