@@ -367,3 +367,64 @@ fn iso_cts_is_iso_c_with_a_common_fraction_of_one_and_flat_otherwise() {
     close(&sigma, &vec![sigma[0]; cols], 1e-9 * sigma[0]);
     assert_eq!(cts(0.5, 2, 8 << 20), out);
 }
+
+/// The `dgmiz` and `dgmia` methods write the same bytes as the recipe of their four nodes
+/// (DGMLA with the mass election → subtract → iso_z, conv kernels flattened → add).
+#[test]
+fn dgmiz_and_dgmia_equal_their_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = f32_pool(d, amalgam::layout::arch::Layout::SdxlSgm, 3, 32);
+    let opts = |out: &Path| {
+        let mut o = MergeOptions::new(out);
+        o.output_dtype = OutputDtype::F32;
+        o.seed = 5;
+        o
+    };
+    for (method, z) in [("dgmiz", "0.8"), ("dgmia", "0.0")] {
+        let recipe = format!(
+            r#"
+[models]
+base = "base.safetensors"
+pool = "m*.safetensors"
+
+[nodes.dgmla]
+method = "dgmla"
+base = "base"
+models = ["pool"]
+election = "mass"
+
+[nodes.delta]
+method = "subtract"
+a = "dgmla"
+b = "base"
+
+[nodes.iso]
+method = "iso_z"
+delta = "delta"
+z = {z}
+high_dim = "flatten"
+
+[nodes.out]
+method = "add"
+a = "base"
+b = "iso"
+
+[output]
+node = "out"
+"#
+        );
+        let r = amalgam::recipe::parse(&recipe, "r.toml", d).unwrap();
+        let whole = d.join(format!("recipe-{method}.safetensors"));
+        merge(&r.graph, &opts(&whole), &NoProgress).unwrap();
+        let refs: Vec<&Path> = pool.iter().map(|p| p.as_path()).collect();
+        let one = d.join(format!("{method}.safetensors"));
+        let g = one_node(&refs, method, vec![vec![0], vec![1, 2, 3]], &[]);
+        merge(&g, &opts(&one), &NoProgress).unwrap();
+        let (a, b) = (all_f32(&whole), all_f32(&one));
+        assert_eq!(a.len(), b.len());
+        for (k, v) in &a {
+            assert_eq!(v, &b[k], "{method}: {k}");
+        }
+    }
+}

@@ -67,12 +67,16 @@ registry!(
     svd::iso_cts::INFO => svd::iso_cts::IsoCts::new,
     svd::iso_z::INFO => svd::iso_z::IsoZ::new,
     svd::truncate_rank::INFO => svd::truncate_rank::TruncateRank::new,
+    svd::dgmiz::DGMIZ => svd::dgmiz::Dgmiz::new,
+    svd::dgmiz::DGMIA => svd::dgmiz::Dgmiz::new,
 );
 
 /// The methods whose output depends on the run's seed (random masks): with their default
 /// parameters. Other methods use the seed only where a parameter asks for a random drop (e.g.
 /// `ties` with `drop = "dare"`). A test checks this list against the methods' outputs.
-pub const SEEDED: &[&str] = &["dare", "della", "tsd", "tgmd", "dgmla", "dropout"];
+pub const SEEDED: &[&str] = &[
+    "dare", "della", "tsd", "tgmd", "dgmla", "dgmiz", "dgmia", "dropout",
+];
 
 /// Other names users know the methods by (sd-mecha, mergekit, A1111).
 const ALIASES: &[(&str, &str)] = &[

@@ -6,6 +6,7 @@
 //! whatever the number of models), the factors are computed from it, and the output pass writes
 //! from them.
 
+pub mod dgmiz;
 pub mod iso_c;
 pub mod iso_cts;
 pub mod iso_z;

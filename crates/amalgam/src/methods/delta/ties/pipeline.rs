@@ -9,7 +9,7 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub(super) fn build(info: &'static MethodInfo, mut params: Params) -> Result<Self> {
+    pub(crate) fn build(info: &'static MethodInfo, mut params: Params) -> Result<Self> {
         let bad = |msg: String| Error::method(info.name, msg);
         let drop_kind = params.choice("drop")?;
         let p = params.number("p")?;

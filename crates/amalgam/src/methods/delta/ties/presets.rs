@@ -106,3 +106,16 @@ presets! {
         "election" => Choice("count"), "fuse" => Choice("geometric_median"), "base_point" => Bool(true),
     ];
 }
+
+/// The pipeline part of the DGMIA / DGMIZ pipelines (spec §13, `methods::svd::dgmiz`): DGMLA with
+/// the paper's mass election, which the 2025 AstolfoKarmix recipes' `vote_sgn = true` selects
+/// under sd-mecha 1.x's inverted flag (spec §3).
+pub(crate) const DGMI_PIPELINE: [ParamInfo; 18] = preset(&[
+    ("drop", Choice("della")),
+    ("p", Number(0.1)),
+    ("della_eps", Number(-0.1)),
+    ("k", Number(1.0)),
+    ("election", Choice("mass")),
+    ("fuse", Choice("geometric_median")),
+    ("base_point", Bool(true)),
+]);
