@@ -75,7 +75,7 @@ registry!(
 /// parameters. Other methods use the seed only where a parameter asks for a random drop (e.g.
 /// `ties` with `drop = "dare"`). A test checks this list against the methods' outputs.
 pub const SEEDED: &[&str] = &[
-    "dare", "della", "tsd", "tgmd", "dgmla", "dgmiz", "dgmia", "dropout",
+    "dare", "della", "tsd", "tgmd", "dgmla", "dropout", "dgmiz", "dgmia",
 ];
 
 /// Other names users know the methods by (sd-mecha, mergekit, A1111).
