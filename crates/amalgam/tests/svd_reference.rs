@@ -59,6 +59,10 @@ fn inputs(case: &Value) -> (Vec<&Value>, Vec<Vec<usize>>) {
 
 /// Runs the case (its inputs written as key `w`) with extra parameters; the output's `w`.
 fn run(dir: &Path, case: &Value, extra: &[(&str, ParamValue)]) -> Vec<f64> {
+    try_run(dir, case, extra).unwrap()
+}
+
+fn try_run(dir: &Path, case: &Value, extra: &[(&str, ParamValue)]) -> amalgam::Result<Vec<f64>> {
     let (tensors, slots) = inputs(case);
     let paths: Vec<PathBuf> = tensors
         .iter()
@@ -92,19 +96,20 @@ fn run(dir: &Path, case: &Value, extra: &[(&str, ParamValue)]) -> Vec<f64> {
     let mut o = MergeOptions::new(&out);
     o.output_dtype = OutputDtype::F64;
     o.compute_dtype = ComputeDtype::F64;
-    merge(&g, &o, &NoProgress).unwrap();
-    read_f64(&out, "w")
+    merge(&g, &o, &NoProgress)?;
+    Ok(read_f64(&out, "w"))
 }
 
-/// Runs every case of `method` (with each of `variants` added to its parameters) and compares
+/// Runs every case of `method` but those named in `skip` (with each of `variants` added to its
+/// parameters) and compares
 /// with the reference: `|x − e| ≤ 1e-9·max(1, gain)·max(1, max|e|)`, the gain being how much the
 /// output moves for a nudge of the inputs (measured by the fixture script).
-fn check(method: &str, variants: &[&[(&str, ParamValue)]]) {
+fn check(method: &str, variants: &[&[(&str, ParamValue)]], skip: &[&str]) {
     let f = fixtures();
     let dir = tempfile::tempdir().unwrap();
     let mut ran = 0;
     for case in f["cases"].as_array().unwrap() {
-        if case["method"] != method {
+        if case["method"] != method || skip.contains(&case["name"].as_str().unwrap()) {
             continue;
         }
         let name = case["name"].as_str().unwrap();
@@ -139,21 +144,40 @@ fn factorizations() -> [Vec<(&'static str, ParamValue)>; 2] {
 #[test]
 fn iso_c_equals_the_numpy_reference() {
     let [auto, svd] = factorizations();
-    check("iso_c", &[&auto, &svd]);
+    check("iso_c", &[&auto, &svd], &[]);
 }
 
 #[test]
 fn iso_z_equals_the_numpy_reference() {
     let [auto, svd] = factorizations();
-    check("iso_z", &[&auto, &svd]);
+    check("iso_z", &[&auto, &svd], &[]);
 }
 
 #[test]
 fn iso_cts_equals_the_reference() {
-    check("iso_cts", &[&[]]);
+    check("iso_cts", &[&[]], &[]);
 }
 
 #[test]
 fn truncate_rank_equals_sd_mecha() {
-    check("truncate_rank", &[&[]]);
+    check("truncate_rank", &[&[]], &[]);
+}
+
+/// sd-mecha's Stiefel geodesic for fractional powers of a wide matrix's rotation is not
+/// implemented: that case is refused, naming the key.
+const STIEFEL: &str = "rotate/wide_4x9_align0.5_alpha0_c0_stiefel";
+
+#[test]
+fn rotate_equals_sd_mecha() {
+    check("rotate", &[&[]], &[STIEFEL]);
+    let f = fixtures();
+    let case = f["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == STIEFEL)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let e = try_run(dir.path(), case, &[]).unwrap_err().to_string();
+    assert!(e.contains("`w`") && e.contains("not implemented"), "{e}");
 }

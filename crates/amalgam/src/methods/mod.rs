@@ -67,6 +67,7 @@ registry!(
     svd::iso_cts::INFO => svd::iso_cts::IsoCts::new,
     svd::iso_z::INFO => svd::iso_z::IsoZ::new,
     svd::truncate_rank::INFO => svd::truncate_rank::TruncateRank::new,
+    svd::rotate::INFO => svd::rotate::Rotate::new,
     svd::dgmiz::DGMIZ => svd::dgmiz::Dgmiz::new,
     svd::dgmiz::DGMIA => svd::dgmiz::Dgmiz::new,
 );

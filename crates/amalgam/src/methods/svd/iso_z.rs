@@ -94,7 +94,7 @@ impl<T: Real> KeyMerge<T> for IsoZKey {
         let Some((rows, cols)) = self.matrix else {
             return Ok(());
         };
-        let mut delta = passes.run(WholeMatrix::new(Source::First))?.sum;
+        let mut delta = passes.run(WholeMatrix::new(Source::Arg(0)))?.sum;
         // U diag(m + z(σ − m)) Vᵀ = (1 − z)·m·U Vᵀ + z·Δ: the polar factor and the mean suffice.
         let p = polar(&delta, rows, cols, self.iso.factorization, &self.key)?;
         self.exact = p.exact && self.iso.factorization == Factorization::Auto;

@@ -1,7 +1,8 @@
 //! Methods on the singular values of a key's matrix (spec §12-§13): ISO-C flattens the spectrum
 //! of the summed task vectors, ISO-CTS flattens it over a common subspace joined with
 //! task-specific ones, ISO-Z shrinks the spectrum of a delta towards its mean, `truncate_rank`
-//! keeps its top singular triplets. They need
+//! keeps its top singular triplets, `rotate` aligns one model to another by an orthogonal
+//! rotation. They need
 //! the whole matrix of a key at once: a statistic pass accumulates it (one tensor in f64,
 //! whatever the number of models), the factors are computed from it, and the output pass writes
 //! from them.
@@ -10,6 +11,7 @@ pub mod dgmiz;
 pub mod iso_c;
 pub mod iso_cts;
 pub mod iso_z;
+pub mod rotate;
 mod shared;
 pub(crate) mod spectrum;
 pub mod truncate_rank;

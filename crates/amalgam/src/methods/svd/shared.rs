@@ -75,8 +75,8 @@ pub(crate) enum Source {
     Tasks,
     /// `τ_t = x_t − x_0` of one argument after the base (`t` from 0).
     Task(usize),
-    /// The first argument itself (a delta).
-    First,
+    /// Argument `i` itself (a delta, a model).
+    Arg(usize),
 }
 
 /// A key's matrix in f64, block by block, folded into the whole tensor (one tensor whatever the
@@ -104,7 +104,7 @@ impl<T: Real> Pass<T> for WholeMatrix {
     fn block(&self, _range: Range<usize>, args: &[&[T]]) -> Vec<f64> {
         let base = args[0];
         let tasks = match self.source {
-            Source::First => return base.iter().map(|v| v.to_f64()).collect(),
+            Source::Arg(i) => return args[i].iter().map(|v| v.to_f64()).collect(),
             Source::Task(t) => &args[1 + t..2 + t],
             Source::Tasks => &args[1..],
         };

@@ -213,7 +213,7 @@ fn gram_polar(a: &[f64], rows: usize, cols: usize, key: &str) -> Result<Option<P
             exact: false,
         }));
     }
-    if !(bottom >= GRAM_MIN_RATIO * top) {
+    if bottom.is_nan() || bottom < GRAM_MIN_RATIO * top {
         return Ok(None);
     }
     // (AᵀA)^(-1/2) = W diag(1/σ) Wᵀ.

@@ -194,7 +194,7 @@ impl<T: Real> KeyMerge<T> for TruncateKey {
         let Some((rows, cols)) = self.matrix else {
             return Ok(());
         };
-        let a = passes.run(WholeMatrix::new(Source::First))?.sum;
+        let a = passes.run(WholeMatrix::new(Source::Arg(0)))?.sum;
         let r = self.rank;
         if r == 0 {
             self.low_rank = vec![0.0; rows * cols];
