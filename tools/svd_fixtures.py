@@ -422,6 +422,62 @@ def sdm_signature(name):
     }
 
 
+
+def clyb_ref(a, b, c, alpha=1.0, use_perp=True, ab_only=False):
+    """sd-optim's clyb_merge / clyb_align (Enferlain/sd-optim, spec section 16.2), rewritten in
+    numpy from its published code, with the exact top-q SVD in place of its unseeded
+    torch.svd_lowrank (amalgam's `svd = "exact"`)."""
+    shape = a.shape
+    if a.ndim == 4:
+        s2 = (shape[0], int(np.prod(shape[1:])))
+    elif a.ndim == 0:
+        s2 = (1, 1)
+    else:
+        s2 = (-1, shape[-1])
+    A, B, C = (x.reshape(s2) for x in (a, b, c))
+    ac = A if ab_only else A - C
+    bc = B if ab_only else B - C
+    if use_perp:
+        norm = np.linalg.norm(bc) + 1e-20
+        ac = ac - bc * ((bc / norm) * (ac / norm)).sum()
+    qb, _ = np.linalg.qr(bc)  # reduced
+    q = max(np.linalg.matrix_rank(qb) // 16, 1)
+    u, sv, vt = np.linalg.svd(ac, full_matrices=False)
+    hf = ac - (u[:, :q] * sv[:q]) @ vt[:q]
+    res = bc + qb @ (qb.T @ hf)
+    target = res if ab_only else C + res
+    return (B + alpha * (target - B)).reshape(shape)
+
+
+def clyb_cases():
+    out = []
+    specs = [
+        ("tall_40x12", (40, 12), {}),
+        ("wide_12x40", (12, 40), {}),
+        ("square_20x20_alpha0.6", (20, 20), {"alpha": 0.6}),
+        ("tall_40x12_no_perp", (40, 12), {"use_perp": False}),
+        ("tall_40x12_ab_only", (40, 12), {"ab_only": True}),
+        ("conv_8x2x3x3", (8, 2, 3, 3), {}),
+        ("tall_48x40_q2", (48, 40), {}),
+    ]
+    for i, (name, shape, params) in enumerate(specs):
+        rng = np.random.default_rng(700 + i)
+        c = rng.standard_normal(shape)
+        a = c + structured(rng, shape, 1, common_rank=2)[1][0]
+        b = c + structured(rng, shape, 1, common_rank=2)[1][0]
+        full = {"alpha": 1.0, "use_perp": True, "ab_only": False}
+        full.update(params)
+        exp = clyb_ref(a, b, c, **full)
+        fn = lambda x, y, z, full=full: clyb_ref(x, y, z, **full)
+        amalgam_params = dict(params)
+        amalgam_params["svd"] = "exact"
+        out.append({
+            "name": f"clyb_merge/{name}", "method": "clyb_merge", "params": amalgam_params,
+            "inputs": {"a": enc(a), "b": enc(b), "c": enc(c)}, "expected": enc(exp),
+            "diagnostics": {"perturbation_gain": perturbation_gain(fn, [a, b, c], 11)},
+        })
+    return out
+
 def truncate_rank_cases():
     fn = sdm_merge_methods.resolve("truncate_rank").__wrapped__
     out = []
@@ -609,6 +665,7 @@ def main():
     cases += iso_z_cases()
     cases += iso_cts_cases()
     cases += truncate_rank_cases()
+    cases += clyb_cases()
     rot, rot_failures = rotate_cases()
     cases += rot
 
@@ -631,6 +688,7 @@ def main():
             "iso_cts": "numpy reference of danielm1405/iso-merging d34010a src/utils/iso.py `iso_cts`",
             "truncate_rank": "sd-mecha 1.1.8 registered method",
             "rotate": "sd-mecha 1.1.8 registered method",
+            "clyb_merge": "numpy rewrite of sd-optim's clyb_merge (published code; not packaged), exact top-q SVD",
         },
         "iso_official_cross_check": OFFICIAL is not None,
         "iso_official_cross_checked_cases": CROSS_CHECKED,

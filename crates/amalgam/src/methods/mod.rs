@@ -68,15 +68,24 @@ registry!(
     svd::iso_z::INFO => svd::iso_z::IsoZ::new,
     svd::truncate_rank::INFO => svd::truncate_rank::TruncateRank::new,
     svd::rotate::INFO => svd::rotate::Rotate::new,
+    svd::clyb_merge::INFO => svd::clyb_merge::ClybMerge::new,
     svd::dgmiz::DGMIZ => svd::dgmiz::Dgmiz::new,
     svd::dgmiz::DGMIA => svd::dgmiz::Dgmiz::new,
 );
 
-/// The methods whose output depends on the run's seed (random masks): with their default
+/// The methods whose output depends on the run's seed (random masks, randomized SVDs): with their default
 /// parameters. Other methods use the seed only where a parameter asks for a random drop (e.g.
 /// `ties` with `drop = "dare"`). A test checks this list against the methods' outputs.
 pub const SEEDED: &[&str] = &[
-    "dare", "della", "tsd", "tgmd", "dgmla", "dropout", "dgmiz", "dgmia",
+    "dare",
+    "della",
+    "tsd",
+    "tgmd",
+    "dgmla",
+    "dropout",
+    "clyb_merge",
+    "dgmiz",
+    "dgmia",
 ];
 
 /// Other names users know the methods by (sd-mecha, mergekit, A1111).

@@ -245,6 +245,65 @@ fn gram_polar(a: &[f64], rows: usize, cols: usize, key: &str) -> Result<Option<P
     }))
 }
 
+/// `Y`'s orthonormal basis (its polar factor, row-major `rows × cols`).
+fn basis(y: &Mat<f64>, key: &str) -> Result<Mat<f64>> {
+    let (rows, cols) = (y.nrows(), y.ncols());
+    let mut flat = vec![0.0; rows * cols];
+    MatMut::from_row_major_slice_mut(&mut flat, rows, cols).copy_from(y);
+    let q = polar(&flat, rows, cols, Factorization::Auto, key)?.factor;
+    Ok(MatRef::from_row_major_slice(&q, rows, cols).to_owned())
+}
+
+/// The leading singular triplets of `a` (`rows × cols`, row-major) from a randomized range finder
+/// with `l` columns (Halko, Martinsson, Tropp 2011, Alg. 4.4; torch's `svd_lowrank`): `Q` spans
+/// `(AAᵀ)^q A Ω` (`Ω` uniform in [-1, 1), seeded by (seed, key), re-orthonormalised at each
+/// power iteration), then the SVD of `QᵀA`: `l` triplets, the first ones accurate.
+pub fn randomized_svd(
+    a: &[f64],
+    (rows, cols): (usize, usize),
+    l: usize,
+    (seed, iterations): (u64, usize),
+    key: &str,
+) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    let a = MatRef::from_row_major_slice(a, rows, cols);
+    let l = l.min(rows.min(cols)).max(1);
+    let mut omega = vec![0.0; cols * l];
+    crate::rng::uniform_signed(seed, key, 0, &mut omega);
+    let omega = MatRef::from_row_major_slice(&omega, cols, l);
+    let mut y = Mat::<f64>::zeros(rows, l);
+    matmul(y.as_mut(), Accum::Replace, a, omega, 1.0, Par::Seq);
+    let mut q = basis(&y, key)?;
+    let mut z = Mat::<f64>::zeros(cols, l);
+    for _ in 0..iterations {
+        matmul(
+            z.as_mut(),
+            Accum::Replace,
+            a.transpose(),
+            q.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        let w = basis(&z, key)?;
+        matmul(y.as_mut(), Accum::Replace, a, w.as_ref(), 1.0, Par::Seq);
+        q = basis(&y, key)?;
+    }
+    // B = Qᵀ A (l × cols) = Ũ diag(σ) Vᵀ, U = Q Ũ.
+    let mut b = vec![0.0; l * cols];
+    let dst = MatMut::from_row_major_slice_mut(&mut b, l, cols);
+    matmul(dst, Accum::Replace, q.transpose(), a, 1.0, Par::Seq);
+    let (ub, sigma, v) = thin_svd(&b, l, cols, key)?;
+    let mut u = Mat::<f64>::zeros(rows, ub.ncols());
+    matmul(
+        u.as_mut(),
+        Accum::Replace,
+        q.as_ref(),
+        ub.as_ref(),
+        1.0,
+        Par::Seq,
+    );
+    Ok((u, sigma, v))
+}
+
 #[cfg(test)]
 #[path = "spectrum_tests.rs"]
 mod tests;

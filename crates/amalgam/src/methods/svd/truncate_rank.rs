@@ -4,12 +4,12 @@
 //! test matrix.
 
 use super::shared::{Source, WholeMatrix};
-use super::spectrum::{polar, polar_bytes, thin_svd, Factorization};
+use super::spectrum::{polar_bytes, randomized_svd, thin_svd};
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatMut, MatRef, Par};
+use faer::{Accum, MatMut, Par};
 use std::ops::Range;
 
 /// The method's declaration: its name, inputs, parameters and documentation.
@@ -119,63 +119,6 @@ struct TruncateKey {
     low_rank: Vec<f64>,
 }
 
-/// `Y`'s orthonormal basis (its polar factor, row-major `rows × cols`).
-fn basis(y: &Mat<f64>, key: &str) -> Result<Mat<f64>> {
-    let (rows, cols) = (y.nrows(), y.ncols());
-    let mut flat = vec![0.0; rows * cols];
-    MatMut::from_row_major_slice_mut(&mut flat, rows, cols).copy_from(y);
-    let q = polar(&flat, rows, cols, Factorization::Auto, key)?.factor;
-    Ok(MatRef::from_row_major_slice(&q, rows, cols).to_owned())
-}
-
-/// The top-`r` singular triplets of `a` (`rows × cols`, row-major) from a randomized range finder
-/// (Halko, Martinsson, Tropp 2011, Alg. 4.4): `Q` spans `(AAᵀ)^q A Ω`, then the SVD of `QᵀA`.
-fn randomized_svd(
-    a: &[f64],
-    (rows, cols): (usize, usize),
-    r: usize,
-    (seed, iterations): (u64, usize),
-    key: &str,
-) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
-    let a = MatRef::from_row_major_slice(a, rows, cols);
-    let l = (r + OVERSAMPLING).min(rows.min(cols));
-    let mut omega = vec![0.0; cols * l];
-    crate::rng::uniform_signed(seed, key, 0, &mut omega);
-    let omega = MatRef::from_row_major_slice(&omega, cols, l);
-    let mut y = Mat::<f64>::zeros(rows, l);
-    matmul(y.as_mut(), Accum::Replace, a, omega, 1.0, Par::Seq);
-    let mut q = basis(&y, key)?;
-    let mut z = Mat::<f64>::zeros(cols, l);
-    for _ in 0..iterations {
-        matmul(
-            z.as_mut(),
-            Accum::Replace,
-            a.transpose(),
-            q.as_ref(),
-            1.0,
-            Par::Seq,
-        );
-        let w = basis(&z, key)?;
-        matmul(y.as_mut(), Accum::Replace, a, w.as_ref(), 1.0, Par::Seq);
-        q = basis(&y, key)?;
-    }
-    // B = Qᵀ A (l × cols) = Ũ diag(σ) Vᵀ, U = Q Ũ.
-    let mut b = vec![0.0; l * cols];
-    let dst = MatMut::from_row_major_slice_mut(&mut b, l, cols);
-    matmul(dst, Accum::Replace, q.transpose(), a, 1.0, Par::Seq);
-    let (ub, sigma, v) = thin_svd(&b, l, cols, key)?;
-    let mut u = Mat::<f64>::zeros(rows, ub.ncols());
-    matmul(
-        u.as_mut(),
-        Accum::Replace,
-        q.as_ref(),
-        ub.as_ref(),
-        1.0,
-        Par::Seq,
-    );
-    Ok((u, sigma, v))
-}
-
 impl<T: Real> KeyMerge<T> for TruncateKey {
     fn stat_passes(&self) -> usize {
         usize::from(self.matrix.is_some())
@@ -201,7 +144,7 @@ impl<T: Real> KeyMerge<T> for TruncateKey {
             return Ok(());
         }
         let (u, sigma, v) = match self.randomized {
-            Some(how) => randomized_svd(&a, (rows, cols), r, how, &self.key)?,
+            Some(how) => randomized_svd(&a, (rows, cols), r + OVERSAMPLING, how, &self.key)?,
             _ => thin_svd(&a, rows, cols, &self.key)?,
         };
         drop(a);
