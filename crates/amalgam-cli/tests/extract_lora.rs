@@ -1,0 +1,82 @@
+//! `amalgam extract-lora` end to end: extract, inspect the LoRA, bake it back with `merge`.
+
+mod common;
+use common::*;
+
+#[test]
+fn extract_inspect_and_bake() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth_sd1(d, 1, &[]);
+    let (base, tuned) = (d.join("base.safetensors"), d.join("m000.safetensors"));
+    let lora = d.join("lora.safetensors");
+    let out = ok(&[
+        "extract-lora",
+        s(&tuned),
+        "--base",
+        s(&base),
+        "--rank",
+        "4",
+        "--energy",
+        "0.5",
+        "-o",
+        s(&lora),
+    ]);
+    assert!(
+        out.contains("LoRA of ") && out.contains("(sd1-ldm), rank "),
+        "{out}"
+    );
+    assert!(out.contains("energy kept: mean"), "{out}");
+    assert!(out.contains("changed keys a LoRA cannot carry"), "{out}");
+    // inspect sees a LoRA of the same architecture; merge bakes it.
+    let info = ok(&["inspect", "--no-hash", s(&lora)]);
+    assert!(info.contains("a kohya LoRA for sd1-ldm"), "{info}");
+    let baked = d.join("baked.safetensors");
+    let log = ok(&[
+        "merge",
+        "--method",
+        "add",
+        s(&base),
+        s(&lora),
+        "-o",
+        s(&baked),
+        "-q",
+    ]);
+    assert!(baked.is_file(), "{log}");
+    // The output is refused over an input, and a second run keeps the first file.
+    let e = fails(&[
+        "extract-lora",
+        s(&tuned),
+        "--base",
+        s(&base),
+        "--rank",
+        "4",
+        "-o",
+        s(&base),
+    ]);
+    assert!(e.contains("base.safetensors"), "{e}");
+    let e = fails(&[
+        "extract-lora",
+        s(&tuned),
+        "--base",
+        s(&base),
+        "--rank",
+        "4",
+        "-o",
+        s(&lora),
+    ]);
+    assert!(e.contains("--force"), "{e}");
+    let e = fails(&[
+        "extract-lora",
+        s(&tuned),
+        "--base",
+        s(&base),
+        "--rank",
+        "4",
+        "--ratio",
+        "1.5",
+        "-o",
+        s(&d.join("x.safetensors")),
+    ]);
+    assert!(e.contains("(0, 1]"), "{e}");
+}
