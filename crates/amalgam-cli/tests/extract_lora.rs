@@ -43,40 +43,18 @@ fn extract_inspect_and_bake() {
         "-q",
     ]);
     assert!(baked.is_file(), "{log}");
-    // The output is refused over an input, and a second run keeps the first file.
-    let e = fails(&[
-        "extract-lora",
-        s(&tuned),
-        "--base",
-        s(&base),
-        "--rank",
-        "4",
-        "-o",
-        s(&base),
-    ]);
+    // The output is refused over an input; a second run keeps the first file; a ratio must be a
+    // fraction.
+    let extract = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["extract-lora", s(&tuned), "--base", s(&base), "--rank", "4"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", s(out)]);
+        fails(&args)
+    };
+    let e = extract(&base, &[]);
     assert!(e.contains("base.safetensors"), "{e}");
-    let e = fails(&[
-        "extract-lora",
-        s(&tuned),
-        "--base",
-        s(&base),
-        "--rank",
-        "4",
-        "-o",
-        s(&lora),
-    ]);
+    let e = extract(&lora, &[]);
     assert!(e.contains("--force"), "{e}");
-    let e = fails(&[
-        "extract-lora",
-        s(&tuned),
-        "--base",
-        s(&base),
-        "--rank",
-        "4",
-        "--ratio",
-        "1.5",
-        "-o",
-        s(&d.join("x.safetensors")),
-    ]);
+    let e = extract(&d.join("x.safetensors"), &["--ratio", "1.5"]);
     assert!(e.contains("(0, 1]"), "{e}");
 }

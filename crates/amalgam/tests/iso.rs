@@ -128,19 +128,8 @@ fn vectors_and_text_projection_take_the_mean_task_vector() {
     );
 }
 
-/// Pseudo-random values in [-1, 1) (a fixed LCG: the test's data, not the method's).
 fn values(seed: u64, n: usize) -> Vec<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        })
-        .collect()
+    lcg_values(seed, n)
 }
 
 fn singular_values(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {

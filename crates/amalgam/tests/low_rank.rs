@@ -32,17 +32,8 @@ fn truncate(
     read_f64(&out, "w")
 }
 
-/// A deterministic pseudo-random vector in [-1, 1).
 fn values(seed: u64, n: usize) -> Vec<f64> {
-    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        })
-        .collect()
+    lcg_values(seed, n)
 }
 
 /// `Σ_i u_i v_iᵀ` of `rank` random outer products: a `rows × cols` matrix of that rank.

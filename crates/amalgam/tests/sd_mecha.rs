@@ -9,32 +9,16 @@ use amalgam::method::ParamValue::{self, Number, Text};
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
-use serde_json::Value;
-use std::path::{Path, PathBuf};
 
 fn fixtures() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd_mecha.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    json_fixture("sd_mecha.json")
 }
 
-/// A tensor `{shape, values}` (nested, row-major) as (shape, flat values).
 fn tensor(v: &Value) -> (Vec<usize>, Vec<f64>) {
-    fn flatten(v: &Value, out: &mut Vec<f64>) {
-        match v {
-            Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
-            x => out.push(x.as_f64().unwrap()),
-        }
-    }
-    let shape = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    let mut values = Vec::new();
-    flatten(&v["values"], &mut values);
-    (shape, values)
+    json_tensor(v)
 }
+use serde_json::Value;
+use std::path::{Path, PathBuf};
 
 /// Merges the f64 tensors `inputs` (key "w") with `method` in f64; `with_base` adds a zero base
 /// in the first slot (sd-mecha's methods here take deltas).

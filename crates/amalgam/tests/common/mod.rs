@@ -235,3 +235,45 @@ pub fn slots_for(method: &str, many: std::ops::Range<usize>) -> Vec<Vec<usize>> 
         })
         .collect()
 }
+
+/// Pseudo-random values in [-1, 1) (a fixed LCG: the test's data, not the method's).
+pub fn lcg_values(seed: u64, n: usize) -> Vec<f64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+/// A JSON fixture file of `tests/fixtures/`.
+pub fn json_fixture(name: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A fixture tensor `{shape, values}` (nested, row-major) as (shape, flat values).
+pub fn json_tensor(v: &serde_json::Value) -> (Vec<usize>, Vec<f64>) {
+    fn flatten(v: &serde_json::Value, out: &mut Vec<f64>) {
+        match v {
+            serde_json::Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
+            x => out.push(x.as_f64().unwrap()),
+        }
+    }
+    let shape = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let mut values = Vec::new();
+    flatten(&v["values"], &mut values);
+    (shape, values)
+}

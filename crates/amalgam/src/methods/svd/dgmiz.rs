@@ -10,7 +10,7 @@
 //! `add`): the pipeline's passes run first, then one more pass gathers its delta whole.
 
 use super::shared::{exact_note, matrix_unit, Isotropic, FACTORIZATION, HIGH_DIM, MEAN};
-use super::spectrum::{matrix_shape, polar, spectrum_mean, Factorization};
+use super::spectrum::matrix_shape;
 use crate::error::Result;
 use crate::method::PresetDefault::{Choice, Number};
 use crate::method::*;
@@ -174,13 +174,9 @@ impl<T: Real> KeyMerge<T> for DgmizKey<T> {
             delta: Vec::new(),
         };
         let mut delta = passes.run(pass)?.delta;
-        // U diag(m + z(σ − m)) Vᵀ = (1 − z)·m·U Vᵀ + z·Δ.
-        let p = polar(&delta, rows, cols, self.iso.factorization, &self.key)?;
-        self.exact = p.exact && self.iso.factorization == Factorization::Auto;
-        let flat = (1.0 - self.z) * spectrum_mean(&p.sigma, self.iso.mean);
-        for (d, &f) in delta.iter_mut().zip(&p.factor) {
-            *d = flat * f + self.z * *d;
-        }
+        self.exact = self
+            .iso
+            .shrink(&mut delta, (rows, cols), self.z, &self.key)?;
         self.delta = delta;
         Ok(())
     }

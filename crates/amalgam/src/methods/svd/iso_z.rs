@@ -5,7 +5,7 @@
 
 use super::shared::{exact_note, matrix_unit, Isotropic, Source, WholeMatrix};
 use super::shared::{FACTORIZATION, HIGH_DIM, MEAN};
-use super::spectrum::{matrix_shape, polar, spectrum_mean, Factorization};
+use super::spectrum::matrix_shape;
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
@@ -95,13 +95,9 @@ impl<T: Real> KeyMerge<T> for IsoZKey {
             return Ok(());
         };
         let mut delta = passes.run(WholeMatrix::new(Source::Arg(0)))?.sum;
-        // U diag(m + z(σ − m)) Vᵀ = (1 − z)·m·U Vᵀ + z·Δ: the polar factor and the mean suffice.
-        let p = polar(&delta, rows, cols, self.iso.factorization, &self.key)?;
-        self.exact = p.exact && self.iso.factorization == Factorization::Auto;
-        let flat = (1.0 - self.z) * spectrum_mean(&p.sigma, self.iso.mean);
-        for (d, &f) in delta.iter_mut().zip(&p.factor) {
-            *d = flat * f + self.z * *d;
-        }
+        self.exact = self
+            .iso
+            .shrink(&mut delta, (rows, cols), self.z, &self.key)?;
         self.delta = delta;
         Ok(())
     }

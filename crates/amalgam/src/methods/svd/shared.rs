@@ -1,7 +1,8 @@
 //! What the SVD family shares: the parameters saying which keys are matrices and how their
 //! spectrum is taken, the statistic pass that gathers a key's matrix whole, and its memory unit.
 
-use super::spectrum::{polar_bytes, Factorization, HighDim, SpectrumMean, GRAM_MIN_RATIO};
+use super::spectrum::GRAM_MIN_RATIO;
+use super::spectrum::{polar, polar_bytes, spectrum_mean, Factorization, HighDim, SpectrumMean};
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
@@ -118,6 +119,26 @@ impl<T: Real> Pass<T> for WholeMatrix {
     }
     fn fold(&mut self, block: Vec<f64>) {
         self.sum.extend(block);
+    }
+}
+
+impl Isotropic {
+    /// ISO-Z of the row-major `rows × cols` matrix `delta`, in place:
+    /// `U diag(m + z(σ − m)) Vᵀ = (1 − z)·m·U Vᵀ + z·Δ` (the polar factor and the mean of the
+    /// spectrum suffice). Returns whether `factorization = auto` fell back to an exact SVD.
+    pub(crate) fn shrink(
+        &self,
+        delta: &mut [f64],
+        (rows, cols): (usize, usize),
+        z: f64,
+        key: &str,
+    ) -> Result<bool> {
+        let p = polar(delta, rows, cols, self.factorization, key)?;
+        let flat = (1.0 - z) * spectrum_mean(&p.sigma, self.mean);
+        for (d, &f) in delta.iter_mut().zip(&p.factor) {
+            *d = flat * f + z * *d;
+        }
+        Ok(p.exact && self.factorization == Factorization::Auto)
     }
 }
 
