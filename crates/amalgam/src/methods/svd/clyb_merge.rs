@@ -12,7 +12,7 @@
 //! Keys as sd-optim views them: `[out, rest]` for 4-D, `[rest, last]` otherwise (a vector is one
 //! row, whose rank-1 part is itself: `θ = B`).
 
-use super::shared::{Source, WholeMatrix};
+use super::shared::{computed_or, Source, WholeMatrix};
 use super::spectrum::{polar, polar_bytes, randomized_svd, thin_svd, Factorization};
 use crate::error::Result;
 use crate::method::*;
@@ -243,12 +243,7 @@ impl<T: Real> KeyMerge<T> for ClybKey {
         Ok(())
     }
     fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]) {
-        if self.matrix.is_some() {
-            for (o, &v) in out.iter_mut().zip(&self.out[range]) {
-                *o = T::from_f64(v);
-            }
-        } else {
-            out.copy_from_slice(&args[1][..out.len()]);
-        }
+        let computed = self.matrix.map(|_| &self.out[range]);
+        computed_or(computed, args[1], out)
     }
 }

@@ -3,7 +3,7 @@
 //! unchanged. Written in this cancelled form, a single singular value gives no NaN (the fork's
 //! z-score divides by a variance that is then 0).
 
-use super::shared::{exact_note, matrix_unit, Isotropic, Source, WholeMatrix};
+use super::shared::{computed_or, exact_note, matrix_unit, Isotropic, Source, WholeMatrix};
 use super::shared::{FACTORIZATION, HIGH_DIM, MEAN};
 use super::spectrum::matrix_shape;
 use crate::error::Result;
@@ -105,12 +105,7 @@ impl<T: Real> KeyMerge<T> for IsoZKey {
         exact_note(self.exact)
     }
     fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]) {
-        if self.matrix.is_some() {
-            for (o, &d) in out.iter_mut().zip(&self.delta[range]) {
-                *o = T::from_f64(d);
-            }
-        } else {
-            out.copy_from_slice(&args[0][..out.len()]);
-        }
+        let computed = self.matrix.map(|_| &self.delta[range]);
+        computed_or(computed, args[0], out)
     }
 }

@@ -193,3 +193,16 @@ pub(crate) fn base_plus_delta<T: Real>(
         *o = b + scale * *o;
     }
 }
+
+/// The output of a key computed whole (`Some`: its values at `range`) or passed through
+/// (`None`: `pass`, an argument's chunk).
+pub(crate) fn computed_or<T: Real>(computed: Option<&[f64]>, pass: &[T], out: &mut [T]) {
+    match computed {
+        Some(values) => {
+            for (o, &v) in out.iter_mut().zip(values) {
+                *o = T::from_f64(v);
+            }
+        }
+        None => out.copy_from_slice(&pass[..out.len()]),
+    }
+}

@@ -3,7 +3,7 @@
 //! the others unchanged. The truncated SVD is exact, or randomized (Halko et al.) with a seeded
 //! test matrix.
 
-use super::shared::{Source, WholeMatrix};
+use super::shared::{computed_or, Source, WholeMatrix};
 use super::spectrum::{polar_bytes, randomized_svd, thin_svd};
 use crate::error::Result;
 use crate::method::*;
@@ -168,12 +168,7 @@ impl<T: Real> KeyMerge<T> for TruncateKey {
         Ok(())
     }
     fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]) {
-        if self.matrix.is_some() {
-            for (o, &d) in out.iter_mut().zip(&self.low_rank[range]) {
-                *o = T::from_f64(d);
-            }
-        } else {
-            out.copy_from_slice(&args[0][..out.len()]);
-        }
+        let computed = self.matrix.map(|_| &self.low_rank[range]);
+        computed_or(computed, args[0], out)
     }
 }
