@@ -155,6 +155,27 @@ pub const DECLARED: &[Declared] = &[
         spaces: DELTAS,
     },
     Declared {
+        method: "truncate_rank",
+        params: &[
+            "rank",
+            "use_approximate_basis",
+            "approximate_basis_iters",
+            "approximate_basis_seed",
+        ],
+        spaces: DELTAS,
+    },
+    Declared {
+        method: "rotate",
+        params: &[
+            "alignment",
+            "alpha",
+            "centralization",
+            "stiefel_eps",
+            "stiefel_max_iters",
+        ],
+        spaces: Spaces::Same,
+    },
+    Declared {
         method: "fallback",
         params: &[],
         spaces: Spaces::Same,

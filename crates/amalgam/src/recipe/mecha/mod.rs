@@ -18,6 +18,7 @@
 //! lines (`#`), `inf` and `nan`. Errors name the file, the line and the token.
 
 pub mod check;
+mod direct;
 mod parse;
 mod translate;
 mod write;

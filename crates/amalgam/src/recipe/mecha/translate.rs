@@ -44,6 +44,8 @@ pub const SUPPORTED: &[&str] = &[
     "convert_singleton",
     "convert_sdxl_blocks_to_sgm",
     "convert_sd1_blocks_to_ldm",
+    "truncate_rank",
+    "rotate",
 ];
 
 /// A recipe translated into an amalgam graph, and the seed it asks for.
@@ -533,7 +535,17 @@ pub fn translate(
                             }
                         }
                     }
-                    other => unreachable!("{other} is in SUPPORTED"),
+                    other => {
+                        let direct = super::direct::by_mecha(other)
+                            .unwrap_or_else(|| unreachable!("{other} is in SUPPORTED"));
+                        let slots = args
+                            .iter()
+                            .map(|a| tensors(a, &items, c.line).map(|t| vec![t]))
+                            .collect::<Result<Vec<_>>>()?;
+                        let params = direct
+                            .read(|name| kw(name).map(|v| param(v, &items, c.line)).transpose())?;
+                        node(direct.method, slots, params)
+                    }
                 }
             }
         };

@@ -175,6 +175,16 @@ pub fn to_mecha(
                 };
                 w.merge(method, &[args[0][0], args[1][0]], &[("alpha", alpha)])
             }
+            m if super::direct::by_method(m).is_some() => {
+                let direct = super::direct::by_method(m).expect("checked");
+                let kw: Vec<(&str, usize)> = direct
+                    .write(&node.params)
+                    .into_iter()
+                    .map(|(k, v)| (k, w.scalar(v)))
+                    .collect();
+                let inputs: Vec<usize> = args.iter().map(|a| a[0]).collect();
+                w.merge(direct.mecha, &inputs, &kw)
+            }
             "geometric_median" => {
                 let mut kw = Vec::new();
                 for (k, d) in crate::methods::gram::geometric_median::Weiszfeld::DEFAULT.params() {

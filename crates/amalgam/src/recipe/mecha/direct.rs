@@ -1,0 +1,164 @@
+//! sd-mecha methods that are one amalgam node with the same inputs in the same order, each
+//! keyword parameter mapped to one of the method's declared parameters (or accepted and not
+//! used): read from and written to `.mecha` through this one table.
+
+use crate::error::Result;
+use crate::method::{ParamKind, ParamValue};
+use std::collections::BTreeMap;
+
+/// How one sd-mecha keyword parameter maps to amalgam.
+#[derive(Debug)]
+pub(super) enum Map {
+    /// The same value under amalgam's name.
+    To(&'static str),
+    /// An sd-mecha bool choosing between two options of an amalgam choice; `default` is
+    /// sd-mecha's, used when the recipe leaves it out.
+    Flag {
+        to: &'static str,
+        yes: &'static str,
+        no: &'static str,
+        default: bool,
+    },
+    /// Accepted and not used (see the method's docs for why).
+    Unused,
+}
+
+/// One sd-mecha method and its amalgam node.
+#[derive(Debug)]
+pub(super) struct Direct {
+    pub(super) mecha: &'static str,
+    pub(super) method: &'static str,
+    pub(super) params: &'static [(&'static str, Map)],
+}
+
+/// The methods mapped one to one.
+pub(super) const DIRECT: &[Direct] = &[
+    Direct {
+        mecha: "truncate_rank",
+        method: "truncate_rank",
+        params: &[
+            ("rank", Map::To("rank")),
+            (
+                "use_approximate_basis",
+                Map::Flag {
+                    to: "svd",
+                    yes: "randomized",
+                    no: "exact",
+                    default: true,
+                },
+            ),
+            ("approximate_basis_iters", Map::To("power_iterations")),
+            // amalgam seeds the randomized SVD from the run's seed and the key.
+            ("approximate_basis_seed", Map::Unused),
+        ],
+    },
+    Direct {
+        mecha: "rotate",
+        method: "rotate",
+        params: &[
+            ("alignment", Map::To("alignment")),
+            ("alpha", Map::To("alpha")),
+            ("centralization", Map::To("centralization")),
+            // The Stiefel geodesic (fractional powers of wide matrices) is not implemented.
+            ("stiefel_eps", Map::Unused),
+            ("stiefel_max_iters", Map::Unused),
+        ],
+    },
+];
+
+/// The entry of sd-mecha method `mecha`.
+pub(super) fn by_mecha(mecha: &str) -> Option<&'static Direct> {
+    DIRECT.iter().find(|d| d.mecha == mecha)
+}
+
+/// The entry of amalgam method `method`.
+pub(super) fn by_method(method: &str) -> Option<&'static Direct> {
+    DIRECT.iter().find(|d| d.method == method)
+}
+
+impl Direct {
+    /// The node's parameters from the recipe's keyword values (`get`: the value of one, if given).
+    pub(super) fn read(
+        &self,
+        get: impl Fn(&str) -> Result<Option<ParamValue>>,
+    ) -> Result<BTreeMap<String, ParamValue>> {
+        let mut out = BTreeMap::new();
+        for (name, map) in self.params {
+            let v = get(name)?;
+            match map {
+                Map::To(to) => {
+                    if let Some(v) = v {
+                        out.insert(to.to_string(), v);
+                    }
+                }
+                Map::Flag {
+                    to,
+                    yes,
+                    no,
+                    default,
+                } => {
+                    let on = match v {
+                        Some(ParamValue::Bool(b)) => b,
+                        Some(ParamValue::Number(x)) => x != 0.0,
+                        _ => *default,
+                    };
+                    out.insert(
+                        to.to_string(),
+                        ParamValue::Text(if on { yes } else { no }.to_string()),
+                    );
+                }
+                Map::Unused => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// The keyword values to write for a node's parameters (declared defaults filled in), as
+    /// (sd-mecha name, value); counts are integers.
+    pub(super) fn write(
+        &self,
+        params: &BTreeMap<String, ParamValue>,
+    ) -> Vec<(&'static str, super::Value)> {
+        use super::Value;
+        let info = crate::methods::info(self.method).expect("a registered method");
+        let declared = |name: &str| {
+            info.params
+                .iter()
+                .find(|p| p.name == name)
+                .expect("declared")
+        };
+        let mut out = Vec::new();
+        for (mecha, map) in self.params {
+            match map {
+                Map::To(to) => {
+                    let p = declared(to);
+                    let value = match (params.get(*to), p.kind) {
+                        (Some(ParamValue::Number(x)), ParamKind::Count { .. }) => {
+                            Value::Int(*x as i64)
+                        }
+                        (Some(ParamValue::Number(x)), _) => Value::Float(*x),
+                        (None, ParamKind::Count { default }) => Value::Int(default as i64),
+                        (
+                            None,
+                            ParamKind::Number {
+                                default: Some(d), ..
+                            },
+                        ) => Value::Float(d),
+                        _ => continue,
+                    };
+                    out.push((*mecha, value));
+                }
+                Map::Flag { to, yes, .. } => {
+                    let chosen = match (params.get(*to), declared(to).kind) {
+                        (Some(ParamValue::Text(t)), _) => t.as_str(),
+                        (_, ParamKind::Choice { default, .. }) => default,
+                        _ => continue,
+                    };
+                    out.push((*mecha, Value::Bool(chosen == *yes)));
+                }
+                Map::Unused => {}
+            }
+        }
+        out
+    }
+}
