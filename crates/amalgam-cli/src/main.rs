@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use commands::extract_lora::*;
 use commands::inspect::*;
+use commands::knots::*;
 use commands::merge::*;
 pub(crate) use commands::merge::{merge_options, run_merge};
 use commands::methods::*;
@@ -54,6 +55,8 @@ enum Command {
     Repair(RepairArgs),
     /// Extract a fine-tune's difference from its base as a kohya LoRA (LoCon for convolutions).
     ExtractLora(ExtractLoraArgs),
+    /// Merge LoRAs in their shared singular basis (KnOTS), written as one LoRA.
+    Knots(KnotsArgs),
     /// Recipe tools: `recipe convert IN OUT` between amalgam's TOML and sd-mecha's .mecha.
     Recipe(RecipeArgs),
     /// List the merge methods and their parameters (presets as their overrides), or one whole.
@@ -111,6 +114,7 @@ fn main() {
         Command::Demo(a) => demo::run(a.keep, a.force),
         Command::Repair(a) => cmd_repair(a),
         Command::ExtractLora(a) => cmd_extract_lora(a),
+        Command::Knots(a) => cmd_knots(a),
         Command::Recipe(a) => cmd_recipe(a),
         Command::Methods(a) => {
             signals::default_sigpipe();

@@ -58,3 +58,64 @@ fn extract_inspect_and_bake() {
     let e = extract(&d.join("x.safetensors"), &["--ratio", "1.5"]);
     assert!(e.contains("(0, 1]"), "{e}");
 }
+
+/// Two LoRAs extracted from two fine-tunes, merged by `knots`, baked with `merge`.
+#[test]
+fn knots_of_extracted_loras() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth_sd1(d, 2, &[]);
+    let base = d.join("base.safetensors");
+    let mut loras = Vec::new();
+    for m in ["m000", "m001"] {
+        let lora = d.join(format!("{m}-lora.safetensors"));
+        let tuned = d.join(format!("{m}.safetensors"));
+        ok(&[
+            "extract-lora",
+            s(&tuned),
+            "--base",
+            s(&base),
+            "--rank",
+            "2",
+            "-o",
+            s(&lora),
+        ]);
+        loras.push(lora);
+    }
+    let merged = d.join("knots.safetensors");
+    let out = ok(&[
+        "knots",
+        s(&loras[0]),
+        s(&loras[1]),
+        "--variant",
+        "dare-ties",
+        "--seed",
+        "3",
+        "-o",
+        s(&merged),
+    ]);
+    assert!(out.contains("KnOTS of 2 LoRAs:"), "{out}");
+    let info = ok(&["inspect", "--no-hash", s(&merged)]);
+    assert!(info.contains("a kohya LoRA for sd1-ldm"), "{info}");
+    let baked = d.join("baked.safetensors");
+    ok(&[
+        "merge",
+        "--method",
+        "add",
+        s(&base),
+        s(&merged),
+        "-o",
+        s(&baked),
+        "-q",
+    ]);
+    assert!(baked.is_file());
+    let e = fails(&[
+        "knots",
+        s(&loras[0]),
+        "--k",
+        "0",
+        "-o",
+        s(&d.join("x.safetensors")),
+    ]);
+    assert!(e.contains("(0, 1]"), "{e}");
+}

@@ -19,9 +19,9 @@
 
 pub mod engine;
 pub mod error;
-pub mod extract;
 pub mod io;
 pub mod layout;
+pub mod lora;
 pub mod method;
 pub mod methods;
 pub mod options;

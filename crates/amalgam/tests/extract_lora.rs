@@ -3,10 +3,10 @@
 //! module's delta: rank ≤ R, and the energy the report says it kept (Eckart–Young).
 
 mod common;
-use amalgam::extract::{extract_lora, rank_for, ExtractOptions, RankRule};
 use amalgam::io::dtype::OutputDtype;
 use amalgam::io::input::ModelFile;
 use amalgam::layout::arch::Layout;
+use amalgam::lora::extract::{extract_lora, rank_for, ExtractOptions, RankRule};
 use amalgam::method::ParamValue;
 use amalgam::{merge, Graph, MergeOptions, NoProgress};
 use common::*;

@@ -1,7 +1,7 @@
 //! `amalgam extract-lora`: a fine-tune's difference from its base as a kohya LoRA.
 
 use crate::*;
-use amalgam::extract::{extract_lora, ExtractOptions, RankRule};
+use amalgam::lora::extract::{extract_lora, ExtractOptions, RankRule};
 
 #[derive(Args)]
 pub(crate) struct ExtractLoraArgs {

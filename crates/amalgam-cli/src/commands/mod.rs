@@ -2,6 +2,7 @@
 
 pub mod extract_lora;
 pub mod inspect;
+pub mod knots;
 pub mod merge;
 pub mod methods;
 pub mod recipe;

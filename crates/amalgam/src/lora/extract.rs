@@ -12,10 +12,10 @@
 //! f64 (sequential: the same bytes for any thread count); the factors are kept until the file is
 //! written, so memory is the output's size plus one key's working set per thread.
 
+use super::{encoded, write_lora, Factors};
 use crate::error::{Error, Result};
 use crate::io::dtype::OutputDtype;
 use crate::io::input::ModelFile;
-use crate::io::output::{OutputFile, OutputTensor};
 use crate::layout::arch::Layout;
 use crate::methods::svd::spectrum::thin_svd;
 use rayon::prelude::*;
@@ -167,28 +167,12 @@ pub fn rank_for(sigma: &[f64], max: usize, rule: RankRule) -> usize {
     r.min(max).min(full)
 }
 
-/// A module's factors, encoded in the output dtype: `up` `[out, r]`, `down` `[r, rest]`
-/// (row-major).
-struct Factors {
-    report: ModuleReport,
-    up: Vec<u8>,
-    down: Vec<u8>,
-    /// The key's shape after the first dimension (`[in, kh, kw]` for a convolution).
-    rest: Vec<usize>,
-}
-
 /// Reads key `key` of `file` whole in f64.
 fn read_f64(file: &ModelFile, key: &str) -> Result<Vec<f64>> {
     let n = file.tensor(key).map_or(0, |t| t.numel());
     let mut out = vec![0.0; n];
     file.read_chunk(key, 0, &mut out, &mut Vec::new())?;
     Ok(out)
-}
-
-fn encoded(values: &[f64], dtype: OutputDtype) -> Vec<u8> {
-    let mut bytes = vec![0u8; values.len() * dtype.size()];
-    dtype.encode(values, &mut bytes);
-    bytes
 }
 
 /// The factors of the modules of one key (one per part of a fused key), or `None` when its
@@ -199,7 +183,7 @@ fn extract_key(
     key: &str,
     modules: &[String],
     opts: &ExtractOptions,
-) -> Result<Option<Vec<Factors>>> {
+) -> Result<Option<Vec<(ModuleReport, Factors)>>> {
     let shape = tuned.tensor(key).expect("listed").shape.clone();
     let mut delta = read_f64(tuned, key)?;
     for (d, b) in delta.iter_mut().zip(read_f64(base, key)?) {
@@ -227,8 +211,8 @@ fn extract_key(
                 down[j * cols + c] = v[(c, j)] * root;
             }
         }
-        out.push(Factors {
-            report: ModuleReport {
+        out.push((
+            ModuleReport {
                 module: module.clone(),
                 key: key.to_string(),
                 shape: (rows, cols),
@@ -236,10 +220,15 @@ fn extract_key(
                 rank: r,
                 energy: if total > 0.0 { kept / total } else { 1.0 },
             },
-            up: encoded(&up, opts.dtype),
-            down: encoded(&down, opts.dtype),
-            rest: shape[1..].to_vec(),
-        });
+            Factors {
+                module: module.clone(),
+                out: rows,
+                rank: r,
+                rest: shape[1..].to_vec(),
+                up: encoded(&up, opts.dtype),
+                down: encoded(&down, opts.dtype),
+            },
+        ));
     }
     Ok(Some(out))
 }
@@ -292,7 +281,7 @@ pub fn extract_lora(opts: &ExtractOptions) -> Result<ExtractReport> {
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
-    let done: Vec<(String, Option<Vec<Factors>>)> = pool.install(|| {
+    let done: Vec<(String, Option<Vec<(ModuleReport, Factors)>>)> = pool.install(|| {
         keys.par_iter()
             .map(|(k, m)| Ok((k.to_string(), extract_key(&tuned, &base, k, m, opts)?)))
             .collect::<Result<_>>()
@@ -304,55 +293,9 @@ pub fn extract_lora(opts: &ExtractOptions) -> Result<ExtractReport> {
             None => report.unchanged.push(key),
         }
     }
-    factors.sort_by(|a, b| a.report.module.cmp(&b.report.module));
-    report.modules = write(factors, opts, layout)?;
-    Ok(report)
-}
-
-/// Writes the modules' `alpha`, `lora_down.weight` and `lora_up.weight` (LoCon for
-/// convolutions: down `[r, in, kh, kw]`, up `[out, r, 1, 1]`).
-fn write(
-    factors: Vec<Factors>,
-    opts: &ExtractOptions,
-    layout: Option<Layout>,
-) -> Result<Vec<ModuleReport>> {
-    let dtype = opts.dtype.safetensors();
-    let mut tensors = Vec::new();
-    let mut data: Vec<Vec<u8>> = Vec::new();
-    let mut reports = Vec::new();
-    for f in factors {
-        let r = f.report.rank;
-        let conv = f.rest.len() > 1;
-        let m = &f.report.module;
-        tensors.push(OutputTensor {
-            name: format!("{m}.alpha"),
-            dtype,
-            shape: Vec::new(),
-        });
-        data.push(encoded(&[r as f64], opts.dtype));
-        let mut down = vec![r];
-        down.extend(&f.rest);
-        tensors.push(OutputTensor {
-            name: format!("{m}.lora_down.weight"),
-            dtype,
-            shape: down,
-        });
-        data.push(f.down);
-        let mut up = vec![f.report.shape.0, r];
-        if conv {
-            up.extend([1, 1]);
-        }
-        tensors.push(OutputTensor {
-            name: format!("{m}.lora_up.weight"),
-            dtype,
-            shape: up,
-        });
-        data.push(f.up);
-        reports.push(f.report);
-    }
+    factors.sort_by(|a, b| a.0.module.cmp(&b.0.module));
+    let (modules, factors): (Vec<ModuleReport>, Vec<Factors>) = factors.into_iter().unzip();
     let mut metadata = HashMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    metadata.insert("amalgam_version".to_string(), crate::VERSION.to_string());
     metadata.insert(
         "amalgam_extract_lora".to_string(),
         format!(
@@ -369,10 +312,7 @@ fn write(
             "sdxl_base_v1-0".to_string(),
         );
     }
-    let out = OutputFile::create(&opts.output, &tensors, metadata, opts.overwrite)?;
-    for (i, bytes) in data.iter().enumerate() {
-        out.write_at(i, 0, bytes)?;
-    }
-    out.commit()?;
-    Ok(reports)
+    write_lora(&opts.output, factors, opts.dtype, metadata, opts.overwrite)?;
+    report.modules = modules;
+    Ok(report)
 }
