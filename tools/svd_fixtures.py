@@ -478,6 +478,102 @@ def clyb_cases():
         })
     return out
 
+
+def knots_ref(loras, variant_k, lam):
+    """KnOTS-TIES written from spec section 14 (numpy; the SVD of the concatenation taken
+    directly, not through the factors as amalgam does): per module M = [dW_1 | ... | dW_N],
+    U S Vh = svd(M), sigma <= 1e-5 dropped, R_t = S Vh_t; each LoRA's R_t of all modules (sorted
+    by name) as one vector: top-k by magnitude (TIES topk_values_mask: keep |x| >= the
+    (d - int(d k))-th smallest), mass election (zero sums take the sign of the elected signs'
+    sum), disjoint mean, times lambda; dW = U R. Returns {module: dW}."""
+    names = sorted({m for l in loras for m in l})
+    per = {}
+    for name in names:
+        dws = []
+        for l in loras:
+            if name in l:
+                up, down, alpha = l[name]
+                dws.append(up @ down * (alpha / down.shape[0]))
+            else:
+                dws.append(None)
+        shape = next(d for d in dws if d is not None).shape
+        dws = [d if d is not None else np.zeros(shape) for d in dws]
+        m = np.concatenate(dws, axis=1)
+        u, sv, vh = np.linalg.svd(m, full_matrices=False)
+        r = int(np.sum(sv > 1e-5))
+        u, sv, vh = u[:, :r], sv[:r], vh[:r]
+        cols = shape[1]
+        rs = [(sv[:, None] * vh[:, t * cols:(t + 1) * cols]) for t in range(len(loras))]
+        present = [name in l for l in loras]
+        per[name] = (u, rs, present)
+    n = len(loras)
+    vecs = [np.concatenate([per[nm][1][t].ravel() for nm in names if per[nm][2][t]]) for t in range(n)]
+    masks = []
+    for v in vecs:
+        d = v.size
+        if variant_k >= 1.0:
+            masks.append(np.ones(d, bool))
+            continue
+        k = int(d * variant_k)
+        kth = np.partition(np.abs(v), d - k - 1)[d - k - 1]
+        masks.append(np.abs(v) >= kth)
+    # Back to modules.
+    offs = [0] * n
+    trimmed = {}
+    for nm in names:
+        u, rs, present = per[nm]
+        rows = []
+        for t in range(n):
+            if present[t]:
+                size = rs[t].size
+                rows.append((rs[t].ravel() * masks[t][offs[t]:offs[t] + size]))
+                offs[t] += size
+            else:
+                rows.append(np.zeros(rs[t].size))
+        trimmed[nm] = np.stack(rows)
+    signs = {nm: np.sign(trimmed[nm].sum(0)) for nm in names}
+    majority = np.sign(sum(signs[nm].sum() for nm in names)) or 1.0
+    out = {}
+    for nm in names:
+        x = trimmed[nm]
+        g = signs[nm].copy()
+        g[g == 0] = majority
+        keep = ((g > 0) & (x > 0)) | ((g < 0) & (x < 0))
+        merged = (x * keep).sum(0) / np.clip(keep.sum(0), 1, None)
+        u = per[nm][0]
+        out[nm] = u @ (lam * merged.reshape(u.shape[1], -1))
+    return out
+
+
+def knots_cases():
+    q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    k = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
+    v = "lora_te_text_model_encoder_layers_0_self_attn_v_proj"
+    out = []
+    for case, (n, kk, lam, modules) in enumerate([
+        (3, 0.2, 0.6, [(q, 10, 7, 2), (k, 10, 7, 3)]),
+        (2, 1.0, 1.0, [(q, 8, 6, 2), (v, 8, 6, 1)]),
+        (4, 0.5, 0.6, [(q, 12, 9, 3), (k, 12, 9, 2), (v, 12, 9, 1)]),
+    ]):
+        rng = np.random.default_rng(900 + case)
+        loras = []
+        for t in range(n):
+            lora = {}
+            for (name, o, i, r) in modules:
+                if t == 1 and name == modules[-1][0] and n > 2:
+                    continue  # one LoRA lacks a module
+                lora[name] = (rng.standard_normal((o, r)), rng.standard_normal((r, i)), float(r + t))
+            loras.append(lora)
+        exp = knots_ref(loras, kk, lam)
+        out.append({
+            "name": f"knots/ties_n{n}_k{kk}", "method": "knots",
+            "params": {"variant": "ties", "k": kk, "lambda": lam},
+            "inputs": {"loras": [{m: {"up": enc(u), "down": enc(d), "alpha": a} for m, (u, d, a) in l.items()}
+                                  for l in loras]},
+            "expected": {m: enc(x) for m, x in exp.items()},
+        })
+    return out
+
 def truncate_rank_cases():
     fn = sdm_merge_methods.resolve("truncate_rank").__wrapped__
     out = []
@@ -666,6 +762,7 @@ def main():
     cases += iso_cts_cases()
     cases += truncate_rank_cases()
     cases += clyb_cases()
+    cases += knots_cases()
     rot, rot_failures = rotate_cases()
     cases += rot
 
@@ -688,6 +785,7 @@ def main():
             "iso_cts": "numpy reference of danielm1405/iso-merging d34010a src/utils/iso.py `iso_cts`",
             "truncate_rank": "sd-mecha 1.1.8 registered method",
             "rotate": "sd-mecha 1.1.8 registered method",
+            "knots": "numpy written from spec section 14 (KnOTS-TIES; the SVD of the concatenated updates taken directly)",
             "clyb_merge": "numpy rewrite of sd-optim's clyb_merge (published code; not packaged), exact top-q SVD",
         },
         "iso_official_cross_check": OFFICIAL is not None,
