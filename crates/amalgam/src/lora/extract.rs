@@ -175,6 +175,9 @@ fn read_f64(file: &ModelFile, key: &str) -> Result<Vec<f64>> {
     Ok(out)
 }
 
+/// The modules of one key: each one's report and factors.
+type KeyModules = Vec<(ModuleReport, Factors)>;
+
 /// The factors of the modules of one key (one per part of a fused key), or `None` when its
 /// delta is zero.
 fn extract_key(
@@ -183,7 +186,7 @@ fn extract_key(
     key: &str,
     modules: &[String],
     opts: &ExtractOptions,
-) -> Result<Option<Vec<(ModuleReport, Factors)>>> {
+) -> Result<Option<KeyModules>> {
     let shape = tuned.tensor(key).expect("listed").shape.clone();
     let mut delta = read_f64(tuned, key)?;
     for (d, b) in delta.iter_mut().zip(read_f64(base, key)?) {
@@ -281,7 +284,7 @@ pub fn extract_lora(opts: &ExtractOptions) -> Result<ExtractReport> {
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
-    let done: Vec<(String, Option<Vec<(ModuleReport, Factors)>>)> = pool.install(|| {
+    let done: Vec<(String, Option<KeyModules>)> = pool.install(|| {
         keys.par_iter()
             .map(|(k, m)| Ok((k.to_string(), extract_key(&tuned, &base, k, m, opts)?)))
             .collect::<Result<_>>()
