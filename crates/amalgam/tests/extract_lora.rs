@@ -43,7 +43,7 @@ fn extracted_then_baked_is_the_best_low_rank_delta() {
         let d = dir.path();
         let pool = f32_pool(d, layout, 1, shrink);
         let rank = 3;
-        let report = extract_lora(&options(d, &pool, rank, RankRule::Fixed)).unwrap();
+        let report = extract_lora(&options(d, &pool, rank, RankRule::Fixed), &NoProgress).unwrap();
         assert!(report.modules.len() > 50, "{report}");
         // Bake it: base + 1.0 · LoRA.
         let mut params = BTreeMap::new();
@@ -145,11 +145,11 @@ fn refuses_its_inputs_as_output_and_other_architectures() {
     let pool = f32_pool(d, Layout::Sd1Ldm, 1, 32);
     let mut o = options(d, &pool, 2, RankRule::Fixed);
     o.output = pool[1].clone();
-    let e = extract_lora(&o).unwrap_err().to_string();
+    let e = extract_lora(&o, &NoProgress).unwrap_err().to_string();
     assert!(e.contains("m000.safetensors"), "{e}");
     let other = tempfile::tempdir().unwrap();
     let flux = f32_pool(other.path(), Layout::Flux, 1, 64);
-    let e = extract_lora(&options(d, &flux, 2, RankRule::Fixed))
+    let e = extract_lora(&options(d, &flux, 2, RankRule::Fixed), &NoProgress)
         .unwrap_err()
         .to_string();
     assert!(e.contains("SD1 (ldm) or SDXL (sgm)"), "{e}");

@@ -41,16 +41,20 @@ pub(crate) fn cmd_extract_lora(a: ExtractLoraArgs) -> Result<()> {
         (None, None) => RankRule::Fixed,
         _ => bail!("--ratio and --energy take a fraction in (0, 1]"),
     };
-    let report = extract_lora(&ExtractOptions {
-        tuned: a.tuned,
-        base: a.base,
-        output: a.output,
-        rank: a.rank,
-        rule,
-        dtype: a.dtype,
-        threads: a.threads,
-        overwrite: a.force,
-    })?;
+    let bar = crate::progress::Bar::new(false);
+    let report = extract_lora(
+        &ExtractOptions {
+            tuned: a.tuned,
+            base: a.base,
+            output: a.output,
+            rank: a.rank,
+            rule,
+            dtype: a.dtype,
+            threads: a.threads,
+            overwrite: a.force,
+        },
+        &bar,
+    )?;
     eprintln!("{report}");
     Ok(())
 }

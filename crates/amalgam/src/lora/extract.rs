@@ -237,7 +237,11 @@ fn extract_key(
 }
 
 /// Extracts the LoRA of `opts.tuned` against `opts.base` and writes it to `opts.output`.
-pub fn extract_lora(opts: &ExtractOptions) -> Result<ExtractReport> {
+/// `progress` counts the bytes of the fine-tune's keys factored, key by key.
+pub fn extract_lora(
+    opts: &ExtractOptions,
+    progress: &dyn crate::Progress,
+) -> Result<ExtractReport> {
     if opts.rank == 0 {
         return Err(Error::Invalid("the LoRA rank must be at least 1".into()));
     }
@@ -284,11 +288,24 @@ pub fn extract_lora(opts: &ExtractOptions) -> Result<ExtractReport> {
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let key_bytes = |k: &str| {
+        tuned
+            .tensor(k)
+            .map_or(0, |t| t.numel() * t.dtype.bitsize() / 8) as u64
+    };
+    progress.start(keys.iter().map(|(k, _)| key_bytes(k)).sum(), keys.len());
+    let done_keys = std::sync::atomic::AtomicUsize::new(0);
     let done: Vec<(String, Option<KeyModules>)> = pool.install(|| {
         keys.par_iter()
-            .map(|(k, m)| Ok((k.to_string(), extract_key(&tuned, &base, k, m, opts)?)))
+            .map(|(k, m)| {
+                let f = extract_key(&tuned, &base, k, m, opts)?;
+                let n = done_keys.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                progress.advance(key_bytes(k), n, k);
+                Ok((k.to_string(), f))
+            })
             .collect::<Result<_>>()
     })?;
+    progress.finish();
     let mut factors = Vec::new();
     for (key, f) in done {
         match f {
