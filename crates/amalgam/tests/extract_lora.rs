@@ -149,6 +149,16 @@ fn refuses_its_inputs_as_output_and_other_architectures() {
     assert!(e.contains("m000.safetensors"), "{e}");
     let other = tempfile::tempdir().unwrap();
     let flux = f32_pool(other.path(), Layout::Flux, 1, 64);
+    // A base of another architecture.
+    let third = tempfile::tempdir().unwrap();
+    let sdxl = f32_pool(third.path(), Layout::SdxlSgm, 0, 64).remove(0);
+    let mut o = options(d, &pool, 2, RankRule::Fixed);
+    o.base = sdxl;
+    let e = extract_lora(&o, &NoProgress).unwrap_err().to_string();
+    assert!(
+        e.contains("`sd1-ldm` but its base") && e.contains("`sdxl-sgm`"),
+        "{e}"
+    );
     let e = extract_lora(&options(d, &flux, 2, RankRule::Fixed), &NoProgress)
         .unwrap_err()
         .to_string();

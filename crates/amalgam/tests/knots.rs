@@ -279,3 +279,38 @@ fn knots_ties_equals_the_numpy_reference() {
     }
     assert_eq!(ran, 3);
 }
+
+/// A LoRA whose up and down do not share a rank, or whose module changes a tensor of another
+/// shape than the other LoRAs', is refused naming the file and the module; nothing is written.
+#[test]
+fn inconsistent_loras_are_refused_naming_file_and_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = write_lora(
+        &d.join("good.safetensors"),
+        &[(Q, lcg(1, 6, 2), lcg(2, 2, 5), 2.0)],
+    );
+    let bad_rank = write_lora(
+        &d.join("bad_rank.safetensors"),
+        &[(Q, lcg(3, 6, 3), lcg(4, 2, 5), 2.0)],
+    );
+    let other = write_lora(
+        &d.join("other.safetensors"),
+        &[(Q, lcg(5, 6, 2), lcg(6, 2, 7), 2.0)],
+    );
+    for (bad, what) in [
+        (bad_rank, "do not share a rank"),
+        (other, "the other LoRAs'"),
+    ] {
+        let out = d.join("out.safetensors");
+        let o = KnotsOptions::new(vec![good.clone(), bad.clone()], out.clone(), Variant::Ties);
+        let e = knots(&o).unwrap_err().to_string();
+        assert!(
+            e.contains(bad.file_name().unwrap().to_str().unwrap())
+                && e.contains(Q)
+                && e.contains(what),
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -167,14 +167,6 @@ pub fn rank_for(sigma: &[f64], max: usize, rule: RankRule) -> usize {
     r.min(max).min(full)
 }
 
-/// Reads key `key` of `file` whole in f64.
-fn read_f64(file: &ModelFile, key: &str) -> Result<Vec<f64>> {
-    let n = file.tensor(key).map_or(0, |t| t.numel());
-    let mut out = vec![0.0; n];
-    file.read_chunk(key, 0, &mut out, &mut Vec::new())?;
-    Ok(out)
-}
-
 /// The modules of one key: each one's report and factors.
 type KeyModules = Vec<(ModuleReport, Factors)>;
 
@@ -188,8 +180,8 @@ fn extract_key(
     opts: &ExtractOptions,
 ) -> Result<Option<KeyModules>> {
     let shape = tuned.tensor(key).expect("listed").shape.clone();
-    let mut delta = read_f64(tuned, key)?;
-    for (d, b) in delta.iter_mut().zip(read_f64(base, key)?) {
+    let mut delta = tuned.read_tensor::<f64>(key)?;
+    for (d, b) in delta.iter_mut().zip(base.read_tensor::<f64>(key)?) {
         *d -= b;
     }
     if delta.iter().all(|&d| d == 0.0) {
@@ -250,6 +242,20 @@ pub fn extract_lora(
     let tuned = ModelFile::open(&opts.tuned)?;
     let base = ModelFile::open(&opts.base)?;
     let layout = tuned.detected_layout();
+    let name = |l: Option<Layout>| {
+        l.map_or("of an unknown architecture".to_string(), |l| {
+            format!("`{}`", l.name())
+        })
+    };
+    if base.detected_layout() != layout {
+        return Err(Error::Invalid(format!(
+            "{} is {} but its base {} is {}",
+            opts.tuned.display(),
+            name(layout),
+            opts.base.display(),
+            name(base.detected_layout())
+        )));
+    }
     let names = layout
         .map(crate::layout::lora::module_names)
         .unwrap_or_default();
@@ -257,10 +263,7 @@ pub fn extract_lora(
         return Err(Error::Invalid(format!(
             "{}: LoRA extraction needs an SD1 (ldm) or SDXL (sgm) checkpoint; this one is {}",
             opts.tuned.display(),
-            layout.map_or("of an unknown architecture".to_string(), |l| format!(
-                "`{}`",
-                l.name()
-            ))
+            name(layout)
         )));
     }
     // The keys both models have with the same shape and a float dtype.
@@ -278,7 +281,7 @@ pub fn extract_lora(
         match names.get(key) {
             Some(m) if t.shape.len() >= 2 && t.shape[0] % m.len() == 0 => keys.push((key, m)),
             _ => {
-                if read_f64(&tuned, key)? != read_f64(&base, key)? {
+                if tuned.read_tensor::<f64>(key)? != base.read_tensor::<f64>(key)? {
                     report.not_carried.push(key.clone());
                 }
             }

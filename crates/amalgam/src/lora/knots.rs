@@ -141,18 +141,30 @@ struct Shared {
 
 /// Reads a tensor of `file` whole as the `rows × (len / rows)` matrix.
 fn matrix(file: &ModelFile, key: &str, rows: usize) -> Result<Mat<f64>> {
-    let n = file.tensor(key).map_or(0, |t| t.numel());
-    let mut v = vec![0.0; n];
-    file.read_chunk(key, 0, &mut v, &mut Vec::new())?;
-    Ok(MatRef::from_row_major_slice(&v, rows, n / rows.max(1)).to_owned())
+    let v = file.read_tensor::<f64>(key)?;
+    Ok(MatRef::from_row_major_slice(&v, rows, v.len() / rows.max(1)).to_owned())
 }
 
+/// One LoRA's update of module `m`, checked: `up` `[out, r]` and `down` `[r, ...]` share a rank.
 fn update(file: &ModelFile, m: &LoraModule) -> Result<(Update, Vec<usize>)> {
     let down = file.tensor(&m.down).expect("listed");
-    let rank = down.shape[0];
-    let rest = down.shape[1..].to_vec();
     let up = file.tensor(&m.up).expect("listed");
-    let out = up.shape[0];
+    let (rank, out) = (
+        down.shape.first().copied().unwrap_or(0),
+        up.shape.first().copied().unwrap_or(0),
+    );
+    if rank == 0 || up.shape.get(1) != Some(&rank) || up.numel() != out * rank {
+        return Err(Error::bad_file(
+            file.path(),
+            format!(
+                "LoRA module `{}`: up {:?} and down {:?} do not share a rank",
+                m.up.trim_end_matches(".lora_up.weight"),
+                up.shape,
+                down.shape
+            ),
+        ));
+    }
+    let rest = down.shape[1..].to_vec();
     let scale = match &m.alpha {
         Some(a) => matrix(file, a, 1)?[(0, 0)] / rank as f64,
         None => 1.0,
@@ -321,11 +333,25 @@ pub fn knots(opts: &KnotsOptions) -> Result<KnotsReport> {
     let mut shared = Vec::new();
     for (name, per_lora) in &modules {
         let mut rest = Vec::new();
-        let mut updates = Vec::new();
+        let mut updates: Vec<Option<Update>> = Vec::new();
         for (file, m) in files.iter().zip(per_lora) {
             updates.push(match m {
                 Some(m) => {
                     let (u, r) = update(file, m)?;
+                    // The same module of every LoRA changes a tensor of the same shape.
+                    if let Some(first) = updates.iter().flatten().next() {
+                        let shape = |u: &Update| (u.up.nrows(), u.down.ncols());
+                        if shape(first) != shape(&u) {
+                            return Err(Error::bad_file(
+                                file.path(),
+                                format!(
+                                    "LoRA module `{name}` changes a {:?} tensor, the other LoRAs' a {:?} one",
+                                    shape(&u),
+                                    shape(first)
+                                ),
+                            ));
+                        }
+                    }
                     rest = r;
                     Some(u)
                 }

@@ -236,6 +236,15 @@ impl ModelFile {
         self.decode(entry.offset, dtype, start, dst, scratch)
     }
 
+    /// Float tensor `key` whole, converted to `T` (an error naming the file and the key when it
+    /// is absent or not a float tensor).
+    pub fn read_tensor<T: Real>(&self, key: &str) -> Result<Vec<T>> {
+        let n = self.tensor(key).map_or(0, |t| t.numel());
+        let mut out = vec![T::ZERO; n];
+        self.read_chunk(key, 0, &mut out, &mut Vec::new())?;
+        Ok(out)
+    }
+
     /// Reads and decodes elements `start..start + dst.len()` of the tensor of `dtype` whose data
     /// starts at byte `offset` of the file. Reading into an aligned buffer also makes misaligned
     /// data offsets (headers not padded to 8 bytes) harmless.
