@@ -244,10 +244,12 @@ impl RotateKey {
         let flat: Vec<f64> = (0..n * n).map(|e| m[(e / n, e % n)]).collect();
         let (mut u, _, v) = thin_svd(&flat, n, n, &self.key)?;
         let integer = close(self.t, self.t.round());
-        if !integer && mm(u.as_ref(), v.transpose()).determinant() < 0.0 {
+        let mut q = mm(u.as_ref(), v.transpose());
+        if !integer && q.determinant() < 0.0 {
+            // det Q = +1: U's last column negated, Q − 2·u_n v_nᵀ.
             u.col_mut(n - 1).iter_mut().for_each(|x| *x = -*x);
+            q = mm(u.as_ref(), v.transpose());
         }
-        let q = mm(u.as_ref(), v.transpose());
         let mut a = a.clone();
         if self.alpha != 0.0 {
             let bq = mm(b.as_ref(), q.transpose());
