@@ -119,3 +119,60 @@ fn knots_of_extracted_loras() {
     ]);
     assert!(e.contains("(0, 1]"), "{e}");
 }
+
+#[test]
+fn a_recipe_whose_output_is_a_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth_sd1(d, 2, &[]);
+    let recipe = d.join("lora.toml");
+    std::fs::write(
+        &recipe,
+        r#"
+[models]
+base = "base.safetensors"
+pool = ["m000.safetensors", "m001.safetensors"]
+
+[nodes.ties]
+method = "ties"
+base = "base"
+models = ["pool"]
+
+[nodes.lora]
+method = "extract_lora"
+model = "ties"
+base = "base"
+rank = 4
+
+[output]
+node = "lora"
+"#,
+    )
+    .unwrap();
+    let lora = d.join("ties-lora.safetensors");
+    let out = ok(&["merge", s(&recipe), "-o", s(&lora)]);
+    assert!(out.contains("merged from all their inputs"), "{out}");
+    assert!(out.contains("temporary f32 file"), "{out}");
+    assert!(out.contains("LoRA of ") && out.contains("rank 4"), "{out}");
+    assert_eq!(
+        out.matches("wrote ").count(),
+        2,
+        "the merge's bytes and the LoRA: {out}"
+    );
+    let info = ok(&["inspect", "--no-hash", s(&lora)]);
+    assert!(info.contains("a kohya LoRA for sd1-ldm"), "{info}");
+    // `amalgam methods` lists it as an output stage.
+    let m = ok(&["methods", "extract_lora"]);
+    assert!(m.contains("output stage") && m.contains("rank = 64"), "{m}");
+    // Not as an input of another node.
+    std::fs::write(
+        &recipe,
+        std::fs::read_to_string(&recipe)
+            .unwrap()
+            .replace("node = \"lora\"", "node = \"again\"")
+            + "[nodes.again]\nmethod = \"add\"\na = \"base\"\nb = \"lora\"\n",
+    )
+    .unwrap();
+    let e = fails(&["merge", s(&recipe), "-o", s(&d.join("x.safetensors"))]);
+    assert!(e.contains("only be the output"), "{e}");
+}

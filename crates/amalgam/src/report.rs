@@ -81,6 +81,9 @@ pub struct MergeReport {
     pub inputs_non_finite: Vec<crate::io::non_finite::InputNonFinite>,
     /// The output keys holding NaN or Inf, in the output dtype: (key, count).
     pub outputs_non_finite: Vec<(String, u64)>,
+    /// When the recipe's output is an `extract_lora` node: the LoRA written (the rest of the
+    /// report is the merge of its `model` input, when that is a node).
+    pub lora: Option<crate::lora::extract::ExtractReport>,
 }
 
 impl MergeReport {
@@ -186,6 +189,25 @@ fn group_keys(keys: &[String]) -> Vec<(String, usize)> {
 
 impl fmt::Display for MergeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(lora) = &self.lora {
+            if !self.actions.is_empty() {
+                self.fmt_merge(f)?;
+                writeln!(f)?;
+            } else {
+                for note in &self.notes {
+                    writeln!(f, "  {note}")?;
+                }
+            }
+            return write!(f, "{lora}");
+        }
+        self.fmt_merge(f)
+    }
+}
+
+impl MergeReport {
+    /// The merge's summary: keys, what was done with those not merged from every input, notes,
+    /// NaN/Inf, bytes and time.
+    fn fmt_merge(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (merged, partly, taken, copied) = self.counts();
         if let Some(a) = &self.architecture {
             let other: Vec<String> = self

@@ -15,14 +15,10 @@ use std::path::Path;
 
 fn options(dir: &Path, pool: &[std::path::PathBuf], rank: usize, rule: RankRule) -> ExtractOptions {
     ExtractOptions {
-        tuned: pool[1].clone(),
-        base: pool[0].clone(),
-        output: dir.join("lora.safetensors"),
-        rank,
         rule,
         dtype: OutputDtype::F32,
-        threads: 0,
         overwrite: true,
+        ..ExtractOptions::new(&pool[1], &pool[0], dir.join("lora.safetensors"), rank)
     }
 }
 

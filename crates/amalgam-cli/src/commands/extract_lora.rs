@@ -42,19 +42,25 @@ pub(crate) fn cmd_extract_lora(a: ExtractLoraArgs) -> Result<()> {
         _ => bail!("--ratio and --energy take a fraction in (0, 1]"),
     };
     let bar = crate::progress::Bar::new(false);
-    let report = extract_lora(
-        &ExtractOptions {
-            tuned: a.tuned,
-            base: a.base,
-            output: a.output,
-            rank: a.rank,
-            rule,
-            dtype: a.dtype,
-            threads: a.threads,
-            overwrite: a.force,
-        },
-        &bar,
-    )?;
-    eprintln!("{report}");
+    let opts = ExtractOptions {
+        rule,
+        dtype: a.dtype,
+        threads: a.threads,
+        overwrite: a.force,
+        ..ExtractOptions::new(a.tuned, a.base, a.output, a.rank)
+    };
+    crate::signals::watch(&opts.cancel);
+    match extract_lora(&opts, &bar) {
+        Err(amalgam::Error::Cancelled) => {
+            amalgam::Progress::finish(&bar);
+            let (sig, code) = crate::signals::received().unwrap_or(("cancelled", 130));
+            eprintln!(
+                "{sig}: extraction stopped; {} was not written",
+                opts.output.display()
+            );
+            std::process::exit(code);
+        }
+        r => eprintln!("{}", r?),
+    }
     Ok(())
 }

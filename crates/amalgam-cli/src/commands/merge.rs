@@ -230,7 +230,9 @@ pub(crate) fn cmd_merge(a: MergeArgs) -> Result<()> {
     let report = run_merge(&graph, opts, a.quiet)?;
     if !a.quiet {
         eprintln!("{report}");
-        eprintln!("wrote {}", a.output.display());
+        if report.lora.is_none() {
+            eprintln!("wrote {}", a.output.display());
+        }
     }
     Ok(())
 }

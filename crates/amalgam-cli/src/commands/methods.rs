@@ -10,11 +10,16 @@ pub(crate) struct MethodsArgs {
 
 pub(crate) fn cmd_methods(a: MethodsArgs) -> Result<()> {
     let one = a.name.as_deref().map(amalgam::methods::info).transpose()?;
-    for info in amalgam::methods::ALL {
+    for info in amalgam::methods::ALL.iter().chain(amalgam::methods::STAGES) {
         if one.is_some_and(|o| o.name != info.name) {
             continue;
         }
-        println!("{}\n  {}", info.name, info.summary);
+        let stage = if amalgam::methods::is_stage(info.name) {
+            " (output stage: a recipe's output node only)"
+        } else {
+            ""
+        };
+        println!("{}{stage}\n  {}", info.name, info.summary);
         // A preset is shown as its overrides, unless it is asked for by name.
         if let Some(p) = amalgam::methods::preset_of(info).filter(|_| one.is_none()) {
             let o: Vec<String> = p

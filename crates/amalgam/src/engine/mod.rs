@@ -7,7 +7,9 @@
 //! 2. **Statistics** (only for methods that declare passes): per key, every fixed-size block
 //!    ([`BLOCK`], rounded up to whole units when a method declares a unit) is fed to the method
 //!    and the per-block results are folded in block order.
-//! 3. **Execute**: keys in name order are cut into tasks (a run of elements whose encoded output
+//! 3. **Output stages** ([`stages`]): a recipe whose output node writes another kind of file (a
+//!    LoRA) merges the node's inputs to temporary files first, then runs the stage on them.
+//! 4. **Execute**: keys in name order are cut into tasks (a run of elements whose encoded output
 //!    fits one buffer) and tasks into sub-chunks whose buffers, one per input and per node, fit in
 //!    the CPU cache; both sizes follow from the memory budget, the number of inputs and the thread
 //!    count, so memory does not grow with the number of models or the size of a tensor. Tasks run
@@ -24,6 +26,7 @@ mod keys;
 mod out_view;
 mod plan;
 mod schedule;
+mod stages;
 #[cfg(test)]
 mod tests;
 mod views;
@@ -64,6 +67,9 @@ pub use crate::options::{MergeOptions, NoProgress, Progress, BLOCK};
 /// on the links it was given.
 pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     graph.validate()?;
+    if let Some(n) = graph.output_stage() {
+        return stages::run_stage(&canonical_paths(graph), n, opts, progress);
+    }
     let input_paths: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
     let mut outputs = vec![opts.output.as_path()];
     outputs.extend(opts.report_json.as_deref());

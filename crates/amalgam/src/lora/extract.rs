@@ -17,13 +17,80 @@ use crate::error::{Error, Result};
 use crate::io::dtype::OutputDtype;
 use crate::io::input::ModelFile;
 use crate::layout::arch::Layout;
+use crate::method::{Domain, MethodInfo, ParamInfo, Params, Slot, SlotKind};
 use crate::methods::svd::spectrum::thin_svd;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// The declaration of the recipe node: a recipe whose output node is `extract_lora` writes the
+/// LoRA of its `model` (a model or any node) against `base`, instead of a checkpoint.
+pub static INFO: MethodInfo = MethodInfo {
+    name: "extract_lora",
+    formula: "kohya LoRA of model - base: per module U_r diag(sqrt sigma_r), diag(sqrt sigma_r) \
+              V_r^T, alpha = r",
+    summary: "A recipe's output as a kohya LoRA (LoCon for convolutions) of its difference from \
+              a base, rank at most `rank` per module; only as the recipe's output node (a node \
+              `model` is merged to a temporary f32 file beside the output first). Each matrix \
+              whole.",
+    slots: &[
+        Slot {
+            name: "model",
+            kind: SlotKind::One,
+            doc: "the model extracted: a model or any node (the merge's result)",
+        },
+        Slot {
+            name: "base",
+            kind: SlotKind::One,
+            doc: "the model the LoRA is applied to",
+        },
+    ],
+    params: &[
+        ParamInfo::count(
+            "rank",
+            64,
+            "the largest rank of a module (alpha = rank, so the scale is 1)",
+        ),
+        ParamInfo::optional(
+            "ratio",
+            Domain::Fraction,
+            "instead of every module at `rank`: round(ratio * min(out, in)), at most `rank`",
+        ),
+        ParamInfo::optional(
+            "energy",
+            Domain::Fraction,
+            "instead: the smallest rank keeping this fraction of the module's delta energy \
+             (sum of squared singular values), at most `rank`",
+        ),
+    ],
+};
+
+/// The largest rank and the rank rule of an `extract_lora` node's parameters.
+pub(crate) fn rank_params(params: Params) -> Result<(usize, RankRule)> {
+    let mut params = params.bind(&INFO, &[1, 1]);
+    let rank = params.count("rank")?;
+    let ratio = params.optional_number("ratio")?;
+    let energy = params.optional_number("energy")?;
+    params.finish()?;
+    if rank == 0 {
+        return Err(Error::method(
+            INFO.name,
+            "parameter `rank` must be at least 1",
+        ));
+    }
+    match (ratio, energy) {
+        (Some(_), Some(_)) => Err(Error::method(
+            INFO.name,
+            "give `ratio` or `energy`, not both",
+        )),
+        (Some(f), None) => Ok((rank, RankRule::Ratio(f))),
+        (None, Some(f)) => Ok((rank, RankRule::Energy(f))),
+        (None, None) => Ok((rank, RankRule::Fixed)),
+    }
+}
+
 /// How the rank of each module is chosen (never above [`ExtractOptions::rank`]).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub enum RankRule {
     /// The maximum rank for every module.
     Fixed,
@@ -52,10 +119,38 @@ pub struct ExtractOptions {
     pub threads: usize,
     /// Replace an existing output.
     pub overwrite: bool,
+    /// Extra `__metadata__` entries (e.g. the recipe whose result is extracted).
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Stops the extraction between keys (nothing is written).
+    pub cancel: crate::options::Cancel,
+}
+
+impl ExtractOptions {
+    /// Extracting `tuned` against `base` into `output`, at most rank `rank` per module, every
+    /// other option at its default (f16 factors, one thread per core).
+    pub fn new(
+        tuned: impl Into<PathBuf>,
+        base: impl Into<PathBuf>,
+        output: impl Into<PathBuf>,
+        rank: usize,
+    ) -> Self {
+        ExtractOptions {
+            tuned: tuned.into(),
+            base: base.into(),
+            output: output.into(),
+            rank,
+            rule: RankRule::Fixed,
+            dtype: OutputDtype::F16,
+            threads: 0,
+            overwrite: false,
+            metadata: Default::default(),
+            cancel: Default::default(),
+        }
+    }
 }
 
 /// One module extracted.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct ModuleReport {
     /// The kohya module name.
     pub module: String,
@@ -72,7 +167,7 @@ pub struct ModuleReport {
 }
 
 /// What an extraction did.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ExtractReport {
     /// The architecture of the models.
     pub layout: Option<String>,
@@ -301,6 +396,9 @@ pub fn extract_lora(
     let done: Vec<(String, Option<KeyModules>)> = pool.install(|| {
         keys.par_iter()
             .map(|(k, m)| {
+                if opts.cancel.is_cancelled() {
+                    return Err(Error::Cancelled);
+                }
                 let f = extract_key(&tuned, &base, k, m, opts)?;
                 let n = done_keys.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 progress.advance(key_bytes(k), n, k);
@@ -318,7 +416,7 @@ pub fn extract_lora(
     }
     factors.sort_by(|a, b| a.0.module.cmp(&b.0.module));
     let (modules, factors): (Vec<ModuleReport>, Vec<Factors>) = factors.into_iter().unzip();
-    let mut metadata = HashMap::new();
+    let mut metadata: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
     metadata.insert(
         "amalgam_extract_lora".to_string(),
         format!(

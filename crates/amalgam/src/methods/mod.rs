@@ -33,6 +33,13 @@ macro_rules! registry {
         /// to slot `i` of the method's [`MethodInfo::slots`].
         pub fn build<T: Real>(name: &str, params: Params, counts: &[usize]) -> Result<Box<dyn Method<T>>> {
             let name = canonical_name(name)?;
+            if let Some(stage) = STAGES.iter().find(|s| s.name == name) {
+                return Err(Error::method(
+                    stage.name,
+                    "it writes a LoRA file, not a model's keys: it can only be a recipe's output \
+                     node, not an argument of another node",
+                ));
+            }
             $(
                 if name == $info.name {
                     return Ok(Box::new($ctor(params.bind(&$info, counts))?));
@@ -73,6 +80,25 @@ registry!(
     svd::dgmiz::DGMIA => svd::dgmiz::Dgmiz::new,
 );
 
+/// Output stages: nodes declared like methods (inputs, parameters, docs) whose output is a file
+/// of another kind than a checkpoint. One may only be a recipe's output node; the engine
+/// materialises its inputs, then runs it (see `engine::stages`).
+pub static STAGES: &[&MethodInfo] = &[&crate::lora::extract::INFO];
+
+/// Checks parameters given to method or output stage `name` (building the method once, with
+/// `counts[i]` arguments in slot `i`), so that recipes report them before any tensor is read.
+pub fn check(name: &str, params: Params, counts: &[usize]) -> Result<()> {
+    if canonical_name(name)? == crate::lora::extract::INFO.name {
+        return crate::lora::extract::rank_params(params).map(drop);
+    }
+    build::<f32>(name, params, counts).map(drop)
+}
+
+/// Whether `name` (a registered name) is an output stage.
+pub fn is_stage(name: &str) -> bool {
+    STAGES.iter().any(|s| s.name == name)
+}
+
 /// The methods whose output depends on the run's seed (random masks, randomized SVDs): with their default
 /// parameters. Other methods use the seed only where a parameter asks for a random drop (e.g.
 /// `ties` with `drop = "dare"`). A test checks this list against the methods' outputs.
@@ -103,7 +129,7 @@ const ALIASES: &[(&str, &str)] = &[
 /// The registered name for `name` (an exact name or an alias), or an error listing the methods.
 pub fn canonical_name(name: &str) -> Result<&'static str> {
     let norm = name.replace('-', "_").to_ascii_lowercase();
-    if let Some(info) = ALL.iter().find(|i| i.name == norm) {
+    if let Some(info) = ALL.iter().chain(STAGES).find(|i| i.name == norm) {
         return Ok(info.name);
     }
     if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == norm) {
@@ -111,14 +137,22 @@ pub fn canonical_name(name: &str) -> Result<&'static str> {
     }
     Err(Error::Invalid(format!(
         "unknown method `{name}`; amalgam implements: {}",
-        ALL.iter().map(|i| i.name).collect::<Vec<_>>().join(", ")
+        ALL.iter()
+            .chain(STAGES)
+            .map(|i| i.name)
+            .collect::<Vec<_>>()
+            .join(", ")
     )))
 }
 
 /// The description of method `name` (or alias).
 pub fn info(name: &str) -> Result<&'static MethodInfo> {
     let name = canonical_name(name)?;
-    Ok(ALL.iter().find(|i| i.name == name).expect("registered"))
+    Ok(ALL
+        .iter()
+        .chain(STAGES)
+        .find(|i| i.name == name)
+        .expect("registered"))
 }
 
 /// A preset: a method declared as another one with other defaults (the TIES family's `ties_soup`,

@@ -138,6 +138,13 @@ impl Graph {
         }
         for (ni, node) in self.nodes.iter().enumerate() {
             let info = methods::info(node.method)?;
+            let stage = methods::is_stage(node.method);
+            if stage && self.output != Ref::Node(ni) {
+                return Err(Error::Invalid(format!(
+                    "node `{}`: `{}` writes a LoRA file, not a model: it can only be the output node",
+                    node.name, node.method
+                )));
+            }
             if node.slots.len() != info.slots.len() {
                 return Err(Error::Invalid(format!(
                     "node `{}`: method `{}` has slots {} but {} were given",
@@ -161,6 +168,12 @@ impl Graph {
                             node.name
                         )))
                     }
+                    Ref::Node(n) if methods::is_stage(self.nodes[n].method) => {
+                        return Err(Error::Invalid(format!(
+                            "node `{}` takes `{}` as an input, but `{}` writes a LoRA file, not a model: it can only be the output node",
+                            node.name, self.nodes[n].name, self.nodes[n].method
+                        )))
+                    }
                     _ => {}
                 }
             }
@@ -175,17 +188,85 @@ impl Graph {
                     }
                 }
             }
-            crate::methods::build::<f32>(
+            let params = crate::method::Params::new(
                 node.method,
-                crate::method::Params::new(
-                    node.method,
-                    crate::method::params_for_block(&node.params, None),
-                ),
-                &node.counts(),
-            )
-            .map_err(|e| Error::Invalid(format!("node `{}`: {e}", node.name)))?;
+                crate::method::params_for_block(&node.params, None),
+            );
+            if stage && node.has_block_params() {
+                return Err(Error::Invalid(format!(
+                    "node `{}`: `{}` takes no per-block parameters",
+                    node.name, node.method
+                )));
+            }
+            crate::methods::check(node.method, params, &node.counts())
+                .map_err(|e| Error::Invalid(format!("node `{}`: {e}", node.name)))?;
+        }
+        for (c, r) in &self.components {
+            if let Ref::Node(n) = *r {
+                if methods::is_stage(self.nodes[n].method) {
+                    return Err(Error::Invalid(format!(
+                        "component `{c}` is routed to `{}`, which writes a LoRA file, not a model",
+                        self.nodes[n].name
+                    )));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The output node when it is an output stage (e.g. `extract_lora`): its index.
+    pub fn output_stage(&self) -> Option<usize> {
+        match self.output {
+            Ref::Node(n) if methods::is_stage(self.nodes[n].method) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// This graph writing `output` instead, with only the nodes it and the components need
+    /// (in the same order): the graph that materialises a node's result.
+    pub fn with_output(&self, output: Ref) -> Graph {
+        let mut needed = vec![false; self.nodes.len()];
+        let mut stack: Vec<Ref> = vec![output];
+        stack.extend(self.components.values().copied());
+        while let Some(r) = stack.pop() {
+            if let Ref::Node(n) = r {
+                if !needed[n] {
+                    needed[n] = true;
+                    stack.extend(self.nodes[n].flat_args());
+                }
+            }
+        }
+        let mut index = vec![usize::MAX; self.nodes.len()];
+        let mut nodes = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if needed[i] {
+                index[i] = nodes.len();
+                nodes.push(node.clone());
+            }
+        }
+        let remap = |r: Ref| match r {
+            Ref::Node(n) => Ref::Node(index[n]),
+            m => m,
+        };
+        for node in &mut nodes {
+            for slot in &mut node.slots {
+                for r in slot.iter_mut() {
+                    *r = remap(*r);
+                }
+            }
+        }
+        Graph {
+            models: self.models.clone(),
+            nodes,
+            output: remap(output),
+            fallback: self.fallback,
+            components: self
+                .components
+                .iter()
+                .map(|(c, r)| (c.clone(), remap(*r)))
+                .collect(),
+            repair: self.repair,
+        }
     }
 }
 

@@ -319,7 +319,7 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
             params.insert(k.clone(), pv);
         }
         let counts: Vec<usize> = slots.iter().map(Vec::len).collect();
-        methods::build::<f32>(
+        methods::check(
             method.name,
             Params::new(method.name, crate::method::params_for_block(&params, None)),
             &counts,
