@@ -75,6 +75,7 @@ parsing it back as f64 reproduces the exact float64 that was computed.
 """
 
 import argparse
+import collections
 import importlib.util
 import inspect
 import json
@@ -646,6 +647,8 @@ def rotate_cases():
     wide_a, wide_b = rotate_pair(504, (4, 9))
     v_a, v_b = rotate_pair(505, (6,))
     sq_a, sq_b = rotate_pair(506, (5, 5))
+    wide2_a, wide2_b = rotate_pair(507, (6, 20))
+    w11_a, w11_b = rotate_pair(509, (4, 10, 1, 1))
     specs = [
         # name, a, b, alignment, alpha, centralization
         ("tall_8x5_align1_alpha0", tall_a, tall_b, 1.0, 0.0, 1.0),
@@ -665,6 +668,11 @@ def rotate_cases():
         ("wide_4x9_align1_alpha0_c0", wide_a, wide_b, 1.0, 0.0, 0.0),
         ("wide_4x9_align1_alpha0.5_c0", wide_a, wide_b, 1.0, 0.5, 0.0),
         ("wide_4x9_align0.5_alpha0_c0_stiefel", wide_a, wide_b, 0.5, 0.0, 0.0),
+        ("wide_4x9_align0.3_alpha0.4_c0_stiefel", wide_a, wide_b, 0.3, 0.4, 0.0),
+        ("wide_4x9_align-0.5_alpha0_c0_stiefel", wide_a, wide_b, -0.5, 0.0, 0.0),
+        ("wide_4x9_align2_alpha0_c0_stiefel", wide_a, wide_b, 2.0, 0.0, 0.0),
+        ("wide_6x20_align0.7_alpha0_c0_stiefel", wide2_a, wide2_b, 0.7, 0.0, 0.0),
+        ("conv1x1_4x10x1x1_align0.5_alpha0.2_c0_stiefel", w11_a, w11_b, 0.5, 0.2, 0.0),
         ("square_5x5_align1_alpha0", sq_a, sq_b, 1.0, 0.0, 1.0),
         ("square_5x5_align0.5_alpha0.5", sq_a, sq_b, 0.5, 0.5, 1.0),
         ("vec_6_lerp_alpha0.3", v_a, v_b, 1.0, 0.3, 1.0),
@@ -672,10 +680,12 @@ def rotate_cases():
     out, failures, results = [], [], {}
     for name, a, b, alignment, alpha, centralization in specs:
         sdm_params = {"alignment": alignment, "alpha": alpha, "centralization": centralization}
+        # A cache (fresh per case) only to read how log_stiefel ended; it is written, not read.
+        cache = collections.defaultdict(dict)
         try:
             res = fn({"x": torch.from_numpy(a.copy())}, {"x": torch.from_numpy(b.copy())},
                      alignment=alignment, alpha=torch.tensor(alpha, dtype=DT),
-                     centralization=centralization, key="x")
+                     centralization=centralization, key="x", cache=cache)
         except Exception as e:  # noqa: BLE001
             failures.append({"case": f"rotate/{name}", "error": f"{type(e).__name__}: {e}"})
             continue
@@ -699,6 +709,8 @@ def rotate_cases():
         case["diagnostics"] = {"perturbation_gain": perturbation_gain(run_np, [a, b], 11)}
         if "stiefel" in name:
             case["requires_stiefel"] = True
+            case["diagnostics"]["log_stiefel_iters"] = cache["x"].get("log_stiefel_iters")
+            case["diagnostics"]["log_stiefel_converged"] = cache["x"].get("log_stiefel_converged")
         out.append(case)
     # sanity: the two documented identities
     assert np.array_equal(results["tall_8x5_align0_alpha0_returns_a"], tall_a)

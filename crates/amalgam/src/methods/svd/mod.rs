@@ -15,4 +15,5 @@ pub mod iso_z;
 pub mod rotate;
 mod shared;
 pub(crate) mod spectrum;
+mod stiefel;
 pub mod truncate_rank;

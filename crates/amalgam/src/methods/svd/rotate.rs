@@ -13,12 +13,14 @@
 //! cos Θ` (a symmetric eigendecomposition) and `K = (Q − Qᵀ)/2`: the real part of the principal
 //! power `V diag(λᵗ) Vᴴ` sd-mecha takes from a complex eigendecomposition. Wide matrices (fewer
 //! rows than columns) are rotated within the row space of `b` as sd-mecha does (`x ↦ x − xWWᵀ +
-//! xUWᵀ`), for `alignment` in {−1, 0, 1}; sd-mecha's Stiefel geodesic for their fractional powers
-//! is not implemented (an error naming the key). Vectors, and keys where `a` and `b` agree in f16,
-//! are `a + α·(b − a)`.
+//! xUWᵀ` for `t = 1`); other powers follow the Stiefel geodesic from the frame `W` to `U`
+//! (sd-mecha's: `Δ = Log_W(U)`, `L = Exp_W(Δ(t+1)/2)`, `R = Exp_W(Δ(1−t)/2)`, `x ↦ x − xRRᵀ +
+//! xLRᵀ`; see [`super::stiefel`]). Vectors, and keys where `a` and `b` agree in f16, are
+//! `a + α·(b − a)`.
 
 use super::shared::{Source, WholeMatrix};
 use super::spectrum::{polar, polar_bytes, thin_svd, Factorization};
+use super::stiefel::{self, mm};
 use crate::error::{Error, Result};
 use crate::method::*;
 use crate::real::Real;
@@ -67,6 +69,19 @@ pub static INFO: MethodInfo = MethodInfo {
             "c: the columns are centred by c times their mean before the rotation is found, and \
              the means interpolated back by t afterwards",
         ),
+        ParamInfo::number_in(
+            "stiefel_eps",
+            1e-8,
+            Domain::Positive,
+            "wide matrices, alignment other than -1, 0, 1: the Stiefel logarithm's iteration \
+             stops when its residual's norm is at most this (sd-mecha's default)",
+        ),
+        ParamInfo::count(
+            "stiefel_max_iters",
+            100,
+            "wide matrices: the most iterations of the Stiefel logarithm (sd-mecha's default; \
+             a key that does not converge is noted)",
+        ),
     ],
 };
 
@@ -74,6 +89,8 @@ pub(crate) struct Rotate {
     t: f64,
     alpha: f64,
     c: f64,
+    stiefel_eps: f64,
+    stiefel_max_iters: usize,
 }
 
 impl Rotate {
@@ -81,8 +98,22 @@ impl Rotate {
         let t = params.number("alignment")?;
         let alpha = params.number("alpha")?;
         let c = params.number("centralization")?;
+        let stiefel_eps = params.number("stiefel_eps")?;
+        let stiefel_max_iters = params.count("stiefel_max_iters")?;
         params.finish()?;
-        Ok(Rotate { t, alpha, c })
+        if stiefel_max_iters == 0 {
+            return Err(Error::method(
+                INFO.name,
+                "parameter `stiefel_max_iters` must be at least 1",
+            ));
+        }
+        Ok(Rotate {
+            t,
+            alpha,
+            c,
+            stiefel_eps,
+            stiefel_max_iters,
+        })
     }
 }
 
@@ -127,23 +158,16 @@ impl<T: Real> Method<T> for Rotate {
         } else {
             Mode::Rotate(s[0], s[1..].iter().product())
         };
-        if let Mode::Rotate(rows, cols) = mode {
-            let integer = close(self.t, self.t.round());
-            if rows < cols && !(integer && self.t.abs() <= 1.0) {
-                return Err(Error::Invalid(format!(
-                    "`{}`: rotate with alignment = {} of a wide matrix ({rows}x{cols}) is not \
-                     implemented (sd-mecha's Stiefel geodesic); alignment -1, 0 and 1 are",
-                    ctx.key, self.t
-                )));
-            }
-        }
         Ok(Box::new(RotateKey {
             t: self.t,
             alpha: self.alpha,
             c: self.c,
+            stiefel_eps: self.stiefel_eps,
+            stiefel_max_iters: self.stiefel_max_iters,
             mode,
             key: ctx.key.to_string(),
             out: Vec::new(),
+            notes: Vec::new(),
         }))
     }
 }
@@ -152,17 +176,13 @@ struct RotateKey {
     t: f64,
     alpha: f64,
     c: f64,
+    stiefel_eps: f64,
+    stiefel_max_iters: usize,
     mode: Mode,
     key: String,
     /// After the passes: the rotated matrix, row-major.
     out: Vec<f64>,
-}
-
-/// `a · b` (sequential).
-fn mm(a: MatRef<f64>, b: MatRef<f64>) -> Mat<f64> {
-    let mut out = Mat::zeros(a.nrows(), b.ncols());
-    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
-    out
+    notes: Vec<String>,
 }
 
 /// The columns' means of `m`, times `c`, taken off `m`.
@@ -277,8 +297,9 @@ impl RotateKey {
     }
 
     /// The rotation of a wide `a` (`rows < cols`) within `b`'s row space: `x ↦ x − xWWᵀ + xUWᵀ`
-    /// (`t = 1`) or `x ↦ x − xUUᵀ + xWUᵀ` (`t = −1`), `U Σ Vᵀ = AᵀR_bᵀ`, `W = Q_b V`.
-    fn wide(&self, a: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
+    /// (`t = 1`) or `x ↦ x − xUUᵀ + xWUᵀ` (`t = −1`), `U Σ Vᵀ = AᵀR_bᵀ`, `W = Q_b V`; other `t`
+    /// along the Stiefel geodesic from `W` to `U`.
+    fn wide(&mut self, a: &Mat<f64>, b: &Mat<f64>) -> Result<Mat<f64>> {
         let (rows, cols) = (a.nrows(), a.ncols());
         // Bᵀ = Q_b R_b with Q_b orthonormal (its polar factor: any such factorization gives the
         // same operator).
@@ -312,10 +333,30 @@ impl RotateKey {
                 a[(i, j)] + self.alpha * (back[(i, j)] - a[(i, j)])
             });
         }
-        Ok(match self.t.round() as i64 {
-            0 => a,
-            1 => apply(&a, &w, &u),
-            _ => apply(&a, &u, &w),
+        Ok(if close(self.t, 0.0) {
+            a
+        } else if close(self.t, 1.0) {
+            apply(&a, &w, &u)
+        } else if close(self.t, -1.0) {
+            apply(&a, &u, &w)
+        } else {
+            let (log, converged) = stiefel::log(
+                w.as_ref(),
+                u.as_ref(),
+                self.stiefel_eps,
+                self.stiefel_max_iters,
+                &self.key,
+            )?;
+            if !converged {
+                self.notes.push(format!(
+                    "rotate: the Stiefel logarithm did not reach stiefel_eps = {} in {} iterations",
+                    self.stiefel_eps, self.stiefel_max_iters
+                ));
+            }
+            let scaled = |f: f64| Mat::from_fn(log.nrows(), log.ncols(), |i, j| f * log[(i, j)]);
+            let l = stiefel::exp(w.as_ref(), scaled((self.t + 1.0) / 2.0).as_ref(), &self.key)?;
+            let r = stiefel::exp(w.as_ref(), scaled((1.0 - self.t) / 2.0).as_ref(), &self.key)?;
+            apply(&a, &r, &l)
         })
     }
 }
@@ -339,13 +380,20 @@ impl<T: Real> KeyMerge<T> for RotateKey {
     }
     fn unit(&self) -> Unit {
         match self.mode {
-            Mode::Rotate(rows, cols) => Unit {
-                len: 1,
-                bytes: 2 * polar_bytes(rows, cols) + 8 * (8 * cols * cols) as u64,
-                what: "the whole matrices of rotate and their rotation",
-            },
+            Mode::Rotate(rows, cols) => {
+                // A wide matrix's Stiefel geodesic: a dozen (p + k)² matrices, p + k ≤ 2·rows.
+                let geodesic = if rows < cols { 12 * 4 * rows * rows } else { 0 };
+                Unit {
+                    len: 1,
+                    bytes: 2 * polar_bytes(rows, cols) + 8 * (8 * cols * cols + geodesic) as u64,
+                    what: "the whole matrices of rotate and their rotation",
+                }
+            }
             _ => Unit::ELEMENT,
         }
+    }
+    fn notes(&self) -> Vec<String> {
+        self.notes.clone()
     }
     fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
         let Mode::Rotate(rows, cols) = self.mode else {

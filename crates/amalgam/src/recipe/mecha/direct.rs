@@ -59,9 +59,8 @@ pub(super) const DIRECT: &[Direct] = &[
             ("alignment", Map::To("alignment")),
             ("alpha", Map::To("alpha")),
             ("centralization", Map::To("centralization")),
-            // The Stiefel geodesic (fractional powers of wide matrices) is not implemented.
-            ("stiefel_eps", Map::Unused),
-            ("stiefel_max_iters", Map::Unused),
+            ("stiefel_eps", Map::To("stiefel_eps")),
+            ("stiefel_max_iters", Map::To("stiefel_max_iters")),
         ],
     },
 ];
