@@ -128,3 +128,104 @@ fn sd_mecha_defaults_and_refusals() {
         .to_string();
     assert!(e.contains("beta"), "{e}");
 }
+
+/// The 6DammK9 fork's methods, as the published x10a AstolfoKarmix recipes write them
+/// (`isotropic_overrided` with positional parameters): read as `iso_z` / `iso_c` nodes, the same
+/// merge as the native recipe.
+#[test]
+fn the_forks_isotropic_methods() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    f32_pool(d, Layout::Sd1Ldm, 2, 32);
+    let x10a = r#"version 0.1.0
+model "base.safetensors" model_config="sd1-ldm" merge_space="weight"
+model "m000.safetensors" model_config="sd1-ldm" merge_space="weight"
+merge "subtract" &1 &0
+model "m001.safetensors" model_config="sd1-ldm" merge_space="weight"
+merge "subtract" &3 &0
+merge "isotropic" &2 &4 apply_high_dim=true
+merge "isotropic_overrided" &5 0.5 false true
+merge "add_difference" &0 &6 1.0
+"#;
+    let p = d.join("x10a.mecha");
+    std::fs::write(&p, x10a).unwrap();
+    let g = amalgam::recipe::mecha::load(&p, &[]).unwrap().graph;
+    use amalgam::method::ParamValue::{Number, Text};
+    let iso_z = g.nodes.iter().find(|n| n.method == "iso_z").unwrap();
+    assert_eq!(iso_z.params.get("z"), Some(&Number(0.5)));
+    assert_eq!(iso_z.params.get("high_dim"), Some(&Text("flatten".into())));
+    assert_eq!(iso_z.params.get("mean"), Some(&Text("arithmetic".into())));
+    let iso_c = g.nodes.iter().find(|n| n.method == "iso_c").unwrap();
+    assert_eq!(iso_c.params.get("high_dim"), Some(&Text("flatten".into())));
+    let native = amalgam::recipe::parse(
+        r#"
+[models]
+base = "base.safetensors"
+pool = ["m000.safetensors", "m001.safetensors"]
+
+[nodes.c]
+method = "iso_c"
+base = "base"
+models = ["pool"]
+high_dim = "flatten"
+
+[nodes.delta]
+method = "subtract"
+a = "c"
+b = "base"
+
+[nodes.z]
+method = "iso_z"
+delta = "delta"
+z = 0.5
+high_dim = "flatten"
+
+[nodes.out]
+method = "add"
+a = "base"
+b = "z"
+
+[output]
+node = "out"
+"#,
+        "native.toml",
+        d,
+    )
+    .unwrap();
+    let (a, b) = (
+        run(d, &g, "mecha.safetensors"),
+        run(d, &native.graph, "native.safetensors"),
+    );
+    for (k, v) in &a {
+        assert_close(v, &b[k], 1e-5);
+    }
+    // iso_z is written back under the fork's name (iso_c of a base and models is not an sd-mecha
+    // method: the native graph has no .mecha form).
+    let z_only = amalgam::recipe::parse(
+        "[models]\nbase = \"base.safetensors\"\nm = \"m000.safetensors\"\n\
+         [nodes.d]\nmethod = \"subtract\"\na = \"m\"\nb = \"base\"\n\
+         [nodes.z]\nmethod = \"iso_z\"\ndelta = \"d\"\nhigh_dim = \"flatten\"\n\
+         [output]\nnode = \"z\"\n",
+        "z.toml",
+        d,
+    )
+    .unwrap()
+    .graph;
+    assert!(
+        amalgam::recipe::mecha::to_mecha(&native.graph, &[Some(Layout::Sd1Ldm); 3], None, 0)
+            .is_none()
+    );
+    let text = amalgam::recipe::mecha::to_mecha(&z_only, &[Some(Layout::Sd1Ldm); 3], None, 0);
+    let text = text.expect("expressible");
+    assert!(text.contains("merge \"isotropic_overrided\""), "{text}");
+    let again = d.join("again.mecha");
+    std::fs::write(&again, &text).unwrap();
+    let back = amalgam::recipe::mecha::load(&again, &[]).unwrap().graph;
+    let z = back.nodes.iter().find(|n| n.method == "iso_z").unwrap();
+    assert_eq!(z.params.get("z"), Some(&Number(0.8)), "{text}");
+    assert_eq!(
+        z.params.get("high_dim"),
+        Some(&Text("flatten".into())),
+        "{text}"
+    );
+}

@@ -175,6 +175,18 @@ pub const DECLARED: &[Declared] = &[
         ],
         spaces: Spaces::Same,
     },
+    // The 6DammK9 fork (`isotropic` branch): parameters in signature order (they may be given
+    // by position after the inputs).
+    Declared {
+        method: "isotropic",
+        params: &["apply_exp", "apply_high_dim"],
+        spaces: DELTAS,
+    },
+    Declared {
+        method: "isotropic_overrided",
+        params: &["z", "apply_exp", "apply_high_dim"],
+        spaces: DELTAS,
+    },
     Declared {
         method: "fallback",
         params: &[],

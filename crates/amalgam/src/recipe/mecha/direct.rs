@@ -63,6 +63,34 @@ pub(super) const DIRECT: &[Direct] = &[
             ("stiefel_max_iters", Map::To("stiefel_max_iters")),
         ],
     },
+    // The 6DammK9 fork's ISO-Z (`isotropic_overrided(d, z, apply_exp, apply_high_dim)`, the
+    // x10a AstolfoKarmix recipes). Its defaults are not published: a recipe leaving a parameter
+    // out gets amalgam's `z` (0.8) and the fork's `isotropic` flags (false).
+    Direct {
+        mecha: "isotropic_overrided",
+        method: "iso_z",
+        params: &[
+            ("z", Map::To("z")),
+            (
+                "apply_exp",
+                Map::Flag {
+                    to: "mean",
+                    yes: "geometric",
+                    no: "arithmetic",
+                    default: false,
+                },
+            ),
+            (
+                "apply_high_dim",
+                Map::Flag {
+                    to: "high_dim",
+                    yes: "flatten",
+                    no: "vector",
+                    default: false,
+                },
+            ),
+        ],
+    },
 ];
 
 /// The entry of sd-mecha method `mecha`.

@@ -46,6 +46,8 @@ pub const SUPPORTED: &[&str] = &[
     "convert_sd1_blocks_to_ldm",
     "truncate_rank",
     "rotate",
+    "isotropic",
+    "isotropic_overrided",
 ];
 
 /// A recipe translated into an amalgam graph, and the seed it asks for.
@@ -404,7 +406,8 @@ pub fn translate(
                     | "ties_sum"
                     | "ties_sum_extended"
                     | "ties_sum_with_dropout"
-                    | "dropout" => {
+                    | "dropout"
+                    | "isotropic" => {
                         let ms = args
                             .iter()
                             .map(|a| tensors(a, &items, c.line))
@@ -468,6 +471,24 @@ pub fn translate(
                                     seed = Some(s as u64);
                                 }
                                 node("dropout", vec![vec![zero], ms], params)
+                            } else if method == "isotropic" {
+                                // The 6DammK9 fork's ISO-C of deltas (tested there against the
+                                // paper's σ̄·U Vᵀ of their sum).
+                                let mean = flag("apply_exp", false)?;
+                                let high = flag("apply_high_dim", false)?;
+                                set(
+                                    "mean",
+                                    ParamValue::Text(
+                                        if mean { "geometric" } else { "arithmetic" }.into(),
+                                    ),
+                                );
+                                set(
+                                    "high_dim",
+                                    ParamValue::Text(
+                                        if high { "flatten" } else { "vector" }.into(),
+                                    ),
+                                );
+                                node("iso_c", vec![vec![zero], ms], params)
                             } else if method == "model_stock" {
                                 set("pairs", ParamValue::Text("adjacent".into()));
                                 set("unit", ParamValue::Text("row".into()));
@@ -538,12 +559,24 @@ pub fn translate(
                     other => {
                         let direct = super::direct::by_mecha(other)
                             .unwrap_or_else(|| unreachable!("{other} is in SUPPORTED"));
-                        let slots = args
+                        // Inputs first, then parameters by position in sd-mecha's signature.
+                        let n = crate::methods::info(direct.method)?.slots.len();
+                        let (inputs, values) = args.split_at(n.min(args.len()));
+                        let slots = inputs
                             .iter()
                             .map(|a| tensors(a, &items, c.line).map(|t| vec![t]))
                             .collect::<Result<Vec<_>>>()?;
-                        let params = direct
-                            .read(|name| kw(name).map(|v| param(v, &items, c.line)).transpose())?;
+                        let order = super::check::declared(other).map_or(&[][..], |d| d.params);
+                        let at = |name: &str| {
+                            let i = order.iter().position(|p| *p == name)?;
+                            values.get(i).copied()
+                        };
+                        let params = direct.read(|name| {
+                            kw(name)
+                                .or_else(|| at(name))
+                                .map(|v| param(v, &items, c.line))
+                                .transpose()
+                        })?;
                         node(direct.method, slots, params)
                     }
                 }
