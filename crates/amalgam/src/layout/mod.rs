@@ -5,3 +5,4 @@
 pub mod arch;
 pub mod formats;
 pub mod lora;
+pub mod perms;
