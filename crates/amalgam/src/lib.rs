@@ -26,6 +26,7 @@ pub mod method;
 pub mod methods;
 pub mod options;
 pub mod real;
+pub mod rebasin;
 pub mod recipe;
 pub mod report;
 pub mod resume;

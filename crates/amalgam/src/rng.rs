@@ -81,6 +81,19 @@ pub fn uniform_signed(seed: u64, key: &str, stream: u64, out: &mut [f64]) {
     }
 }
 
+/// A uniformly random permutation of `0..n` (Fisher–Yates over the stream of `(seed, key,
+/// stream)`; index `i` takes a draw from `0..=i` by a 64-bit multiply-shift).
+pub fn permutation(seed: u64, key: &str, stream: u64, n: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::from_seed(key_seed(seed, key));
+    rng.set_stream(stream);
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = ((rng.next_u64() as u128 * (i as u128 + 1)) >> 64) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
 /// The draw threshold of a Bernoulli trial that succeeds with probability `q`: a draw `d`
 /// succeeds when `d < threshold(q)` (exact to 2^-16; q ≥ 1 always, q ≤ 0 never).
 #[inline]

@@ -9,8 +9,11 @@ pub(super) struct RunInputs<'a> {
     pub(super) layouts: &'a [Option<Layout>],
     /// The layout components are taken from.
     pub(super) layout: Option<Layout>,
-    /// How inputs were read (other key formats, LoRA files).
+    /// How inputs were read (other key formats, LoRA files), and what preparing whole-model
+    /// nodes found.
     pub(super) notes: &'a [String],
+    /// The permutations of the whole-model nodes, by node index.
+    pub(super) prepared: &'a BTreeMap<usize, std::sync::Arc<crate::rebasin::Permutations>>,
 }
 
 /// The layout that decides the components of keys: the fallback model's, else the one most

@@ -7,9 +7,11 @@
 //! 2. **Statistics** (only for methods that declare passes): per key, every fixed-size block
 //!    ([`BLOCK`], rounded up to whole units when a method declares a unit) is fed to the method
 //!    and the per-block results are folded in block order.
-//! 3. **Output stages** ([`stages`]): a recipe whose output node writes another kind of file (a
+//! 3. **Whole-model methods** ([`prepare`]): re-basin's permutations are found from whole
+//!    models first (a node input merged once to a temporary file, which the pass then reads).
+//! 4. **Output stages** ([`stages`]): a recipe whose output node writes another kind of file (a
 //!    LoRA) merges the node's inputs to temporary files first, then runs the stage on them.
-//! 4. **Execute**: keys in name order are cut into tasks (a run of elements whose encoded output
+//! 5. **Execute**: keys in name order are cut into tasks (a run of elements whose encoded output
 //!    fits one buffer) and tasks into sub-chunks whose buffers, one per input and per node, fit in
 //!    the CPU cache; both sizes follow from the memory budget, the number of inputs and the thread
 //!    count, so memory does not grow with the number of models or the size of a tensor. Tasks run
@@ -25,6 +27,7 @@ mod inputs;
 mod keys;
 mod out_view;
 mod plan;
+mod prepare;
 mod schedule;
 mod stages;
 #[cfg(test)]
@@ -75,7 +78,10 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
     outputs.extend(opts.report_json.as_deref());
     crate::io::dest::check_outputs(&outputs, &input_paths, opts.overwrite)?;
     let graph = &canonical_paths(graph);
-    let (models, rows, layouts, notes) = open_inputs(graph, &opts.output)?;
+    let prepared = prepare::prepare(graph, opts, progress)?;
+    let (graph, opts) = (&prepared.graph, &prepared.opts);
+    let (models, rows, layouts, mut notes) = open_inputs(graph, &opts.output)?;
+    notes.extend(prepared.notes.iter().cloned());
     let layout = graph_layout(graph, &layouts)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
@@ -87,6 +93,7 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
         layouts: &layouts,
         layout,
         notes: &notes,
+        prepared: &prepared.perms,
     };
     let report = pool.install(|| match opts.compute_dtype {
         ComputeDtype::F32 => run::<f32>(graph, &inputs, opts, progress),

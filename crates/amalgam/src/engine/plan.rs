@@ -34,7 +34,21 @@ pub(super) struct NodeMethods<T: Real> {
 }
 
 impl<T: Real> NodeMethods<T> {
-    pub(super) fn build(node: &crate::recipe::graph::Node, layout: Option<Layout>) -> Result<Self> {
+    pub(super) fn build(
+        node: &crate::recipe::graph::Node,
+        layout: Option<Layout>,
+        prepared: Option<&std::sync::Arc<crate::rebasin::Permutations>>,
+    ) -> Result<Self> {
+        if let Some(perms) = prepared {
+            let info = methods::info(node.method)?;
+            let method = methods::permute::Permute::new(info, perms.clone());
+            return Ok(NodeMethods {
+                blocks: Vec::new(),
+                instances: vec![Box::new(method)],
+                layout,
+                mapping: crate::layout::arch::BlockMapping::Supermerger,
+            });
+        }
         let build = |params| {
             methods::build::<T>(
                 node.method,
@@ -232,14 +246,16 @@ pub(super) type Plan<T> = (Vec<NodeMethods<T>>, Vec<PlannedKey<T>>);
 pub(super) fn plan<T: Real>(
     graph: &Graph,
     rows: &[KeyRow],
-    layout: Option<Layout>,
+    inputs: &RunInputs,
     opts: &MergeOptions,
     report: &mut MergeReport,
 ) -> Result<Plan<T>> {
+    let layout = inputs.layout;
     let methods: Vec<NodeMethods<T>> = graph
         .nodes
         .iter()
-        .map(|n| NodeMethods::build(n, layout))
+        .enumerate()
+        .map(|(i, n)| NodeMethods::build(n, layout, inputs.prepared.get(&i)))
         .collect::<Result<_>>()?;
     for (node, method) in graph.nodes.iter().zip(&methods) {
         for note in method.get(None).notes() {

@@ -19,7 +19,7 @@ pub(super) fn run<T: Real>(
         .collect();
     report.architecture = inputs.layout.map(|l| l.name().to_string());
     report.notes.extend(inputs.notes.iter().cloned());
-    let (methods, mut planned) = plan::<T>(graph, rows, inputs.layout, opts, &mut report)?;
+    let (methods, mut planned) = plan::<T>(graph, rows, inputs, opts, &mut report)?;
 
     // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
     // Sub-chunks get shorter as the number of inputs grows, so the memory used does not grow

@@ -18,6 +18,7 @@ use crate::real::Real;
 pub mod delta;
 pub mod gram;
 pub mod linear;
+pub mod permute;
 pub mod svd;
 
 use delta::{dropout, ties};
@@ -33,6 +34,12 @@ macro_rules! registry {
         /// to slot `i` of the method's [`MethodInfo::slots`].
         pub fn build<T: Real>(name: &str, params: Params, counts: &[usize]) -> Result<Box<dyn Method<T>>> {
             let name = canonical_name(name)?;
+            if let Some(whole) = WHOLE_MODEL.iter().find(|s| s.name == name) {
+                return Err(Error::method(
+                    whole.name,
+                    "it needs the whole model: the engine prepares it before merging",
+                ));
+            }
             if let Some(stage) = STAGES.iter().find(|s| s.name == name) {
                 return Err(Error::method(
                     stage.name,
@@ -85,11 +92,25 @@ registry!(
 /// materialises its inputs, then runs it (see `engine::stages`).
 pub static STAGES: &[&MethodInfo] = &[&crate::lora::extract::INFO];
 
+/// Whole-model methods: each key of their output depends on other keys of their inputs (re-basin's
+/// permutations), so the engine prepares them from whole models before the streamed pass (see
+/// `engine::prepare`).
+pub static WHOLE_MODEL: &[&MethodInfo] = &[&permute::REBASIN, &permute::RANDPERM];
+
+/// Whether `name` (a registered name) is a whole-model method.
+pub fn is_whole_model(name: &str) -> bool {
+    WHOLE_MODEL.iter().any(|s| s.name == name)
+}
+
 /// Checks parameters given to method or output stage `name` (building the method once, with
 /// `counts[i]` arguments in slot `i`), so that recipes report them before any tensor is read.
 pub fn check(name: &str, params: Params, counts: &[usize]) -> Result<()> {
-    if canonical_name(name)? == crate::lora::extract::INFO.name {
+    let name = canonical_name(name)?;
+    if name == crate::lora::extract::INFO.name {
         return crate::lora::extract::rank_params(params).map(drop);
+    }
+    if let Some(info) = WHOLE_MODEL.iter().find(|s| s.name == name) {
+        return params.bind(info, counts).finish();
     }
     build::<f32>(name, params, counts).map(drop)
 }
@@ -129,7 +150,12 @@ const ALIASES: &[(&str, &str)] = &[
 /// The registered name for `name` (an exact name or an alias), or an error listing the methods.
 pub fn canonical_name(name: &str) -> Result<&'static str> {
     let norm = name.replace('-', "_").to_ascii_lowercase();
-    if let Some(info) = ALL.iter().chain(STAGES).find(|i| i.name == norm) {
+    if let Some(info) = ALL
+        .iter()
+        .chain(STAGES)
+        .chain(WHOLE_MODEL)
+        .find(|i| i.name == norm)
+    {
         return Ok(info.name);
     }
     if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == norm) {
@@ -138,6 +164,7 @@ pub fn canonical_name(name: &str) -> Result<&'static str> {
     Err(Error::Invalid(format!(
         "unknown method `{name}`; amalgam implements: {}",
         ALL.iter()
+            .chain(WHOLE_MODEL)
             .chain(STAGES)
             .map(|i| i.name)
             .collect::<Vec<_>>()
@@ -151,6 +178,7 @@ pub fn info(name: &str) -> Result<&'static MethodInfo> {
     Ok(ALL
         .iter()
         .chain(STAGES)
+        .chain(WHOLE_MODEL)
         .find(|i| i.name == name)
         .expect("registered"))
 }

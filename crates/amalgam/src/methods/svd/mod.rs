@@ -13,7 +13,7 @@ pub mod iso_c;
 pub mod iso_cts;
 pub mod iso_z;
 pub mod rotate;
-mod shared;
+pub(crate) mod shared;
 pub(crate) mod spectrum;
 mod stiefel;
 pub mod truncate_rank;

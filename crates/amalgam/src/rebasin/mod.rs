@@ -1,0 +1,280 @@
+//! Git Re-Basin weight matching (Ainsworth et al. 2022, Alg. 2; spec §15) over the permutation
+//! groups of [`crate::layout::perms`]: for each group `p` of width `n`, with `a` and the reference
+//! seen through the group's windows as `n` rows each,
+//!
+//! ```text
+//! A_p[i, j] = Σ_windows ⟨ref_i, a_j⟩        π_p = argmax_π Σ_i A_p[i, π(i)]   (exact, [`lap`])
+//! ```
+//!
+//! and `a` is permuted so that its unit `π(i)` takes place `i`. amalgam's groups act on one axis
+//! of each key (none touches the residual stream), so they do not interact: one assignment per
+//! group is the coordinate-descent optimum, and groups are solved in any order with the same
+//! result. Groups sharing keys (the heads of one attention) are read together, one set of keys
+//! at a time per thread: memory is the largest set's tensors in f64 for both models.
+
+pub mod lap;
+
+use crate::error::{Error, Result};
+use crate::io::input::ModelFile;
+use crate::layout::perms::{permute_key, PermGroup};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+
+/// A permutation of every group, applied to whole tensors.
+#[derive(Clone, Debug)]
+pub struct Permutations {
+    /// The groups.
+    pub groups: Vec<PermGroup>,
+    /// One permutation per group: window index `i` takes index `perms[g][i]`.
+    pub perms: Vec<Vec<usize>>,
+    /// Per key, the groups with a window on it.
+    by_key: BTreeMap<&'static str, Vec<usize>>,
+}
+
+impl Permutations {
+    /// `perms` of `groups` (one each, of the group's width).
+    pub fn new(groups: Vec<PermGroup>, perms: Vec<Vec<usize>>) -> Self {
+        assert_eq!(groups.len(), perms.len());
+        let mut by_key: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
+        for (g, group) in groups.iter().enumerate() {
+            for w in &group.windows {
+                let list = by_key.entry(w.key).or_default();
+                if list.last() != Some(&g) {
+                    list.push(g);
+                }
+            }
+        }
+        Permutations {
+            groups,
+            perms,
+            by_key,
+        }
+    }
+
+    /// Random permutations: group `g`'s from the counter-based stream keyed by (seed, its name).
+    pub fn random(groups: Vec<PermGroup>, seed: u64) -> Self {
+        let perms = groups
+            .iter()
+            .map(|g| crate::rng::permutation(seed, &g.name, 0, g.width))
+            .collect();
+        Self::new(groups, perms)
+    }
+
+    /// Whether key `key` is permuted.
+    pub fn touches(&self, key: &str) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    /// Permutes the row-major tensor `data` of key `key` and shape `shape` in place.
+    pub fn apply(&self, key: &str, shape: &[usize], data: &mut [f64]) {
+        for &g in self.by_key.get(key).into_iter().flatten() {
+            permute_key(&self.groups[g], &self.perms[g], key, shape, data);
+        }
+    }
+
+    /// How many groups are not the identity.
+    pub fn changed(&self) -> usize {
+        self.perms
+            .iter()
+            .filter(|p| p.iter().enumerate().any(|(i, &j)| i != j))
+            .count()
+    }
+}
+
+/// What weight matching found.
+#[derive(Clone, Debug)]
+pub struct Matching {
+    /// The permutations of `a` towards the reference.
+    pub permutations: Permutations,
+    /// `Σ_p ⟨A_p, I⟩`: the models' agreement as they are.
+    pub before: f64,
+    /// `Σ_p ⟨A_p, P_π⟩`: after the permutations (at least `before`).
+    pub after: f64,
+}
+
+/// One group solved: its index, its permutation, the objective before and after.
+struct Solved {
+    group: usize,
+    perm: Vec<usize>,
+    before: f64,
+    after: f64,
+}
+
+/// A key's shape and its values in `a` and in the reference.
+type KeyPair = (Vec<usize>, Vec<f64>, Vec<f64>);
+
+/// The rows of the window of `group` on `key` (an `n × rest` matrix, row-major).
+fn window_rows(
+    data: &[f64],
+    shape: &[usize],
+    axis: usize,
+    offset: usize,
+    width: usize,
+) -> Vec<f64> {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let len = shape[axis];
+    let mut rows = vec![0.0; width * outer * inner];
+    for i in 0..width {
+        for o in 0..outer {
+            let from = (o * len + offset + i) * inner;
+            let to = (i * outer + o) * inner;
+            rows[to..to + inner].copy_from_slice(&data[from..from + inner]);
+        }
+    }
+    rows
+}
+
+/// Sets of groups that share keys (union over keys), each sorted, in order of their first group.
+fn key_sets(groups: &[PermGroup]) -> Vec<Vec<usize>> {
+    let mut parent: Vec<usize> = (0..groups.len()).collect();
+    fn root(p: &mut [usize], mut i: usize) -> usize {
+        while p[i] != i {
+            p[i] = p[p[i]];
+            i = p[i];
+        }
+        i
+    }
+    let mut owner: BTreeMap<&str, usize> = BTreeMap::new();
+    for (g, group) in groups.iter().enumerate() {
+        for w in &group.windows {
+            match owner.get(w.key) {
+                Some(&h) => {
+                    let (a, b) = (root(&mut parent, g), root(&mut parent, h));
+                    parent[a.max(b)] = a.min(b);
+                }
+                None => {
+                    owner.insert(w.key, g);
+                }
+            }
+        }
+    }
+    let mut sets: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for g in 0..groups.len() {
+        let r = root(&mut parent, g);
+        sets.entry(r).or_default().push(g);
+    }
+    sets.into_values().collect()
+}
+
+/// Weight matching of `a` to `reference` over `groups` (which must not interact: every key's
+/// windows on one axis), with `threads` workers (0: one per core); the result does not depend
+/// on the thread count.
+pub fn weight_matching(
+    a: &ModelFile,
+    reference: &ModelFile,
+    groups: Vec<PermGroup>,
+    threads: usize,
+) -> Result<Matching> {
+    let mut axis_of: BTreeMap<&str, usize> = BTreeMap::new();
+    for g in &groups {
+        for w in &g.windows {
+            if *axis_of.entry(w.key).or_insert(w.axis) != w.axis {
+                return Err(Error::Invalid(format!(
+                    "`{}` is permuted on two axes: groups that interact are not supported",
+                    w.key
+                )));
+            }
+        }
+    }
+    let sets = key_sets(&groups);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let solved: Vec<Vec<Solved>> = pool.install(|| {
+        sets.par_iter()
+            .map(|set| solve_set(a, reference, &groups, set))
+            .collect::<Result<_>>()
+    })?;
+    let mut perms: Vec<Vec<usize>> = groups.iter().map(|g| (0..g.width).collect()).collect();
+    let (mut before, mut after) = (0.0, 0.0);
+    for s in solved.into_iter().flatten() {
+        perms[s.group] = s.perm;
+        before += s.before;
+        after += s.after;
+    }
+    Ok(Matching {
+        permutations: Permutations::new(groups, perms),
+        before,
+        after,
+    })
+}
+
+/// Solves the groups of one key set: (group, permutation, objective before, after).
+fn solve_set(
+    a: &ModelFile,
+    reference: &ModelFile,
+    groups: &[PermGroup],
+    set: &[usize],
+) -> Result<Vec<Solved>> {
+    let mut tensors: BTreeMap<&str, KeyPair> = BTreeMap::new();
+    for &g in set {
+        for w in &groups[g].windows {
+            if tensors.contains_key(w.key) {
+                continue;
+            }
+            let shape = a
+                .tensor(w.key)
+                .map(|t| t.shape.clone())
+                .ok_or_else(|| Error::Invalid(format!("the model lacks `{}`", w.key)))?;
+            if reference.tensor(w.key).map(|t| &t.shape) != Some(&shape) {
+                return Err(Error::Invalid(format!(
+                    "`{}` has another shape in the reference model (or none)",
+                    w.key
+                )));
+            }
+            tensors.insert(
+                w.key,
+                (
+                    shape,
+                    a.read_tensor::<f64>(w.key)?,
+                    reference.read_tensor::<f64>(w.key)?,
+                ),
+            );
+        }
+    }
+    let mut out = Vec::with_capacity(set.len());
+    for &g in set {
+        let group = &groups[g];
+        let n = group.width;
+        let mut cost = vec![0.0; n * n];
+        for w in &group.windows {
+            let (shape, ta, tr) = &tensors[w.key];
+            let ra = window_rows(ta, shape, w.axis, w.offset, n);
+            let rr = window_rows(tr, shape, w.axis, w.offset, n);
+            let rest = ra.len() / n;
+            let ma = faer::MatRef::from_row_major_slice(&ra, n, rest);
+            let mr = faer::MatRef::from_row_major_slice(&rr, n, rest);
+            let mut c = faer::MatMut::from_row_major_slice_mut(&mut cost, n, n);
+            faer::linalg::matmul::matmul(
+                c.as_mut(),
+                faer::Accum::Add,
+                mr,
+                ma.transpose(),
+                1.0,
+                faer::Par::Seq,
+            );
+        }
+        let perm = lap::maximize(&cost, n);
+        let before: f64 = (0..n).map(|i| cost[i * n + i]).sum();
+        let after: f64 = (0..n).map(|i| cost[i * n + perm[i]]).sum();
+        // Keep the identity unless the assignment is strictly better (ties stay put).
+        out.push(if after > before {
+            Solved {
+                group: g,
+                perm,
+                before,
+                after,
+            }
+        } else {
+            Solved {
+                group: g,
+                perm: (0..n).collect(),
+                before,
+                after: before,
+            }
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,115 @@
+//! Re-basin: `rebasin(randperm(A), ref = A)` gives A back bit for bit (SD1 and SDXL, as two runs
+//! and as one recipe whose input is a node); the permuted model differs from A exactly on the
+//! permuted keys; the bytes do not depend on the thread count or the budget.
+
+mod common;
+use amalgam::io::dtype::OutputDtype;
+use amalgam::layout::arch::Layout;
+use amalgam::{merge, Graph, MergeOptions, NoProgress};
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn run(g: &Graph, out: &Path, threads: usize, budget: u64) -> amalgam::report::MergeReport {
+    let mut o = MergeOptions::new(out);
+    o.output_dtype = OutputDtype::F32;
+    o.seed = 7;
+    o.threads = threads;
+    o.memory_budget = budget;
+    o.overwrite = true;
+    merge(g, &o, &NoProgress).unwrap()
+}
+
+fn single(method: &str, models: &[&PathBuf]) -> Graph {
+    Graph::single(
+        method,
+        None,
+        models.iter().map(|p| (*p).clone()).collect(),
+        BTreeMap::new(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn rebasin_of_a_permuted_model_is_the_model() {
+    for (layout, shrink) in [(Layout::Sd1Ldm, 8), (Layout::SdxlSgm, 32)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let pool = f32_pool(d, layout, 0, shrink);
+        let a = &pool[0];
+        let permuted = d.join("permuted.safetensors");
+        let report = run(&single("randperm", &[a]), &permuted, 0, 1 << 30);
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("permuted at random")),
+            "{report}"
+        );
+        let (orig, perm) = (all_f32(a), all_f32(&permuted));
+        let moved: Vec<&String> = orig.keys().filter(|k| orig[*k] != perm[*k]).collect();
+        assert!(moved.len() > 100, "{layout}: {} keys moved", moved.len());
+        for k in &moved {
+            // A permutation: the same values, in another order.
+            let (mut x, mut y) = (orig[*k].clone(), perm[*k].clone());
+            x.sort_by(f32::total_cmp);
+            y.sort_by(f32::total_cmp);
+            assert_eq!(x, y, "{k}");
+        }
+        assert!(moved
+            .iter()
+            .all(|k| !k.contains("norm") && !k.contains("first_stage")));
+
+        let back = d.join("back.safetensors");
+        let report = run(&single("rebasin", &[&permuted, a]), &back, 0, 1 << 30);
+        let note = report
+            .notes
+            .iter()
+            .find(|n| n.contains("(rebasin)"))
+            .unwrap();
+        assert!(note.contains("groups permuted"), "{note}");
+        assert_eq!(all_f32(&back), orig, "{layout}: {note}");
+
+        // One recipe: rebasin(randperm(A), A), the node merged to a temporary file first; the
+        // same bytes for 1 or 2 threads and a small budget.
+        let text = format!(
+            "[models]\na = \"{}\"\n[nodes.p]\nmethod = \"randperm\"\na = \"a\"\n\
+             [nodes.r]\nmethod = \"rebasin\"\na = \"p\"\nref = \"a\"\n[output]\nnode = \"r\"\n",
+            a.display()
+        );
+        let g = amalgam::recipe::parse(&text, "r.toml", d).unwrap().graph;
+        let one = d.join("one.safetensors");
+        run(&g, &one, 1, 1 << 30);
+        assert_eq!(all_f32(&one), orig, "{layout}: one recipe");
+        let two = d.join("two.safetensors");
+        run(&g, &two, 2, 64 << 20);
+        assert_eq!(
+            std::fs::read(&one).unwrap(),
+            std::fs::read(&two).unwrap(),
+            "threads and budget"
+        );
+        let left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("amalgam"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
+    }
+}
+
+#[test]
+fn other_architectures_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = write_file(
+        &d.join("a.safetensors"),
+        &[f32t("w", &[2, 2], &[1.0, 2.0, 3.0, 4.0])],
+        false,
+    );
+    let mut o = MergeOptions::new(d.join("o.safetensors"));
+    o.output_dtype = OutputDtype::F32;
+    let e = merge(&single("randperm", &[&a]), &o, &NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("randperm") && e.contains("SD1"), "{e}");
+}
