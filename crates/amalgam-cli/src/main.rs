@@ -26,6 +26,7 @@ use commands::knots::*;
 use commands::merge::*;
 pub(crate) use commands::merge::{merge_options, run_merge};
 use commands::methods::*;
+use commands::rebasin::*;
 use commands::recipe::*;
 use commands::repair::*;
 use commands::synth::*;
@@ -57,6 +58,8 @@ enum Command {
     ExtractLora(ExtractLoraArgs),
     /// Merge LoRAs in their shared singular basis (KnOTS), written as one LoRA.
     Knots(KnotsArgs),
+    /// Permute a model's hidden units towards a reference (Git Re-Basin weight matching).
+    Rebasin(RebasinArgs),
     /// Recipe tools: `recipe convert IN OUT` between amalgam's TOML and sd-mecha's .mecha.
     Recipe(RecipeArgs),
     /// List the merge methods and their parameters (presets as their overrides), or one whole.
@@ -115,6 +118,7 @@ fn main() {
         Command::Repair(a) => cmd_repair(a),
         Command::ExtractLora(a) => cmd_extract_lora(a),
         Command::Knots(a) => cmd_knots(a),
+        Command::Rebasin(a) => cmd_rebasin(a),
         Command::Recipe(a) => cmd_recipe(a),
         Command::Methods(a) => {
             signals::default_sigpipe();

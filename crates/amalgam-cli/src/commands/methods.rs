@@ -10,12 +10,18 @@ pub(crate) struct MethodsArgs {
 
 pub(crate) fn cmd_methods(a: MethodsArgs) -> Result<()> {
     let one = a.name.as_deref().map(amalgam::methods::info).transpose()?;
-    for info in amalgam::methods::ALL.iter().chain(amalgam::methods::STAGES) {
+    let all = amalgam::methods::ALL.iter();
+    for info in all
+        .chain(amalgam::methods::WHOLE_MODEL)
+        .chain(amalgam::methods::STAGES)
+    {
         if one.is_some_and(|o| o.name != info.name) {
             continue;
         }
         let stage = if amalgam::methods::is_stage(info.name) {
             " (output stage: a recipe's output node only)"
+        } else if amalgam::methods::is_whole_model(info.name) {
+            " (whole model: prepared before the merge)"
         } else {
             ""
         };

@@ -5,6 +5,7 @@ pub mod inspect;
 pub mod knots;
 pub mod merge;
 pub mod methods;
+pub mod rebasin;
 pub mod recipe;
 pub mod repair;
 pub mod synth;

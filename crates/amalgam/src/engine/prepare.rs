@@ -81,7 +81,7 @@ pub(super) fn prepare(
         } else {
             let r = materialise(graph, node.slots[1][0], opts, progress)?;
             let r_file = ModelFile::open(&r.path)?;
-            let m = weight_matching(&a_file, &r_file, groups, opts.threads)
+            let m = weight_matching(&a_file, &r_file, groups, opts.threads, progress)
                 .map_err(|e| at(e.to_string()))?;
             out.notes.push(format!(
                 "node `{}` (rebasin): {} of {} groups permuted; agreement with the reference {:.6e} -> {:.6e}",

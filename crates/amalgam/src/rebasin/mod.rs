@@ -165,6 +165,7 @@ pub fn weight_matching(
     reference: &ModelFile,
     groups: Vec<PermGroup>,
     threads: usize,
+    progress: &dyn crate::Progress,
 ) -> Result<Matching> {
     let mut axis_of: BTreeMap<&str, usize> = BTreeMap::new();
     for g in &groups {
@@ -178,15 +179,35 @@ pub fn weight_matching(
         }
     }
     let sets = key_sets(&groups);
+    // Progress: the bytes of `a`'s keys each set reads.
+    let set_bytes = |set: &[usize]| -> u64 {
+        let keys: std::collections::BTreeSet<&str> = set
+            .iter()
+            .flat_map(|&g| groups[g].windows.iter().map(|w| w.key))
+            .collect();
+        keys.iter()
+            .filter_map(|k| a.tensor(k))
+            .map(|t| (t.numel() * t.dtype.bitsize() / 8) as u64)
+            .sum()
+    };
+    progress.start(sets.iter().map(|s| set_bytes(s)).sum(), sets.len());
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
     let solved: Vec<Vec<Solved>> = pool.install(|| {
         sets.par_iter()
-            .map(|set| solve_set(a, reference, &groups, set))
+            .map(|set| {
+                let solved = solve_set(a, reference, &groups, set)?;
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let first = groups[set[0]].name.as_str();
+                progress.advance(set_bytes(set), n, first);
+                Ok(solved)
+            })
             .collect::<Result<_>>()
     })?;
+    progress.finish();
     let mut perms: Vec<Vec<usize>> = groups.iter().map(|g| (0..g.width).collect()).collect();
     let (mut before, mut after) = (0.0, 0.0);
     for s in solved.into_iter().flatten() {
