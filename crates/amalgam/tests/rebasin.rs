@@ -172,3 +172,91 @@ fn a_permuted_noisy_fine_tune_is_matched_back() {
         assert!(fraction <= bound, "k = {k}: {fraction}");
     }
 }
+
+/// MergeMany of a base and two of its fine-tunes, each permuted at random: the mean of the
+/// unpermuted models (their soup), in the base's unit order.
+#[test]
+fn merge_many_of_permuted_copies_is_their_soup() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = f32_pool(d, Layout::Sd1Ldm, 2, 8);
+    let mut copies = vec![pool[0].clone()];
+    for (i, m) in pool[1..].iter().enumerate() {
+        let p = d.join(format!("p{i}.safetensors"));
+        let mut o = MergeOptions::new(&p);
+        o.output_dtype = OutputDtype::F32;
+        o.seed = 100 + i as u64;
+        merge(&single("randperm", &[m]), &o, &NoProgress).unwrap();
+        assert_ne!(all_f32(&p), all_f32(m));
+        copies.push(p);
+    }
+    let refs: Vec<&PathBuf> = copies.iter().collect();
+    let merged = d.join("merged.safetensors");
+    let report = run(&single("merge_many", &refs), &merged, 0, 1 << 30);
+    let note = report
+        .notes
+        .iter()
+        .find(|n| n.contains("(merge_many)"))
+        .unwrap();
+    let soup = d.join("soup.safetensors");
+    run(
+        &single("soup", &pool.iter().collect::<Vec<_>>()),
+        &soup,
+        0,
+        1 << 30,
+    );
+    let (got, want) = (all_f32(&merged), all_f32(&soup));
+    eprintln!("{note}");
+    let bad: Vec<&String> = want
+        .iter()
+        .filter(|(k, v)| v.iter().zip(&got[*k]).any(|(x, y)| (x - y).abs() > 1e-6))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} keys differ, e.g. {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    // The same bytes for 1 and 2 threads.
+    let again = d.join("again.safetensors");
+    run(&single("merge_many", &refs), &again, 1, 64 << 20);
+    assert_eq!(
+        std::fs::read(&merged).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+}
+
+/// MergeMany of a model and two copies permuted at random: the model, bit for bit.
+#[test]
+fn merge_many_of_permuted_copies_of_one_model_is_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = f32_pool(d, Layout::Sd1Ldm, 0, 8);
+    let p = d.join("p.safetensors");
+    run(&single("randperm", &[&pool[0]]), &p, 0, 1 << 30);
+    let q = d.join("q.safetensors");
+    let mut o = MergeOptions::new(&q);
+    o.output_dtype = OutputDtype::F32;
+    o.seed = 99;
+    merge(&single("randperm", &[&pool[0]]), &o, &NoProgress).unwrap();
+    let merged = d.join("merged.safetensors");
+    run(
+        &single("merge_many", &[&pool[0], &p, &q]),
+        &merged,
+        0,
+        1 << 30,
+    );
+    let (got, want) = (all_f32(&merged), all_f32(&pool[0]));
+    let bad: Vec<&String> = want
+        .iter()
+        .filter(|(k, v)| *v != &got[*k])
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} {:?}",
+        bad.len(),
+        &bad[..bad.len().min(3)]
+    );
+}

@@ -13,7 +13,7 @@ pub(super) struct RunInputs<'a> {
     /// nodes found.
     pub(super) notes: &'a [String],
     /// The permutations of the whole-model nodes, by node index.
-    pub(super) prepared: &'a BTreeMap<usize, std::sync::Arc<crate::rebasin::Permutations>>,
+    pub(super) prepared: &'a BTreeMap<usize, Vec<std::sync::Arc<crate::rebasin::Permutations>>>,
 }
 
 /// The layout that decides the components of keys: the fallback model's, else the one most

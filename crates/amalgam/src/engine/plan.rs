@@ -37,7 +37,7 @@ impl<T: Real> NodeMethods<T> {
     pub(super) fn build(
         node: &crate::recipe::graph::Node,
         layout: Option<Layout>,
-        prepared: Option<&std::sync::Arc<crate::rebasin::Permutations>>,
+        prepared: Option<&Vec<std::sync::Arc<crate::rebasin::Permutations>>>,
     ) -> Result<Self> {
         if let Some(perms) = prepared {
             let info = methods::info(node.method)?;

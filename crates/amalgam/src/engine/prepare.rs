@@ -1,11 +1,13 @@
-//! Whole-model methods (`methods::WHOLE_MODEL`: re-basin), prepared before the streamed pass:
-//! their permutations come from whole models (weight matching reads `a` and `ref`; a node input
-//! is merged once to a temporary file beside the output, which the streamed pass then reads
-//! instead of computing the node again), and each such node then permutes its `a` key by key.
+//! Whole-model methods (`methods::WHOLE_MODEL`: re-basin, MergeMany), prepared before the
+//! streamed pass: their permutations come from whole models (weight matching reads `a` and
+//! `ref`, MergeMany every model; a node input is merged once to a temporary file beside the
+//! output, which the streamed pass then reads instead of computing the node again), and each
+//! such node then permutes its inputs key by key (and averages them, for MergeMany).
 
 use super::stages::{materialise, Materialised};
 use super::*;
 use crate::layout::perms::perm_groups;
+use crate::rebasin::merge_many::merge_many;
 use crate::rebasin::{weight_matching, Permutations};
 use crate::recipe::graph::ModelInput;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ pub(super) struct Prepared {
     /// The options: the recipe recorded is the original graph's.
     pub(super) opts: MergeOptions,
     /// Per prepared node, its permutations.
-    pub(super) perms: BTreeMap<usize, Arc<Permutations>>,
+    pub(super) perms: BTreeMap<usize, Vec<Arc<Permutations>>>,
     /// What the preparation found, for the report.
     pub(super) notes: Vec<String>,
     /// Temporary files the graph reads; removed when this is dropped.
@@ -62,53 +64,88 @@ pub(super) fn prepare(
     for n in whole {
         let node = &graph.nodes[n];
         let at = |e: String| Error::Invalid(format!("node `{}` ({}): {e}", node.name, node.method));
-        let a = materialise(graph, node.slots[0][0], opts, progress)?;
-        let a_file = ModelFile::open(&a.path)?;
-        let layout = a_file
+        // Every input whole, as files (node inputs merged once).
+        let inputs: Vec<Materialised> = node
+            .flat_args()
+            .into_iter()
+            .map(|r| materialise(graph, r, opts, progress))
+            .collect::<Result<_>>()?;
+        let files: Vec<ModelFile> = inputs
+            .iter()
+            .map(|m| ModelFile::open(&m.path))
+            .collect::<Result<_>>()?;
+        let layout = files[0]
             .detected_layout()
             .ok_or_else(|| at("re-basin needs SD1 (ldm) or SDXL (sgm) checkpoints".into()))?;
-        let a_shapes = shapes(&a_file);
+        let first = shapes(&files[0]);
         let groups =
-            perm_groups(layout, |k| a_shapes.get(k).cloned()).map_err(|e| at(e.to_string()))?;
-        let perms = if node.method == crate::methods::permute::RANDPERM.name {
-            out.notes.push(format!(
-                "node `{}` (randperm): {} groups permuted at random (seed {})",
-                node.name,
-                groups.len(),
-                opts.seed
-            ));
-            Permutations::random(groups, opts.seed)
-        } else {
-            let r = materialise(graph, node.slots[1][0], opts, progress)?;
-            let r_file = ModelFile::open(&r.path)?;
-            let m = weight_matching(&a_file, &r_file, groups, opts.threads, progress)
-                .map_err(|e| at(e.to_string()))?;
-            out.notes.push(format!(
-                "node `{}` (rebasin): {} of {} groups permuted; agreement with the reference {:.6e} -> {:.6e}",
-                node.name,
-                m.permutations.changed(),
-                m.permutations.groups.len(),
-                m.before,
-                m.after
-            ));
-            // The reference is used up: the streamed pass reads only `a`.
-            out.graph.nodes[n].slots[1].clear();
-            m.permutations
-        };
-        // A node `a` was merged once: the streamed pass reads that file.
-        if a.report.is_some() {
-            out.graph.models.push(ModelInput {
-                name: format!(
-                    "{} (node `{}`, merged)",
+            perm_groups(layout, |k| first.get(k).cloned()).map_err(|e| at(e.to_string()))?;
+        let count = groups.len();
+        let perms: Vec<Permutations> = match node.method {
+            "randperm" => {
+                out.notes.push(format!(
+                    "node `{}` (randperm): {count} groups permuted at random (seed {})",
+                    node.name, opts.seed
+                ));
+                vec![Permutations::random(groups, opts.seed)]
+            }
+            "rebasin" => {
+                let m = weight_matching(&files[0], &files[1], groups, opts.threads, progress)
+                    .map_err(|e| at(e.to_string()))?;
+                out.notes.push(format!(
+                    "node `{}` (rebasin): {} of {count} groups permuted; agreement with the reference {:.6e} -> {:.6e}",
                     node.name,
-                    graph_name(graph, node.slots[0][0])
-                ),
-                path: a.path.clone(),
-            });
-            out.graph.nodes[n].slots[0] = vec![Ref::Model(out.graph.models.len() - 1)];
-            out._temps.push(a);
+                    m.permutations.changed(),
+                    m.before,
+                    m.after
+                ));
+                vec![m.permutations]
+            }
+            _ => {
+                let mut params = crate::method::Params::new(node.method, node.params.clone())
+                    .bind(methods::info(node.method)?, &node.counts());
+                let max_rounds = params.count("max_rounds")?;
+                params.finish()?;
+                let refs: Vec<&ModelFile> = files.iter().collect();
+                let m = merge_many(&refs, groups, max_rounds, opts.threads, progress)
+                    .map_err(|e| at(e.to_string()))?;
+                let changed: usize = m.permutations.iter().map(Permutations::changed).sum();
+                out.notes.push(format!(
+                    "node `{}` (merge_many): {changed} group permutations of {} models changed in at most {} rounds; agreement with the others' mean {:.6e} -> {:.6e}",
+                    node.name,
+                    files.len(),
+                    m.rounds,
+                    m.before,
+                    m.after
+                ));
+                m.permutations
+            }
+        };
+        // The streamed pass reads the permuted inputs only (a re-basin reference is used up),
+        // node inputs from their merged files.
+        let permuted = perms.len();
+        let mut slot_refs = Vec::new();
+        for (i, m) in inputs.into_iter().enumerate().take(permuted) {
+            if m.report.is_some() {
+                let r = node.flat_args()[i];
+                out.graph.models.push(ModelInput {
+                    name: format!("{} (node `{}`, merged)", node.name, graph_name(graph, r)),
+                    path: m.path.clone(),
+                });
+                slot_refs.push(Ref::Model(out.graph.models.len() - 1));
+                out._temps.push(m);
+            } else {
+                slot_refs.push(node.flat_args()[i]);
+            }
         }
-        out.perms.insert(n, Arc::new(perms));
+        let slots = &mut out.graph.nodes[n].slots;
+        let mut refs = slot_refs.into_iter();
+        for slot in slots.iter_mut() {
+            let len = slot.len();
+            *slot = refs.by_ref().take(len).collect();
+        }
+        out.perms
+            .insert(n, perms.into_iter().map(Arc::new).collect());
     }
     Ok(out)
 }

@@ -95,7 +95,8 @@ pub static STAGES: &[&MethodInfo] = &[&crate::lora::extract::INFO];
 /// Whole-model methods: each key of their output depends on other keys of their inputs (re-basin's
 /// permutations), so the engine prepares them from whole models before the streamed pass (see
 /// `engine::prepare`).
-pub static WHOLE_MODEL: &[&MethodInfo] = &[&permute::REBASIN, &permute::RANDPERM];
+pub static WHOLE_MODEL: &[&MethodInfo] =
+    &[&permute::REBASIN, &permute::RANDPERM, &permute::MERGE_MANY];
 
 /// Whether `name` (a registered name) is a whole-model method.
 pub fn is_whole_model(name: &str) -> bool {

@@ -1,6 +1,7 @@
 //! Whole-model permutation methods (Git Re-Basin, spec §15): `rebasin(a, ref)`, `a` with its
-//! hidden units permuted towards `ref` by weight matching, and `randperm(a)`, `a` with every
-//! group permuted at random (seeded): the same function, other weights.
+//! hidden units permuted towards `ref` by weight matching; `randperm(a)`, `a` with every group
+//! permuted at random (seeded): the same function, other weights; and `merge_many(models)`,
+//! the mean of the models after MergeMany's matching.
 //!
 //! Both need the whole model before any key is merged: the engine prepares them (weight matching
 //! reads `a` and `ref`, merging a node input once to a temporary file first; the random
@@ -54,14 +55,36 @@ pub static RANDPERM: MethodInfo = MethodInfo {
     params: &[],
 };
 
-/// `a` permuted by prepared permutations.
+/// `merge_many`'s declaration.
+pub static MERGE_MANY: MethodInfo = MethodInfo {
+    name: "merge_many",
+    formula: "(1/N) sum_t P_t(theta_t), each P_t matching model t to the mean of the others \
+              (MergeMany, repeated until no permutation changes; P_1 = identity)",
+    summary: "Git Re-Basin's MergeMany: every model's hidden units matched to the mean of the \
+              others in turn, then the permuted models averaged (in the first model's unit \
+              order). SD1 and SDXL. Whole models: node inputs are merged once to temporary files.",
+    slots: &[Slot {
+        name: "models",
+        kind: SlotKind::Many,
+        doc: "the models matched and averaged",
+    }],
+    params: &[ParamInfo::count(
+        "max_rounds",
+        10,
+        "the most rounds per group (a round matches every model once; it stops earlier when \
+         none changes)",
+    )],
+};
+
+/// The mean of the arguments, each permuted by its prepared permutations (one argument: it
+/// permuted).
 pub(crate) struct Permute {
     info: &'static MethodInfo,
-    perms: Arc<Permutations>,
+    perms: Vec<Arc<Permutations>>,
 }
 
 impl Permute {
-    pub(crate) fn new(info: &'static MethodInfo, perms: Arc<Permutations>) -> Self {
+    pub(crate) fn new(info: &'static MethodInfo, perms: Vec<Arc<Permutations>>) -> Self {
         Permute { info, perms }
     }
 }
@@ -71,6 +94,7 @@ impl<T: Real> Method<T> for Permute {
         self.info
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
+        // A key some model lacks would be averaged without it, unpermuted: the first model's.
         if present[0] {
             OnMissing::PassThrough(0)
         } else {
@@ -78,7 +102,7 @@ impl<T: Real> Method<T> for Permute {
         }
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
-        let touched = self.perms.touches(ctx.key);
+        let touched = self.perms[0].touches(ctx.key);
         Ok(Box::new(PermuteKey {
             perms: touched.then(|| self.perms.clone()),
             key: ctx.key.to_string(),
@@ -89,17 +113,17 @@ impl<T: Real> Method<T> for Permute {
 }
 
 struct PermuteKey {
-    /// For a key some group acts on.
-    perms: Option<Arc<Permutations>>,
+    /// For a key some group acts on: each argument's permutations.
+    perms: Option<Vec<Arc<Permutations>>>,
     key: String,
     shape: Vec<usize>,
-    /// After the pass: the permuted tensor.
+    /// After the passes: the mean of the permuted arguments.
     out: Vec<f64>,
 }
 
 impl<T: Real> KeyMerge<T> for PermuteKey {
     fn stat_passes(&self) -> usize {
-        usize::from(self.perms.is_some())
+        self.perms.as_ref().map_or(0, Vec::len)
     }
     fn unit(&self) -> Unit {
         match self.perms {
@@ -112,15 +136,36 @@ impl<T: Real> KeyMerge<T> for PermuteKey {
         }
     }
     fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
-        if let Some(perms) = &self.perms {
-            let mut data = passes.run(WholeMatrix::new(Source::Arg(0)))?.sum;
-            perms.apply(&self.key, &self.shape, &mut data);
-            self.out = data;
+        let Some(perms) = &self.perms else {
+            return Ok(());
+        };
+        for (t, p) in perms.iter().enumerate() {
+            let mut data = passes.run(WholeMatrix::new(Source::Arg(t)))?.sum;
+            p.apply(&self.key, &self.shape, &mut data);
+            if t == 0 {
+                self.out = data;
+            } else {
+                self.out.iter_mut().zip(&data).for_each(|(o, x)| *o += x);
+            }
+        }
+        if perms.len() > 1 {
+            let n = perms.len() as f64;
+            self.out.iter_mut().for_each(|o| *o /= n);
         }
         Ok(())
     }
     fn merge_chunk(&self, range: Range<usize>, args: &[&[T]], out: &mut [T]) {
-        let computed = self.perms.as_ref().map(|_| &self.out[range]);
-        computed_or(computed, args[0], out);
+        if self.perms.is_some() {
+            return computed_or(Some(&self.out[range]), args[0], out);
+        }
+        if args.len() == 1 {
+            return computed_or(None, args[0], out);
+        }
+        // Keys no group acts on: the plain mean, summed in f64 in model order.
+        let n = args.len() as f64;
+        for (i, o) in out.iter_mut().enumerate() {
+            let s: f64 = args.iter().map(|a| a[i].to_f64()).sum();
+            *o = T::from_f64(s / n);
+        }
     }
 }

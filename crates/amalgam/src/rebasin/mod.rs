@@ -13,6 +13,7 @@
 //! at a time per thread: memory is the largest set's tensors in f64 for both models.
 
 pub mod lap;
+pub mod merge_many;
 
 use crate::error::{Error, Result};
 use crate::io::input::ModelFile;
@@ -100,9 +101,6 @@ struct Solved {
     after: f64,
 }
 
-/// A key's shape and its values in `a` and in the reference.
-type KeyPair = (Vec<usize>, Vec<f64>, Vec<f64>);
-
 /// The rows of the window of `group` on `key` (an `n × rest` matrix, row-major).
 fn window_rows(
     data: &[f64],
@@ -126,7 +124,7 @@ fn window_rows(
 }
 
 /// Sets of groups that share keys (union over keys), each sorted, in order of their first group.
-fn key_sets(groups: &[PermGroup]) -> Vec<Vec<usize>> {
+pub(crate) fn key_sets(groups: &[PermGroup]) -> Vec<Vec<usize>> {
     let mut parent: Vec<usize> = (0..groups.len()).collect();
     fn root(p: &mut [usize], mut i: usize) -> usize {
         while p[i] != i {
@@ -222,64 +220,106 @@ pub fn weight_matching(
     })
 }
 
-/// Solves the groups of one key set: (group, permutation, objective before, after).
+/// The keys of one key set: each key's shape and its values in every model (in model order).
+type SetTensors = BTreeMap<&'static str, (Vec<usize>, Vec<Vec<f64>>)>;
+
+/// Reads the keys of the groups `set` from every model, checking that they agree in shape.
+pub(crate) fn read_set(
+    models: &[&ModelFile],
+    groups: &[PermGroup],
+    set: &[usize],
+) -> Result<SetTensors> {
+    let mut tensors = SetTensors::new();
+    for &g in set {
+        for w in &groups[g].windows {
+            if tensors.contains_key(w.key) {
+                continue;
+            }
+            let shape = models[0]
+                .tensor(w.key)
+                .map(|t| t.shape.clone())
+                .ok_or_else(|| Error::Invalid(format!("the model lacks `{}`", w.key)))?;
+            let mut values = Vec::with_capacity(models.len());
+            for m in models {
+                if m.tensor(w.key).map(|t| &t.shape) != Some(&shape) {
+                    return Err(Error::Invalid(format!(
+                        "`{}` has another shape (or none) in {}",
+                        w.key,
+                        m.path().display()
+                    )));
+                }
+                values.push(m.read_tensor::<f64>(w.key)?);
+            }
+            tensors.insert(w.key, (shape, values));
+        }
+    }
+    Ok(tensors)
+}
+
+/// Group `group`'s units in model `t`: `width` rows, its windows' rows side by side; and the
+/// row length.
+pub(crate) fn group_rows(tensors: &SetTensors, group: &PermGroup, t: usize) -> (Vec<f64>, usize) {
+    let n = group.width;
+    let parts: Vec<Vec<f64>> = group
+        .windows
+        .iter()
+        .map(|w| {
+            let (shape, values) = &tensors[w.key];
+            window_rows(&values[t], shape, w.axis, w.offset, n)
+        })
+        .collect();
+    let cols: usize = parts.iter().map(|p| p.len() / n).sum();
+    let mut rows = Vec::with_capacity(n * cols);
+    for i in 0..n {
+        for p in &parts {
+            let c = p.len() / n;
+            rows.extend_from_slice(&p[i * c..(i + 1) * c]);
+        }
+    }
+    (rows, cols)
+}
+
+/// `A[i, k] = ⟨x_i, y_k⟩` of two row-major `n × c` matrices (faer, sequential).
+pub(crate) fn cross(x: &[f64], y: &[f64], n: usize, c: usize) -> Vec<f64> {
+    let mut out = vec![0.0; n * n];
+    let mx = faer::MatRef::from_row_major_slice(x, n, c);
+    let my = faer::MatRef::from_row_major_slice(y, n, c);
+    let mut m = faer::MatMut::from_row_major_slice_mut(&mut out, n, n);
+    faer::linalg::matmul::matmul(
+        m.as_mut(),
+        faer::Accum::Replace,
+        mx,
+        my.transpose(),
+        1.0,
+        faer::Par::Seq,
+    );
+    out
+}
+
+/// `Σ_i a[i, p(i)]`.
+pub(crate) fn objective(a: &[f64], p: &[usize]) -> f64 {
+    let n = p.len();
+    (0..n).map(|i| a[i * n + p[i]]).sum()
+}
+
+/// Solves the groups of one key set.
 fn solve_set(
     a: &ModelFile,
     reference: &ModelFile,
     groups: &[PermGroup],
     set: &[usize],
 ) -> Result<Vec<Solved>> {
-    let mut tensors: BTreeMap<&str, KeyPair> = BTreeMap::new();
-    for &g in set {
-        for w in &groups[g].windows {
-            if tensors.contains_key(w.key) {
-                continue;
-            }
-            let shape = a
-                .tensor(w.key)
-                .map(|t| t.shape.clone())
-                .ok_or_else(|| Error::Invalid(format!("the model lacks `{}`", w.key)))?;
-            if reference.tensor(w.key).map(|t| &t.shape) != Some(&shape) {
-                return Err(Error::Invalid(format!(
-                    "`{}` has another shape in the reference model (or none)",
-                    w.key
-                )));
-            }
-            tensors.insert(
-                w.key,
-                (
-                    shape,
-                    a.read_tensor::<f64>(w.key)?,
-                    reference.read_tensor::<f64>(w.key)?,
-                ),
-            );
-        }
-    }
+    let tensors = read_set(&[a, reference], groups, set)?;
     let mut out = Vec::with_capacity(set.len());
     for &g in set {
         let group = &groups[g];
         let n = group.width;
-        let mut cost = vec![0.0; n * n];
-        for w in &group.windows {
-            let (shape, ta, tr) = &tensors[w.key];
-            let ra = window_rows(ta, shape, w.axis, w.offset, n);
-            let rr = window_rows(tr, shape, w.axis, w.offset, n);
-            let rest = ra.len() / n;
-            let ma = faer::MatRef::from_row_major_slice(&ra, n, rest);
-            let mr = faer::MatRef::from_row_major_slice(&rr, n, rest);
-            let mut c = faer::MatMut::from_row_major_slice_mut(&mut cost, n, n);
-            faer::linalg::matmul::matmul(
-                c.as_mut(),
-                faer::Accum::Add,
-                mr,
-                ma.transpose(),
-                1.0,
-                faer::Par::Seq,
-            );
-        }
+        let (ra, c) = group_rows(&tensors, group, 0);
+        let (rr, _) = group_rows(&tensors, group, 1);
+        let cost = cross(&rr, &ra, n, c);
+        let identity: Vec<usize> = (0..n).collect();
         let perm = lap::maximize(&cost, n);
-        let before: f64 = (0..n).map(|i| cost[i * n + i]).sum();
-        let after: f64 = (0..n).map(|i| cost[i * n + perm[i]]).sum();
+        let (before, after) = (objective(&cost, &identity), objective(&cost, &perm));
         // Keep the identity unless the assignment is strictly better (ties stay put).
         out.push(if after > before {
             Solved {
@@ -291,7 +331,7 @@ fn solve_set(
         } else {
             Solved {
                 group: g,
-                perm: (0..n).collect(),
+                perm: identity,
                 before,
                 after: before,
             }
