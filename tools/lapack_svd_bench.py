@@ -48,6 +48,10 @@ def parse_args():
                     help="also treat >2-D tensors as [shape0, rest] matrices")
     ap.add_argument("--threads", type=int, help="BLAS/LAPACK threads (set before numpy is imported)")
     ap.add_argument("--verbose", action="store_true", help="print one line per key")
+    ap.add_argument("--per-shape", type=int, metavar="K",
+                    help="time only the first K matrices of each distinct shape and estimate the "
+                         "total as their mean time times the number of matrices of that shape "
+                         "(for full-size models, where every SVD takes tens of minutes)")
     return ap.parse_args()
 
 
@@ -143,6 +147,8 @@ def main():
     n_elem = 0
     svd_s = 0.0
     skipped = 0
+    timed_per_shape = {}  # shape -> [seconds...]
+    count_per_shape = {}
     for key in base.header:
         if base.dtype(key) not in FLOAT_DTYPES:
             skipped += 1
@@ -155,6 +161,11 @@ def main():
         if not present:
             skipped += 1
             continue
+        count_per_shape[mat] = count_per_shape.get(mat, 0) + 1
+        if ARGS.per_shape is not None and len(timed_per_shape.get(mat, [])) >= ARGS.per_shape:
+            n_mat += 1
+            n_elem += int(np.prod(mat))
+            continue
         b = base.get_f64(key)
         acc = np.zeros_like(b)
         for m in present:
@@ -166,10 +177,19 @@ def main():
         np.linalg.svd(acc, full_matrices=False)
         dt = time.perf_counter() - t0
         svd_s += dt
+        timed_per_shape.setdefault(mat, []).append(dt)
         n_mat += 1
         n_elem += acc.size
         if ARGS.verbose:
             print(f"{key} {mat[0]}x{mat[1]} {dt:.4f}s")
+    if ARGS.per_shape is not None:
+        estimate = sum(sum(t) / len(t) * count_per_shape[m] for m, t in timed_per_shape.items())
+        timed = sum(len(t) for t in timed_per_shape.values())
+        print(f"per-shape estimate: {estimate:.3f} s for all {n_mat} matrices "
+              f"({len(timed_per_shape)} shapes, {timed} timed, their SVDs {svd_s:.3f} s)")
+        if ARGS.verbose:
+            for m, t in sorted(timed_per_shape.items(), key=lambda x: -count_per_shape[x[0]]):
+                print(f"  {m[0]}x{m[1]}: {count_per_shape[m]} matrices, {sum(t) / len(t):.4f} s each")
     print(f"matrices: {n_mat}")
     print(f"elements: {n_elem}")
     print(f"svd_seconds: {svd_s:.3f}")

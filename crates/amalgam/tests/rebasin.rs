@@ -260,3 +260,191 @@ fn merge_many_of_permuted_copies_of_one_model_is_the_model() {
         &bad[..bad.len().min(3)]
     );
 }
+
+fn with_params(method: &str, models: &[&PathBuf], params: &[(&str, f64)]) -> Graph {
+    Graph::single(
+        method,
+        None,
+        models.iter().map(|p| (*p).clone()).collect(),
+        params
+            .iter()
+            .map(|(k, v)| (k.to_string(), amalgam::method::ParamValue::Number(*v)))
+            .collect(),
+    )
+    .unwrap()
+}
+
+/// The SD driver: alpha 0 gives a; keys no group touches are the weighted sum (1 − α)a + αb
+/// (walked keys) or a; basin_sum mixes the walk back with the weighted sum; deterministic.
+#[test]
+fn the_sd_driver_and_basin_sum() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = f32_pool(d, Layout::SdxlSgm, 1, 32);
+    let (a, b) = (&pool[0], &pool[1]);
+    let out = d.join("zero.safetensors");
+    run(
+        &with_params("rebasin_merge", &[a, b], &[("alpha", 0.0)]),
+        &out,
+        0,
+        1 << 30,
+    );
+    assert_eq!(all_f32(&out), all_f32(a), "alpha 0");
+
+    let walked = d.join("walked.safetensors");
+    let report = run(
+        &with_params(
+            "rebasin_merge",
+            &[a, b],
+            &[("alpha", 0.4), ("iterations", 5.0)],
+        ),
+        &walked,
+        0,
+        1 << 30,
+    );
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("5 steps to alpha 0.4")),
+        "{report}"
+    );
+    let basin = d.join("basin.safetensors");
+    run(
+        &with_params("basin_sum", &[a, b], &[("alpha", 0.4), ("iterations", 5.0)]),
+        &basin,
+        0,
+        1 << 30,
+    );
+    let (va, vb, vw, vs) = (all_f32(a), all_f32(b), all_f32(&walked), all_f32(&basin));
+    let spec = amalgam::layout::perms::perm_groups(Layout::SdxlSgm, |k| {
+        Some(
+            amalgam::io::input::ModelFile::open(a)
+                .ok()?
+                .tensors()
+                .get(k)?
+                .shape
+                .clone(),
+        )
+    })
+    .unwrap();
+    let touched: std::collections::BTreeSet<&str> = spec
+        .iter()
+        .flat_map(|g| g.windows.iter().map(|w| w.key))
+        .collect();
+    for (k, x) in &va {
+        let y = &vb[k];
+        let walks = amalgam::rebasin::driver::walks(k);
+        if !touched.contains(k.as_str()) {
+            let want: Vec<f32> = x
+                .iter()
+                .zip(y)
+                .map(|(&p, &q)| if walks { 0.6 * p + 0.4 * q } else { p })
+                .collect();
+            assert_close(&vw[k], &want, 1e-7);
+        }
+        // basin_sum = α(αa + (1 − α)b) + (1 − α)·walk, on every key.
+        let want: Vec<f32> = x
+            .iter()
+            .zip(y)
+            .zip(&vw[k])
+            .map(|((&p, &q), &t)| 0.4 * (0.4 * p + 0.6 * q) + 0.6 * t)
+            .collect();
+        assert_close(&vs[k], &want, 1e-7);
+    }
+    // CLIP-G is not walked: a's.
+    let g = "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.bias";
+    assert_eq!(vw[g], va[g]);
+    let again = d.join("again.safetensors");
+    run(
+        &with_params(
+            "rebasin_merge",
+            &[a, b],
+            &[("alpha", 0.4), ("iterations", 5.0)],
+        ),
+        &again,
+        1,
+        64 << 20,
+    );
+    assert_eq!(
+        std::fs::read(&walked).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+}
+
+/// The 215c recipe of docs/recipes.md (DGMLA X, amp = 2X − base, basin_sum(X, amp)) runs, its
+/// DGMLA node merged once (for X; amp reads X's file), and equals the same basin_sum over the
+/// two nodes merged first to files.
+#[test]
+fn the_fermat_recipe_merges_its_dgmla_node_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = f32_pool(d, Layout::Sd1Ldm, 2, 8);
+    let models = |extra: &str| {
+        format!(
+            "[models]\nbase = \"{}\"\npool = [\"{}\", \"{}\"]\n\
+             [nodes.x]\nmethod = \"dgmla\"\nbase = \"base\"\nmodels = [\"pool\"]\n\
+             [nodes.delta]\nmethod = \"subtract\"\na = \"x\"\nb = \"base\"\n\
+             [nodes.amp]\nmethod = \"add\"\na = \"base\"\nb = \"delta\"\nalpha = 2.0\n{extra}",
+            pool[0].display(),
+            pool[1].display(),
+            pool[2].display()
+        )
+    };
+    let recipe = models(
+        "[nodes.c]\nmethod = \"basin_sum\"\na = \"x\"\nb = \"amp\"\niterations = 3\n\
+         [output]\nnode = \"c\"\n",
+    );
+    let g = amalgam::recipe::parse(&recipe, "c.toml", d).unwrap().graph;
+    let out = d.join("c215.safetensors");
+    let report = run(&g, &out, 0, 1 << 30);
+    let amp = report
+        .notes
+        .iter()
+        .find(|n| n.starts_with("node `amp` merged once"))
+        .unwrap();
+    assert!(amp.contains("x (merged)"), "{amp}");
+    // The same from the two nodes written first.
+    let (x, amp) = (d.join("x.safetensors"), d.join("amp.safetensors"));
+    for (node, file) in [("x", &x), ("amp", &amp)] {
+        let g = amalgam::recipe::parse(
+            &models(&format!("[output]\nnode = \"{node}\"\n")),
+            "n.toml",
+            d,
+        )
+        .unwrap()
+        .graph;
+        run(&g, file, 0, 1 << 30);
+    }
+    let two = d.join("two.safetensors");
+    run(
+        &with_params("basin_sum", &[&x, &amp], &[("iterations", 3.0)]),
+        &two,
+        0,
+        1 << 30,
+    );
+    assert_eq!(all_f32(&out), all_f32(&two));
+}
+
+/// sd-mecha's `randperm` and `rebasin` in a `.mecha` recipe: read as amalgam's nodes (the recipe's
+/// seed the run's; `iters` accepted), and the re-basin of the permuted model is the model.
+#[test]
+fn mecha_rebasin_and_randperm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = f32_pool(d, Layout::SdxlSgm, 0, 32);
+    let text = format!(
+        "version 0.1.0\nmodel \"{}\" model_config=\"sdxl-sgm\" merge_space=\"weight\"\n\
+         merge \"randperm\" &0 seed=5\nmerge \"rebasin\" &1 &0 iters=10\n",
+        pool[0].display()
+    );
+    let p = d.join("r.mecha");
+    std::fs::write(&p, text).unwrap();
+    let r = amalgam::recipe::mecha::load(&p, &[]).unwrap();
+    assert_eq!(r.seed, Some(5));
+    let methods: Vec<&str> = r.graph.nodes.iter().map(|n| n.method).collect();
+    assert_eq!(methods, ["randperm", "rebasin"]);
+    let out = d.join("out.safetensors");
+    run(&r.graph, &out, 0, 1 << 30);
+    assert_eq!(all_f32(&out), all_f32(&pool[0]));
+}

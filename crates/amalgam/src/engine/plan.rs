@@ -40,11 +40,16 @@ impl<T: Real> NodeMethods<T> {
         prepared: Option<&Vec<std::sync::Arc<crate::rebasin::Permutations>>>,
     ) -> Result<Self> {
         if let Some(perms) = prepared {
-            let info = methods::info(node.method)?;
-            let method = methods::permute::Permute::new(info, perms.clone());
+            let method = methods::rebasin::prepared::<T>(
+                node.method,
+                &node.params,
+                &node.counts(),
+                perms.clone(),
+            )
+            .map_err(|e| Error::Invalid(format!("node `{}`: {e}", node.name)))?;
             return Ok(NodeMethods {
                 blocks: Vec::new(),
-                instances: vec![Box::new(method)],
+                instances: vec![method],
                 layout,
                 mapping: crate::layout::arch::BlockMapping::Supermerger,
             });

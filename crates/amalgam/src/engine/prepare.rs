@@ -7,6 +7,7 @@
 use super::stages::{materialise, Materialised};
 use super::*;
 use crate::layout::perms::perm_groups;
+use crate::rebasin::driver::walk_permutations;
 use crate::rebasin::merge_many::merge_many;
 use crate::rebasin::{weight_matching, Permutations};
 use crate::recipe::graph::ModelInput;
@@ -64,12 +65,33 @@ pub(super) fn prepare(
     for n in whole {
         let node = &graph.nodes[n];
         let at = |e: String| Error::Invalid(format!("node `{}` ({}): {e}", node.name, node.method));
-        // Every input whole, as files (node inputs merged once).
-        let inputs: Vec<Materialised> = node
-            .flat_args()
-            .into_iter()
-            .map(|r| materialise(graph, r, opts, progress))
-            .collect::<Result<_>>()?;
+        // Every input whole, as files (node inputs merged once). A node merged for one input is
+        // read from its file by the next ones (215c's `amp` is built on `x`).
+        let mut work = graph.clone();
+        let mut inputs: Vec<Materialised> = Vec::new();
+        for r in node.flat_args() {
+            let m = materialise(&work, r, opts, progress)?;
+            if let (Ref::Node(done), Some(merged)) = (r, &m.report) {
+                let read: Vec<&str> = merged.models.iter().map(|(n, _)| n.as_str()).collect();
+                out.notes.push(format!(
+                    "node `{}` merged once to a temporary f32 file of {} (from {})",
+                    graph.nodes[done].name,
+                    crate::size::format_bytes(merged.bytes_written),
+                    read.join(", ")
+                ));
+                work.models.push(ModelInput {
+                    name: format!("{} (merged)", graph.nodes[done].name),
+                    path: m.path.clone(),
+                });
+                let file = Ref::Model(work.models.len() - 1);
+                for other in &mut work.nodes {
+                    for slot in &mut other.slots {
+                        slot.iter_mut().filter(|x| **x == r).for_each(|x| *x = file);
+                    }
+                }
+            }
+            inputs.push(m);
+        }
         let files: Vec<ModelFile> = inputs
             .iter()
             .map(|m| ModelFile::open(&m.path))
@@ -81,13 +103,14 @@ pub(super) fn prepare(
         let groups =
             perm_groups(layout, |k| first.get(k).cloned()).map_err(|e| at(e.to_string()))?;
         let count = groups.len();
-        let perms: Vec<Permutations> = match node.method {
+        // The permutations, and how many inputs the streamed pass still reads.
+        let (perms, keep): (Vec<Permutations>, usize) = match node.method {
             "randperm" => {
                 out.notes.push(format!(
                     "node `{}` (randperm): {count} groups permuted at random (seed {})",
                     node.name, opts.seed
                 ));
-                vec![Permutations::random(groups, opts.seed)]
+                (vec![Permutations::random(groups, opts.seed)], 1)
             }
             "rebasin" => {
                 let m = weight_matching(&files[0], &files[1], groups, opts.threads, progress)
@@ -99,7 +122,32 @@ pub(super) fn prepare(
                     m.before,
                     m.after
                 ));
-                vec![m.permutations]
+                (vec![m.permutations], 1)
+            }
+            "rebasin_merge" | "basin_sum" => {
+                let mut params = crate::method::Params::new(node.method, node.params.clone())
+                    .bind(methods::info(node.method)?, &node.counts());
+                let alpha = params.number("alpha")?;
+                let iterations = params.count("iterations")?;
+                params.finish()?;
+                let steps = walk_permutations(
+                    &files[0],
+                    &files[1],
+                    groups,
+                    alpha,
+                    iterations,
+                    opts.threads,
+                    progress,
+                )
+                .map_err(|e| at(e.to_string()))?;
+                let changed: Vec<String> = steps.iter().map(|p| p.changed().to_string()).collect();
+                out.notes.push(format!(
+                    "node `{}` ({}): {iterations} steps to alpha {alpha}; groups permuted per step: {}",
+                    node.name,
+                    node.method,
+                    changed.join(", ")
+                ));
+                (steps, 2)
             }
             _ => {
                 let mut params = crate::method::Params::new(node.method, node.params.clone())
@@ -118,14 +166,14 @@ pub(super) fn prepare(
                     m.before,
                     m.after
                 ));
-                m.permutations
+                let n = m.permutations.len();
+                (m.permutations, n)
             }
         };
         // The streamed pass reads the permuted inputs only (a re-basin reference is used up),
         // node inputs from their merged files.
-        let permuted = perms.len();
         let mut slot_refs = Vec::new();
-        for (i, m) in inputs.into_iter().enumerate().take(permuted) {
+        for (i, m) in inputs.into_iter().enumerate().take(keep) {
             if m.report.is_some() {
                 let r = node.flat_args()[i];
                 out.graph.models.push(ModelInput {

@@ -459,6 +459,24 @@ impl Params {
         }
     }
 
+    /// Reads every declared parameter (checking each value given against its declaration), for
+    /// methods whose parameters are checked before they are built.
+    pub(crate) fn read_declared(&mut self) -> Result<()> {
+        let info = self
+            .info
+            .expect("parameters read before the registry bound them");
+        for p in info.params {
+            match p.kind {
+                ParamKind::Number { .. } => drop(self.optional_number(p.name)?),
+                ParamKind::PerModel { .. } => drop(self.per_model(p.name)?),
+                ParamKind::Count { .. } => drop(self.count(p.name)?),
+                ParamKind::Bool { .. } => drop(self.boolean(p.name)?),
+                ParamKind::Choice { .. } => drop(self.choice(p.name)?),
+            }
+        }
+        Ok(())
+    }
+
     /// Fails if any parameter given was not read.
     pub fn finish(self) -> Result<()> {
         if let Some(name) = self.values.keys().next() {

@@ -18,7 +18,7 @@ use crate::real::Real;
 pub mod delta;
 pub mod gram;
 pub mod linear;
-pub mod permute;
+pub mod rebasin;
 pub mod svd;
 
 use delta::{dropout, ties};
@@ -95,8 +95,13 @@ pub static STAGES: &[&MethodInfo] = &[&crate::lora::extract::INFO];
 /// Whole-model methods: each key of their output depends on other keys of their inputs (re-basin's
 /// permutations), so the engine prepares them from whole models before the streamed pass (see
 /// `engine::prepare`).
-pub static WHOLE_MODEL: &[&MethodInfo] =
-    &[&permute::REBASIN, &permute::RANDPERM, &permute::MERGE_MANY];
+pub static WHOLE_MODEL: &[&MethodInfo] = &[
+    &rebasin::REBASIN,
+    &rebasin::RANDPERM,
+    &rebasin::MERGE_MANY,
+    &rebasin::REBASIN_MERGE,
+    &rebasin::BASIN_SUM,
+];
 
 /// Whether `name` (a registered name) is a whole-model method.
 pub fn is_whole_model(name: &str) -> bool {
@@ -111,7 +116,9 @@ pub fn check(name: &str, params: Params, counts: &[usize]) -> Result<()> {
         return crate::lora::extract::rank_params(params).map(drop);
     }
     if let Some(info) = WHOLE_MODEL.iter().find(|s| s.name == name) {
-        return params.bind(info, counts).finish();
+        let mut params = params.bind(info, counts);
+        params.read_declared()?;
+        return params.finish();
     }
     build::<f32>(name, params, counts).map(drop)
 }

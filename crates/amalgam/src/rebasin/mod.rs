@@ -12,6 +12,7 @@
 //! result. Groups sharing keys (the heads of one attention) are read together, one set of keys
 //! at a time per thread: memory is the largest set's tensors in f64 for both models.
 
+pub mod driver;
 pub mod lap;
 pub mod merge_many;
 

@@ -175,6 +175,16 @@ pub const DECLARED: &[Declared] = &[
         ],
         spaces: Spaces::Same,
     },
+    Declared {
+        method: "rebasin",
+        params: &["iters"],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "randperm",
+        params: &["seed"],
+        spaces: Spaces::Same,
+    },
     // The 6DammK9 fork (`isotropic` branch): parameters in signature order (they may be given
     // by position after the inputs).
     Declared {

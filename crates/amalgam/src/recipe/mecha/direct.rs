@@ -63,6 +63,13 @@ pub(super) const DIRECT: &[Direct] = &[
             ("stiefel_max_iters", Map::To("stiefel_max_iters")),
         ],
     },
+    // sd-mecha's re-basin (SDXL there, SD1 and SDXL here). amalgam's permutation groups do not
+    // interact, so one assignment per group is the optimum `iters` sweeps would approach.
+    Direct {
+        mecha: "rebasin",
+        method: "rebasin",
+        params: &[("iters", Map::Unused)],
+    },
     // The 6DammK9 fork's ISO-Z (`isotropic_overrided(d, z, apply_exp, apply_high_dim)`, the
     // x10a AstolfoKarmix recipes). Its defaults are not published: a recipe leaving a parameter
     // out gets amalgam's `z` (0.8) and the fork's `isotropic` flags (false).

@@ -48,6 +48,8 @@ pub const SUPPORTED: &[&str] = &[
     "rotate",
     "isotropic",
     "isotropic_overrided",
+    "rebasin",
+    "randperm",
 ];
 
 /// A recipe translated into an amalgam graph, and the seed it asks for.
@@ -297,6 +299,26 @@ pub fn translate(
                             map.insert(k.clone(), x);
                         }
                         Item::Param(ParamValue::Blocks(map))
+                    }
+                    "randperm" => {
+                        let a = tensors(
+                            args.first().copied().unwrap_or(&Value::Null),
+                            &items,
+                            c.line,
+                        )?;
+                        if let Some(v) = kw("seed").or(args.get(1).copied()) {
+                            if let ParamValue::Number(x) = param(v, &items, c.line)? {
+                                if seed.is_some_and(|s| s != x as u64) {
+                                    return Err(e(
+                                        c.line,
+                                        "the recipe uses several seeds; amalgam runs with one"
+                                            .into(),
+                                    ));
+                                }
+                                seed = Some(x as u64);
+                            }
+                        }
+                        node("randperm", vec![vec![a]], BTreeMap::new())
                     }
                     "cast" => {
                         // The output dtype is the run's (`--dtype`); computing is in f32/f64.

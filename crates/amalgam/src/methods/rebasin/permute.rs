@@ -1,80 +1,14 @@
-//! Whole-model permutation methods (Git Re-Basin, spec §15): `rebasin(a, ref)`, `a` with its
-//! hidden units permuted towards `ref` by weight matching; `randperm(a)`, `a` with every group
-//! permuted at random (seeded): the same function, other weights; and `merge_many(models)`,
-//! the mean of the models after MergeMany's matching.
-//!
-//! Both need the whole model before any key is merged: the engine prepares them (weight matching
-//! reads `a` and `ref`, merging a node input once to a temporary file first; the random
-//! permutations come from the seed), then each key is `a`'s, permuted where a group acts on it
-//! (the key gathered whole) and passed through elsewhere.
+//! The mean of the inputs, each permuted by its prepared permutations (`rebasin`, `randperm`,
+//! `merge_many`): a key some group acts on is gathered whole from every input; the others pass
+//! through (one input) or are averaged.
 
-use super::svd::shared::{computed_or, Source, WholeMatrix};
 use crate::error::Result;
 use crate::method::*;
+use crate::methods::svd::shared::{computed_or, Source, WholeMatrix};
 use crate::real::Real;
 use crate::rebasin::Permutations;
 use std::ops::Range;
 use std::sync::Arc;
-
-/// `rebasin`'s declaration.
-pub static REBASIN: MethodInfo = MethodInfo {
-    name: "rebasin",
-    formula: "P(a): a's hidden units permuted, per group, by argmax_P <ref, P(a)> (weight \
-              matching, an exact assignment per group)",
-    summary: "Git Re-Basin weight matching (sd-mecha's rebasin semantics): a with the hidden \
-              units of every attention head, feed-forward and embedding MLP permuted towards \
-              ref; the same function as a. SD1 and SDXL. Whole models: a node input is merged \
-              once to a temporary file.",
-    slots: &[
-        Slot {
-            name: "a",
-            kind: SlotKind::One,
-            doc: "the model permuted",
-        },
-        Slot {
-            name: "ref",
-            kind: SlotKind::One,
-            doc: "the model it is matched to",
-        },
-    ],
-    params: &[],
-};
-
-/// `randperm`'s declaration.
-pub static RANDPERM: MethodInfo = MethodInfo {
-    name: "randperm",
-    formula: "P(a): every permutation group of a permuted at random (seeded by the run's seed \
-              and the group)",
-    summary: "a with its hidden units permuted at random: the same function, other weights (for \
-              testing re-basin). SD1 and SDXL.",
-    slots: &[Slot {
-        name: "a",
-        kind: SlotKind::One,
-        doc: "the model permuted",
-    }],
-    params: &[],
-};
-
-/// `merge_many`'s declaration.
-pub static MERGE_MANY: MethodInfo = MethodInfo {
-    name: "merge_many",
-    formula: "(1/N) sum_t P_t(theta_t), each P_t matching model t to the mean of the others \
-              (MergeMany, repeated until no permutation changes; P_1 = identity)",
-    summary: "Git Re-Basin's MergeMany: every model's hidden units matched to the mean of the \
-              others in turn, then the permuted models averaged (in the first model's unit \
-              order). SD1 and SDXL. Whole models: node inputs are merged once to temporary files.",
-    slots: &[Slot {
-        name: "models",
-        kind: SlotKind::Many,
-        doc: "the models matched and averaged",
-    }],
-    params: &[ParamInfo::count(
-        "max_rounds",
-        10,
-        "the most rounds per group (a round matches every model once; it stops earlier when \
-         none changes)",
-    )],
-};
 
 /// The mean of the arguments, each permuted by its prepared permutations (one argument: it
 /// permuted).
