@@ -448,3 +448,37 @@ fn mecha_rebasin_and_randperm() {
     run(&r.graph, &out, 0, 1 << 30);
     assert_eq!(all_f32(&out), all_f32(&pool[0]));
 }
+
+/// The driver walked all the way (alpha 1) to a permuted copy of a ends at a: the last step is b
+/// itself, matched back to a's order.
+#[test]
+fn the_sd_driver_to_a_permuted_copy_ends_at_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pool = f32_pool(d, Layout::Sd1Ldm, 0, 8);
+    let p = d.join("p.safetensors");
+    run(&single("randperm", &[&pool[0]]), &p, 0, 1 << 30);
+    for iterations in [1.0, 4.0] {
+        let out = d.join("out.safetensors");
+        let report = run(
+            &with_params(
+                "rebasin_merge",
+                &[&pool[0], &p],
+                &[("alpha", 1.0), ("iterations", iterations)],
+            ),
+            &out,
+            0,
+            1 << 30,
+        );
+        let note = report
+            .notes
+            .iter()
+            .find(|n| n.contains("steps to alpha"))
+            .unwrap();
+        let (got, want) = (all_f32(&out), all_f32(&pool[0]));
+        for (k, v) in &want {
+            assert_close(&got[k], v, 1e-6);
+        }
+        eprintln!("{note}");
+    }
+}

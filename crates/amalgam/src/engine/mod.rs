@@ -83,10 +83,7 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
     let (models, rows, layouts, mut notes) = open_inputs(graph, &opts.output)?;
     notes.extend(prepared.notes.iter().cloned());
     let layout = graph_layout(graph, &layouts)?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let pool = thread_pool(opts.threads)?;
     let inputs = RunInputs {
         models: &models,
         rows: &rows,
@@ -99,14 +96,28 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
         ComputeDtype::F32 => run::<f32>(graph, &inputs, opts, progress),
         ComputeDtype::F64 => run::<f64>(graph, &inputs, opts, progress),
     })?;
+    write_report_json(&report, opts, &input_paths)?;
+    Ok(report)
+}
+
+/// Writes `report` as JSON to `opts.report_json`, when asked (by the rules of every output).
+fn write_report_json(report: &MergeReport, opts: &MergeOptions, inputs: &[&Path]) -> Result<()> {
     if let Some(path) = &opts.report_json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Output {
+        let json = serde_json::to_string_pretty(report).map_err(|e| Error::Output {
             path: path.clone(),
             message: format!("cannot encode the report: {e}"),
         })?;
-        crate::io::dest::write_atomic(path, json.as_bytes(), &input_paths, opts.overwrite)?;
+        crate::io::dest::write_atomic(path, json.as_bytes(), inputs, opts.overwrite)?;
     }
-    Ok(report)
+    Ok(())
+}
+
+/// A pool of `threads` workers (0: one per core).
+pub(crate) fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))
 }
 
 /// `graph` with every model path that exists made canonical (the others are kept, for the error

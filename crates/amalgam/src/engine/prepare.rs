@@ -42,6 +42,10 @@ pub(super) fn prepare(
     opts: &MergeOptions,
     progress: &dyn Progress,
 ) -> Result<Prepared> {
+    // Presets (`fermat`) become their recipes; the recipe recorded is the one given.
+    let original = graph;
+    let expanded = crate::methods::rebasin::expand_presets(graph);
+    let graph = &expanded;
     let mut out = Prepared {
         graph: graph.clone(),
         opts: opts.clone(),
@@ -59,8 +63,24 @@ pub(super) fn prepare(
         let settings = crate::recipe::RecipeSettings::of(opts);
         out.opts.metadata.insert(
             "amalgam_recipe".into(),
-            crate::recipe::to_toml(graph, &settings),
+            crate::recipe::to_toml(original, &settings),
         );
+    }
+    if !out.opts.metadata.contains_key("mecha_recipe") {
+        // sd-mecha's form of the recipe given (the prepared graph has none).
+        let layouts: Vec<Option<Layout>> = original
+            .models
+            .iter()
+            .map(|m| {
+                ModelFile::open(&m.path)
+                    .ok()
+                    .and_then(|f| f.detected_layout())
+            })
+            .collect();
+        let arch = layouts.iter().flatten().next().map(|l| l.arch());
+        if let Some(text) = crate::recipe::mecha::to_mecha(original, &layouts, arch, opts.seed) {
+            out.opts.metadata.insert("mecha_recipe".into(), text);
+        }
     }
     for n in whole {
         let node = &graph.nodes[n];

@@ -130,12 +130,6 @@ pub(super) fn run_stage(
     report.lora = Some(lora);
     report.elapsed = start.elapsed();
     report.peak_rss_bytes = crate::report::peak_rss_bytes();
-    if let Some(path) = &opts.report_json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Output {
-            path: path.clone(),
-            message: format!("cannot encode the report: {e}"),
-        })?;
-        crate::io::dest::write_atomic(path, json.as_bytes(), &input_paths, opts.overwrite)?;
-    }
+    write_report_json(&report, opts, &input_paths)?;
     Ok(report)
 }

@@ -382,10 +382,7 @@ pub fn extract_lora(
             }
         }
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let pool = crate::engine::thread_pool(opts.threads)?;
     let key_bytes = |k: &str| {
         tuned
             .tensor(k)

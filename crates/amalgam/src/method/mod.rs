@@ -85,6 +85,16 @@ pub enum OnMissing {
 }
 
 impl OnMissing {
+    /// The policy of methods that transform their first argument (the others only guide them):
+    /// without it the node has no value; with it, it passes through where another is missing.
+    pub fn first_or_absent(present: &[bool]) -> OnMissing {
+        if present[0] {
+            OnMissing::PassThrough(0)
+        } else {
+            OnMissing::Absent
+        }
+    }
+
     /// The policy of methods whose first argument is a base and whose others are N models: a key
     /// the base lacks has no value here; models lacking it are left out; with none left, the
     /// base passes through.

@@ -10,12 +10,13 @@
 //! so that the share of `B` is `s·(x+1)` after step `x` and `α` at the end. The driver's second
 //! matching (towards `B`) only changed six "special keys" (the VAE's `norm_out`, the UNet's
 //! `out.0`), which no permutation group touches here: it is a no-op and left out. The
-//! permutations of every step are kept; the streamed pass replays the walk key by key.
+//! permutations of every step are kept; the streamed pass replays the walk key by key. The
+//! matching itself walks the groups' cost matrices, not the tensors (see [`walk_group`]).
 
-use super::{cross, group_rows, key_sets, lap, objective, read_set, Permutations};
+use super::{cross, group_rows, key_sets, lap, objective, read_set, Permutations, SetTensors};
 use crate::error::{Error, Result};
 use crate::io::input::ModelFile;
-use crate::layout::perms::{permute_key, PermGroup};
+use crate::layout::perms::PermGroup;
 use rayon::prelude::*;
 
 /// The weight of `B` in step `x` of `iterations` towards the share `alpha`.
@@ -54,56 +55,22 @@ pub fn walk_permutations(
         ));
     }
     let sets = key_sets(&groups);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let pool = crate::engine::thread_pool(threads)?;
     progress.start(sets.len() as u64, sets.len());
     let done = std::sync::atomic::AtomicUsize::new(0);
-    // Per set: per step, (group, permutation).
-    type Steps = Vec<Vec<(usize, Vec<usize>)>>;
+    // Per set: per group, its permutation at each step.
+    type Steps = Vec<(usize, Vec<Vec<usize>>)>;
     let solved: Vec<Steps> = pool.install(|| {
         sets.par_iter()
             .map(|set| {
-                // θ in slot 0 (it starts as A), B in slot 1, A in slot 2.
-                let mut t = read_set(&[a, b, a], &groups, set)?;
-                let mut steps = Vec::with_capacity(iterations);
-                for x in 0..iterations {
-                    let w = step_weight(alpha, iterations, x);
-                    for (key, (_, values)) in t.iter_mut() {
-                        if walks(key) {
-                            let (theta, rest) = values.split_at_mut(1);
-                            for (o, &v) in theta[0].iter_mut().zip(&rest[0]) {
-                                *o = (1.0 - w) * *o + w * v;
-                            }
-                        }
-                    }
-                    let mut step = Vec::with_capacity(set.len());
-                    for &g in set {
-                        let group = &groups[g];
-                        let n = group.width;
-                        let (rt, c) = group_rows(&t, group, 0);
-                        let (ra, _) = group_rows(&t, group, 2);
-                        let cost = cross(&ra, &rt, n, c);
-                        let identity: Vec<usize> = (0..n).collect();
-                        let p = lap::maximize(&cost, n);
-                        let p = if objective(&cost, &p) > objective(&cost, &identity) {
-                            p
-                        } else {
-                            identity
-                        };
-                        for w in &group.windows {
-                            let (shape, values) = t.get_mut(w.key).expect("read");
-                            let shape = shape.clone();
-                            permute_key(group, &p, w.key, &shape, &mut values[0]);
-                        }
-                        step.push((g, p));
-                    }
-                    steps.push(step);
-                }
+                let t = read_set(&[a, b], &groups, set)?;
+                let steps = set
+                    .iter()
+                    .map(|&g| walk_group(&t, &groups[g], alpha, iterations))
+                    .collect::<Vec<_>>();
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 progress.advance(1, n, &groups[set[0]].name);
-                Ok(steps)
+                Ok(set.iter().copied().zip(steps).collect())
             })
             .collect::<Result<_>>()
     })?;
@@ -111,17 +78,71 @@ pub fn walk_permutations(
     let mut perms: Vec<Vec<Vec<usize>>> = (0..iterations)
         .map(|_| groups.iter().map(|g| (0..g.width).collect()).collect())
         .collect();
-    for steps in solved {
-        for (x, step) in steps.into_iter().enumerate() {
-            for (g, p) in step {
-                perms[x][g] = p;
-            }
+    for (g, steps) in solved.into_iter().flatten() {
+        for (x, p) in steps.into_iter().enumerate() {
+            perms[x][g] = p;
         }
     }
     Ok(perms
         .into_iter()
         .map(|p| Permutations::new(groups.clone(), p))
         .collect())
+}
+
+/// One group's permutation at each step of the walk. The walk is linear in `θ`, so its cost
+/// matrix `C[i, k] = ⟨A_i, θ_k⟩` walks too, with no tensor touched: `C ← (1 − w)C + w·⟨A, B⟩`
+/// for the windows on walked keys (the others keep `⟨A, A⟩`), and a permutation `P` of `θ`'s
+/// units permutes `C`'s columns. Two cross products per group, whatever the number of steps.
+fn walk_group(t: &SetTensors, group: &PermGroup, alpha: f64, iterations: usize) -> Vec<Vec<usize>> {
+    let n = group.width;
+    let part = |walked: bool, model: usize| {
+        let windows: Vec<_> = group
+            .windows
+            .iter()
+            .filter(|w| walks(w.key) == walked)
+            .cloned()
+            .collect();
+        let sub = PermGroup {
+            name: group.name.clone(),
+            width: n,
+            windows,
+        };
+        (!sub.windows.is_empty()).then(|| group_rows(t, &sub, model))
+    };
+    let zero = || vec![0.0; n * n];
+    // Walked windows: ⟨A, θ⟩ starts at ⟨A, A⟩ and moves towards ⟨A, B⟩.
+    let (mut walked, towards) = match (part(true, 0), part(true, 1)) {
+        (Some((ra, c)), Some((rb, _))) => (cross(&ra, &ra, n, c), cross(&ra, &rb, n, c)),
+        _ => (zero(), zero()),
+    };
+    let mut fixed = part(false, 0).map_or_else(zero, |(ra, c)| cross(&ra, &ra, n, c));
+    let identity: Vec<usize> = (0..n).collect();
+    let mut steps = Vec::with_capacity(iterations);
+    for x in 0..iterations {
+        let w = step_weight(alpha, iterations, x);
+        for (c, &to) in walked.iter_mut().zip(&towards) {
+            *c = (1.0 - w) * *c + w * to;
+        }
+        let cost: Vec<f64> = walked.iter().zip(&fixed).map(|(a, b)| a + b).collect();
+        let p = lap::maximize(&cost, n);
+        let p = if objective(&cost, &p) > objective(&cost, &identity) {
+            p
+        } else {
+            identity.clone()
+        };
+        if p != identity {
+            for c in [&mut walked, &mut fixed] {
+                let old = c.clone();
+                for i in 0..n {
+                    for k in 0..n {
+                        c[i * n + k] = old[i * n + p[k]];
+                    }
+                }
+            }
+        }
+        steps.push(p);
+    }
+    steps
 }
 
 /// The walk of one key, replayed: `θ` from `a` towards `b` with the steps' permutations

@@ -43,10 +43,7 @@ pub fn merge_many(
         return Err(Error::Invalid("MergeMany needs at least two models".into()));
     }
     let sets = key_sets(&groups);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let pool = crate::engine::thread_pool(threads)?;
     progress.start(sets.len() as u64, sets.len());
     let done = std::sync::atomic::AtomicUsize::new(0);
     type Found = (usize, Vec<Vec<usize>>, usize, f64, f64);

@@ -29,8 +29,10 @@ pub struct Permutations {
     pub groups: Vec<PermGroup>,
     /// One permutation per group: window index `i` takes index `perms[g][i]`.
     pub perms: Vec<Vec<usize>>,
-    /// Per key, the groups with a window on it.
+    /// Per key, the groups with a window on it whose permutation is not the identity.
     by_key: BTreeMap<&'static str, Vec<usize>>,
+    /// Keys some group has a window on (permuted or not).
+    touched: std::collections::BTreeSet<&'static str>,
 }
 
 impl Permutations {
@@ -38,11 +40,16 @@ impl Permutations {
     pub fn new(groups: Vec<PermGroup>, perms: Vec<Vec<usize>>) -> Self {
         assert_eq!(groups.len(), perms.len());
         let mut by_key: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
+        let mut touched = std::collections::BTreeSet::new();
         for (g, group) in groups.iter().enumerate() {
+            let moves = perms[g].iter().enumerate().any(|(i, &j)| i != j);
             for w in &group.windows {
-                let list = by_key.entry(w.key).or_default();
-                if list.last() != Some(&g) {
-                    list.push(g);
+                touched.insert(w.key);
+                if moves {
+                    let list = by_key.entry(w.key).or_default();
+                    if list.last() != Some(&g) {
+                        list.push(g);
+                    }
                 }
             }
         }
@@ -50,6 +57,7 @@ impl Permutations {
             groups,
             perms,
             by_key,
+            touched,
         }
     }
 
@@ -62,9 +70,9 @@ impl Permutations {
         Self::new(groups, perms)
     }
 
-    /// Whether key `key` is permuted.
+    /// Whether some group has a window on key `key` (whether or not its permutation moves it).
     pub fn touches(&self, key: &str) -> bool {
-        self.by_key.contains_key(key)
+        self.touched.contains(key)
     }
 
     /// Permutes the row-major tensor `data` of key `key` and shape `shape` in place.
@@ -191,10 +199,7 @@ pub fn weight_matching(
     };
     progress.start(sets.iter().map(|s| set_bytes(s)).sum(), sets.len());
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let pool = crate::engine::thread_pool(threads)?;
     let solved: Vec<Vec<Solved>> = pool.install(|| {
         sets.par_iter()
             .map(|set| {
@@ -222,7 +227,7 @@ pub fn weight_matching(
 }
 
 /// The keys of one key set: each key's shape and its values in every model (in model order).
-type SetTensors = BTreeMap<&'static str, (Vec<usize>, Vec<Vec<f64>>)>;
+pub(crate) type SetTensors = BTreeMap<&'static str, (Vec<usize>, Vec<Vec<f64>>)>;
 
 /// Reads the keys of the groups `set` from every model, checking that they agree in shape.
 pub(crate) fn read_set(

@@ -126,6 +126,80 @@ pub static BASIN_SUM: MethodInfo = MethodInfo {
     params: DRIVER_PARAMS,
 };
 
+/// `fermat`'s declaration: a preset the engine expands into its recipe before merging.
+pub static FERMAT: MethodInfo = MethodInfo {
+    name: "fermat",
+    formula: "X = dgmla(base, models); basin_sum(X, 2X - base, alpha)",
+    summary: "AstolfoMix 215c, re-basin around the Fermat point (spec §15.4): the DGMLA merge X, \
+              amplified to 2X - base, and BasinSum(X, amp, alpha) as README_AK writes it. \
+              Expanded into its five nodes (DGMLA at its defaults; X merged once). SD1 and SDXL.",
+    slots: crate::method::Slot::BASE_AND_MODELS,
+    params: DRIVER_PARAMS,
+};
+
+/// `graph` with every `fermat` node replaced by its recipe: `dgmla` (X), `subtract` (X − base),
+/// `add` (amp = base + 2(X − base)) and `basin_sum(X, amp)` in its place.
+pub(crate) fn expand_presets(graph: &crate::recipe::graph::Graph) -> crate::recipe::graph::Graph {
+    use crate::recipe::graph::{Node, Ref};
+    use std::collections::BTreeMap;
+    if !graph.nodes.iter().any(|n| n.method == FERMAT.name) {
+        return graph.clone();
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut index = vec![0; graph.nodes.len()];
+    let remap = |r: Ref, index: &[usize]| match r {
+        Ref::Node(n) => Ref::Node(index[n]),
+        m => m,
+    };
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let mut node = node.clone();
+        for slot in &mut node.slots {
+            for r in slot.iter_mut() {
+                *r = remap(*r, &index);
+            }
+        }
+        if node.method == FERMAT.name {
+            let (base, models) = (node.slots[0].clone(), node.slots[1].clone());
+            let at = nodes.len();
+            let named = |part: &str| format!("{}.{part}", node.name);
+            nodes.push(Node {
+                name: named("x"),
+                method: "dgmla",
+                params: BTreeMap::new(),
+                slots: vec![base.clone(), models],
+            });
+            nodes.push(Node {
+                name: named("delta"),
+                method: "subtract",
+                params: BTreeMap::new(),
+                slots: vec![vec![Ref::Node(at)], base.clone()],
+            });
+            nodes.push(Node {
+                name: named("amp"),
+                method: "add",
+                params: [("alpha".to_string(), ParamValue::Number(2.0))].into(),
+                slots: vec![base, vec![Ref::Node(at + 1)]],
+            });
+            node.method = BASIN_SUM.name;
+            node.slots = vec![vec![Ref::Node(at)], vec![Ref::Node(at + 2)]];
+        }
+        index[i] = nodes.len();
+        nodes.push(node);
+    }
+    crate::recipe::graph::Graph {
+        models: graph.models.clone(),
+        nodes,
+        output: remap(graph.output, &index),
+        fallback: graph.fallback,
+        components: graph
+            .components
+            .iter()
+            .map(|(c, r)| (c.clone(), remap(*r, &index)))
+            .collect(),
+        repair: graph.repair,
+    }
+}
+
 /// The method of prepared node `node` (`method` with its parameters), from its permutations:
 /// one set per permuted input, or one per step of the driver's walk.
 pub(crate) fn prepared<T: Real>(

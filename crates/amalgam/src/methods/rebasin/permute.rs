@@ -28,12 +28,9 @@ impl<T: Real> Method<T> for Permute {
         self.info
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        // A key some model lacks would be averaged without it, unpermuted: the first model's.
-        if present[0] {
-            OnMissing::PassThrough(0)
-        } else {
-            OnMissing::Absent
-        }
+        // A key some input lacks is the first input's, unpermuted (permuted keys are in every
+        // model of a layout).
+        OnMissing::first_or_absent(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         let touched = self.perms[0].touches(ctx.key);

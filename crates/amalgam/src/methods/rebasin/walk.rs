@@ -39,11 +39,7 @@ impl<T: Real> Method<T> for Walk {
         self.info
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if present[0] {
-            OnMissing::PassThrough(0)
-        } else {
-            OnMissing::Absent
-        }
+        OnMissing::first_or_absent(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         Ok(Box::new(WalkKey {
@@ -51,6 +47,9 @@ impl<T: Real> Method<T> for Walk {
             alpha: self.alpha,
             basin_sum: self.basin_sum,
             touched: self.steps.first().is_some_and(|s| s.touches(ctx.key)),
+            weights: (0..self.steps.len())
+                .map(|x| step_weight(self.alpha, self.steps.len(), x))
+                .collect(),
             walks: walks(ctx.key),
             key: ctx.key.to_string(),
             shape: ctx.shape.to_vec(),
@@ -67,6 +66,8 @@ struct WalkKey {
     touched: bool,
     /// The walk changes the key (else it stays `a`'s).
     walks: bool,
+    /// The weight of `b` at each step.
+    weights: Vec<f64>,
     key: String,
     shape: Vec<usize>,
     /// After the passes, for a touched key: the result.
@@ -132,15 +133,13 @@ impl<T: Real> KeyMerge<T> for WalkKey {
             return;
         }
         // No group: the walk is element by element (its permutations do not move the key).
-        let n = self.steps.len();
         let b = args.get(1);
         for (i, o) in out.iter_mut().enumerate() {
             let a = args[0][i].to_f64();
             let bv = b.map_or(a, |b| b[i].to_f64());
             let mut theta = a;
             if self.walks {
-                for x in 0..n {
-                    let w = step_weight(self.alpha, n, x);
+                for &w in &self.weights {
                     theta = (1.0 - w) * theta + w * bv;
                 }
             }

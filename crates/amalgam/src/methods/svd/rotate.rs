@@ -139,11 +139,7 @@ impl<T: Real> Method<T> for Rotate {
         &INFO
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if present[0] {
-            OnMissing::PassThrough(0)
-        } else {
-            OnMissing::Absent
-        }
+        OnMissing::first_or_absent(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         let s = ctx.shape;

@@ -182,7 +182,11 @@ pub fn to_mecha(
                     .into_iter()
                     .map(|(k, v)| (k, w.scalar(v)))
                     .collect();
-                let inputs: Vec<usize> = args.iter().map(|a| a[0]).collect();
+                // A slot left empty (a prepared re-basin's used-up reference) has no form here.
+                let inputs: Vec<usize> = args
+                    .iter()
+                    .map(|a| a.first().copied())
+                    .collect::<Option<_>>()?;
                 w.merge(direct.mecha, &inputs, &kw)
             }
             "geometric_median" => {
