@@ -374,7 +374,8 @@ fn the_sd_driver_and_basin_sum() {
 
 /// The 215c recipe of docs/recipes.md (DGMLA X, amp = 2X − base, basin_sum(X, amp)) runs, its
 /// DGMLA node merged once (for X; amp reads X's file), and equals the same basin_sum over the
-/// two nodes merged first to files.
+/// two nodes merged first to files; the `fermat` preset (re-based from the base) is
+/// `0.5·X + 0.5·rebasin_merge(base, amp, 0.5)`.
 #[test]
 fn the_fermat_recipe_merges_its_dgmla_node_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -129,16 +129,18 @@ pub static BASIN_SUM: MethodInfo = MethodInfo {
 /// `fermat`'s declaration: a preset the engine expands into its recipe before merging.
 pub static FERMAT: MethodInfo = MethodInfo {
     name: "fermat",
-    formula: "X = dgmla(base, models); basin_sum(X, 2X - base, alpha)",
-    summary: "AstolfoMix 215c, re-basin around the Fermat point (spec §15.4): the DGMLA merge X, \
-              amplified to 2X - base, and BasinSum(X, amp, alpha) as README_AK writes it. \
-              Expanded into its five nodes (DGMLA at its defaults; X merged once). SD1 and SDXL.",
+    formula: "X = dgmla(base, models); amp = 2X - base; basin_sum(base, amp, alpha) = \
+              alpha X + (1 - alpha) rebasin_merge(base, amp, alpha) at alpha 0.5",
+    summary: "AstolfoMix 215c, re-basin around the Fermat point (spec §15.4): the DGMLA merge X \
+              amplified to amp = 2X - base, re-based from the base (215b: the driver's midpoint \
+              is X), and BasinSum, which at 0.5 is the mean of X (215a) and 215b. Expanded into \
+              its nodes (DGMLA at its defaults, merged once). SD1 and SDXL.",
     slots: crate::method::Slot::BASE_AND_MODELS,
     params: DRIVER_PARAMS,
 };
 
 /// `graph` with every `fermat` node replaced by its recipe: `dgmla` (X), `subtract` (X − base),
-/// `add` (amp = base + 2(X − base)) and `basin_sum(X, amp)` in its place.
+/// `add` (amp = base + 2(X − base)) and `basin_sum(base, amp)` in its place.
 pub(crate) fn expand_presets(graph: &crate::recipe::graph::Graph) -> crate::recipe::graph::Graph {
     use crate::recipe::graph::{Node, Ref};
     use std::collections::BTreeMap;
@@ -181,7 +183,7 @@ pub(crate) fn expand_presets(graph: &crate::recipe::graph::Graph) -> crate::reci
                 slots: vec![base, vec![Ref::Node(at + 1)]],
             });
             node.method = BASIN_SUM.name;
-            node.slots = vec![vec![Ref::Node(at)], vec![Ref::Node(at + 2)]];
+            node.slots = vec![node.slots[0].clone(), vec![Ref::Node(at + 2)]];
         }
         index[i] = nodes.len();
         nodes.push(node);
