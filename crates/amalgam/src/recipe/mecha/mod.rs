@@ -19,6 +19,7 @@
 
 pub mod check;
 mod direct;
+mod models;
 mod parse;
 mod translate;
 mod write;

@@ -52,6 +52,21 @@ pub const SUPPORTED: &[&str] = &[
     "randperm",
 ];
 
+/// Records a merge's `seed` (a number; anything else is no seed) as the recipe's: amalgam runs
+/// with one seed, so two different ones are an error.
+fn one_seed(
+    seed: &mut Option<u64>,
+    given: Option<crate::method::ParamValue>,
+) -> std::result::Result<(), String> {
+    if let Some(crate::method::ParamValue::Number(x)) = given {
+        if seed.is_some_and(|s| s != x as u64) {
+            return Err("the recipe uses several seeds; amalgam runs with one".into());
+        }
+        *seed = Some(x as u64);
+    }
+    Ok(())
+}
+
 /// A recipe translated into an amalgam graph, and the seed it asks for.
 pub struct Translated {
     /// What to merge.
@@ -168,44 +183,11 @@ pub fn translate(
                 let Some(Value::Str(p)) = c.positional().next() else {
                     unreachable!()
                 };
-                // `--rename old=new`: a whole path or a file name.
-                let renamed = renames.iter().find_map(|(old, new)| {
-                    let name = std::path::Path::new(p).file_name()?.to_str()?;
-                    (p == old || name == old).then(|| {
-                        if p == old {
-                            new.clone()
-                        } else {
-                            p[..p.len() - name.len()].to_string() + new
-                        }
-                    })
-                });
-                let p = renamed.as_ref().unwrap_or(p);
-                let path = std::path::Path::new(p);
-                let mut tried = Vec::new();
-                let candidates: Vec<std::path::PathBuf> = if path.is_absolute() {
-                    std::iter::once(path.to_path_buf())
-                        .chain(
-                            model_dirs
-                                .iter()
-                                .filter_map(|d| path.file_name().map(|f| d.join(f))),
-                        )
-                        .collect()
-                } else {
-                    model_dirs
-                        .iter()
-                        .map(|d| d.join(path))
-                        .chain(std::iter::once(dir.join(path)))
-                        .collect()
-                };
-                let found = candidates.iter().find(|c| {
-                    tried.push(c.display().to_string());
-                    c.is_file()
-                });
-                let resolved = match found {
-                    Some(f) => f.clone(),
-                    None => {
-                        missing.push(format!("{p} (line {}; tried {})", c.line, tried.join(", ")));
-                        candidates.last().cloned().unwrap_or_default()
+                let resolved = match super::models::find(p, renames, model_dirs, dir) {
+                    Ok(found) => found,
+                    Err((shown, tried, fallback)) => {
+                        missing.push(format!("{shown} (line {}; tried {tried})", c.line));
+                        fallback
                     }
                 };
                 models.push(ModelInput {
@@ -306,18 +288,9 @@ pub fn translate(
                             &items,
                             c.line,
                         )?;
-                        if let Some(v) = kw("seed").or(args.get(1).copied()) {
-                            if let ParamValue::Number(x) = param(v, &items, c.line)? {
-                                if seed.is_some_and(|s| s != x as u64) {
-                                    return Err(e(
-                                        c.line,
-                                        "the recipe uses several seeds; amalgam runs with one"
-                                            .into(),
-                                    ));
-                                }
-                                seed = Some(x as u64);
-                            }
-                        }
+                        let given = kw("seed").or(args.get(1).copied());
+                        let given = given.map(|v| param(v, &items, c.line)).transpose()?;
+                        one_seed(&mut seed, given).map_err(|m| e(c.line, m))?;
                         node("randperm", vec![vec![a]], BTreeMap::new())
                     }
                     "cast" => {
@@ -482,16 +455,7 @@ pub fn translate(
                                 }
                                 set("p", ParamValue::Number(number("probability", 0.9)?));
                                 set("rescale", ParamValue::Number(number("rescale", 1.0)?));
-                                if let Some(ParamValue::Number(s)) = get("seed")? {
-                                    if seed.is_some_and(|x| x != s as u64) {
-                                        return Err(e(
-                                            c.line,
-                                            "the recipe uses several seeds; amalgam runs with one"
-                                                .into(),
-                                        ));
-                                    }
-                                    seed = Some(s as u64);
-                                }
+                                one_seed(&mut seed, get("seed")?).map_err(|m| e(c.line, m))?;
                                 node("dropout", vec![vec![zero], ms], params)
                             } else if method == "isotropic" {
                                 // The 6DammK9 fork's ISO-C of deltas (tested there against the
@@ -567,12 +531,7 @@ pub fn translate(
                                         };
                                         set("rescale", ParamValue::Text(rescale.into()));
                                     }
-                                    if let Some(ParamValue::Number(s)) = get("seed")? {
-                                        if seed.is_some_and(|x| x != s as u64) {
-                                            return Err(e(c.line, "the recipe uses several seeds; amalgam runs with one".into()));
-                                        }
-                                        seed = Some(s as u64);
-                                    }
+                                    one_seed(&mut seed, get("seed")?).map_err(|m| e(c.line, m))?;
                                 }
                                 node("ties", vec![vec![zero], ms], params)
                             }
