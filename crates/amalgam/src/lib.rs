@@ -17,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub mod analysis;
 pub mod engine;
 pub mod error;
 pub mod io;

@@ -1,0 +1,15 @@
+//! Seeing a pool of models before merging it: distances and cosines per key, block and
+//! component ([`compare()`]), a 2-D map of the models, the outliers flagged, and the report
+//! written as JSON, CSV, charts and one HTML page ([`write_report`]).
+
+mod compare;
+mod mds;
+mod outliers;
+mod stats;
+
+pub use compare::{
+    compare, CompareOptions, Comparison, KeyStats, ModelMap, NamedStats, PoolModel, Skipped,
+};
+pub use mds::classical_mds;
+pub use outliers::{median, Outlier, OutlierRule};
+pub use stats::{GroupStats, ModelStats};
