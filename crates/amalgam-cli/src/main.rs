@@ -20,6 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use commands::compare::*;
 use commands::extract_lora::*;
 use commands::inspect::*;
 use commands::knots::*;
@@ -60,6 +61,8 @@ enum Command {
     Knots(KnotsArgs),
     /// Permute a model's hidden units towards a reference (Git Re-Basin weight matching).
     Rebasin(RebasinArgs),
+    /// Measure how far apart models are (per key, block, component), with charts and a report.
+    Compare(CompareArgs),
     /// Recipe tools: `recipe convert IN OUT` between amalgam's TOML and sd-mecha's .mecha.
     Recipe(RecipeArgs),
     /// List the merge methods and their parameters (presets as their overrides), or one whole.
@@ -119,6 +122,7 @@ fn main() {
         Command::ExtractLora(a) => cmd_extract_lora(a),
         Command::Knots(a) => cmd_knots(a),
         Command::Rebasin(a) => cmd_rebasin(a),
+        Command::Compare(a) => cmd_compare(a),
         Command::Recipe(a) => cmd_recipe(a),
         Command::Methods(a) => {
             signals::default_sigpipe();

@@ -1,5 +1,6 @@
 //! One module per command: its arguments and what it does, over the library.
 
+pub mod compare;
 pub mod extract_lora;
 pub mod inspect;
 pub mod knots;

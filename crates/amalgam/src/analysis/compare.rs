@@ -471,7 +471,9 @@ fn block_sums(
     }
     let (before, rest) = rows.split_at_mut(key.reference * len);
     let (r, after) = rest.split_at_mut(len);
-    r.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = 0.0);
+    r.iter_mut()
+        .filter(|v| !v.is_finite())
+        .for_each(|v| *v = 0.0);
     let mut ref_dot = vec![0.0; m];
     let ref_norm2 = r.iter().map(|v| v * v).sum();
     for (a, row) in before

@@ -5,6 +5,7 @@
 mod compare;
 mod mds;
 mod outliers;
+mod report;
 mod stats;
 
 pub use compare::{
@@ -12,4 +13,5 @@ pub use compare::{
 };
 pub use mds::classical_mds;
 pub use outliers::{median, Outlier, OutlierRule};
+pub use report::{summary_table, write_report};
 pub use stats::{GroupStats, ModelStats};

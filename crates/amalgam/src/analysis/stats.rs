@@ -13,7 +13,8 @@
 //!
 //! A group (a block, a component, the whole model) sums these over its keys, so its distance is
 //! the L2 distance of the concatenated tensors, and its cosine the cosine of the concatenated
-//! vectors.
+//! vectors. A pair's figures are over the keys both have: a model lacking a key (a pruned VAE)
+//! is compared with the others on the keys it has.
 
 use serde::Serialize;
 
@@ -27,12 +28,16 @@ pub(crate) struct GroupSums {
     dot: Vec<f64>,
     /// `Σ ⟨τ_i, τ_j⟩`, with a base.
     task: Vec<f64>,
+    /// `Σ ‖x_i‖²` over the keys `i` and `j` both have (row `i`, column `j`).
+    dot_own: Vec<f64>,
+    /// `Σ ‖τ_i‖²` over the keys `i` and `j` both have.
+    task_own: Vec<f64>,
     /// `Σ ‖x_i − x̄‖²` per model.
     to_mean_d2: Vec<f64>,
     /// `Σ ⟨v_i, v̄⟩` per model, `v` the task vectors with a base, the weights without.
     to_mean_dot: Vec<f64>,
-    /// `Σ ‖v̄‖²`.
-    mean_norm2: f64,
+    /// `Σ ‖v̄‖²` per model, over the keys it has.
+    mean_norm2: Vec<f64>,
     /// Keys summed.
     keys: usize,
     /// Elements per point summed.
@@ -61,9 +66,11 @@ impl GroupSums {
             d2: vec![0.0; p * p],
             dot: vec![0.0; p * p],
             task: vec![0.0; p * p],
+            dot_own: vec![0.0; p * p],
+            task_own: vec![0.0; p * p],
             to_mean_d2: vec![0.0; p],
             to_mean_dot: vec![0.0; p],
-            mean_norm2: 0.0,
+            mean_norm2: vec![0.0; p],
             keys: 0,
             elements: 0,
         }
@@ -80,8 +87,10 @@ impl GroupSums {
             for (b, &j) in s.iter().enumerate() {
                 self.d2[i * p + j] += (c(a, a) + c(b, b) - 2.0 * c(a, b)).max(0.0);
                 self.dot[i * p + j] += c(a, b) + k.ref_dot[a] + k.ref_dot[b] + k.ref_norm2;
+                self.dot_own[i * p + j] += c(a, a) + 2.0 * k.ref_dot[a] + k.ref_norm2;
                 if base.is_some() {
                     self.task[i * p + j] += c(a, b);
+                    self.task_own[i * p + j] += c(a, a);
                 }
             }
         }
@@ -109,8 +118,8 @@ impl GroupSums {
                 self.to_mean_d2[s[a]] +=
                     (c(a, a) - 2.0 * row_c / kf + total_c / (kf * kf)).max(0.0);
                 self.to_mean_dot[s[a]] += row_v / kf;
+                self.mean_norm2[s[a]] += total_v / (kf * kf);
             }
-            self.mean_norm2 += total_v / (kf * kf);
         }
         self.keys += 1;
         self.elements += k.elements;
@@ -122,28 +131,41 @@ impl GroupSums {
         add(&mut self.d2, &o.d2);
         add(&mut self.dot, &o.dot);
         add(&mut self.task, &o.task);
+        add(&mut self.dot_own, &o.dot_own);
+        add(&mut self.task_own, &o.task_own);
         add(&mut self.to_mean_d2, &o.to_mean_d2);
         add(&mut self.to_mean_dot, &o.to_mean_dot);
-        self.mean_norm2 += o.mean_norm2;
+        add(&mut self.mean_norm2, &o.mean_norm2);
         self.keys += o.keys;
         self.elements += o.elements;
     }
 
-    fn cos(&self, m: &[f64], i: usize, j: usize) -> f64 {
+    /// The cosine of `i` and `j` from their inner products `dot` and norms `own` over the keys
+    /// both have.
+    fn cos(&self, dot: &[f64], own: &[f64], i: usize, j: usize) -> f64 {
         let p = self.p;
-        m[i * p + j] / (m[i * p + i] * m[j * p + j]).sqrt()
+        dot[i * p + j] / (own[i * p + j] * own[j * p + i]).sqrt()
+    }
+
+    /// The inner products and norms cosines are taken of: task vectors with a base, weights
+    /// without.
+    fn vectors(&self, base: Option<usize>) -> (&[f64], &[f64]) {
+        match base {
+            Some(_) => (&self.task, &self.task_own),
+            None => (&self.dot, &self.dot_own),
+        }
     }
 
     /// The figures of each of the group's `n` models (`base`: the base's point index).
     pub(crate) fn model_stats(&self, n: usize, base: Option<usize>) -> Vec<ModelStats> {
         let p = self.p;
-        let vectors = if base.is_some() { &self.task } else { &self.dot };
+        let (_, own) = self.vectors(base);
         (0..n)
             .map(|i| ModelStats {
                 dist_base: base.map(|b| self.d2[i * p + b].sqrt()),
-                cos_base: base.map(|b| self.cos(&self.dot, i, b)),
+                cos_base: base.map(|b| self.cos(&self.dot, &self.dot_own, i, b)),
                 dist_mean: self.to_mean_d2[i].sqrt(),
-                cos_mean: self.to_mean_dot[i] / (vectors[i * p + i] * self.mean_norm2).sqrt(),
+                cos_mean: self.to_mean_dot[i] / (own[i * p + i] * self.mean_norm2[i]).sqrt(),
             })
             .collect()
     }
@@ -151,7 +173,7 @@ impl GroupSums {
     /// The figures of the group's `n` models, with their pairwise matrices.
     pub(crate) fn stats(&self, n: usize, base: Option<usize>) -> GroupStats {
         let p = self.p;
-        let vectors = if base.is_some() { &self.task } else { &self.dot };
+        let (dot, own) = self.vectors(base);
         let models = self.model_stats(n, base);
         let square = |f: &dyn Fn(usize, usize) -> f64| -> Vec<Vec<f64>> {
             (0..n).map(|i| (0..n).map(|j| f(i, j)).collect()).collect()
@@ -161,7 +183,7 @@ impl GroupSums {
             elements: self.elements,
             models,
             l2: square(&|i, j| self.d2[i * p + j].sqrt()),
-            cos: square(&|i, j| self.cos(vectors, i, j)),
+            cos: square(&|i, j| self.cos(dot, own, i, j)),
         }
     }
 }
