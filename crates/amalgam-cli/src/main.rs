@@ -11,6 +11,7 @@ use amalgam::io::input::ModelFile;
 use amalgam::method::ParamValue;
 use amalgam::real::ComputeDtype;
 use amalgam::recipe::graph::Graph;
+use amalgam::recipe::sweep::{Combine, Sweep, SweepAxis};
 use amalgam::recipe::{self, RecipeSettings};
 use amalgam::size::{format_bytes, parse_bytes};
 use amalgam::synth::{Layout, SynthOptions};

@@ -33,9 +33,10 @@ pub mod report;
 pub mod resume;
 pub(crate) mod rng;
 pub mod size;
+pub mod sweep;
 pub mod synth;
 
-pub use engine::{merge, MergeOptions, NoProgress, Progress};
+pub use engine::{merge, merge_outputs, MergeOptions, NoProgress, OutputPoint, Progress};
 pub use error::{Error, Result};
 pub use recipe::graph::Graph;
 pub use report::MergeReport;

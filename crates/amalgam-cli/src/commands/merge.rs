@@ -56,6 +56,21 @@ pub(crate) struct MergeArgs {
     /// No progress bar and no summary
     #[arg(long, short)]
     quiet: bool,
+    /// Sweep a parameter: NAME=V1,V2,... (or NODE.NAME=V1,... for one node of a recipe);
+    /// repeatable. Writes one output per combination from one read of the inputs; -o is then a
+    /// template where {NAME} becomes the point's value and {i} its number
+    #[arg(long = "sweep", value_name = "NAME=V1,V2,...")]
+    sweeps: Vec<String>,
+    /// Pair the --sweep lists value by value instead of taking every combination
+    #[arg(long)]
+    sweep_zip: bool,
+    /// After a sweep, measure each output's distance to the base (--base, or the recipe's model
+    /// named `base`) and to the other outputs, in the sweep table
+    #[arg(long)]
+    compare: bool,
+    /// Where to write the sweep table (JSON) [default: sweep.json beside the first output]
+    #[arg(long)]
+    sweep_table: Option<PathBuf>,
     /// Chunk length in elements instead of the one derived from the budget (for testing)
     #[arg(long, hide = true)]
     chunk: Option<usize>,
@@ -92,9 +107,74 @@ pub(crate) fn seed_help() -> String {
     )
 }
 
+/// A merge's graph, its settings, notes on the shorthand and the recipe's sweep.
+pub(crate) type MergeGraph = (Graph, RecipeSettings, Vec<String>, Option<Sweep>);
+
+/// The sweep to run: the command line's axes over the recipe's (same parameter: the command
+/// line's values), or none.
+fn sweep_of(a: &MergeArgs, recipe: Option<Sweep>) -> Result<Option<Sweep>> {
+    let mut sweep = recipe.unwrap_or_default();
+    for spec in &a.sweeps {
+        let axis = SweepAxis::parse(spec)?;
+        sweep.axes.retain(|x| x.target != axis.target);
+        sweep.axes.push(axis);
+    }
+    if a.sweep_zip {
+        sweep.combine = Combine::Zip;
+    }
+    if sweep.axes.is_empty() {
+        if a.sweep_zip || a.sweep_table.is_some() {
+            bail!("--sweep-zip and --sweep-table go with --sweep");
+        }
+        return Ok(None);
+    }
+    Ok(Some(sweep))
+}
+
+/// Runs a sweep with a progress bar, prints and writes its table.
+fn run_sweep(a: &MergeArgs, graph: &Graph, sweep: &Sweep, opts: MergeOptions) -> Result<()> {
+    let template = a.output.to_string_lossy().into_owned();
+    let first = sweep.points(graph, &template)?[0].output.clone();
+    let table_path = a
+        .sweep_table
+        .clone()
+        .unwrap_or_else(|| amalgam::io::dest::folder_of(&first).join("sweep.json"));
+    let inputs: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
+    amalgam::io::dest::check_output(&table_path, &inputs, a.force)?;
+    let base = a.base.clone().or_else(|| {
+        graph
+            .models
+            .iter()
+            .find(|m| m.name == "base")
+            .map(|m| m.path.clone())
+    });
+    let compare = a.compare.then_some(base.as_deref());
+    let bar = progress::Bar::new(a.quiet);
+    signals::watch(&opts.cancel);
+    let (table, _) = match amalgam::sweep::run_sweep(graph, sweep, &template, &opts, compare, &bar)
+    {
+        Err(amalgam::Error::Cancelled) => {
+            amalgam::Progress::finish(&bar);
+            let (sig, code) = signals::received().unwrap_or(("cancelled", 130));
+            eprintln!(
+                "{sig}: sweep stopped; its partial files were removed, no output was written"
+            );
+            std::process::exit(code);
+        }
+        r => r?,
+    };
+    print!("{}", table.to_text());
+    let json = serde_json::to_string_pretty(&table)?;
+    amalgam::io::dest::write_atomic(&table_path, json.as_bytes(), &inputs, a.force)?;
+    if !a.quiet {
+        eprintln!("wrote the sweep table {}", table_path.display());
+    }
+    Ok(())
+}
+
 /// Builds the graph and settings the merge command describes, and notes on how the shorthand's
 /// options were read.
-pub(crate) fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<String>)> {
+pub(crate) fn merge_graph(a: &MergeArgs) -> Result<MergeGraph> {
     match &a.method {
         Some(method) => {
             let mut params = BTreeMap::new();
@@ -144,7 +224,7 @@ pub(crate) fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<S
                 params,
             }
             .build()?;
-            Ok((graph, RecipeSettings::default(), notes))
+            Ok((graph, RecipeSettings::default(), notes, None))
         }
         None => {
             let [recipe_path] = a.inputs.as_slice() else {
@@ -161,7 +241,7 @@ pub(crate) fn merge_graph(a: &MergeArgs) -> Result<(Graph, RecipeSettings, Vec<S
                 bail!("--alpha, --lambda, --weights, --param, --base, --fallback and --repair go with --method; a recipe sets parameters per node and `fallback` / `repair` in its [output] table");
             }
             let r = recipe::load_any(recipe_path, &a.mecha.model_dirs, &a.mecha.renames)?;
-            Ok((r.graph, r.settings, Vec::new()))
+            Ok((r.graph, r.settings, Vec::new(), r.sweep))
         }
     }
 }
@@ -216,7 +296,7 @@ pub(crate) fn run_merge(graph: &Graph, opts: MergeOptions, quiet: bool) -> Resul
 }
 
 pub(crate) fn cmd_merge(a: MergeArgs) -> Result<()> {
-    let (graph, settings, notes) = merge_graph(&a)?;
+    let (graph, settings, notes, recipe_sweep) = merge_graph(&a)?;
     if !a.quiet {
         for n in &notes {
             eprintln!("note: {n}");
@@ -227,6 +307,12 @@ pub(crate) fn cmd_merge(a: MergeArgs) -> Result<()> {
     opts.report_json = a.report_json.clone();
     opts.resume = !a.no_resume;
     opts.keep_partial = a.keep_partial;
+    if let Some(sweep) = sweep_of(&a, recipe_sweep)? {
+        return run_sweep(&a, &graph, &sweep, opts);
+    }
+    if a.compare {
+        bail!("--compare goes with --sweep (or a recipe's [sweep] table); `amalgam compare` compares any models");
+    }
     let report = run_merge(&graph, opts, a.quiet)?;
     if !a.quiet {
         eprintln!("{report}");

@@ -50,7 +50,7 @@ impl Buffers {
 
 /// The raw bytes the inputs of `expr` take for the key of `row` (each model counted once; only
 /// plainly stored keys can be held).
-pub(super) fn held_models<T: Real>(expr: &Expr<T>, row: &KeyRow) -> (Vec<usize>, u64) {
+pub(super) fn held_models<T: Real>(expr: &Exprs<T>, row: &KeyRow) -> (Vec<usize>, u64) {
     let mut models = Vec::new();
     expr.leaf_models(&mut models);
     models.sort_unstable();
@@ -66,7 +66,7 @@ pub(super) fn held_models<T: Real>(expr: &Expr<T>, row: &KeyRow) -> (Vec<usize>,
 /// Reads the inputs of the key of `row` into memory when they take at most `limit` bytes;
 /// `None` (streamed) otherwise, or when every input is stored in a view that is not plain.
 pub(super) fn read_key<T: Real>(
-    expr: &Expr<T>,
+    expr: &Exprs<T>,
     row: &KeyRow,
     models: &[ModelFile],
     limit: u64,

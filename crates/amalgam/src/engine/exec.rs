@@ -122,13 +122,40 @@ pub(super) fn eval<T: Real>(
     }
 }
 
+/// Runs the statistic passes of every output's expression (see [`run_expr_stats`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_stats<T: Real>(
+    exprs: &mut Exprs<T>,
+    row: &KeyRow,
+    models: &[ModelFile],
+    cache: Option<&KeyCache>,
+    workers: &Workers<T>,
+    block: usize,
+    in_flight: usize,
+    stats_budget: u64,
+) -> Result<()> {
+    for e in &mut exprs.0 {
+        run_expr_stats(
+            e,
+            row,
+            models,
+            cache,
+            workers,
+            block,
+            in_flight,
+            stats_budget,
+        )?;
+    }
+    Ok(())
+}
+
 /// Runs the statistic passes of every node of `expr`, children first.
 ///
 /// Blocks are [`BLOCK`] elements rounded up to whole units of the expression; `in_flight` bounds
 /// how many are computed at once (large units are memory-bound), and so does `stats_budget`, the
 /// bytes the unfolded blocks of a pass may take (from the pass's declared block size).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn run_stats<T: Real>(
+pub(super) fn run_expr_stats<T: Real>(
     expr: &mut Expr<T>,
     row: &KeyRow,
     models: &[ModelFile],
@@ -144,7 +171,7 @@ pub(super) fn run_stats<T: Real>(
     };
     let NodeExpr { state, args } = &mut **node;
     for a in args.iter_mut() {
-        run_stats(
+        run_expr_stats(
             a,
             row,
             models,

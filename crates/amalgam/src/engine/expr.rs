@@ -101,3 +101,42 @@ impl Leaf {
         FloatDtype::from_safetensors(self.loc(row).dtype).expect("float key")
     }
 }
+
+/// How one key is computed for each output of the run (one expression per output; a sweep
+/// has several, all reading the same inputs).
+pub(super) struct Exprs<T: Real>(pub(super) Vec<Expr<T>>);
+
+impl<T: Real> Exprs<T> {
+    /// Inputs read and intermediate buffers held per element of a chunk: the outputs are
+    /// computed one after the other, so the most any of them holds.
+    pub(super) fn cost(&self) -> (usize, usize) {
+        self.0.iter().fold((1, 0), |(l, n), e| {
+            let (el, en) = e.cost();
+            (l.max(el), n.max(en))
+        })
+    }
+    pub(super) fn has_stats(&self) -> bool {
+        self.0.iter().any(Expr::has_stats)
+    }
+    /// The least common multiple of every output's unit.
+    pub(super) fn unit(&self) -> usize {
+        self.0.iter().fold(1, |u, e| lcm(u, e.unit()))
+    }
+    pub(super) fn reads_transposed(&self, row: &KeyRow) -> bool {
+        self.0.iter().any(|e| e.reads_transposed(row))
+    }
+    pub(super) fn leaf_models(&self, out: &mut Vec<usize>) {
+        self.0.iter().for_each(|e| e.leaf_models(out))
+    }
+    /// Each output's notes.
+    pub(super) fn notes(&self) -> Vec<Vec<String>> {
+        self.0
+            .iter()
+            .map(|e| {
+                let mut notes = Vec::new();
+                e.notes(&mut notes);
+                notes
+            })
+            .collect()
+    }
+}

@@ -26,6 +26,7 @@ mod expr;
 mod inputs;
 mod keys;
 mod out_view;
+mod outputs;
 mod plan;
 mod prepare;
 mod schedule;
@@ -40,6 +41,7 @@ use expr::*;
 use inputs::*;
 use keys::*;
 use out_view::*;
+use outputs::*;
 use plan::*;
 use schedule::*;
 use views::*;
@@ -62,6 +64,7 @@ use std::path::Path;
 use std::time::Instant;
 
 pub use crate::options::{MergeOptions, NoProgress, Progress, BLOCK};
+pub use outputs::OutputPoint;
 
 /// Merges the graph's inputs into `opts.output`.
 ///
@@ -73,13 +76,53 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
     if let Some(n) = graph.output_stage() {
         return stages::run_stage(&canonical_paths(graph), n, opts, progress);
     }
+    let point = OutputPoint {
+        graph: graph.clone(),
+        opts: opts.clone(),
+    };
+    let mut reports = merge_outputs(std::slice::from_ref(&point), progress)?;
+    Ok(reports.remove(0))
+}
+
+/// Writes several outputs from one read of their inputs: each point's graph into its own file
+/// (a parameter sweep, say). The points must read the same models with the same options but
+/// for the output file, the seed and the metadata (see [`OutputPoint`]). Each key's inputs are
+/// read once for all the outputs when they fit half the memory budget; a key that does not fit
+/// is read once per output and named in the reports. Each output's bytes are those of its graph
+/// merged alone. Returns a report per point.
+pub fn merge_outputs(points: &[OutputPoint], progress: &dyn Progress) -> Result<Vec<MergeReport>> {
+    check_points(points)?;
+    let several = points.len() > 1;
+    let mut outputs = Vec::new();
+    for p in points {
+        p.graph.validate()?;
+        if several && (p.graph.output_stage().is_some() || !prepare::is_streamed(&p.graph)) {
+            return Err(Error::Invalid(
+                "not implemented: several outputs from one read of recipes with whole-model \
+                 nodes (re-basin) or an output stage (extract_lora); run each point alone"
+                    .into(),
+            ));
+        }
+        outputs.push(p.opts.output.as_path());
+        outputs.extend(p.opts.report_json.as_deref());
+    }
+    let graph = &points[0].graph;
     let input_paths: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
-    let mut outputs = vec![opts.output.as_path()];
-    outputs.extend(opts.report_json.as_deref());
-    crate::io::dest::check_outputs(&outputs, &input_paths, opts.overwrite)?;
-    let graph = &canonical_paths(graph);
-    let prepared = prepare::prepare(graph, opts, progress)?;
-    let (graph, opts) = (&prepared.graph, &prepared.opts);
+    crate::io::dest::check_outputs(&outputs, &input_paths, points[0].opts.overwrite)?;
+    let mut points: Vec<OutputPoint> = points
+        .iter()
+        .map(|p| OutputPoint {
+            graph: canonical_paths(&p.graph),
+            opts: p.opts.clone(),
+        })
+        .collect();
+    // Several points have no whole-model node (refused above): nothing to prepare.
+    let prepared = prepare::prepare(&points[0].graph, &points[0].opts, progress)?;
+    points[0] = OutputPoint {
+        graph: prepared.graph.clone(),
+        opts: prepared.opts.clone(),
+    };
+    let (graph, opts) = (&points[0].graph, &points[0].opts);
     let (models, rows, layouts, mut notes) = open_inputs(graph, &opts.output)?;
     notes.extend(prepared.notes.iter().cloned());
     let layout = graph_layout(graph, &layouts)?;
@@ -92,12 +135,14 @@ pub fn merge(graph: &Graph, opts: &MergeOptions, progress: &dyn Progress) -> Res
         notes: &notes,
         prepared: &prepared.perms,
     };
-    let report = pool.install(|| match opts.compute_dtype {
-        ComputeDtype::F32 => run::<f32>(graph, &inputs, opts, progress),
-        ComputeDtype::F64 => run::<f64>(graph, &inputs, opts, progress),
+    let reports = pool.install(|| match opts.compute_dtype {
+        ComputeDtype::F32 => run::<f32>(&points, &inputs, progress),
+        ComputeDtype::F64 => run::<f64>(&points, &inputs, progress),
     })?;
-    write_report_json(&report, opts, &input_paths)?;
-    Ok(report)
+    for (report, p) in reports.iter().zip(&points) {
+        write_report_json(report, &p.opts, &input_paths)?;
+    }
+    Ok(reports)
 }
 
 /// Writes `report` as JSON to `opts.report_json`, when asked (by the rules of every output).

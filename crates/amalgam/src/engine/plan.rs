@@ -5,7 +5,8 @@ use super::*;
 /// What to do for one output key.
 pub(super) enum Job<T: Real> {
     Compute {
-        expr: Expr<T>,
+        /// One expression per output.
+        exprs: Exprs<T>,
         numel: usize,
     },
     CopyRaw {
@@ -354,7 +355,7 @@ pub(super) fn plan_key<T: Real>(
     };
     Ok((
         Job::Compute {
-            expr,
+            exprs: Exprs(vec![expr]),
             numel: row.numel(),
         },
         action,

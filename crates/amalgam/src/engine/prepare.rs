@@ -36,6 +36,13 @@ fn shapes(m: &ModelFile) -> BTreeMap<String, Vec<usize>> {
         .collect()
 }
 
+/// Whether `graph` has no whole-model node (its presets expanded): the streamed pass alone
+/// computes it.
+pub(super) fn is_streamed(graph: &Graph) -> bool {
+    let g = crate::methods::rebasin::expand_presets(graph);
+    !g.nodes.iter().any(|n| methods::is_whole_model(n.method))
+}
+
 /// Prepares the whole-model nodes of `graph` (none: the graph as it is).
 pub(super) fn prepare(
     graph: &Graph,

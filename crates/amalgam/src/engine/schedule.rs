@@ -3,23 +3,36 @@
 
 use super::*;
 
+/// Computes every point's output in one pass over the keys (each key's inputs read once for
+/// all of them when they fit the budget); a report per point.
 pub(super) fn run<T: Real>(
-    graph: &Graph,
+    points: &[OutputPoint],
     inputs: &RunInputs,
-    opts: &MergeOptions,
     progress: &dyn Progress,
-) -> Result<MergeReport> {
+) -> Result<Vec<MergeReport>> {
     let (models, rows) = (inputs.models, inputs.rows);
+    // The options the points share (see `check_points`), and the models.
+    let (graph, opts) = (&points[0].graph, &points[0].opts);
     let started = Instant::now();
-    let mut report = MergeReport::new(graph);
-    report.layouts = inputs
-        .layouts
-        .iter()
-        .map(|l| l.map(|l| l.name().to_string()))
-        .collect();
-    report.architecture = inputs.layout.map(|l| l.name().to_string());
-    report.notes.extend(inputs.notes.iter().cloned());
-    let (methods, mut planned) = plan::<T>(graph, rows, inputs, opts, &mut report)?;
+    let mut reports = Vec::with_capacity(points.len());
+    let mut methods = Vec::with_capacity(points.len());
+    let mut plans = Vec::with_capacity(points.len());
+    for p in points {
+        let mut report = MergeReport::new(&p.graph);
+        report.layouts = inputs
+            .layouts
+            .iter()
+            .map(|l| l.map(|l| l.name().to_string()))
+            .collect();
+        report.architecture = inputs.layout.map(|l| l.name().to_string());
+        report.notes.extend(inputs.notes.iter().cloned());
+        let (m, planned) = plan::<T>(&p.graph, rows, inputs, &p.opts, &mut report)?;
+        reports.push(report);
+        methods.push(m);
+        plans.push(planned);
+    }
+    let mut planned = join_plans(plans);
+    let multi = points.len() > 1;
 
     // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
     // Sub-chunks get shorter as the number of inputs grows, so the memory used does not grow
@@ -28,8 +41,8 @@ pub(super) fn run<T: Real>(
     let tsize = std::mem::size_of::<T>();
     let (mut leaves, mut nodes) = (1, 0);
     for p in &planned {
-        if let Job::Compute { expr, .. } = &p.job {
-            let (l, n) = expr.cost();
+        if let Job::Compute { exprs, .. } = &p.job {
+            let (l, n) = exprs.cost();
             leaves = leaves.max(l);
             nodes = nodes.max(n);
         }
@@ -62,44 +75,27 @@ pub(super) fn run<T: Real>(
         )));
     }
     let sub = sub.min(chunk);
-    report.chunk_elements = chunk;
-    report.threads = threads;
-    report.working_set_bytes = (threads * (sub * sub_bytes_per_elem + chunk * out_size)) as u64;
+    for report in &mut reports {
+        report.chunk_elements = chunk;
+        report.threads = threads;
+        report.working_set_bytes = (threads * (sub * sub_bytes_per_elem + chunk * out_size)) as u64;
+    }
 
     let (out_tensors, views) = output_views(&planned, rows, inputs.layout, opts)?;
-    let mut metadata: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
-    // The recipe that made the output (unless the caller recorded its own), with the settings it
-    // ran with: running it again gives the same bytes.
-    if !metadata.contains_key("amalgam_recipe") {
-        let settings = crate::recipe::RecipeSettings::of(opts);
-        metadata.insert(
-            "amalgam_recipe".into(),
-            crate::recipe::to_toml(graph, &settings),
-        );
-    }
-    // The recipe in sd-mecha's format too, where it can express it, so that sd-mecha and
-    // ComfyUI-mecha users can read where the model came from.
-    if !metadata.contains_key("mecha_recipe") {
-        let arch = inputs.layout.map(|l| l.arch());
-        if let Some(text) = crate::recipe::mecha::to_mecha(graph, inputs.layouts, arch, opts.seed) {
-            metadata.insert("mecha_recipe".into(), text);
-        }
-    }
-    metadata.insert("amalgam_version".into(), crate::VERSION.into());
-    metadata.insert("format".into(), "pt".into());
+    let metadata = points
+        .iter()
+        .map(|p| output_metadata(&p.graph, &p.opts, inputs))
+        .collect();
     let key_tensors: Vec<Vec<usize>> = views.iter().map(OutView::tensors).collect();
-    let crate::resume::Opened {
-        out,
-        journal,
-        done: resumed,
-    } = crate::resume::open(graph, opts, &out_tensors, metadata, &key_tensors, progress)?;
+    let (outs, resumed) = Outputs::open(points, &out_tensors, metadata, &key_tensors, progress)?;
     let total_bytes: u64 = out_tensors
         .iter()
         .map(|t| (t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8) as u64)
-        .sum();
+        .sum::<u64>()
+        * outs.len() as u64;
     progress.start(total_bytes, planned.len());
 
-    report.input_bytes = bytes_read(&planned, rows);
+    let input_bytes = bytes_read(&planned, rows);
     let read_before: u64 = models.iter().map(ModelFile::bytes_read).sum();
     let workers = Workers::<T>::new(threads, opts.non_finite.cleans());
     let found = crate::io::non_finite::Found::default();
@@ -108,70 +104,76 @@ pub(super) fn run<T: Real>(
     let keys_done = std::sync::atomic::AtomicUsize::new(0);
     // Computes one task of a key (of `row`: a key computed again without an input is given a
     // row without it).
-    let run_task = |task: &Task,
-                    key: &PlannedKey<T>,
-                    row: &KeyRow,
-                    cache: Option<&KeyCache>|
-     -> Result<()> {
-        if opts.cancel.is_cancelled() {
-            return Err(Error::Cancelled);
-        }
-        let Job::Compute { expr, numel } = &key.job else {
-            unreachable!("only computed keys become tasks")
-        };
-        let len = task.range.len();
-        let step = task.step;
-        let mut non_finite = 0;
-        workers.with(|s| -> Result<()> {
-            let mut out_words = std::mem::take(&mut s.out);
-            let view = &views[task.key];
-            let pos = view.file_pos(&out, task.range.start, out_size);
-            let bytes =
-                crate::io::input::line_matched_bytes(&mut out_words, len * out_size, pos, out_size);
-            let mut at = task.range.start;
-            while at < task.range.end {
-                let r = at..(at + step).min(task.range.end);
-                let buf = eval(expr, row, &r, models, cache, s)?;
-                if !s.bad.is_empty() {
-                    // Rare: an input holds NaN or Inf; the key is handled after the others.
-                    journal.hold(task.key);
-                    if opts.non_finite == NonFinite::Error {
-                        let m = s.bad[0] as usize;
-                        return Err(Error::NonFinite {
-                            path: graph.models[m].path.clone(),
-                            key: row.name.clone(),
-                            count: row.count_non_finite::<T>(m, models)?,
-                        });
+    let run_task =
+        |task: &Task, key: &PlannedKey<T>, row: &KeyRow, cache: Option<&KeyCache>| -> Result<()> {
+            if opts.cancel.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let Job::Compute { exprs, numel } = &key.job else {
+                unreachable!("only computed keys become tasks")
+            };
+            let len = task.range.len();
+            let step = task.step;
+            // Each output in turn, from the same inputs (held in memory when several).
+            for (k, expr) in exprs.0.iter().enumerate() {
+                let out = outs.file(k);
+                let mut non_finite = 0;
+                workers.with(|s| -> Result<()> {
+                    let mut out_words = std::mem::take(&mut s.out);
+                    let view = &views[task.key];
+                    let pos = view.file_pos(out, task.range.start, out_size);
+                    let bytes = crate::io::input::line_matched_bytes(
+                        &mut out_words,
+                        len * out_size,
+                        pos,
+                        out_size,
+                    );
+                    let mut at = task.range.start;
+                    while at < task.range.end {
+                        let r = at..(at + step).min(task.range.end);
+                        let buf = eval(expr, row, &r, models, cache, s)?;
+                        if !s.bad.is_empty() {
+                            // Rare: an input holds NaN or Inf; the key is handled after the others.
+                            outs.hold(task.key);
+                            if opts.non_finite == NonFinite::Error {
+                                let m = s.bad[0] as usize;
+                                return Err(Error::NonFinite {
+                                    path: graph.models[m].path.clone(),
+                                    key: row.name.clone(),
+                                    count: row.count_non_finite::<T>(m, models)?,
+                                });
+                            }
+                            found.add(task.key, s.bad.drain(..).map(|m| m as usize));
+                        }
+                        let o = (r.start - task.range.start) * out_size;
+                        let dst = &mut bytes[o..o + r.len() * out_size];
+                        out_dtype.encode(&buf[..r.len()], dst);
+                        non_finite += out_dtype.count_non_finite(dst);
+                        s.free.push(buf);
+                        at = r.end;
                     }
-                    found.add(task.key, s.bad.drain(..).map(|m| m as usize));
-                }
-                let o = (r.start - task.range.start) * out_size;
-                let dst = &mut bytes[o..o + r.len() * out_size];
-                out_dtype.encode(&buf[..r.len()], dst);
-                non_finite += out_dtype.count_non_finite(dst);
-                s.free.push(buf);
-                at = r.end;
+                    let result = view.write(out, task.range.start, out_size, bytes);
+                    s.out = out_words;
+                    if step > sub {
+                        // Buffers of a large unit are not kept for the small chunks that follow.
+                        s.free.retain(|b| b.len() <= sub);
+                        s.out = Vec::new();
+                    }
+                    result
+                })?;
+                let bytes = (len * out_size) as u64;
+                outs.wrote(k, task.key, bytes, non_finite)?;
+                written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             }
-            let result = view.write(&out, task.range.start, out_size, bytes);
-            s.out = out_words;
-            if step > sub {
-                // Buffers of a large unit are not kept for the small chunks that follow.
-                s.free.retain(|b| b.len() <= sub);
-                s.out = Vec::new();
-            }
-            result
-        })?;
-        let bytes = (len * out_size) as u64;
-        journal.wrote(task.key, bytes, non_finite)?;
-        written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-        let done = if task.range.end == *numel {
-            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
-        } else {
-            keys_done.load(std::sync::atomic::Ordering::Relaxed)
+            let bytes = (len * out_size * outs.len()) as u64;
+            let done = if task.range.end == *numel {
+                keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+            } else {
+                keys_done.load(std::sync::atomic::Ordering::Relaxed)
+            };
+            progress.advance(bytes, done, &row.name);
+            Ok(())
         };
-        progress.advance(bytes, done, &row.name);
-        Ok(())
-    };
     // Runs the tasks gathered so far, then drops the state of their keys.
     let run_batch = |tasks: &mut Vec<Task>, planned: &mut [PlannedKey<T>]| -> Result<()> {
         tasks
@@ -224,7 +226,7 @@ pub(super) fn run<T: Real>(
     let streamed: std::sync::Mutex<Vec<String>> = Default::default();
     let buffers = Buffers::default();
     let hold_limit = opts.memory_budget / 2;
-    let hold_key = |expr: &Expr<T>, row: &KeyRow| -> Result<Option<KeyCache>> {
+    let hold_key = |expr: &Exprs<T>, row: &KeyRow| -> Result<Option<KeyCache>> {
         let limit = hold_limit;
         let cache = read_key(expr, row, models, limit, &buffers)?;
         if cache.is_none() {
@@ -237,7 +239,7 @@ pub(super) fn run<T: Real>(
     };
     let run_stat_keys = |keys: &mut Vec<(usize, usize)>,
                          planned: &mut [PlannedKey<T>],
-                         key_notes: &mut Vec<(usize, (String, String))>|
+                         key_notes: &mut KeyNotes|
      -> Result<()> {
         let mut jobs: Vec<(usize, usize, PlannedKey<T>)> = keys
             .drain(..)
@@ -247,11 +249,11 @@ pub(super) fn run<T: Real>(
                 (ki, unit, PlannedKey { row, job })
             })
             .collect();
-        let notes: Vec<Vec<String>> = jobs
+        let notes: Vec<Vec<Vec<String>>> = jobs
             .par_iter_mut()
-            .map(|(ki, unit, key)| -> Result<Vec<String>> {
+            .map(|(ki, unit, key)| -> Result<Vec<Vec<String>>> {
                 let row = &rows[key.row];
-                let Job::Compute { expr, numel } = &mut key.job else {
+                let Job::Compute { exprs: expr, numel } = &mut key.job else {
                     unreachable!("only computed keys have statistics")
                 };
                 let numel = *numel;
@@ -268,9 +270,8 @@ pub(super) fn run<T: Real>(
                     in_flight,
                     opts.memory_budget / 4 / stat_keys as u64,
                 )?;
-                let mut notes = Vec::new();
-                expr.notes(&mut notes);
-                journal.set_notes(*ki, &notes);
+                let notes = expr.notes();
+                outs.set_notes(*ki, &notes);
                 if numel == 0 {
                     keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -282,14 +283,13 @@ pub(super) fn run<T: Real>(
             })
             .collect::<Result<_>>()?;
         for ((ki, _, key), notes) in jobs.iter().zip(notes) {
-            let name = &rows[key.row].name;
-            key_notes.extend(notes.into_iter().map(|n| (*ki, (name.clone(), n))));
+            key_notes.push((*ki, rows[key.row].name.clone(), notes));
         }
         Ok(())
     };
 
     // The elements of a key that are computed together.
-    let key_unit = |ki: usize, expr: &Expr<T>, row: &KeyRow| -> usize {
+    let key_unit = |ki: usize, expr: &Exprs<T>, row: &KeyRow| -> usize {
         let numel = row.numel();
         // A key written transposed, or read from a transposed input, is computed whole (the
         // transpose needs the whole tensor; read in parts, it would be decoded once per part).
@@ -301,48 +301,49 @@ pub(super) fn run<T: Real>(
     };
     // Runs key `ki` on its own: its statistic passes, then its tasks, in groups of at most
     // `in_flight` units when its unit is large. Returns its notes.
-    let run_alone = |ki: usize, key: &mut PlannedKey<T>, row: &KeyRow| -> Result<Vec<String>> {
-        let Job::Compute { expr, numel } = &mut key.job else {
-            unreachable!("only computed keys run alone")
+    let run_alone =
+        |ki: usize, key: &mut PlannedKey<T>, row: &KeyRow| -> Result<Vec<Vec<String>>> {
+            let Job::Compute { exprs: expr, numel } = &mut key.job else {
+                unreachable!("only computed keys run alone")
+            };
+            let numel = *numel;
+            let unit = key_unit(ki, expr, row);
+            let (large, has_stats) = (unit > sub, expr.has_stats());
+            // Several outputs read a key's inputs once for all (when they fit).
+            let cache = if has_stats || multi {
+                hold_key(expr, row)?
+            } else {
+                None
+            };
+            if has_stats {
+                let block = BLOCK.div_ceil(unit) * unit;
+                let cache = cache.as_ref();
+                let stats_budget = opts.memory_budget / 4;
+                run_stats(
+                    expr,
+                    row,
+                    models,
+                    cache,
+                    &workers,
+                    block,
+                    in_flight(block),
+                    stats_budget,
+                )?;
+            }
+            let notes = expr.notes();
+            outs.set_notes(ki, &notes);
+            if numel == 0 {
+                keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let tasks = key_tasks(ki, numel, unit, large, has_stats);
+            let group = if large { in_flight(unit) } else { tasks.len() };
+            for g in tasks.chunks(group.max(1)) {
+                g.par_iter()
+                    .try_for_each(|t| run_task(t, key, row, cache.as_ref()))?;
+            }
+            buffers.give_back(cache);
+            Ok(notes)
         };
-        let numel = *numel;
-        let unit = key_unit(ki, expr, row);
-        let (large, has_stats) = (unit > sub, expr.has_stats());
-        let cache = if has_stats {
-            hold_key(expr, row)?
-        } else {
-            None
-        };
-        if has_stats {
-            let block = BLOCK.div_ceil(unit) * unit;
-            let cache = cache.as_ref();
-            let stats_budget = opts.memory_budget / 4;
-            run_stats(
-                expr,
-                row,
-                models,
-                cache,
-                &workers,
-                block,
-                in_flight(block),
-                stats_budget,
-            )?;
-        }
-        let mut notes = Vec::new();
-        expr.notes(&mut notes);
-        journal.set_notes(ki, &notes);
-        if numel == 0 {
-            keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        let tasks = key_tasks(ki, numel, unit, large, has_stats);
-        let group = if large { in_flight(unit) } else { tasks.len() };
-        for g in tasks.chunks(group.max(1)) {
-            g.par_iter()
-                .try_for_each(|t| run_task(t, key, row, cache.as_ref()))?;
-        }
-        buffers.give_back(cache);
-        Ok(notes)
-    };
 
     // Keys are executed in name order. The tasks of keys without statistic passes are gathered
     // into one parallel batch; keys with statistic passes are gathered into groups (above), so
@@ -351,11 +352,11 @@ pub(super) fn run<T: Real>(
     let mut with_stats: Vec<(usize, usize)> = Vec::new();
     // The input bytes of the keys in `with_stats`.
     let mut group_bytes = 0u64;
-    let mut key_notes: Vec<(usize, (String, String))> = Vec::new();
+    let mut key_notes: KeyNotes = Vec::new();
     let mut raw_buf = Vec::new();
     // Keys a killed run wrote already (see `crate::resume`).
     if !resumed.is_empty() {
-        report.notes.push(format!(
+        reports[0].notes.push(format!(
             "resumed: {} of {} keys were written by an interrupted run",
             resumed.len(),
             planned.len()
@@ -365,15 +366,17 @@ pub(super) fn run<T: Real>(
     let key_bytes = |ki: usize| -> u64 {
         key_tensors[ki]
             .iter()
-            .map(|&t| out.tensor_range(t))
+            .map(|&t| outs.file(0).tensor_range(t))
             .map(|r| r.end - r.start)
             .sum()
     };
     let mut resumed_output_non_finite: BTreeMap<usize, u64> = BTreeMap::new();
     for (ki, record) in resumed {
         let name = &rows[planned[ki].row].name;
-        key_notes.extend(record.notes.into_iter().map(|n| (ki, (name.clone(), n))));
-        report.inputs_non_finite.extend(record.inputs_non_finite);
+        key_notes.push((ki, name.clone(), vec![record.notes]));
+        reports[0]
+            .inputs_non_finite
+            .extend(record.inputs_non_finite);
         if record.output_non_finite > 0 {
             resumed_output_non_finite.insert(ki, record.output_non_finite);
         }
@@ -399,24 +402,32 @@ pub(super) fn run<T: Real>(
                 models[model].read_at(offset + at, &mut raw_buf)?;
                 // Non-float keys are only renamed (e.g. position_ids).
                 let esize = (rows[planned[ki].row].dtype().bitsize() / 8).max(1);
-                views[ki].write(&out, at as usize / esize, esize, &mut raw_buf)?;
+                for k in 0..outs.len() {
+                    let mut bytes = raw_buf.clone();
+                    views[ki].write(outs.file(k), at as usize / esize, esize, &mut bytes)?;
+                }
                 at += n as u64;
             }
-            journal.wrote(ki, len, 0)?;
+            for k in 0..outs.len() {
+                outs.wrote(k, ki, len, 0)?;
+            }
+            let len = len * outs.len() as u64;
             written.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
             let done = keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             progress.advance(len, done, name);
             continue;
         }
         let row = &rows[planned[ki].row];
-        let Job::Compute { expr, numel } = &planned[ki].job else {
+        let Job::Compute { exprs: expr, numel } = &planned[ki].job else {
             unreachable!()
         };
         let numel = *numel;
         let unit = key_unit(ki, expr, row);
         let large = unit > sub;
         let has_stats = expr.has_stats();
-        if has_stats && !large {
+        // Keys with statistics, and every key of several outputs, are read once into memory
+        // when they fit.
+        if (has_stats || multi) && !large {
             let bytes = held_models(expr, row).1;
             if group_bytes + bytes > hold_limit && !with_stats.is_empty() {
                 run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;
@@ -440,13 +451,12 @@ pub(super) fn run<T: Real>(
                 job,
             };
             let notes = run_alone(ki, &mut key, row)?;
-            key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
+            key_notes.push((ki, row.name.clone(), notes));
             continue;
         }
-        let mut notes = Vec::new();
-        expr.notes(&mut notes);
-        journal.set_notes(ki, &notes);
-        key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
+        let notes = expr.notes();
+        outs.set_notes(ki, &notes);
+        key_notes.push((ki, row.name.clone(), notes));
         if numel == 0 {
             keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -504,63 +514,134 @@ pub(super) fn run<T: Real>(
                     without.join(", ")
                 )
             });
-            let (job, action) = plan_key(graph, redo, inputs.layout, &methods, opts)?;
-            report.actions[ki].1 = action;
+            let mut jobs = Vec::with_capacity(points.len());
+            for ((p, m), report) in points.iter().zip(&methods).zip(&mut reports) {
+                let (job, action) = plan_key(&p.graph, redo, inputs.layout, m, &p.opts)?;
+                report.actions[ki].1 = action;
+                jobs.push(PlannedKey {
+                    row: planned[ki].row,
+                    job,
+                });
+            }
             // The key is written again: its bytes and its completion count once.
-            written.fetch_sub(key_bytes(ki), std::sync::atomic::Ordering::Relaxed);
+            written.fetch_sub(
+                key_bytes(ki) * outs.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             keys_done.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            journal.restart(ki);
-            journal.set_inputs_non_finite(ki, &found_here);
-            let mut key = PlannedKey {
-                row: planned[ki].row,
-                job,
-            };
+            outs.restart(ki);
+            outs.set_inputs_non_finite(ki, &found_here);
+            let mut key = join_plans(jobs.into_iter().map(|j| vec![j]).collect())
+                .pop()
+                .expect("one key");
             let notes = run_alone(ki, &mut key, redo)?;
-            key_notes.retain(|(k, _)| *k != ki);
-            key_notes.extend(notes.into_iter().map(|n| (ki, (row.name.clone(), n))));
+            key_notes.retain(|(k, _, _)| *k != ki);
+            key_notes.push((ki, row.name.clone(), notes));
             bad = found.take().remove(&ki).unwrap_or_default();
             if first.is_none() {
                 workers.set_clean(opts.non_finite.cleans());
                 break;
             }
         }
-        journal.set_inputs_non_finite(ki, &found_here);
-        journal.release(ki);
-        report.inputs_non_finite.extend(found_here);
-    }
-    for ki in 0..planned.len() {
-        let n = journal.output_non_finite(ki) + resumed_output_non_finite.get(&ki).unwrap_or(&0);
-        if n > 0 {
-            report
-                .outputs_non_finite
-                .push((rows[planned[ki].row].name.clone(), n));
+        outs.set_inputs_non_finite(ki, &found_here);
+        outs.release(ki);
+        for report in &mut reports {
+            report.inputs_non_finite.extend(found_here.iter().cloned());
         }
     }
-    report
-        .inputs_non_finite
-        .sort_by(|a, b| (&a.key, a.model).cmp(&(&b.key, b.model)));
-
     // Notes in key order, whichever group ran a key.
-    key_notes.sort_by_key(|&(ki, _)| ki);
-    report
-        .key_notes
-        .extend(key_notes.into_iter().map(|(_, n)| n));
-    report.bytes_written = written.load(std::sync::atomic::Ordering::Relaxed);
-    report.bytes_read = models.iter().map(ModelFile::bytes_read).sum::<u64>() - read_before;
+    key_notes.sort_by_key(|(ki, _, _)| *ki);
+    let written = written.load(std::sync::atomic::Ordering::Relaxed) / outs.len() as u64;
+    let read = models.iter().map(ModelFile::bytes_read).sum::<u64>() - read_before;
     let streamed = streamed.into_inner().unwrap_or_else(|e| e.into_inner());
-    if !streamed.is_empty() {
-        report.notes.push(format!(
-            "{} keys with statistic passes were read once per pass (their inputs take more than half of --memory-budget): {}{}",
-            streamed.len(),
-            streamed[..streamed.len().min(4)].join(", "),
-            if streamed.len() > 4 { ", ..." } else { "" }
-        ));
+    for (k, report) in reports.iter_mut().enumerate() {
+        for ki in 0..planned.len() {
+            let n =
+                outs.output_non_finite(k, ki) + resumed_output_non_finite.get(&ki).unwrap_or(&0);
+            if n > 0 {
+                report
+                    .outputs_non_finite
+                    .push((rows[planned[ki].row].name.clone(), n));
+            }
+        }
+        report
+            .inputs_non_finite
+            .sort_by(|a, b| (&a.key, a.model).cmp(&(&b.key, b.model)));
+        for (_, name, notes) in &key_notes {
+            let notes = notes.get(k).or(notes.first()).into_iter().flatten();
+            report
+                .key_notes
+                .extend(notes.map(|n| (name.clone(), n.clone())));
+        }
+        report.input_bytes = input_bytes;
+        report.bytes_written = written;
+        // The inputs were read for all outputs together: each report counts the one read.
+        report.bytes_read = read;
+        if !streamed.is_empty() {
+            report.notes.push(format!(
+                "{} keys were read once per pass or per output (their inputs take more than half of --memory-budget): {}{}",
+                streamed.len(),
+                streamed[..streamed.len().min(4)].join(", "),
+                if streamed.len() > 4 { ", ..." } else { "" }
+            ));
+        }
     }
-    report.output = Some(journal.commit(out)?);
+    let paths = outs.commit()?;
     progress.finish();
-    report.elapsed = started.elapsed();
-    report.peak_rss_bytes = crate::report::peak_rss_bytes();
-    Ok(report)
+    for (report, path) in reports.iter_mut().zip(paths) {
+        report.output = Some(path);
+        report.elapsed = started.elapsed();
+        report.peak_rss_bytes = crate::report::peak_rss_bytes();
+    }
+    Ok(reports)
+}
+
+/// Each key's notes, per output.
+type KeyNotes = Vec<(usize, String, Vec<Vec<String>>)>;
+
+/// One plan per output joined into one: each key's expressions, one per output (the keys and
+/// copies are the same in every plan: they follow the inputs, not the recipe).
+fn join_plans<T: Real>(plans: Vec<Vec<PlannedKey<T>>>) -> Vec<PlannedKey<T>> {
+    let mut plans = plans.into_iter();
+    let mut joined = plans.next().unwrap_or_default();
+    for plan in plans {
+        for (key, other) in joined.iter_mut().zip(plan) {
+            if let (Job::Compute { exprs, .. }, Job::Compute { exprs: more, .. }) =
+                (&mut key.job, other.job)
+            {
+                exprs.0.extend(more.0);
+            }
+        }
+    }
+    joined
+}
+
+/// The metadata of an output: the caller's, and the recipe that made it (unless the caller
+/// recorded its own) with the settings it ran with, so that running it again gives the same
+/// bytes; also in sd-mecha's format where it can express it, so that sd-mecha and ComfyUI-mecha
+/// users can read where the model came from.
+fn output_metadata(
+    graph: &Graph,
+    opts: &MergeOptions,
+    inputs: &RunInputs,
+) -> HashMap<String, String> {
+    let mut metadata: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
+    if !metadata.contains_key("amalgam_recipe") {
+        let settings = crate::recipe::RecipeSettings::of(opts);
+        metadata.insert(
+            "amalgam_recipe".into(),
+            crate::recipe::to_toml(graph, &settings),
+        );
+    }
+    if !metadata.contains_key("mecha_recipe") {
+        let arch = inputs.layout.map(|l| l.arch());
+        if let Some(text) = crate::recipe::mecha::to_mecha(graph, inputs.layouts, arch, opts.seed) {
+            metadata.insert("mecha_recipe".into(), text);
+        }
+    }
+    metadata.insert("amalgam_version".into(), crate::VERSION.into());
+    metadata.insert("format".into(), "pt".into());
+    metadata
 }
 
 pub(super) fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) -> u64 {
@@ -574,7 +655,7 @@ pub(super) fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) ->
         .iter()
         .map(|p| match &p.job {
             Job::CopyRaw { len, .. } => *len,
-            Job::Compute { expr, .. } => leaves(expr, &rows[p.row]),
+            Job::Compute { exprs, .. } => leaves(&exprs.0[0], &rows[p.row]),
             Job::Done => 0,
         })
         .sum()

@@ -113,7 +113,7 @@ fn statistic_passes_see_every_block_in_order_whatever_the_threads() {
         }));
         let workers = Workers::new(threads, true);
         pool.install(|| {
-            run_stats(
+            run_expr_stats(
                 &mut expr,
                 &rows[0],
                 &models,

@@ -10,6 +10,7 @@
 pub mod graph;
 pub mod mecha;
 mod parse;
+pub mod sweep;
 mod write;
 
 pub use parse::parse;
@@ -92,6 +93,8 @@ pub struct Recipe {
     pub graph: Graph,
     /// The settings of its `[output]` table.
     pub settings: RecipeSettings,
+    /// Its `[sweep]` table: several outputs, one per combination of parameter values.
+    pub sweep: Option<sweep::Sweep>,
 }
 
 /// Reads and parses a recipe file; relative model paths are relative to its folder.
@@ -122,6 +125,7 @@ pub fn load_any(
                 seed: t.seed,
                 ..Default::default()
             },
+            sweep: None,
         });
     }
     load(path)

@@ -12,6 +12,9 @@ pub(super) struct RawRecipe {
     #[serde(default)]
     nodes: BTreeMap<String, Spanned<Table>>,
     output: Spanned<RawOutput>,
+    /// `param = [values]` per swept parameter, and `combine = "product" | "zip"`.
+    #[serde(default)]
+    sweep: BTreeMap<String, Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -454,7 +457,67 @@ pub fn parse(text: &str, origin: &str, dir: &Path) -> Result<Recipe> {
         origin: origin.to_string(),
         message: e.to_string(),
     })?;
-    Ok(Recipe { graph, settings })
+    let sweep = parse_sweep(&cx, &raw.sweep)?;
+    Ok(Recipe {
+        graph,
+        settings,
+        sweep,
+    })
+}
+
+/// The `[sweep]` table: each parameter's list of values, and how they combine.
+fn parse_sweep(
+    cx: &Ctx,
+    table: &BTreeMap<String, Spanned<toml::Value>>,
+) -> Result<Option<super::sweep::Sweep>> {
+    use super::sweep::{Combine, Sweep, SweepAxis};
+    use crate::method::ParamValue;
+    if table.is_empty() {
+        return Ok(None);
+    }
+    let mut sweep = Sweep::default();
+    for (name, value) in table {
+        let span = value.span();
+        let what = format!("sweep `{name}`");
+        if name == "combine" {
+            sweep.combine = match value.get_ref().as_str() {
+                Some("product") => Combine::Product,
+                Some("zip") => Combine::Zip,
+                _ => {
+                    return Err(cx.err(span, &what, "expected \"product\" or \"zip\""));
+                }
+            };
+            continue;
+        }
+        let Some(items) = value.get_ref().as_array() else {
+            return Err(cx.err(span, &what, "expected a list of values"));
+        };
+        let values = items
+            .iter()
+            .map(|v| match v {
+                toml::Value::Float(x) => Ok((x.to_string(), ParamValue::Number(*x))),
+                toml::Value::Integer(i) => Ok((i.to_string(), ParamValue::Number(*i as f64))),
+                toml::Value::Boolean(b) => Ok((b.to_string(), ParamValue::Bool(*b))),
+                toml::Value::String(t) => Ok((t.clone(), ParamValue::Text(t.clone()))),
+                other => Err(cx.err(
+                    span.clone(),
+                    &what,
+                    format!(
+                        "expected numbers, booleans or names, got {}",
+                        other.type_str()
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if values.is_empty() {
+            return Err(cx.err(span, &what, "the list is empty"));
+        }
+        sweep.axes.push(SweepAxis {
+            target: name.clone(),
+            values,
+        });
+    }
+    Ok(Some(sweep))
 }
 
 pub(super) fn refs_in(v: &toml::Value) -> Vec<&str> {

@@ -1,0 +1,129 @@
+//! The outputs of one run: one file (and its journal) per output, a merge's one or a sweep's
+//! several, written from the same reads of the inputs.
+
+use super::*;
+use crate::resume::{Journal, KeyRecord};
+
+/// One output of a run: the graph that computes it and its options (its file, seed, metadata).
+/// The outputs of one run share their models and every other option.
+#[derive(Clone, Debug)]
+pub struct OutputPoint {
+    /// The recipe of this output.
+    pub graph: Graph,
+    /// Its options; `output`, `seed` and `metadata` may differ between the points of a run.
+    pub opts: MergeOptions,
+}
+
+/// Refuses points that cannot run together: other models, other shared options, one file twice.
+pub(super) fn check_points(points: &[OutputPoint]) -> Result<()> {
+    let Some(first) = points.first() else {
+        return Err(Error::Invalid("a run needs at least one output".into()));
+    };
+    let (g, o) = (&first.graph, &first.opts);
+    let paths = |g: &Graph| -> Vec<std::path::PathBuf> {
+        g.models.iter().map(|m| m.path.clone()).collect()
+    };
+    for p in &points[1..] {
+        let same_models = paths(&p.graph) == paths(g);
+        let q = &p.opts;
+        let same_options = (q.output_dtype, q.compute_dtype, q.memory_budget, q.threads)
+            == (o.output_dtype, o.compute_dtype, o.memory_budget, o.threads)
+            && (q.output_layout, q.non_finite, q.chunk_override)
+                == (o.output_layout, o.non_finite, o.chunk_override)
+            && (q.overwrite, q.keep_partial) == (o.overwrite, o.keep_partial);
+        if !same_models || !same_options {
+            return Err(Error::Invalid(format!(
+                "the outputs {} and {} cannot be written in one run: they must read the same \
+                 models with the same dtype, budget, threads and layout",
+                o.output.display(),
+                q.output.display()
+            )));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for p in points {
+        if !seen.insert(p.opts.output.clone()) {
+            return Err(Error::Invalid(format!(
+                "two outputs of one run are the same file: {}",
+                p.opts.output.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every output's file and journal.
+pub(super) struct Outputs {
+    files: Vec<OutputFile>,
+    journals: Vec<Journal>,
+}
+
+impl Outputs {
+    /// Opens every output (see [`crate::resume::open`]); the keys done are those of a resumed
+    /// single output (several outputs start afresh).
+    pub(super) fn open(
+        points: &[OutputPoint],
+        tensors: &[OutputTensor],
+        metadata: Vec<HashMap<String, String>>,
+        key_tensors: &[Vec<usize>],
+        progress: &dyn Progress,
+    ) -> Result<(Outputs, Vec<(usize, KeyRecord)>)> {
+        let (mut files, mut journals, mut done) = (Vec::new(), Vec::new(), Vec::new());
+        let several = points.len() > 1;
+        for (p, meta) in points.iter().zip(metadata) {
+            let mut opts = p.opts.clone();
+            opts.resume &= !several;
+            let opened =
+                crate::resume::open(&p.graph, &opts, tensors, meta, key_tensors, progress)?;
+            files.push(opened.out);
+            journals.push(opened.journal);
+            done = opened.done;
+        }
+        Ok((Outputs { files, journals }, done))
+    }
+    /// The number of outputs.
+    pub(super) fn len(&self) -> usize {
+        self.files.len()
+    }
+    /// Output `k`'s file.
+    pub(super) fn file(&self, k: usize) -> &OutputFile {
+        &self.files[k]
+    }
+    /// Output `k` wrote `bytes` of key `key`, `non_finite` of them NaN or Inf.
+    pub(super) fn wrote(&self, k: usize, key: usize, bytes: u64, non_finite: u64) -> Result<()> {
+        self.journals[k].wrote(key, bytes, non_finite)
+    }
+    /// Key `key` is not to be recorded as done until released (it is computed again).
+    pub(super) fn hold(&self, key: usize) {
+        self.journals.iter().for_each(|j| j.hold(key))
+    }
+    pub(super) fn release(&self, key: usize) {
+        self.journals.iter().for_each(|j| j.release(key))
+    }
+    pub(super) fn restart(&self, key: usize) {
+        self.journals.iter().for_each(|j| j.restart(key))
+    }
+    /// Each output's notes of key `key`.
+    pub(super) fn set_notes(&self, key: usize, notes: &[Vec<String>]) {
+        for (j, n) in self.journals.iter().zip(notes) {
+            j.set_notes(key, n)
+        }
+    }
+    pub(super) fn set_inputs_non_finite(&self, key: usize, found: &[InputNonFinite]) {
+        self.journals
+            .iter()
+            .for_each(|j| j.set_inputs_non_finite(key, found))
+    }
+    /// The NaN or Inf values output `k` wrote for key `key`.
+    pub(super) fn output_non_finite(&self, k: usize, key: usize) -> u64 {
+        self.journals[k].output_non_finite(key)
+    }
+    /// Puts every output in place; their paths.
+    pub(super) fn commit(self) -> Result<Vec<std::path::PathBuf>> {
+        self.journals
+            .into_iter()
+            .zip(self.files)
+            .map(|(j, f)| j.commit(f))
+            .collect()
+    }
+}
