@@ -157,7 +157,7 @@ fn print_report(i: &amalgam::inspect::Inspection, full_values: bool) {
             .map(|(c, (_, w))| format!("{c} {}", format_bytes(*w)))
             .collect();
         println!(
-            "  precision:    {} F32/F64 tensors in a {} file: {} wasted ({})",
+            "  precision:    {} F32/F64 tensors in a file otherwise {}: {} wasted ({})",
             p.tensors,
             p.main_dtype,
             format_bytes(p.wasted_bytes),

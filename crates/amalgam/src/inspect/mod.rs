@@ -71,8 +71,8 @@ pub struct Inspection {
     pub dtypes: BTreeMap<String, DtypeCount>,
     /// The header's `__metadata__` map.
     pub metadata: BTreeMap<String, String>,
-    /// The recipes embedded in the metadata: `amalgam` (key `amalgam_recipe`, TOML) and
-    /// `sd-mecha` (key `mecha_recipe`, `.mecha`).
+    /// The recipes embedded in the metadata: `amalgam (TOML)` (key `amalgam_recipe`) and
+    /// `sd-mecha (.mecha)` (key `mecha_recipe`).
     pub recipes: Vec<String>,
     /// The architecture detected from the keys and shapes (see
     /// [`detect`](crate::layout::arch::detect)).
@@ -99,11 +99,14 @@ pub fn inspect(path: impl AsRef<Path>, opts: InspectOptions) -> Result<Inspectio
         e.bytes += t.len;
     }
     let data_bytes: u64 = m.tensors().values().map(|t| t.len).sum();
-    let recipes = [("amalgam_recipe", "amalgam"), ("mecha_recipe", "sd-mecha")]
-        .iter()
-        .filter(|(k, _)| m.metadata().contains_key(*k))
-        .map(|(_, what)| what.to_string())
-        .collect();
+    let recipes = [
+        ("amalgam_recipe", "amalgam (TOML)"),
+        ("mecha_recipe", "sd-mecha (.mecha)"),
+    ]
+    .iter()
+    .filter(|(k, _)| m.metadata().contains_key(*k))
+    .map(|(_, what)| what.to_string())
+    .collect();
     let detection = crate::layout::arch::detect(
         m.tensors()
             .iter()

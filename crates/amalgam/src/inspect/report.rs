@@ -85,17 +85,18 @@ impl PositionIds {
 /// The bytes of float tensors wider than the file's main dtype.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Precision {
-    /// The dtype most of the file's float parameters are stored in (`F16` or `BF16`; the report
-    /// has no `precision` entry otherwise).
+    /// The dtype most of the file's float parameters are stored in, EMA and junk keys aside
+    /// (`F16` or `BF16`; the report has no `precision` entry otherwise).
     pub main_dtype: String,
-    /// F32 and F64 tensors (EMA and junk keys aside: they are counted there).
+    /// F32 and F64 tensors (EMA and junk keys aside: they are counted there; float
+    /// `position_ids` aside: they are reported as broken).
     pub tensors: usize,
     /// Their bytes.
     pub bytes: u64,
     /// What converting them to the main dtype would save: their bytes minus 2 bytes per element.
     pub wasted_bytes: u64,
-    /// `wasted_bytes` per component of the detected layout (`unknown` for keys outside it):
-    /// tensors and wasted bytes.
+    /// `wasted_bytes` per component of the detected layout (`unknown` for keys when no layout
+    /// is detected): tensors and wasted bytes.
     pub by_component: BTreeMap<String, (usize, u64)>,
 }
 
@@ -136,25 +137,8 @@ pub fn report(m: &ModelFile, detection: &Detection) -> Result<Report> {
     let mut r = Report::default();
     let layout = detection.layout;
     let component = |k: &str| layout.and_then(|l| l.component_of(k));
-    // The file's main float dtype, by parameters.
-    let mut by_dtype: BTreeMap<String, usize> = BTreeMap::new();
-    for t in m.tensors().values() {
-        if t.float_dtype().is_some() {
-            *by_dtype.entry(dtype_name(t.dtype)).or_default() += t.numel();
-        }
-    }
-    let main = by_dtype
-        .iter()
-        .max_by_key(|&(d, n)| (*n, d.clone()))
-        .map(|(d, _)| d.clone());
-    let narrow = matches!(main.as_deref(), Some("F16" | "BF16"));
-    let mut precision = Precision {
-        main_dtype: main.unwrap_or_default(),
-        tensors: 0,
-        bytes: 0,
-        wasted_bytes: 0,
-        by_component: BTreeMap::new(),
-    };
+    // EMA and junk keys first; the rest are the model's keys.
+    let mut model_keys = Vec::new();
     for (k, t) in m.tensors() {
         let c = component(k);
         if k.starts_with(EMA_PREFIX) {
@@ -168,7 +152,32 @@ pub fn report(m: &ModelFile, detection: &Detection) -> Result<Report> {
             r.junk.add(k, t.len);
             continue;
         }
-        if narrow && matches!(t.dtype, Dtype::F32 | Dtype::F64) {
+        model_keys.push((k, t, c));
+    }
+    // The main float dtype of the model's keys, by parameters.
+    let mut by_dtype: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, t, _) in &model_keys {
+        if t.float_dtype().is_some() {
+            *by_dtype.entry(dtype_name(t.dtype)).or_default() += t.numel();
+        }
+    }
+    let main = by_dtype
+        .iter()
+        .max_by_key(|&(d, n)| (*n, d.clone()))
+        .map(|(d, _)| d.clone())
+        .unwrap_or_default();
+    let mut precision = Precision {
+        main_dtype: main,
+        tensors: 0,
+        bytes: 0,
+        wasted_bytes: 0,
+        by_component: BTreeMap::new(),
+    };
+    if matches!(precision.main_dtype.as_str(), "F16" | "BF16") {
+        for (k, t, c) in &model_keys {
+            if !matches!(t.dtype, Dtype::F32 | Dtype::F64) || k.ends_with("position_ids") {
+                continue;
+            }
             let wasted = t.len.saturating_sub(2 * t.numel() as u64);
             precision.tensors += 1;
             precision.bytes += t.len;
