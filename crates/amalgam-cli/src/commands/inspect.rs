@@ -75,7 +75,7 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
         match &h.legacy {
             Some(l) => println!("  legacy:  {l}"),
             None => {
-                println!("  legacy:  none (the file ends before byte 0x100000, where it starts)")
+                println!("  legacy:  none (the file has no bytes past 1 MiB, where it starts)")
             }
         }
         println!("  SHA-256: {}", h.sha256);
