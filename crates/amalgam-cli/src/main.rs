@@ -48,7 +48,8 @@ struct Cli {
 enum Command {
     /// Merge models: from a recipe file (.toml or .mecha), or with --method and a list of models.
     Merge(Box<MergeArgs>),
-    /// Show a safetensors file's keys, dtypes, shapes, parameter count and metadata.
+    /// Show a safetensors file's dtypes, metadata, architecture, hashes (AutoV2, AutoV3, legacy)
+    /// and a report (EMA and junk keys, CLIP position_ids, precision, modelspec).
     Inspect(InspectArgs),
     /// Write synthetic models with a real key layout (SD1, SDXL, SD3, FLUX, kohya, diffusers).
     Synth(SynthArgs),

@@ -347,6 +347,38 @@ fn inspect_reports_architecture_components_and_hash() {
     assert!(ok(&["inspect", "--no-hash", s(&llm)]).contains("architecture: unknown"));
 }
 
+#[test]
+fn inspect_json_has_the_hashes_and_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    synth_sd1(d, 1, &["--int-keys"]);
+    let file = d.join("m000.safetensors");
+    let out = ok(&["inspect", "--json", s(&file)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let h = &v["hashes"];
+    let hex = |k: &str, n: usize| {
+        let x = h[k].as_str().unwrap_or_else(|| panic!("no {k}: {h}"));
+        assert!(
+            x.len() == n && x.chars().all(|c| c.is_ascii_hexdigit()),
+            "{k}: {x}"
+        );
+        x.to_string()
+    };
+    let sha = hex("sha256", 64);
+    assert!(sha.starts_with(&hex("autov2", 10)));
+    assert!(hex("autov3_sha256", 64).starts_with(&hex("autov3", 12)));
+    hex("legacy", 8); // the synthetic SD1 file is over 1.1 MiB
+    assert_eq!(v["detection"]["layout"], "sd1-ldm");
+    assert!(v["report"]["position_ids"].is_array());
+    // The text output shows the same hashes; --no-hash leaves them out of the JSON.
+    let text = ok(&["inspect", s(&file)]);
+    assert!(text.contains("Hashes:") && text.contains(&sha), "{text}");
+    assert!(text.contains("Report:"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", "--json", "--no-hash", s(&file)])).unwrap();
+    assert!(v["hashes"].is_null());
+}
+
 fn line_of(out: &str, name: &str) -> String {
     out.lines()
         .find(|l| l.trim_start().starts_with(name))

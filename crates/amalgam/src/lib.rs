@@ -11,6 +11,9 @@
 //!   command line.
 //! - [`layout`]: the known key layouts (SD1, SDXL, SD3, FLUX in their tools' namings), detection,
 //!   components, block ids, and the kohya and diffusers key names.
+//! - [`inspect`]: what `amalgam inspect` reports about a file: header facts, architecture, the
+//!   AutoV2/AutoV3/legacy hashes, and a toolkit-style report (EMA and junk keys, CLIP
+//!   `position_ids`, precision, `modelspec.*`).
 //! - [`synth`]: synthetic checkpoints with real SD key layouts, for demos, tests and benchmarks.
 //! - [`options`], [`report`]: what a merge is asked and what it reports; [`real`], `rng`,
 //!   [`size`]: the compute types, the counter-based random streams, byte sizes.
@@ -20,6 +23,7 @@
 pub mod analysis;
 pub mod engine;
 pub mod error;
+pub mod inspect;
 pub mod io;
 pub mod layout;
 pub mod lora;

@@ -1,4 +1,5 @@
-//! `amalgam inspect`: a file's keys, dtypes, parameters, metadata, architecture and hash.
+//! `amalgam inspect`: prints what `amalgam::inspect` finds (a file's dtypes, parameters,
+//! metadata, architecture, hashes and report), as text or JSON.
 
 use crate::*;
 
@@ -11,49 +12,40 @@ pub(crate) struct InspectArgs {
     /// Print the `__metadata__` values in full (e.g. the recipe an amalgam output was made with)
     #[arg(long)]
     metadata: bool,
-    /// Skip the AutoV2 hash (it reads the whole file)
+    /// Skip the hashes (AutoV2, AutoV3, legacy: they read the whole file)
     #[arg(long)]
     no_hash: bool,
+    /// Print everything as JSON (the library's `Inspection`)
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
-    let m = ModelFile::open(&a.file)?;
-    let mut params = 0usize;
-    let mut by_dtype: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for t in m.tensors().values() {
-        params += t.numel();
-        let e = by_dtype.entry(dtype_name(t.dtype)).or_default();
-        e.0 += 1;
-        e.1 += t.numel();
+    let opts = amalgam::inspect::InspectOptions { hashes: !a.no_hash };
+    let i = amalgam::inspect::inspect(&a.file, opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&i)?);
+        return Ok(());
     }
     println!("file:       {}", a.file.display());
-    println!(
-        "size:       {} ({} bytes)",
-        format_bytes(m.file_size()),
-        m.file_size()
-    );
-    println!("tensors:    {}", m.tensors().len());
-    println!("parameters: {params}");
-    for (d, (n, p)) in &by_dtype {
-        println!("  {d:<8} {n} tensors, {p} parameters");
-    }
-    let recipes: Vec<&str> = [
-        ("amalgam_recipe", "amalgam (TOML)"),
-        ("mecha_recipe", "sd-mecha (.mecha)"),
-    ]
-    .iter()
-    .filter(|(k, _)| m.metadata().contains_key(*k))
-    .map(|(_, what)| *what)
-    .collect();
-    if !recipes.is_empty() {
+    println!("size:       {} ({} bytes)", format_bytes(i.size), i.size);
+    println!("tensors:    {}", i.tensors);
+    println!("parameters: {}", i.parameters);
+    for (d, c) in &i.dtypes {
         println!(
-            "recipe:     embedded as {} (--metadata prints it; `amalgam merge` runs it once saved to a file)",
-            recipes.join(" and ")
+            "  {d:<8} {} tensors, {} parameters",
+            c.tensors, c.parameters
         );
     }
-    if !m.metadata().is_empty() {
+    if !i.recipes.is_empty() {
+        println!(
+            "recipe:     embedded as {} (--metadata prints it; `amalgam merge` runs it once saved to a file)",
+            i.recipes.join(" and ")
+        );
+    }
+    if !i.metadata.is_empty() {
         println!("metadata:");
-        for (k, v) in m.metadata() {
+        for (k, v) in &i.metadata {
             if a.metadata || v.len() <= 80 && !v.contains('\n') {
                 println!("  {k}: {v}");
             } else {
@@ -61,42 +53,130 @@ pub(crate) fn cmd_inspect(a: InspectArgs) -> Result<()> {
             }
         }
     }
-    let detection = amalgam::layout::arch::detect(
-        m.tensors()
-            .iter()
-            .map(|(k, t)| (k.as_str(), t.shape.as_slice(), t.numel())),
-    );
-    let names: Vec<&str> = m.tensors().keys().map(String::as_str).collect();
-    if amalgam::layout::lora::is_lora(&names) {
-        let (layout, modules, unknown) = amalgam::layout::lora::lora_modules(&names);
-        match layout {
-            Some(l) => println!(
-                "architecture: a kohya LoRA for {l}: {} modules map to its keys{}",
-                modules.len(),
-                if unknown.is_empty() {
+    match &i.lora {
+        Some(l) => match &l.layout {
+            Some(layout) => println!(
+                "architecture: a kohya LoRA for {layout}: {} modules map to its keys{}",
+                l.modules,
+                if l.unknown.is_empty() {
                     String::new()
                 } else {
-                    format!(", {} do not (e.g. {})", unknown.len(), unknown[0])
+                    format!(", {} do not (e.g. {})", l.unknown.len(), l.unknown[0])
                 }
             ),
             None => println!("architecture: a kohya LoRA whose modules name no SD1 or SDXL key"),
+        },
+        None => print_detection(&i.detection, i.tensors),
+    }
+    if let Some(h) = &i.hashes {
+        println!("Hashes:");
+        println!("  AutoV2:  {}", h.autov2);
+        println!("  AutoV3:  {}", h.autov3);
+        match &h.legacy {
+            Some(l) => println!("  legacy:  {l}"),
+            None => {
+                println!("  legacy:  none (the file has no bytes past 1 MiB, where it starts)")
+            }
         }
-    } else {
-        print_detection(&detection, m.tensors().len());
+        println!("  SHA-256: {}", h.sha256);
     }
-    if !a.no_hash {
-        println!(
-            "AutoV2:     {}",
-            amalgam::layout::arch::autov2_hash(&a.file)?
-        );
-    }
+    print_report(&i, a.metadata);
     if a.keys {
         println!("keys:");
-        for (k, t) in m.tensors() {
+        for (k, t) in ModelFile::open(&a.file)?.tensors() {
             println!("  {k}\t{}\t{:?}", dtype_name(t.dtype), t.shape);
         }
     }
     Ok(())
+}
+
+/// The `Report:` section: one line per finding, or one saying there are none.
+fn print_report(i: &amalgam::inspect::Inspection, full_values: bool) {
+    let r = &i.report;
+    let eg = |g: &amalgam::inspect::KeyGroup| match g.examples.first() {
+        Some(k) => format!(" (e.g. {k})"),
+        None => String::new(),
+    };
+    println!("Report:");
+    if !r.ema.is_empty() {
+        println!(
+            "  EMA:          {} keys, {}{}",
+            r.ema.keys,
+            format_bytes(r.ema.bytes),
+            eg(&r.ema)
+        );
+    }
+    if !r.junk.is_empty() {
+        println!(
+            "  junk:         {} keys no component uses (scheduler buffers, unknown keys), {}{}",
+            r.junk.keys,
+            format_bytes(r.junk.bytes),
+            eg(&r.junk)
+        );
+    }
+    if !r.unknown.is_empty() {
+        println!(
+            "  unknown:      {} keys not in the layout: {}{}",
+            r.unknown.keys,
+            r.unknown.examples.join(", "),
+            if r.unknown.keys > r.unknown.examples.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+    for p in r.position_ids.iter().filter(|p| !p.is_ok()) {
+        let mut what = Vec::new();
+        if !p.dtype_ok {
+            what.push(format!("stored as {} (should be I64; fixable)", p.dtype));
+        }
+        if let Some(why) = &p.unreadable {
+            what.push(why.clone());
+        }
+        if !p.wrong.is_empty() {
+            let shown: Vec<String> = p
+                .wrong
+                .iter()
+                .take(8)
+                .map(|w| format!("[{}] = {}", w.index, w.value))
+                .collect();
+            what.push(format!(
+                "{} values are not their index: {}{}",
+                p.wrong.len(),
+                shown.join(", "),
+                if p.wrong.len() > 8 { ", ..." } else { "" }
+            ));
+        }
+        println!("  position_ids: {}: {}", p.key, what.join("; "));
+    }
+    if let Some(p) = &r.precision {
+        let parts: Vec<String> = p
+            .by_component
+            .iter()
+            .map(|(c, (_, w))| format!("{c} {}", format_bytes(*w)))
+            .collect();
+        println!(
+            "  precision:    {} F32/F64 tensors in a file otherwise {}: {} wasted ({})",
+            p.tensors,
+            p.main_dtype,
+            format_bytes(p.wasted_bytes),
+            parts.join(", ")
+        );
+    }
+    for (k, v) in &r.modelspec {
+        if full_values || v.len() <= 80 && !v.contains('\n') {
+            println!("  modelspec:    {k} = {v}");
+        } else {
+            println!(
+                "  modelspec:    {k} = ({} bytes; --metadata shows it)",
+                v.len()
+            );
+        }
+    }
+    if r.is_clean() {
+        println!("  no problems found");
+    }
 }
 
 /// The architecture part of `inspect`.
