@@ -35,7 +35,7 @@ tr.outlier td{background:#fde8e8}
 .flag{color:#d62728;font-weight:bold}
 .meta td:first-child{color:#666}
 .scroll{overflow:auto;max-height:80vh;max-width:100%;border:1px solid #eee}
-figure{margin:16px 0}figcaption{font-weight:bold;margin-bottom:4px}
+figure{margin:16px 0}
 figure svg{max-width:100%;height:auto;display:block}
 details{margin:6px 0}summary{cursor:pointer}
 .rule{background:#f7f7f7;padding:6px 10px;border-left:3px solid #d62728}
@@ -360,7 +360,7 @@ fn block_table(h: &mut String, c: &Comparison) {
 fn figure(h: &mut String, ch: &ChartFile, svg: &str) {
     let _ = write!(
         h,
-        "<figure id=\"chart-{}\"><figcaption>{}</figcaption>\n{svg}\n</figure>\n",
+        "<figure id=\"chart-{}\" title=\"{}\">\n{svg}\n</figure>\n",
         escape(&ch.name),
         escape(&ch.title)
     );

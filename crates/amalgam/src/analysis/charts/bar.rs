@@ -134,16 +134,19 @@ impl Chart for Bars {
         });
         chart.draw_series(bars)?;
         // Values the axis cannot show are said so.
-        let missing = self.rows.iter().enumerate().filter_map(|(i, (_, v, _))| {
-            s.pos(*v).is_none().then(|| {
+        let missing = self
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, v, _))| s.pos(*v).is_none())
+            .map(|(i, (_, v, _))| {
                 let r = (n - 1 - i) as i32;
                 Text::new(
                     if v.is_finite() { "0" } else { "n/a" },
                     (s.lo, SegmentValue::CenterOf(r)),
                     font(SMALL).pos(Pos::new(HPos::Left, VPos::Center)),
                 )
-            })
-        });
+            });
         chart.draw_series(missing)?;
         Ok(())
     }

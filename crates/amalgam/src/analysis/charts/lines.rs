@@ -66,7 +66,7 @@ impl Lines {
     }
 
     fn plot_width(&self) -> u32 {
-        (self.blocks.len() as u32 * 52 + 120).max(760)
+        (self.blocks.len() as u32 * 44 + 120).max(760)
     }
 }
 
