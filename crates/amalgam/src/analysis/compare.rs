@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// How to run a comparison.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct CompareOptions {
     /// Worker threads; 0 = one per core.
     pub threads: usize,
@@ -29,16 +29,6 @@ pub struct CompareOptions {
     pub cancel: Cancel,
     /// Which models are flagged as far from the pool.
     pub outliers: OutlierRule,
-}
-
-impl Default for CompareOptions {
-    fn default() -> Self {
-        CompareOptions {
-            threads: 0,
-            cancel: Cancel::default(),
-            outliers: OutlierRule::default(),
-        }
-    }
 }
 
 /// A model of the pool, as the outputs name it.
@@ -148,7 +138,7 @@ pub fn compare(
     paths.extend(base);
     let files = paths
         .iter()
-        .map(|p| ModelFile::open(p))
+        .map(ModelFile::open)
         .collect::<Result<Vec<_>>>()?;
     let n = models.len();
     let base_point = base.map(|_| n);

@@ -8,8 +8,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Writes the comparison into `dir` (made if missing): `compare.json`, `models.csv`,
-/// `blocks.csv`, `keys.csv`, `pairwise_l2.csv`, `pairwise_cos.csv`. A folder holding files is
-/// refused unless `overwrite` (then the files of the same names are replaced, others kept).
+/// `blocks.csv`, `keys.csv`, `pairwise_l2.csv`, `pairwise_cos.csv`, the charts (SVG and PNG,
+/// [`super::write_charts`]) and `report.html` ([`super::write_html`]). A folder holding files
+/// is refused unless `overwrite` (then the files of the same names are replaced, others kept).
 /// Returns the files written.
 pub fn write_report(c: &Comparison, dir: &Path, overwrite: bool) -> Result<Vec<PathBuf>> {
     prepare_dir(dir, overwrite)?;
@@ -37,6 +38,11 @@ pub fn write_report(c: &Comparison, dir: &Path, overwrite: bool) -> Result<Vec<P
         crate::io::dest::write_atomic(&path, text.as_bytes(), &inputs, true)?;
         written.push(path);
     }
+    let charts = super::write_charts(c, dir)?;
+    for chart in &charts {
+        written.extend([chart.svg.clone(), chart.png.clone()]);
+    }
+    written.push(super::write_html(c, &charts, dir)?);
     Ok(written)
 }
 
