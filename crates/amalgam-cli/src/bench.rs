@@ -6,7 +6,9 @@
 //! ratio to reading the inputs and writing the output (what any merge must do at least), and the
 //! bytes the merge process read (its own I/O counters) as a multiple of the input size. With
 //! `--baseline OLD_BINARY` the same merge by another build runs in the same rounds, alternated,
-//! and the table gives the ratio of the two.
+//! and the table gives the ratio of the two. `compare` among the methods times `amalgam compare`
+//! of the models and their base (no report files); `--sweep` also times, in the same rounds, each
+//! merge as a sweep (all its points written from one read), and gives its ratio to the merge.
 
 use amalgam::size::{format_bytes, parse_bytes};
 use amalgam::synth::{Layout, SynthOptions};
@@ -27,7 +29,8 @@ pub struct BenchArgs {
     /// Shrink factor of the synthetic SDXL models (4 = 1/16 of the parameters)
     #[arg(long, default_value_t = 4)]
     shrink: usize,
-    /// Methods to run, comma-separated (any of `amalgam methods`; those with a base get base.safetensors)
+    /// Methods to run, comma-separated (any of `amalgam methods`; those with a base get
+    /// base.safetensors), and `compare` for `amalgam compare` of the models and their base
     #[arg(long, value_delimiter = ',', default_value = "soup,task_arithmetic")]
     methods: Vec<String>,
     /// Worker threads for the merges and the read baseline (0 = one per core)
@@ -44,6 +47,10 @@ pub struct BenchArgs {
     /// Another amalgam binary (an older build) to run the same merges with, in the same rounds
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// Also run each merge as a sweep with these axes (NAME=V1,V2,...; repeatable), in the same
+    /// rounds, and report the sweep's time as a multiple of the single merge's
+    #[arg(long = "sweep", value_name = "NAME=V1,V2,...")]
+    sweeps: Vec<String>,
 }
 
 /// What one merge process took.
@@ -166,6 +173,18 @@ fn write_new(dir: &Path, len: u64) -> Result<f64> {
     Ok(s)
 }
 
+/// Removes the outputs and the table a bench sweep wrote.
+fn remove_sweep_outputs(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| n.starts_with("bench-sweep")) {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
 fn ensure_models(dir: &Path, n: usize, shrink: usize) -> Result<Vec<PathBuf>> {
     let paths: Vec<PathBuf> = std::iter::once(dir.join("base.safetensors"))
         .chain((0..n).map(|i| dir.join(format!("m{i:03}.safetensors"))))
@@ -197,31 +216,53 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &n in &a.n {
         for method in &a.methods {
-            let with_base = amalgam::methods::info(method)?
-                .slots
-                .first()
-                .is_some_and(|s| s.name == "base");
+            let compare = method == "compare";
+            let with_base = compare
+                || amalgam::methods::info(method)?
+                    .slots
+                    .first()
+                    .is_some_and(|s| s.name == "base");
             let files: Vec<PathBuf> = if with_base {
                 all[..=n].to_vec()
             } else {
                 all[1..=n].to_vec()
             };
-            let merge_cmd = |exe: &Path| {
+            let merge_cmd = |exe: &Path, out: &Path| {
                 let mut cmd = std::process::Command::new(exe);
+                if compare {
+                    cmd.arg("compare")
+                        .arg("--base")
+                        .arg(&files[0])
+                        .args(&files[1..]);
+                    cmd.arg("--quiet")
+                        .arg("--threads")
+                        .arg(a.threads.to_string());
+                    return cmd;
+                }
                 cmd.arg("merge").arg("--method").arg(method);
                 if with_base {
                     cmd.arg("--base").arg(&files[0]).args(&files[1..]);
                 } else {
                     cmd.args(&files);
                 }
-                cmd.arg("-o").arg(&out).arg("--force").arg("--quiet");
+                cmd.arg("-o").arg(out).arg("--force").arg("--quiet");
                 cmd.arg("--threads").arg(a.threads.to_string());
                 cmd.arg("--memory-budget").arg(a.memory_budget.to_string());
                 cmd.arg("--compute-dtype").arg(&a.compute_dtype);
                 cmd
             };
-            let mut cmd = merge_cmd(&exe);
-            let mut base_cmd = a.baseline.as_deref().map(merge_cmd);
+            let mut cmd = merge_cmd(&exe, &out);
+            let sweep_out = a.dir.join("bench-sweep-{i}.safetensors");
+            let mut sweep_cmd = (!a.sweeps.is_empty() && !compare).then(|| {
+                let mut c = merge_cmd(&exe, &sweep_out);
+                for s in &a.sweeps {
+                    c.arg("--sweep").arg(s);
+                }
+                c.arg("--sweep-table").arg(a.dir.join("bench-sweep.json"));
+                c
+            });
+            let (mut sweep_s, mut sweep_read) = (f64::MAX, 0u64);
+            let mut base_cmd = a.baseline.as_deref().map(|b| merge_cmd(b, &out));
             let (mut base_s, mut base_read, mut base_rss) = (f64::MAX, 0u64, 0u64);
             let mut merge_read = 0u64;
             // Best of `repeat` rounds; each round warms the page cache, then times one read of
@@ -243,9 +284,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 merge_read = run.read;
                 rss = rss.max(run.rss);
                 // Writing a file of the output's size, as the merge just did.
-                let out_len = std::fs::metadata(&out)?.len();
+                let out_len = if compare {
+                    0
+                } else {
+                    std::fs::metadata(&out)?.len()
+                };
                 let _ = std::process::Command::new("sync").status();
                 write_s = write_s.min(write_new(&a.dir, out_len)?);
+                // The sweep in the same round, its outputs removed afterwards.
+                if let Some(sc) = sweep_cmd.as_mut() {
+                    let _ = std::process::Command::new("sync").status();
+                    let run = measure(sc)?;
+                    sweep_s = sweep_s.min(run.wall);
+                    sweep_read = run.read;
+                    remove_sweep_outputs(&a.dir)?;
+                }
                 (read_s, pread_s, merge_s, bytes) =
                     (read_s.min(r), pread_s.min(pr), merge_s.min(m), b);
                 // The baseline in the same round, on the same warm cache.
@@ -268,6 +321,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             } else {
                 String::new()
             };
+            let sweep = if sweep_cmd.is_some() {
+                format!(
+                    " {sweep_s:.2} s | {:.2}x | {:.2}x |",
+                    sweep_s / merge_s,
+                    sweep_read as f64 / bytes as f64
+                )
+            } else if a.sweeps.is_empty() {
+                String::new()
+            } else {
+                " - | - | - |".to_string()
+            };
             let row = format!(
                 "| {method} | {n} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} |{baseline}",
                 format_bytes(bytes),
@@ -278,7 +342,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 merge_s / (read_s + write_s),
                 merge_read as f64 / bytes as f64,
                 format_bytes(rss)
-            );
+            ) + &sweep;
             eprintln!("{row}");
             rows.push(row);
         }
@@ -292,10 +356,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         ("", "")
     };
-    println!("| method | N | input | warm read, 1 thread | warm read, all threads | write output, 1 thread | merge (wall) | merge / read 1T | merge / read all | merge / (read + write) 1T | read / input | peak RSS |{}", extra.0);
+    let sweep = if a.sweeps.is_empty() {
+        ("", "")
+    } else {
+        (
+            " sweep (wall) | sweep / merge | sweep read / input |",
+            "---|---|---|",
+        )
+    };
+    println!("| method | N | input | warm read, 1 thread | warm read, all threads | write output, 1 thread | merge (wall) | merge / read 1T | merge / read all | merge / (read + write) 1T | read / input | peak RSS |{}{}", extra.0, sweep.0);
     println!(
-        "|---|---|---|---|---|---|---|---|---|---|---|---|{}",
-        extra.1
+        "|---|---|---|---|---|---|---|---|---|---|---|---|{}{}",
+        extra.1, sweep.1
     );
     for r in rows {
         println!("{r}");

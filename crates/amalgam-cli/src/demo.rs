@@ -97,8 +97,46 @@ pub fn run(keep: Option<PathBuf>, force: bool) -> Result<()> {
         Default::default(),
     )?;
     let opts = crate::merge_options(&dgmla_out, &engine, &Default::default(), force);
-    let report = crate::run_merge(&graph, opts, false)?;
+    let report = crate::run_merge(&graph, opts.clone(), false)?;
     eprintln!("{report}");
+
+    eprintln!(
+        "\n== amalgam compare m000 ... m003 --base base -o compare   (distances per block and \
+         component, charts, report.html)"
+    );
+    let compare_dir = dir.join("compare");
+    let c = amalgam::analysis::compare(
+        &paths[1..],
+        Some(&paths[0]),
+        &Default::default(),
+        &amalgam::NoProgress,
+    )?;
+    eprint!("{}", amalgam::analysis::summary_table(&c));
+    let files = amalgam::analysis::write_report(&c, &compare_dir, force)?;
+    eprintln!(
+        "   wrote {} files, among them {}",
+        files.len(),
+        compare_dir.join("report.html").display()
+    );
+
+    eprintln!(
+        "\n== sweep: amalgam merge --method dgmla ... --sweep p=0.1,0.3 -o 'dgmla_p{{p}}.safetensors' \
+         --compare   (both outputs from one read)"
+    );
+    let sweep = amalgam::recipe::sweep::Sweep {
+        axes: vec![amalgam::recipe::sweep::SweepAxis::parse("p=0.1,0.3")?],
+        combine: Default::default(),
+    };
+    let template = dir.join("dgmla_p{p}.safetensors");
+    let (table, _) = amalgam::sweep::run_sweep(
+        &graph,
+        &sweep,
+        &template.to_string_lossy(),
+        &opts,
+        Some(Some(&paths[0])),
+        &amalgam::NoProgress,
+    )?;
+    eprint!("{}", table.to_text());
 
     let recipe_path = dir.join("demo.toml");
     amalgam::io::dest::write_atomic(&recipe_path, RECIPE.as_bytes(), &[], force)

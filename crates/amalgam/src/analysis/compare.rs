@@ -440,52 +440,81 @@ fn key_sums(files: &[ModelFile], key: &PlannedKey) -> Result<(KeySums, Vec<usize
     Ok((sums, bad))
 }
 
-/// The inner products of elements `range` of a key.
+thread_local! {
+    /// A worker's block of rows, reused from block to block (every value is decoded anew).
+    static ROWS: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The inner products of elements `range` of a key: the rows `x_a − r` and, in the reference's
+/// place, `r` itself, so that one matrix product gives `C`, `⟨r, x_a − r⟩` and `‖r‖²`.
 fn block_sums(
     files: &[ModelFile],
     key: &PlannedKey,
     range: std::ops::Range<usize>,
 ) -> Result<BlockSums> {
-    let (m, len) = (key.present.len(), range.len());
-    let mut rows = vec![0f64; m * len];
-    let mut scratch = Vec::new();
-    let mut non_finite = Vec::new();
-    for (a, &t) in key.present.iter().enumerate() {
-        let f = &files[t];
-        let e = f.tensor(&key.key).expect("planned");
-        let dtype = e.float_dtype().expect("planned");
-        let row = &mut rows[a * len..(a + 1) * len];
-        if !f.decode_checked(e.offset, dtype, range.start, row, &mut scratch)? {
-            non_finite.push(t);
+    let (m, len, reference) = (key.present.len(), range.len(), key.reference);
+    ROWS.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < m * len {
+            buf.resize(m * len, 0.0);
         }
-    }
-    let (before, rest) = rows.split_at_mut(key.reference * len);
-    let (r, after) = rest.split_at_mut(len);
-    r.iter_mut()
-        .filter(|v| !v.is_finite())
-        .for_each(|v| *v = 0.0);
-    let mut ref_dot = vec![0.0; m];
-    let ref_norm2 = r.iter().map(|v| v * v).sum();
-    for (a, row) in before
-        .chunks_exact_mut(len)
-        .chain(after.chunks_exact_mut(len))
-        .enumerate()
-    {
-        let a = if a < key.reference { a } else { a + 1 };
-        let mut dot = 0.0;
-        for (x, &rv) in row.iter_mut().zip(r.iter()) {
-            *x = if x.is_finite() { *x - rv } else { 0.0 };
-            dot += rv * *x;
+        let rows = &mut buf[..m * len];
+        let mut scratch = Vec::new();
+        let mut finite = vec![true; m];
+        let mut non_finite = Vec::new();
+        for (a, &t) in key.present.iter().enumerate() {
+            let f = &files[t];
+            let e = f.tensor(&key.key).expect("planned");
+            let dtype = e.float_dtype().expect("planned");
+            let row = &mut rows[a * len..(a + 1) * len];
+            if !f.decode_checked(e.offset, dtype, range.start, row, &mut scratch)? {
+                finite[a] = false;
+                non_finite.push(t);
+            }
         }
-        ref_dot[a] = dot;
-    }
-    r.fill(0.0);
-    let mut centred = vec![0.0; m * m];
-    gram_of_rows(&rows, m, len, &mut centred);
-    Ok(BlockSums {
-        centred,
-        ref_dot,
-        ref_norm2,
-        non_finite,
+        let (before, rest) = rows.split_at_mut(reference * len);
+        let (r, after) = rest.split_at_mut(len);
+        if !finite[reference] {
+            r.iter_mut()
+                .filter(|v| !v.is_finite())
+                .for_each(|v| *v = 0.0);
+        }
+        let others = before
+            .chunks_exact_mut(len)
+            .chain(after.chunks_exact_mut(len));
+        for (a, row) in others.enumerate() {
+            let a = if a < reference { a } else { a + 1 };
+            if finite[a] {
+                row.iter_mut().zip(r.iter()).for_each(|(x, &rv)| *x -= rv);
+            } else {
+                // A NaN or Inf value counts as the reference's.
+                for (x, &rv) in row.iter_mut().zip(r.iter()) {
+                    *x = if x.is_finite() { *x - rv } else { 0.0 };
+                }
+            }
+        }
+        let mut gram = vec![0.0; m * m];
+        gram_of_rows(rows, m, len, &mut gram);
+        let ref_norm2 = gram[reference * m + reference];
+        let ref_dot: Vec<f64> = (0..m)
+            .map(|a| {
+                if a == reference {
+                    0.0
+                } else {
+                    gram[reference * m + a]
+                }
+            })
+            .collect();
+        // The reference's own difference is zero.
+        for a in 0..m {
+            gram[reference * m + a] = 0.0;
+            gram[a * m + reference] = 0.0;
+        }
+        Ok(BlockSums {
+            centred: gram,
+            ref_dot,
+            ref_norm2,
+            non_finite,
+        })
     })
 }
