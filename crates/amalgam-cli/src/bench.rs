@@ -8,7 +8,8 @@
 //! `--baseline OLD_BINARY` the same merge by another build runs in the same rounds, alternated,
 //! and the table gives the ratio of the two. `compare` among the methods times `amalgam compare`
 //! of the models and their base (no report files); `--sweep` also times, in the same rounds, each
-//! merge as a sweep (all its points written from one read), and gives its ratio to the merge.
+//! merge as a sweep (all its points written from one read) and each of its points merged alone,
+//! and gives the sweep's time in units of one point alone (their mean).
 
 use amalgam::size::{format_bytes, parse_bytes};
 use amalgam::synth::{Layout, SynthOptions};
@@ -47,8 +48,9 @@ pub struct BenchArgs {
     /// Another amalgam binary (an older build) to run the same merges with, in the same rounds
     #[arg(long)]
     baseline: Option<PathBuf>,
-    /// Also run each merge as a sweep with these axes (NAME=V1,V2,...; repeatable), in the same
-    /// rounds, and report the sweep's time as a multiple of the single merge's
+    /// Also run each merge as a sweep with these axes (NAME=V1,V2,...; repeatable; every
+    /// combination), and each point alone, in the same rounds; report the sweep's time in units
+    /// of one point merged alone
     #[arg(long = "sweep", value_name = "NAME=V1,V2,...")]
     sweeps: Vec<String>,
 }
@@ -173,6 +175,27 @@ fn write_new(dir: &Path, len: u64) -> Result<f64> {
     Ok(s)
 }
 
+/// Every combination of the sweep axes' values, each as `NAME=VALUE` parameters.
+fn sweep_points(specs: &[String]) -> Result<Vec<Vec<String>>> {
+    let mut points = vec![Vec::new()];
+    for spec in specs {
+        let (name, values) = spec
+            .split_once('=')
+            .with_context(|| format!("--sweep `{spec}`: expected NAME=V1,V2,..."))?;
+        points = points
+            .into_iter()
+            .flat_map(|p| {
+                values.split(',').map(move |v| {
+                    let mut q = p.clone();
+                    q.push(format!("{name}={}", v.trim()));
+                    q
+                })
+            })
+            .collect();
+    }
+    Ok(points)
+}
+
 /// Removes the outputs and the table a bench sweep wrote.
 fn remove_sweep_outputs(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir)? {
@@ -262,6 +285,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 c
             });
             let (mut sweep_s, mut sweep_read) = (f64::MAX, 0u64);
+            // Each point of the sweep merged alone (its values as --param).
+            let points = sweep_points(&a.sweeps)?;
+            let mut alone_s = vec![f64::MAX; points.len()];
             let mut base_cmd = a.baseline.as_deref().map(|b| merge_cmd(b, &out));
             let (mut base_s, mut base_read, mut base_rss) = (f64::MAX, 0u64, 0u64);
             let mut merge_read = 0u64;
@@ -298,6 +324,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     sweep_s = sweep_s.min(run.wall);
                     sweep_read = run.read;
                     remove_sweep_outputs(&a.dir)?;
+                    for (p, best) in points.iter().zip(alone_s.iter_mut()) {
+                        let mut c = merge_cmd(&exe, &out);
+                        for v in p {
+                            c.arg("--param").arg(v);
+                        }
+                        let _ = std::fs::remove_file(&out);
+                        let _ = std::process::Command::new("sync").status();
+                        *best = best.min(measure(&mut c)?.wall);
+                    }
                 }
                 (read_s, pread_s, merge_s, bytes) =
                     (read_s.min(r), pread_s.min(pr), merge_s.min(m), b);
@@ -322,15 +357,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 String::new()
             };
             let sweep = if sweep_cmd.is_some() {
+                let mean = alone_s.iter().sum::<f64>() / alone_s.len() as f64;
                 format!(
-                    " {sweep_s:.2} s | {:.2}x | {:.2}x |",
-                    sweep_s / merge_s,
+                    " {} | {sweep_s:.2} s | {mean:.2} s | {:.2} | {:.2}x |",
+                    points.len(),
+                    sweep_s / mean,
                     sweep_read as f64 / bytes as f64
                 )
             } else if a.sweeps.is_empty() {
                 String::new()
             } else {
-                " - | - | - |".to_string()
+                " - | - | - | - | - |".to_string()
             };
             let row = format!(
                 "| {method} | {n} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} |{baseline}",
@@ -360,8 +397,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         ("", "")
     } else {
         (
-            " sweep (wall) | sweep / merge | sweep read / input |",
-            "---|---|---|",
+            " sweep points K | sweep (wall) | one point alone (mean wall) | sweep / one point | sweep read / input |",
+            "---|---|---|---|---|",
         )
     };
     println!("| method | N | input | warm read, 1 thread | warm read, all threads | write output, 1 thread | merge (wall) | merge / read 1T | merge / read all | merge / (read + write) 1T | read / input | peak RSS |{}{}", extra.0, sweep.0);

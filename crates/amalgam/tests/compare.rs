@@ -51,6 +51,7 @@ struct Direct {
     cos: Vec<Vec<f64>>,
 }
 
+#[allow(clippy::needless_range_loop)] // indices name the models, as the formulas do
 fn direct(pool: &Pool, keys: &[&str], n: usize) -> Direct {
     let mut d = Direct {
         dist_base: vec![0.0; n],

@@ -1,11 +1,9 @@
 //! Parameter sweeps: every point byte-identical to the same merge run alone, from one read of
 //! the inputs; product and zip; errors naming the parameter; the recipe's `[sweep]` table.
 
-mod common;
 use amalgam::recipe::graph::Shorthand;
 use amalgam::recipe::sweep::{Combine, Sweep, SweepAxis};
 use amalgam::{merge, MergeOptions, NoProgress};
-use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
