@@ -38,6 +38,8 @@ pub(crate) struct GroupSums {
     to_mean_dot: Vec<f64>,
     /// `Σ ‖v̄‖²` per model, over the keys it has.
     mean_norm2: Vec<f64>,
+    /// The keys `i` and `j` both have (row-major `p × p`; the diagonal: the keys `i` has).
+    shared: Vec<usize>,
     /// Keys summed.
     keys: usize,
     /// Elements per point summed.
@@ -71,6 +73,7 @@ impl GroupSums {
             to_mean_d2: vec![0.0; p],
             to_mean_dot: vec![0.0; p],
             mean_norm2: vec![0.0; p],
+            shared: vec![0; p * p],
             keys: 0,
             elements: 0,
         }
@@ -88,6 +91,7 @@ impl GroupSums {
                 self.d2[i * p + j] += (c(a, a) + c(b, b) - 2.0 * c(a, b)).max(0.0);
                 self.dot[i * p + j] += c(a, b) + k.ref_dot[a] + k.ref_dot[b] + k.ref_norm2;
                 self.dot_own[i * p + j] += c(a, a) + 2.0 * k.ref_dot[a] + k.ref_norm2;
+                self.shared[i * p + j] += 1;
                 if base.is_some() {
                     self.task[i * p + j] += c(a, b);
                     self.task_own[i * p + j] += c(a, a);
@@ -136,6 +140,10 @@ impl GroupSums {
         add(&mut self.to_mean_d2, &o.to_mean_d2);
         add(&mut self.to_mean_dot, &o.to_mean_dot);
         add(&mut self.mean_norm2, &o.mean_norm2);
+        self.shared
+            .iter_mut()
+            .zip(&o.shared)
+            .for_each(|(a, b)| *a += b);
         self.keys += o.keys;
         self.elements += o.elements;
     }
@@ -144,7 +152,19 @@ impl GroupSums {
     /// both have.
     fn cos(&self, dot: &[f64], own: &[f64], i: usize, j: usize) -> f64 {
         let p = self.p;
+        if self.shared[i * p + j] == 0 {
+            return f64::NAN;
+        }
         dot[i * p + j] / (own[i * p + j] * own[j * p + i]).sqrt()
+    }
+
+    /// `√v` for a pair with keys in common, NaN (no value, `null` in JSON) for one without.
+    fn root(&self, i: usize, j: usize, v: f64) -> f64 {
+        if self.shared[i * self.p + j] == 0 {
+            f64::NAN
+        } else {
+            v.sqrt()
+        }
     }
 
     /// The inner products and norms cosines are taken of: task vectors with a base, weights
@@ -162,9 +182,9 @@ impl GroupSums {
         let (_, own) = self.vectors(base);
         (0..n)
             .map(|i| ModelStats {
-                dist_base: base.map(|b| self.d2[i * p + b].sqrt()),
+                dist_base: base.map(|b| self.root(i, b, self.d2[i * p + b])),
                 cos_base: base.map(|b| self.cos(&self.dot, &self.dot_own, i, b)),
-                dist_mean: self.to_mean_d2[i].sqrt(),
+                dist_mean: self.root(i, i, self.to_mean_d2[i]),
                 cos_mean: self.to_mean_dot[i] / (own[i * p + i] * self.mean_norm2[i]).sqrt(),
             })
             .collect()
@@ -182,7 +202,7 @@ impl GroupSums {
             keys: self.keys,
             elements: self.elements,
             models,
-            l2: square(&|i, j| self.d2[i * p + j].sqrt()),
+            l2: square(&|i, j| self.root(i, j, self.d2[i * p + j])),
             cos: square(&|i, j| self.cos(dot, own, i, j)),
         }
     }
@@ -191,7 +211,8 @@ impl GroupSums {
 /// One model's figures in a group of keys.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ModelStats {
-    /// `‖x − base‖`: the L2 norm of its task vector (with a base).
+    /// `‖x − base‖`: the L2 norm of its task vector (with a base). The figures of a model
+    /// without keys in the group (a pruned VAE) are NaN, `null` in JSON.
     pub dist_base: Option<f64>,
     /// The cosine of its weights and the base's (with a base; supermerger's cosine).
     pub cos_base: Option<f64>,

@@ -155,6 +155,11 @@ const ALIASES: &[(&str, &str)] = &[
     ("magprune", "della"),
 ];
 
+/// Every method, output stage and whole-model method, in registration order.
+pub fn all_infos() -> impl Iterator<Item = &'static MethodInfo> {
+    ALL.iter().chain(WHOLE_MODEL).chain(STAGES).copied()
+}
+
 /// The registered name for `name` (an exact name or an alias), or an error listing the methods.
 pub fn canonical_name(name: &str) -> Result<&'static str> {
     let norm = name.replace('-', "_").to_ascii_lowercase();

@@ -109,6 +109,34 @@ pub fn is_mecha(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "mecha")
 }
 
+/// Parses recipe text of either format: `.mecha` when its first line that is not blank or a
+/// comment starts with `version` (as sd-mecha writes it), TOML otherwise. `origin` names it in
+/// errors, `dir` anchors relative paths; a `.mecha` recipe's models are also looked for in
+/// `model_dirs`.
+pub fn load_text(
+    text: &str,
+    origin: &str,
+    dir: &Path,
+    model_dirs: &[std::path::PathBuf],
+) -> Result<Recipe> {
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'));
+    if first.is_some_and(|l| l.starts_with("version")) {
+        let t = crate::recipe::mecha::load_text(text, origin, dir, model_dirs, &[])?;
+        return Ok(Recipe {
+            graph: t.graph,
+            settings: RecipeSettings {
+                seed: t.seed,
+                ..Default::default()
+            },
+            sweep: None,
+        });
+    }
+    parse(text, origin, dir)
+}
+
 /// Loads a recipe of either format, by its extension: a `.mecha` file's models are looked for
 /// in `model_dirs` and renamed by `renames` first (see [`crate::recipe::mecha::load_with`]); it sets the
 /// seed only.

@@ -50,15 +50,22 @@ pub fn load_with(
 ) -> Result<Translated> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let origin = path.display().to_string();
-    let recipe = parse(&text, &origin)?;
-    let t = translate(
-        &recipe,
-        &origin,
-        path.parent().unwrap_or(std::path::Path::new(".")),
-        model_dirs,
-        renames,
-    )?;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    load_text(&text, &origin, dir, model_dirs, renames)
+}
+
+/// Parses and translates `.mecha` text; `origin` names it in errors, `dir` anchors relative
+/// model paths.
+pub fn load_text(
+    text: &str,
+    origin: &str,
+    dir: &std::path::Path,
+    model_dirs: &[std::path::PathBuf],
+    renames: &[(String, String)],
+) -> Result<Translated> {
+    let recipe = parse(text, origin)?;
+    let t = translate(&recipe, origin, dir, model_dirs, renames)?;
     let paths: Vec<std::path::PathBuf> = t.graph.models.iter().map(|m| m.path.clone()).collect();
-    check::check_model_configs(&t.model_configs, &paths, &origin)?;
+    check::check_model_configs(&t.model_configs, &paths, origin)?;
     Ok(t)
 }
