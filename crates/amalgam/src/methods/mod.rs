@@ -4,7 +4,9 @@
 //! - [`delta`]: task-vector filtering (the TIES pipeline and its presets, DELLA, dropout);
 //! - [`svd`]: methods on the singular values of each matrix (ISO-C, ISO-Z);
 //! - [`gram`]: combinations through the models' Gram matrix (geometric median, Karcher, model
-//!   stock, SLERP).
+//!   stock, SLERP);
+//! - [`mecha`]: sd-mecha's element-wise and per-tensor methods under their sd-mecha names
+//!   (geometric sum, masks, clamp, perpendicular components, cosine merges).
 //!
 //! Adding a method: write `methods/FAMILY/NAME.rs` with an `INFO` and a type implementing
 //! [`Method`] (for a formula applied element by element, `Pointwise`: the declaration, the
@@ -18,6 +20,7 @@ use crate::real::Real;
 pub mod delta;
 pub mod gram;
 pub mod linear;
+pub mod mecha;
 pub mod rebasin;
 pub mod svd;
 
@@ -85,6 +88,16 @@ registry!(
     svd::clyb_merge::INFO => svd::clyb_merge::ClybMerge::new,
     svd::dgmiz::DGMIZ => svd::dgmiz::Dgmiz::new,
     svd::dgmiz::DGMIA => svd::dgmiz::Dgmiz::new,
+    mecha::powers::GEOMETRIC_SUM => PointwiseMethod::<mecha::powers::GeometricSum>::new,
+    mecha::powers::MULTIPLY_QUOTIENT => PointwiseMethod::<mecha::powers::MultiplyQuotient>::new,
+    mecha::masks::TRAIN_DIFFERENCE_MASK => PointwiseMethod::<mecha::masks::TrainDifferenceMask>::new,
+    mecha::masks::ADD_OPPOSITE_MASK => PointwiseMethod::<mecha::masks::AddOppositeMask>::new,
+    mecha::masks::ADD_STRICT_OPPOSITE_MASK => PointwiseMethod::<mecha::masks::AddStrictOppositeMask>::new,
+    mecha::clamp::INFO => PointwiseMethod::<mecha::clamp::Clamp>::new,
+    mecha::perpendicular::PERPENDICULAR_COMPONENT => mecha::perpendicular::Perpendicular::component,
+    mecha::perpendicular::ADD_PERPENDICULAR => mecha::perpendicular::Perpendicular::add,
+    mecha::cosine::ADD_COSINE_A => mecha::cosine::AddCosine::<false>::new,
+    mecha::cosine::ADD_COSINE_B => mecha::cosine::AddCosine::<true>::new,
 );
 
 /// Output stages: nodes declared like methods (inputs, parameters, docs) whose output is a file
