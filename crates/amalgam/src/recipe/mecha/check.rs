@@ -48,6 +48,8 @@ pub enum Spaces {
     FirstThenDeltas,
     /// A parameter made from a literal (`convert_singleton`, block conversions).
     ToParam,
+    /// Every input in one space; the result a parameter (the masks).
+    SameToParam,
 }
 
 /// One method as sd-mecha declares it.
@@ -64,6 +66,11 @@ pub struct Declared {
 const DELTAS: Spaces = Spaces::Fixed {
     input: Space::Delta,
     output: Space::Delta,
+};
+
+const WEIGHTS: Spaces = Spaces::Fixed {
+    input: Space::Weight,
+    output: Space::Weight,
 };
 
 /// The methods of [`super::SUPPORTED`], as sd-mecha 1.1.8 declares them.
@@ -218,6 +225,51 @@ pub const DECLARED: &[Declared] = &[
         spaces: Spaces::Same,
     },
     Declared {
+        method: "geometric_sum",
+        params: &["alpha"],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "multiply_quotient",
+        params: &["alpha"],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "train_difference_mask",
+        params: &["alpha"],
+        spaces: Spaces::SameToParam,
+    },
+    Declared {
+        method: "add_opposite_mask",
+        params: &["alpha"],
+        spaces: Spaces::SameToParam,
+    },
+    Declared {
+        method: "add_strict_opposite_mask",
+        params: &["alpha"],
+        spaces: Spaces::SameToParam,
+    },
+    Declared {
+        method: "clamp",
+        params: &["stiffness"],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "perpendicular_component",
+        params: &[],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "add_cosine_a",
+        params: &["alpha"],
+        spaces: WEIGHTS,
+    },
+    Declared {
+        method: "add_cosine_b",
+        params: &["alpha"],
+        spaces: WEIGHTS,
+    },
+    Declared {
         method: "convert_singleton",
         params: &[],
         spaces: Spaces::ToParam,
@@ -347,7 +399,7 @@ fn merge_space(
             }
             Ok(Some(output))
         }
-        Spaces::Same => {
+        Spaces::Same | Spaces::SameToParam => {
             let mut common: Option<(usize, Space)> = None;
             for &(r, s) in &inputs {
                 let Some(s) = s else { continue };
@@ -362,7 +414,10 @@ fn merge_space(
                     _ => common = common.or(Some((r, s))),
                 }
             }
-            Ok(common.map(|(_, s)| s))
+            Ok(match d.spaces {
+                Spaces::SameToParam => Some(Space::Param),
+                _ => common.map(|(_, s)| s),
+            })
         }
         Spaces::FirstThenDeltas => {
             for &(r, s) in inputs.iter().skip(1) {

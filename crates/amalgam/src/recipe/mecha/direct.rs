@@ -98,6 +98,53 @@ pub(super) const DIRECT: &[Direct] = &[
             ),
         ],
     },
+    // sd-mecha 1.1.8's element-wise and per-tensor methods (`methods::mecha`), same names.
+    Direct {
+        mecha: "geometric_sum",
+        method: "geometric_sum",
+        params: &[("alpha", Map::To("alpha"))],
+    },
+    Direct {
+        mecha: "multiply_quotient",
+        method: "multiply_quotient",
+        params: &[("alpha", Map::To("alpha"))],
+    },
+    Direct {
+        mecha: "train_difference_mask",
+        method: "train_difference_mask",
+        params: &[("alpha", Map::To("alpha"))],
+    },
+    Direct {
+        mecha: "add_opposite_mask",
+        method: "add_opposite_mask",
+        params: &[("alpha", Map::To("alpha"))],
+    },
+    Direct {
+        mecha: "add_strict_opposite_mask",
+        method: "add_strict_opposite_mask",
+        params: &[("alpha", Map::To("alpha"))],
+    },
+    // `clamp(a, *bounds)`: the inputs after the first are the bounds.
+    Direct {
+        mecha: "clamp",
+        method: "clamp",
+        params: &[("stiffness", Map::To("stiffness"))],
+    },
+    Direct {
+        mecha: "perpendicular_component",
+        method: "perpendicular_component",
+        params: &[],
+    },
+    Direct {
+        mecha: "add_cosine_a",
+        method: "add_cosine_a",
+        params: &[("alpha", Map::To("alpha"))],
+    },
+    Direct {
+        mecha: "add_cosine_b",
+        method: "add_cosine_b",
+        params: &[("alpha", Map::To("alpha"))],
+    },
 ];
 
 /// The entry of sd-mecha method `mecha`.

@@ -2,6 +2,7 @@
 
 use super::{err, Kind, Recipe, Value};
 use crate::error::{Error, Result};
+use crate::method::SlotKind;
 use crate::methods::gram::geometric_median::Weiszfeld;
 
 /// The result of one command during translation.
@@ -50,6 +51,15 @@ pub const SUPPORTED: &[&str] = &[
     "isotropic_overrided",
     "rebasin",
     "randperm",
+    "geometric_sum",
+    "multiply_quotient",
+    "train_difference_mask",
+    "add_opposite_mask",
+    "add_strict_opposite_mask",
+    "clamp",
+    "perpendicular_component",
+    "add_cosine_a",
+    "add_cosine_b",
 ];
 
 /// Records a merge's `seed` (a number; anything else is no seed) as the recipe's: amalgam runs
@@ -540,13 +550,21 @@ pub fn translate(
                     other => {
                         let direct = super::direct::by_mecha(other)
                             .unwrap_or_else(|| unreachable!("{other} is in SUPPORTED"));
-                        // Inputs first, then parameters by position in sd-mecha's signature.
-                        let n = crate::methods::info(direct.method)?.slots.len();
+                        // Inputs first, then parameters by position in sd-mecha's signature;
+                        // a list slot last (`clamp`'s bounds) takes every input after the others,
+                        // its parameters then keyword-only.
+                        let declared = crate::methods::info(direct.method)?.slots;
+                        let listed = declared.last().map(|s| s.kind) == Some(SlotKind::Many);
+                        let n = if listed { args.len() } else { declared.len() };
                         let (inputs, values) = args.split_at(n.min(args.len()));
-                        let slots = inputs
+                        let mut slots = inputs
                             .iter()
                             .map(|a| tensors(a, &items, c.line).map(|t| vec![t]))
                             .collect::<Result<Vec<_>>>()?;
+                        if listed && slots.len() >= declared.len() {
+                            let rest = slots.split_off(declared.len() - 1).concat();
+                            slots.push(rest);
+                        }
                         let order = super::check::declared(other).map_or(&[][..], |d| d.params);
                         let at = |name: &str| {
                             let i = order.iter().position(|p| *p == name)?;

@@ -182,12 +182,23 @@ pub fn to_mecha(
                     .into_iter()
                     .map(|(k, v)| (k, w.scalar(v)))
                     .collect();
-                // A slot left empty (a prepared re-basin's used-up reference) has no form here.
-                let inputs: Vec<usize> = args
-                    .iter()
-                    .map(|a| a.first().copied())
-                    .collect::<Option<_>>()?;
+                // A slot left empty (a prepared re-basin's used-up reference) has no form here; a
+                // list slot (`clamp`'s bounds) gives each of its inputs.
+                if args.iter().any(|a| a.is_empty()) {
+                    return None;
+                }
+                let inputs: Vec<usize> = args.concat();
                 w.merge(direct.mecha, &inputs, &kw)
+            }
+            // sd-mecha's Python wrapper `add_perpendicular`, as the methods it builds.
+            "add_perpendicular" => {
+                let (a, b, c) = (args[0][0], args[1][0], args[2][0]);
+                let da = w.merge("subtract", &[a, c], &[]);
+                let db = w.merge("subtract", &[b, c], &[]);
+                let perp = w.merge("perpendicular_component", &[da, db], &[]);
+                let default = ParamValue::Number(default_of("add_perpendicular", "alpha"));
+                let alpha = param_line(&mut w, p("alpha").unwrap_or(&default))?;
+                w.merge("add_difference", &[a, perp], &[("alpha", alpha)])
             }
             "geometric_median" => {
                 let mut kw = Vec::new();
