@@ -123,47 +123,26 @@ fn a_sweep_writes_one_output_per_point_each_with_its_recipe() {
     assert_eq!(table["rows"][1]["values"][0][1], "1.5");
     assert!(table["rows"][1]["dist_base"].as_f64().unwrap() > 0.0);
     // The table is not replaced without --force; names two points share are refused.
-    let again = fails(&[
-        "merge",
-        "--method",
-        "task_arithmetic",
-        "--base",
-        s(&base),
-        s(&m0),
-        s(&m1),
-        "--sweep",
-        "lambda=0.7",
-        "-o",
-        s(&template),
-    ]);
+    let sweep = |values: &str, out: &std::path::Path| {
+        fails(&[
+            "merge",
+            "--method",
+            "task_arithmetic",
+            "--base",
+            s(&base),
+            s(&m0),
+            s(&m1),
+            "--sweep",
+            values,
+            "-o",
+            s(out),
+        ])
+    };
+    let again = sweep("lambda=0.7", &template);
     assert!(again.contains("sweep.json"), "{again}");
-    let same = fails(&[
-        "merge",
-        "--method",
-        "task_arithmetic",
-        "--base",
-        s(&base),
-        s(&m0),
-        s(&m1),
-        "--sweep",
-        "lambda=0.7,0.8",
-        "-o",
-        s(&d.join("one.safetensors")),
-    ]);
+    let same = sweep("lambda=0.7,0.8", &d.join("one.safetensors"));
     assert!(same.contains("would both write"), "{same}");
-    let unknown = fails(&[
-        "merge",
-        "--method",
-        "task_arithmetic",
-        "--base",
-        s(&base),
-        s(&m0),
-        s(&m1),
-        "--sweep",
-        "p=0.7,0.8",
-        "-o",
-        s(&d.join("p{p}.safetensors")),
-    ]);
+    let unknown = sweep("p=0.7,0.8", &d.join("p{p}.safetensors"));
     assert!(
         unknown.contains("no node of the recipe has a parameter `p`"),
         "{unknown}"

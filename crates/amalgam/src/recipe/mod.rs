@@ -109,6 +109,18 @@ pub fn is_mecha(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "mecha")
 }
 
+/// A translated `.mecha` recipe as a recipe: it sets the seed only.
+fn of_mecha(t: crate::recipe::mecha::Translated) -> Recipe {
+    Recipe {
+        graph: t.graph,
+        settings: RecipeSettings {
+            seed: t.seed,
+            ..Default::default()
+        },
+        sweep: None,
+    }
+}
+
 /// Parses recipe text of either format: `.mecha` when its first line that is not blank or a
 /// comment starts with `version` (as sd-mecha writes it), TOML otherwise. `origin` names it in
 /// errors, `dir` anchors relative paths; a `.mecha` recipe's models are also looked for in
@@ -124,15 +136,7 @@ pub fn load_text(
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#'));
     if first.is_some_and(|l| l.starts_with("version")) {
-        let t = crate::recipe::mecha::load_text(text, origin, dir, model_dirs, &[])?;
-        return Ok(Recipe {
-            graph: t.graph,
-            settings: RecipeSettings {
-                seed: t.seed,
-                ..Default::default()
-            },
-            sweep: None,
-        });
+        return crate::recipe::mecha::load_text(text, origin, dir, model_dirs, &[]).map(of_mecha);
     }
     parse(text, origin, dir)
 }
@@ -146,15 +150,7 @@ pub fn load_any(
     renames: &[(String, String)],
 ) -> Result<Recipe> {
     if is_mecha(path) {
-        let t = crate::recipe::mecha::load_with(path, model_dirs, renames)?;
-        return Ok(Recipe {
-            graph: t.graph,
-            settings: RecipeSettings {
-                seed: t.seed,
-                ..Default::default()
-            },
-            sweep: None,
-        });
+        return crate::recipe::mecha::load_with(path, model_dirs, renames).map(of_mecha);
     }
     load(path)
 }
