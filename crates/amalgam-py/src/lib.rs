@@ -366,6 +366,49 @@ fn methods() -> String {
     serde_json::Value::Array(list).to_string()
 }
 
+/// `amalgam extract-lora`: `model − base` as a kohya LoRA file; the report as JSON.
+#[pyfunction]
+#[pyo3(signature = (model, base, output, *, rank, ratio=None, energy=None, dtype="f16", threads=0, overwrite=false, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn extract_lora(
+    py: Python<'_>,
+    model: PathBuf,
+    base: PathBuf,
+    output: PathBuf,
+    rank: usize,
+    ratio: Option<f64>,
+    energy: Option<f64>,
+    dtype: &str,
+    threads: usize,
+    overwrite: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    use amalgam::lora::extract::{ExtractOptions, RankRule};
+    let rule = match (ratio, energy) {
+        (None, None) => RankRule::Fixed,
+        (Some(f), None) => RankRule::Ratio(f),
+        (None, Some(f)) => RankRule::Energy(f),
+        _ => return Err(RecipeError::new_err("give ratio or energy, not both")),
+    };
+    let opts = ExtractOptions {
+        tuned: model,
+        base,
+        output,
+        rank,
+        rule,
+        dtype: parse_opt("dtype", Some(dtype))?.expect("given"),
+        threads,
+        overwrite,
+        metadata: BTreeMap::new(),
+        cancel: Default::default(),
+    };
+    let sink = PyProgress::new(progress, opts.cancel.clone());
+    let report = py
+        .allow_threads(|| amalgam::lora::extract::extract_lora(&opts, &sink))
+        .map_err(|e| sink.error(e))?;
+    serde_json::to_string(&report).map_err(|e| MergeError::new_err(e.to_string()))
+}
+
 /// `amalgam compare` as JSON; with `output_dir`, also its report files.
 #[pyfunction]
 #[pyo3(signature = (models, base=None, output_dir=None, overwrite=false, outlier_k=3.0, threads=0, progress=None))]
@@ -402,6 +445,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(methods, m)?)?;
     m.add_function(wrap_pyfunction!(compare, m)?)?;
+    m.add_function(wrap_pyfunction!(extract_lora, m)?)?;
     let py = m.py();
     m.add("MergeError", py.get_type::<MergeError>())?;
     m.add("InputError", py.get_type::<InputError>())?;

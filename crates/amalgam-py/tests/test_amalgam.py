@@ -123,3 +123,46 @@ node = "avg"
     c = amalgam.compare(files(pool), base=pool / "base.safetensors", output_dir=tmp_path / "cmp")
     assert len(c["models"]) == 3 and c["total"]["models"][0]["dist_base"] > 0
     assert (tmp_path / "cmp" / "report.html").is_file()
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "amalgam", "tests", "fixtures")
+
+
+def test_extract_lora_writes_a_lora(pool, tmp_path):
+    out = tmp_path / "l.safetensors"
+    report = amalgam.extract_lora(pool / "m000.safetensors", base=pool / "base.safetensors",
+                                  output=out, rank=4)
+    assert out.is_file() and report
+    keys = {name for name, _, _, _ in amalgam._native.read_tensors(str(out))}
+    assert any(k.endswith("lora_down.weight") for k in keys)
+
+
+def test_merge_mecha_equals_sd_mecha_outputs(tmp_path):
+    """The recipes sd-mecha 1.1.8 serialised (tests/fixtures/sd_mecha_recipes.json, made offline
+    by tools/sd_mecha_recipe_outputs.py), run natively, against sd-mecha's own outputs."""
+    import hashlib
+
+    with open(os.path.join(FIXTURES, "sd_mecha_recipes.json")) as f:
+        fx = json.load(f)
+    assert fx["sd_mecha_version"] == "1.1.8"
+    d = tmp_path / "models"
+    subprocess.run(
+        [BIN, "synth", "-o", str(d), "--layout", "sdxl", "-n", "4", "--shrink", "64",
+         "--dtype", "f32", "--seed", "0", "--force"],
+        check=True, capture_output=True,
+    )
+    for name, digest in fx["inputs_sha256"].items():
+        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest, name
+    compared = 0
+    for r in fx["recipes"]:
+        text = r["finalized_recipe"]  # sd_mecha.serialize's text
+        tensors = amalgam.merge_mecha(text, output=None, model_dirs=[d], dtype="f32",
+                                      compute_dtype="f64", as_torch=False)
+        assert len(tensors) == r["output"]["key_count"], r["recipe"]
+        for s in r["samples"]:
+            want = np.array([float(v) for v in s["values"]], dtype=np.float32)
+            got = tensors[s["key"]].reshape(-1)
+            scale = max(float(np.abs(want).max()), 1e-6)
+            assert np.all((got == want) | (np.abs(got - want) <= 2e-6 * scale)), (r["recipe"], s["key"])
+            compared += 1
+    assert compared == 6 * 7

@@ -34,6 +34,7 @@ __all__ = [
     "inspect",
     "methods",
     "compare",
+    "extract_lora",
     "tqdm_progress",
     "MergeError",
     "InputError",
@@ -195,6 +196,31 @@ def compare(
         _native.compare(
             [os.fspath(m) for m in models], _path(base), _path(output_dir),
             overwrite, outlier_k, threads, progress,
+        )
+    )
+
+
+def extract_lora(
+    model: PathLike,
+    *,
+    base: PathLike,
+    output: PathLike,
+    rank: int,
+    ratio: Optional[float] = None,
+    energy: Optional[float] = None,
+    dtype: str = "f16",
+    threads: int = 0,
+    overwrite: bool = False,
+    progress: Optional[Progress] = None,
+) -> Dict[str, Any]:
+    """What ``amalgam extract-lora`` does: ``model - base`` as a kohya LoRA (LoCon for
+    convolutions) of at most ``rank`` per module (``ratio``: that fraction of each module's full
+    rank; ``energy``: the smallest rank keeping that share of the delta's energy); returns the
+    report."""
+    return json.loads(
+        _native.extract_lora(
+            os.fspath(model), os.fspath(base), os.fspath(output), rank=rank, ratio=ratio,
+            energy=energy, dtype=dtype, threads=threads, overwrite=overwrite, progress=progress,
         )
     )
 

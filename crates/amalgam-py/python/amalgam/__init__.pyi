@@ -67,5 +67,20 @@ def compare(
 ) -> Dict[str, Any]:
     """What ``amalgam compare`` measures; with ``output_dir``, its report files too."""
 
+def extract_lora(
+    model: PathLike,
+    *,
+    base: PathLike,
+    output: PathLike,
+    rank: int,
+    ratio: Optional[float] = None,
+    energy: Optional[float] = None,
+    dtype: str = "f16",
+    threads: int = 0,
+    overwrite: bool = False,
+    progress: Optional[Progress] = None,
+) -> Dict[str, Any]:
+    """``model - base`` as a kohya LoRA file; returns the report."""
+
 def tqdm_progress(**tqdm_options: Any) -> Progress:
     """A progress callback drawing a tqdm bar."""
