@@ -64,7 +64,6 @@ fn py_err(e: amalgam::Error) -> PyErr {
         }
         E::Output { path, .. } => (OutputError::new_err(message), Some(path), None),
         E::Cancelled => (CancelledError::new_err(message), None, None),
-        other => (MergeError::new_err(other.to_string()), None, None),
     };
     let node = node_of(&err.to_string());
     Python::with_gil(|py| {
@@ -298,13 +297,13 @@ fn merge(
     serde_json::to_string(&report).map_err(|e| MergeError::new_err(e.to_string()))
 }
 
+/// One tensor of a file: name, safetensors dtype, shape, raw bytes.
+type RawTensor = (String, String, Vec<usize>, Py<PyByteArray>);
+
 /// The tensors of a safetensors file: `(name, dtype, shape, bytearray)` each, in file order of
 /// names; the bytes are read straight into the bytearrays (one copy of the data in memory).
 #[pyfunction]
-fn read_tensors(
-    py: Python<'_>,
-    path: PathBuf,
-) -> PyResult<Vec<(String, String, Vec<usize>, Py<PyByteArray>)>> {
+fn read_tensors(py: Python<'_>, path: PathBuf) -> PyResult<Vec<RawTensor>> {
     let m = amalgam::io::input::ModelFile::open(&path).map_err(py_err)?;
     let mut out = Vec::with_capacity(m.tensors().len());
     for (name, t) in m.tensors() {
