@@ -82,8 +82,8 @@ fn node_of(message: &str) -> Option<String> {
 }
 
 /// Progress and cancelling from Python: calls `callback(done_bytes, total_bytes, key)` (in
-/// order, never two at once, so `done` only grows) and checks for Ctrl-C; an exception from
-/// either cancels the run, and is what the run raises.
+/// order, never two at once, so `done` only grows); an exception from it, or Ctrl-C (see
+/// [`PyProgress::run`]), cancels the run, and is what the run raises.
 struct PyProgress {
     callback: Option<Py<PyAny>>,
     cancel: amalgam::options::Cancel,
@@ -108,19 +108,54 @@ impl PyProgress {
         }
         let (done, total) = *state;
         let result = Python::with_gil(|py| -> PyResult<()> {
-            py.check_signals()?;
             if let Some(cb) = &self.callback {
                 cb.call1(py, (done, total, key))?;
             }
             Ok(())
         });
         if let Err(e) = result {
-            self.error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(e);
-            self.cancel.cancel();
+            self.fail(e);
         }
+    }
+    /// Keeps the first error that cancels the run.
+    fn fail(&self, e: PyErr) {
+        self.error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(e);
+        self.cancel.cancel();
+    }
+    /// Runs `work` on another thread while this one, Python's main thread, waits with the GIL
+    /// released and checks for signals every 50 ms (Python runs signal handlers on its main
+    /// thread only): Ctrl-C cancels the run, which then raises KeyboardInterrupt.
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        work: impl FnOnce() -> amalgam::Result<T> + Send,
+    ) -> PyResult<T> {
+        let result = std::thread::scope(|scope| {
+            let (tx, mut rx) = std::sync::mpsc::channel();
+            scope.spawn(move || {
+                let _ = tx.send(work());
+            });
+            loop {
+                let wait = std::time::Duration::from_millis(50);
+                let (got, back) = py.allow_threads(move || (rx.recv_timeout(wait), rx));
+                rx = back;
+                match got {
+                    Ok(r) => break r,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if let Err(e) = py.check_signals() {
+                            self.fail(e);
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        break Err(amalgam::Error::Invalid("the run's thread ended".into()))
+                    }
+                }
+            }
+        });
+        result.map_err(|e| self.error(e))
     }
     /// The run's error: the callback's (or Ctrl-C's) when it cancelled the run.
     fn error(&self, e: amalgam::Error) -> PyErr {
@@ -291,9 +326,7 @@ fn merge(
     // A run cancelled from Python leaves nothing behind (no partial file to resume).
     opts.resume = false;
     let sink = PyProgress::new(progress, opts.cancel.clone());
-    let report = py
-        .allow_threads(|| amalgam::merge(&graph, &opts, &sink))
-        .map_err(|e| sink.error(e))?;
+    let report = sink.run(py, || amalgam::merge(&graph, &opts, &sink))?;
     serde_json::to_string(&report).map_err(|e| MergeError::new_err(e.to_string()))
 }
 
@@ -402,9 +435,7 @@ fn extract_lora(
         cancel: Default::default(),
     };
     let sink = PyProgress::new(progress, opts.cancel.clone());
-    let report = py
-        .allow_threads(|| amalgam::lora::extract::extract_lora(&opts, &sink))
-        .map_err(|e| sink.error(e))?;
+    let report = sink.run(py, || amalgam::lora::extract::extract_lora(&opts, &sink))?;
     serde_json::to_string(&report).map_err(|e| MergeError::new_err(e.to_string()))
 }
 
@@ -428,9 +459,9 @@ fn compare(
         ..Default::default()
     };
     let sink = PyProgress::new(progress, opts.cancel.clone());
-    let c = py
-        .allow_threads(|| amalgam::analysis::compare(&models, base.as_deref(), &opts, &sink))
-        .map_err(|e| sink.error(e))?;
+    let c = sink.run(py, || {
+        amalgam::analysis::compare(&models, base.as_deref(), &opts, &sink)
+    })?;
     if let Some(dir) = output_dir {
         amalgam::analysis::write_report(&c, &dir, overwrite).map_err(py_err)?;
     }

@@ -166,3 +166,34 @@ def test_merge_mecha_equals_sd_mecha_outputs(tmp_path):
             assert np.all((got == want) | (np.abs(got - want) <= 2e-6 * scale)), (r["recipe"], s["key"])
             compared += 1
     assert compared == 6 * 7
+
+
+def test_ctrl_c_cancels_a_merge_and_leaves_no_file(pool, tmp_path):
+    """A real SIGINT sent to a Python process in the middle of a merge."""
+    import signal
+    import sys
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    script = f"""
+import sys, time, amalgam
+def slow(done, total, key):
+    print("progress", flush=True)
+    time.sleep(0.02)
+try:
+    amalgam.merge(method="soup", models={files(pool)!r}, output={str(out_dir / 'x.safetensors')!r},
+                  progress=slow, threads=1)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(3)
+print("finished", flush=True)
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "progress"
+    time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    rest = p.stdout.read()
+    assert p.wait(timeout=60) == 3, rest
+    assert "interrupted" in rest
+    assert os.listdir(out_dir) == []
