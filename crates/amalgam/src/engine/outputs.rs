@@ -127,3 +127,31 @@ impl Outputs {
             .collect()
     }
 }
+
+/// The metadata of an output: the caller's, and the recipe that made it (unless the caller
+/// recorded its own) with the settings it ran with, so that running it again gives the same
+/// bytes; also in sd-mecha's format where it can express it, so that sd-mecha and ComfyUI-mecha
+/// users can read where the model came from.
+pub(super) fn output_metadata(
+    graph: &Graph,
+    opts: &MergeOptions,
+    inputs: &RunInputs,
+) -> HashMap<String, String> {
+    let mut metadata: HashMap<String, String> = opts.metadata.clone().into_iter().collect();
+    if !metadata.contains_key("amalgam_recipe") {
+        let settings = crate::recipe::RecipeSettings::of(opts);
+        metadata.insert(
+            "amalgam_recipe".into(),
+            crate::recipe::to_toml(graph, &settings),
+        );
+    }
+    if !metadata.contains_key("mecha_recipe") {
+        let arch = inputs.layout.map(|l| l.arch());
+        if let Some(text) = crate::recipe::mecha::to_mecha(graph, inputs.layouts, arch, opts.seed) {
+            metadata.insert("mecha_recipe".into(), text);
+        }
+    }
+    metadata.insert("amalgam_version".into(), crate::VERSION.into());
+    metadata.insert("format".into(), "pt".into());
+    metadata
+}

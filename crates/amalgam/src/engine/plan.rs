@@ -361,3 +361,38 @@ pub(super) fn plan_key<T: Real>(
         action,
     ))
 }
+
+/// One plan per output joined into one: each key's expressions, one per output (the keys and
+/// copies are the same in every plan: they follow the inputs, not the recipe).
+pub(super) fn join_plans<T: Real>(plans: Vec<Vec<PlannedKey<T>>>) -> Vec<PlannedKey<T>> {
+    let mut plans = plans.into_iter();
+    let mut joined = plans.next().unwrap_or_default();
+    for plan in plans {
+        for (key, other) in joined.iter_mut().zip(plan) {
+            if let (Job::Compute { exprs, .. }, Job::Compute { exprs: more, .. }) =
+                (&mut key.job, other.job)
+            {
+                exprs.0.extend(more.0);
+            }
+        }
+    }
+    joined
+}
+
+/// The input bytes the planned keys read (the first output's expressions).
+pub(super) fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) -> u64 {
+    fn leaves<T: Real>(e: &Expr<T>, row: &KeyRow) -> u64 {
+        match e {
+            Expr::Leaf(l) => (row.numel() * l.dtype(row).size()) as u64,
+            Expr::Node(node) => node.args.iter().map(|a| leaves(a, row)).sum(),
+        }
+    }
+    planned
+        .iter()
+        .map(|p| match &p.job {
+            Job::CopyRaw { len, .. } => *len,
+            Job::Compute { exprs, .. } => leaves(&exprs.0[0], &rows[p.row]),
+            Job::Done => 0,
+        })
+        .sum()
+}
