@@ -282,11 +282,22 @@ fn methods_lists_every_method() {
     assert_eq!(text.matches("  sign_tie = zero").count(), whole, "{text}");
     let one = ok(&["methods", "ties_soup"]);
     assert!(
-        one.starts_with("ties_soup\n") && one.contains("  k = 1.0 (a number in (0, 1]): "),
+        one.starts_with("ties_soup  [community]\n")
+            && one.contains("  k = 1.0 (a number in (0, 1]): "),
         "{one}"
     );
     assert!(!one.contains("\nsoup\n"), "{one}");
-    assert!(ok(&["methods", "magprune"]).starts_with("della\n"));
+    let della = ok(&["methods", "magprune"]);
+    assert!(
+        della.starts_with("della  [paper, mergekit, sd-mecha; also known as magprune (paper)]\n"),
+        "{della}"
+    );
+    // The index of docs/methods.md.
+    let index = ok(&["methods", "--markdown"]);
+    assert!(
+        index.contains("| **`della`** | paper, mergekit, sd-mecha | `magprune` (paper) |"),
+        "{index}"
+    );
     let err = fails(&["methods", "nope"]);
     assert!(err.contains("unknown method `nope`"), "{err}");
 }

@@ -368,7 +368,7 @@ fn inspect(py: Python<'_>, path: PathBuf, hashes: bool) -> PyResult<String> {
     serde_json::to_string(&i).map_err(|e| MergeError::new_err(e.to_string()))
 }
 
-/// Every method's declaration as JSON: name, formula, summary, inputs, parameters (type,
+/// Every method's declaration as JSON: name, formula, summary, sources, aliases, inputs, parameters (type,
 /// default, domain in words, doc), and the preset it is of.
 #[pyfunction]
 fn methods() -> String {
@@ -380,6 +380,8 @@ fn methods() -> String {
                 "name": info.name,
                 "formula": info.formula,
                 "summary": info.summary,
+                "sources": info.origins.iter().map(|o| o.name()).collect::<Vec<_>>(),
+                "aliases": amalgam::methods::aliases_of(info.name).map(|(a, _)| a).collect::<Vec<_>>(),
                 "inputs": info.slots.iter().map(|s| json!({
                     "name": s.name,
                     "many": s.kind == amalgam::method::SlotKind::Many,

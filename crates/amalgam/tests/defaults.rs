@@ -145,3 +145,26 @@ fn docs_show_the_declared_parameters_and_defaults() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// docs/methods.md's index lists every method with the sources and aliases it is declared with.
+#[test]
+fn docs_index_matches_the_declarations() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/methods.md"
+    ))
+    .unwrap();
+    let index = amalgam::methods::markdown_index();
+    assert!(
+        doc.contains(&index),
+        "docs/methods.md's index is out of date; `amalgam methods --markdown` prints it:\n{index}"
+    );
+    // Every method has a source, and every alias names a registered method.
+    for info in amalgam::methods::all_infos() {
+        assert!(!info.origins.is_empty(), "{} has no source", info.name);
+    }
+    for (alias, to, _) in amalgam::methods::ALIASES {
+        assert_eq!(amalgam::methods::canonical_name(alias).unwrap(), *to);
+        assert!(amalgam::methods::info(to).is_ok(), "{alias} -> {to}");
+    }
+}

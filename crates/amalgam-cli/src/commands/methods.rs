@@ -6,9 +6,16 @@ use crate::*;
 pub(crate) struct MethodsArgs {
     /// One method (or alias) to show whole
     name: Option<String>,
+    /// Print the index of docs/methods.md (each method's sources and aliases) as Markdown
+    #[arg(long, conflicts_with = "name")]
+    markdown: bool,
 }
 
 pub(crate) fn cmd_methods(a: MethodsArgs) -> Result<()> {
+    if a.markdown {
+        print!("{}", amalgam::methods::markdown_index());
+        return Ok(());
+    }
     let one = a.name.as_deref().map(amalgam::methods::info).transpose()?;
     let all = amalgam::methods::ALL.iter();
     for info in all
@@ -25,7 +32,21 @@ pub(crate) fn cmd_methods(a: MethodsArgs) -> Result<()> {
         } else {
             ""
         };
-        println!("{}{stage}\n  {}", info.name, info.summary);
+        let origins: Vec<&str> = info.origins.iter().map(|o| o.name()).collect();
+        let aliases: Vec<String> = amalgam::methods::aliases_of(info.name)
+            .map(|(a, o)| format!("{a} ({})", o.name()))
+            .collect();
+        let aliases = if aliases.is_empty() {
+            String::new()
+        } else {
+            format!("; also known as {}", aliases.join(", "))
+        };
+        println!(
+            "{}{stage}  [{}{aliases}]\n  {}",
+            info.name,
+            origins.join(", "),
+            info.summary
+        );
         // A preset is shown as its overrides, unless it is asked for by name.
         if let Some(p) = amalgam::methods::preset_of(info).filter(|_| one.is_none()) {
             let o: Vec<String> = p

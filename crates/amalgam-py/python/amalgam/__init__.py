@@ -175,7 +175,7 @@ def inspect(path: PathLike, *, hashes: bool = True) -> Dict[str, Any]:
 
 
 def methods() -> list:
-    """Every method's declaration: name, formula, summary, inputs, and parameters with their
+    """Every method's declaration: name, formula, summary, sources, aliases, inputs, and parameters with their
     type, default and documentation (to build a UI from)."""
     return json.loads(_native.methods())
 

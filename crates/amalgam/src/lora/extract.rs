@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::io::dtype::OutputDtype;
 use crate::io::input::ModelFile;
 use crate::layout::arch::Layout;
-use crate::method::{Domain, MethodInfo, ParamInfo, Params, Slot, SlotKind};
+use crate::method::{Domain, MethodInfo, Origin, ParamInfo, Params, Slot, SlotKind};
 use crate::methods::svd::spectrum::thin_svd;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -27,6 +27,7 @@ use std::path::PathBuf;
 /// LoRA of its `model` (a model or any node) against `base`, instead of a checkpoint.
 pub static INFO: MethodInfo = MethodInfo {
     name: "extract_lora",
+    origins: &[Origin::Community],
     formula: "kohya LoRA of model - base: per module U_r diag(sqrt sigma_r), diag(sqrt sigma_r) \
               V_r^T, alpha = r",
     summary: "A recipe's output as a kohya LoRA (LoCon for convolutions) of its difference from \

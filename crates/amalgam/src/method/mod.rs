@@ -63,6 +63,8 @@ impl Slot {
 pub struct MethodInfo {
     /// The name recipes and the command line use.
     pub name: &'static str,
+    /// Where users know it from; the first is the implementation whose variant is the default.
+    pub origins: &'static [Origin],
     /// The formula, in the notation of `docs/methods.md`.
     pub formula: &'static str,
     /// One line on what it does and where it comes from.
@@ -71,6 +73,37 @@ pub struct MethodInfo {
     pub slots: &'static [Slot],
     /// Its parameters, each declared once (type, default, domain, doc).
     pub params: &'static [ParamInfo],
+}
+
+/// Where a method comes from: the implementation (or paper) its math and defaults follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A paper's formula and its official code.
+    Paper,
+    /// sd-mecha 1.1.8.
+    SdMecha,
+    /// mergekit 0.1.5.
+    Mergekit,
+    /// supermerger, A1111's merger extension.
+    Supermerger,
+    /// sd-optim's merge-method wiki and code.
+    SdOptim,
+    /// Published community recipes and tools (AstolfoKarmix, 6DammK9's sd-mecha fork, kohya).
+    Community,
+}
+
+impl Origin {
+    /// The name `amalgam methods` and `docs/methods.md` show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Paper => "paper",
+            Origin::SdMecha => "sd-mecha",
+            Origin::Mergekit => "mergekit",
+            Origin::Supermerger => "supermerger",
+            Origin::SdOptim => "sd-optim",
+            Origin::Community => "community",
+        }
+    }
 }
 
 /// What a node does for a key some of its arguments lack.

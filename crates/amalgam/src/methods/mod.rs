@@ -14,7 +14,7 @@
 //! is not touched.
 
 use crate::error::{Error, Result};
-use crate::method::{Method, MethodInfo, Params, PointwiseMethod};
+use crate::method::{Method, MethodInfo, Origin, Params, PointwiseMethod};
 use crate::real::Real;
 
 pub mod delta;
@@ -156,17 +156,45 @@ pub const SEEDED: &[&str] = &[
     "dgmia",
 ];
 
-/// Other names users know the methods by (sd-mecha, mergekit, A1111).
-const ALIASES: &[(&str, &str)] = &[
-    ("n_average", "soup"),
-    ("uniform_soup", "soup"),
-    ("average", "soup"),
-    ("weighted_linear", "linear"),
-    ("sum", "linear"),
-    ("fermat_point", "geometric_median"),
-    ("karcher_mean", "karcher"),
-    ("magprune", "della"),
+/// Other names users know the methods by, and where: `(alias, method, origin)`.
+pub const ALIASES: &[(&str, &str, Origin)] = &[
+    ("n_average", "soup", Origin::SdMecha),
+    ("uniform_soup", "soup", Origin::Paper),
+    ("average", "soup", Origin::Community),
+    ("weighted_linear", "linear", Origin::Community),
+    ("sum", "linear", Origin::Community),
+    ("fermat_point", "geometric_median", Origin::SdMecha),
+    ("karcher_mean", "karcher", Origin::Community),
+    ("magprune", "della", Origin::Paper),
 ];
+
+/// The aliases of method `name`, with where each is used.
+pub fn aliases_of(name: &str) -> impl Iterator<Item = (&'static str, Origin)> + '_ {
+    ALIASES
+        .iter()
+        .filter(move |(_, to, _)| *to == name)
+        .map(|(from, _, origin)| (*from, *origin))
+}
+
+/// The index of `docs/methods.md`: one row per method (output stages and whole-model methods
+/// included) with its sources and aliases, in registration order. A test checks the document
+/// holds it verbatim; `amalgam methods --markdown` prints it.
+pub fn markdown_index() -> String {
+    let mut s = String::from("| method | source | aliases |\n|---|---|---|\n");
+    for info in all_infos() {
+        let origins: Vec<&str> = info.origins.iter().map(|o| o.name()).collect();
+        let aliases: Vec<String> = aliases_of(info.name)
+            .map(|(a, o)| format!("`{a}` ({})", o.name()))
+            .collect();
+        s += &format!(
+            "| **`{0}`** | {1} | {2} |\n",
+            info.name,
+            origins.join(", "),
+            aliases.join(", ")
+        );
+    }
+    s
+}
 
 /// Every method, output stage and whole-model method, in registration order.
 pub fn all_infos() -> impl Iterator<Item = &'static MethodInfo> {
@@ -184,7 +212,7 @@ pub fn canonical_name(name: &str) -> Result<&'static str> {
     {
         return Ok(info.name);
     }
-    if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == norm) {
+    if let Some((_, to, _)) = ALIASES.iter().find(|(from, _, _)| *from == norm) {
         return Ok(to);
     }
     Err(Error::Invalid(format!(

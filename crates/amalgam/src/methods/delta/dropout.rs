@@ -16,6 +16,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "dropout",
+    origins: &[Origin::SdMecha],
     formula: "base + lambda * sum_t m_t (models[t] - base) / max(1, sum_t m_t) / (1 - p)^rescale",
     summary: "Each model's delta entries kept with probability 1 - p, the kept ones averaged per element, rescaled (sd-mecha's n-supermario dropout).",
     slots: Slot::BASE_AND_MODELS,

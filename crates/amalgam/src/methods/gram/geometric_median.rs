@@ -19,6 +19,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "geometric_median",
+    origins: &[Origin::Paper, Origin::SdMecha],
     formula: "argmin_m sum_t ||models[t] - m||  (Weiszfeld; each whole tensor is one point)",
     summary: "Robust average: a minority of outlying models cannot drag it away. A model lacking \
               a key is left out of that key.",

@@ -14,6 +14,7 @@ use crate::real::Real;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "karcher",
+    origins: &[Origin::Mergekit],
     formula: "mean_t ||models[t]|| * KarcherMean_t(models[t] / ||models[t]||)",
     summary: "Spherical average of N tensors (each whole tensor one point), scaled by their mean \
               norm. A model lacking a key is left out of that key.",

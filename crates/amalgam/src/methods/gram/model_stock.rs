@@ -16,6 +16,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "model_stock",
+    origins: &[Origin::Paper, Origin::SdMecha, Origin::Mergekit],
     formula: "base + t * mean_t(models[t] - base),  t = N cos / (1 + (N - 1) cos)",
     summary: "Model Stock: moves from the base towards the average by a factor set by the angle \
               between the task vectors. With one fine-tune present for a key, t = 1.",

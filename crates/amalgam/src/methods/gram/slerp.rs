@@ -19,6 +19,7 @@ use crate::real::Real;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "slerp",
+    origins: &[Origin::SdMecha, Origin::Mergekit],
     formula: "c_a * a + c_b * b, the spherical interpolation of a and b at alpha",
     summary: "Spherical interpolation of two models, each whole tensor one vector (sd-mecha or mergekit variant). A key one model lacks is taken from the other.",
     slots: &[

@@ -8,6 +8,7 @@ use crate::real::Real;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "add",
+    origins: &[Origin::SdMecha],
     formula: "a + alpha * b",
     summary: "Adds a delta to a model, e.g. bakes a LoRA at a strength. Keys the delta lacks keep a's values.",
     slots: &[

@@ -7,6 +7,7 @@ use crate::real::Real;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "add_difference",
+    origins: &[Origin::SdMecha, Origin::Supermerger],
     formula: "a + alpha * (b - c)",
     summary: "Adds the difference between b and c to a. A key a lacks is left to the key policy; \
               a key b or c lacks is taken from a unchanged.",

@@ -9,6 +9,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "linear",
+    origins: &[Origin::Mergekit, Origin::SdMecha],
     formula: "sum_t weights[t] * models[t]  (divided by sum_t weights[t] when normalize)",
     summary: "Weighted sum of N models. A model lacking a key is left out of that key; with \
               normalize the weights of the models present are renormalised.",

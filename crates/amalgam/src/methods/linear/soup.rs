@@ -11,6 +11,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "soup",
+    origins: &[Origin::Paper, Origin::SdMecha],
     formula: "(1/N) * sum_t models[t]",
     summary: "Uniform average of N models (aliases: n_average, uniform_soup, average). A model \
               lacking a key is left out of that key's average.",

@@ -7,6 +7,7 @@ use crate::real::Real;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "subtract",
+    origins: &[Origin::SdMecha],
     formula: "a - b",
     summary:
         "The difference of two models (a delta). A key either lacks is left to the key policy.",

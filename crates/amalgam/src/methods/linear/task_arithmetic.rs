@@ -9,6 +9,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "task_arithmetic",
+    origins: &[Origin::Paper, Origin::Mergekit],
     formula: "base + lambda * sum_t weights[t] * (models[t] - base)",
     summary: "Adds the weighted task vectors of N fine-tunes to their base. A fine-tune lacking a \
               key is left out of it; a key the base lacks is left to the key policy.",

@@ -7,6 +7,7 @@ use crate::real::Real;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "weighted_sum",
+    origins: &[Origin::SdMecha, Origin::Supermerger],
     formula: "(1 - alpha) * a + alpha * b",
     summary: "Interpolates two models. alpha = 0 gives a, alpha = 1 gives b, exactly.",
     slots: &[

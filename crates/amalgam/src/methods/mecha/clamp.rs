@@ -14,6 +14,7 @@ use crate::real::Real;
 /// The method's declaration.
 pub static INFO: MethodInfo = MethodInfo {
     name: "clamp",
+    origins: &[Origin::SdMecha],
     formula: "min(max(a, lo), hi), lo and hi the element-wise min and max of the bounds \
               (pulled towards their mean by stiffness)",
     summary: "sd-mecha's clamp: limits a, element by element, to the range of the bound models; \

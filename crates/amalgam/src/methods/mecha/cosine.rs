@@ -41,6 +41,7 @@ const ALPHA: &[ParamInfo] = &[ParamInfo::number(
 /// `add_cosine_a`'s declaration.
 pub static ADD_COSINE_A: MethodInfo = MethodInfo {
     name: "add_cosine_a",
+    origins: &[Origin::SdMecha, Origin::Supermerger],
     formula: "lerp(a, b, 1 - clamp(cos_j(a/|a_j|, b/|b_j|) - alpha, 0, 1)), cosines along dim 0",
     summary:
         "sd-mecha's cosine A: per column (along dim 0), b where a and b are less similar than \
@@ -52,6 +53,7 @@ pub static ADD_COSINE_A: MethodInfo = MethodInfo {
 /// `add_cosine_b`'s declaration.
 pub static ADD_COSINE_B: MethodInfo = MethodInfo {
     name: "add_cosine_b",
+    origins: &[Origin::SdMecha, Origin::Supermerger],
     formula: "lerp(a, b, 1 - clamp((cos_j(a, b) + <a, b>/(|a| |b|)) / 2 - alpha, 0, 1))",
     summary: "sd-mecha's cosine B: as cosine A, with the similarity of each column averaged with \
               that of the whole tensor. A key b lacks is taken from a.",

@@ -37,6 +37,7 @@ const ALPHA: &[ParamInfo] = &[ParamInfo::number("alpha", 1.0, "scale of the mask
 /// `train_difference_mask`'s declaration.
 pub static TRAIN_DIFFERENCE_MASK: MethodInfo = MethodInfo {
     name: "train_difference_mask",
+    origins: &[Origin::SdMecha, Origin::Supermerger],
     formula: "alpha * 1.8 * |b - a| / (|b - a| + |b - c|), 0 where 0/0",
     summary: "sd-mecha's train-difference mask: per element, how far b moved from a relative to \
               how far it moved from c (a strength for an add-difference). All inputs need the key.",
@@ -47,6 +48,7 @@ pub static TRAIN_DIFFERENCE_MASK: MethodInfo = MethodInfo {
 /// `add_opposite_mask`'s declaration.
 pub static ADD_OPPOSITE_MASK: MethodInfo = MethodInfo {
     name: "add_opposite_mask",
+    origins: &[Origin::SdMecha],
     formula: "alpha * 2 * |a - b| / (|a - b| + |a + b - 2c|), 0 where 0/0",
     summary: "sd-mecha's opposite mask: per element, how much a and b moved in opposite \
               directions from c. All inputs need the key.",
@@ -57,6 +59,7 @@ pub static ADD_OPPOSITE_MASK: MethodInfo = MethodInfo {
 /// `add_strict_opposite_mask`'s declaration.
 pub static ADD_STRICT_OPPOSITE_MASK: MethodInfo = MethodInfo {
     name: "add_strict_opposite_mask",
+    origins: &[Origin::SdMecha],
     formula: "alpha * 2 * max(0, (c - a)(b - c) / max(|a - c|, |b - c|)^2), 0 where 0/0",
     summary: "sd-mecha's strict opposite mask: per element, nonzero only where a and b moved \
               from c in opposite directions. All inputs need the key.",

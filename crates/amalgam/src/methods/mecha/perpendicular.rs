@@ -17,6 +17,7 @@ use std::ops::Range;
 /// `perpendicular_component`'s declaration.
 pub static PERPENDICULAR_COMPONENT: MethodInfo = MethodInfo {
     name: "perpendicular_component",
+    origins: &[Origin::SdMecha],
     formula: "b - a * <a, b> / |a|^2, 0 where undefined",
     summary: "sd-mecha's perpendicular component: the part of b orthogonal to a, each whole \
               tensor one vector (zeros where a is zero). A key a or b lacks is taken from a.",
@@ -38,6 +39,7 @@ pub static PERPENDICULAR_COMPONENT: MethodInfo = MethodInfo {
 /// `add_perpendicular`'s declaration.
 pub static ADD_PERPENDICULAR: MethodInfo = MethodInfo {
     name: "add_perpendicular",
+    origins: &[Origin::SdMecha],
     formula: "a + alpha * perp(a - c, b - c), perp(x, y) = y - x * <x, y> / |x|^2",
     summary: "sd-mecha's add_perpendicular: adds to a the part of b's difference from c that is \
               orthogonal to a's difference from c (each whole tensor one vector). A key b or c \

@@ -18,6 +18,7 @@ use crate::real::Real;
 /// `geometric_sum`'s declaration.
 pub static GEOMETRIC_SUM: MethodInfo = MethodInfo {
     name: "geometric_sum",
+    origins: &[Origin::SdMecha],
     formula: "Re(a^(1 - alpha) * b^alpha), principal complex powers",
     summary: "sd-mecha's geometric interpolation of two models, element by element (a negative \
               value's power is complex; the real part is kept). A key one model lacks is taken \
@@ -44,6 +45,7 @@ pub static GEOMETRIC_SUM: MethodInfo = MethodInfo {
 /// `multiply_quotient`'s declaration.
 pub static MULTIPLY_QUOTIENT: MethodInfo = MethodInfo {
     name: "multiply_quotient",
+    origins: &[Origin::SdMecha],
     formula: "Re(a * (b / c)^alpha'), alpha' = alpha * max(0, -la * lb / max(|la|, |lb|)^2), \
               la = ln|a/c|, lb = ln|b/c|",
     summary:

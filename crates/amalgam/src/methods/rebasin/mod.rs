@@ -18,6 +18,7 @@ use std::sync::Arc;
 /// `rebasin`'s declaration.
 pub static REBASIN: MethodInfo = MethodInfo {
     name: "rebasin",
+    origins: &[Origin::SdMecha],
     formula: "P(a): a's hidden units permuted, per group, by argmax_P <ref, P(a)> (weight \
               matching, an exact assignment per group)",
     summary: "Git Re-Basin weight matching (sd-mecha's rebasin semantics): a with the hidden \
@@ -42,6 +43,7 @@ pub static REBASIN: MethodInfo = MethodInfo {
 /// `randperm`'s declaration.
 pub static RANDPERM: MethodInfo = MethodInfo {
     name: "randperm",
+    origins: &[Origin::SdMecha],
     formula: "P(a): every permutation group of a permuted at random (seeded by the run's seed \
               and the group)",
     summary: "a with its hidden units permuted at random: the same function, other weights (for \
@@ -57,6 +59,7 @@ pub static RANDPERM: MethodInfo = MethodInfo {
 /// `merge_many`'s declaration.
 pub static MERGE_MANY: MethodInfo = MethodInfo {
     name: "merge_many",
+    origins: &[Origin::Paper],
     formula: "(1/N) sum_t P_t(theta_t), each P_t matching model t to the mean of the others \
               (MergeMany, repeated until no permutation changes; P_1 = identity)",
     summary: "Git Re-Basin's MergeMany: every model's hidden units matched to the mean of the \
@@ -94,6 +97,7 @@ const DRIVER_PARAMS: &[ParamInfo] = &[
 /// `rebasin_merge`'s declaration.
 pub static REBASIN_MERGE: MethodInfo = MethodInfo {
     name: "rebasin_merge",
+    origins: &[Origin::Community],
     formula: "theta_0 = a; per step x: theta <- (1 - a_x) theta + a_x b, theta <- P_x(theta) \
               matched towards a; a_x so that b's share reaches alpha",
     summary: "ogkalu2's SD re-basin driver (Merge-Stable-Diffusion-models-without-distortion): \
@@ -118,6 +122,7 @@ pub static REBASIN_MERGE: MethodInfo = MethodInfo {
 /// `basin_sum`'s declaration.
 pub static BASIN_SUM: MethodInfo = MethodInfo {
     name: "basin_sum",
+    origins: &[Origin::Community],
     formula: "alpha (alpha a + (1 - alpha) b) + (1 - alpha) rebasin_merge(a, b, alpha)",
     summary: "The AstolfoMix author's BasinSum (README_AK): the driver's result mixed back with \
               the plain weighted sum; with a = X and b = 2X - base, the 215c `fermat` recipe. \
@@ -129,6 +134,7 @@ pub static BASIN_SUM: MethodInfo = MethodInfo {
 /// `fermat`'s declaration: a preset the engine expands into its recipe before merging.
 pub static FERMAT: MethodInfo = MethodInfo {
     name: "fermat",
+    origins: &[Origin::Community],
     formula: "X = dgmla(base, models); amp = 2X - base; basin_sum(base, amp, alpha) = \
               alpha X + (1 - alpha) rebasin_merge(base, amp, alpha) at alpha 0.5",
     summary: "AstolfoMix 215c, re-basin around the Fermat point (spec §15.4): the DGMLA merge X \

@@ -24,6 +24,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "clyb_merge",
+    origins: &[Origin::SdOptim],
     formula: "b + alpha * (c + b' + Q_b Q_b^T (a' - lowrank_q(a')) - b), a' = a - c (minus its \
               component along b' with use_perp), b' = b - c, Q_b an orthonormal basis of b'",
     summary: "sd-optim's low-rank projection (clyb_merge): the high-frequency part of a's \

@@ -46,6 +46,7 @@ const fn params(z: f64) -> [ParamInfo; 22] {
 /// DGMIZ: ISO-Z with z = 0.8, as every published DGMIZ recipe.
 pub static DGMIZ: MethodInfo = MethodInfo {
     name: "dgmiz",
+    origins: &[Origin::Community],
     formula: FORMULA,
     summary: "DGMIZ (AstolfoKarmix, spec §13): the DGMLA merge's task vector with its spectrum \
               shrunk towards its mean by ISO-Z (z = 0.8, conv kernels flattened), added to the \
@@ -57,6 +58,7 @@ pub static DGMIZ: MethodInfo = MethodInfo {
 /// DGMIA: the same with ISO-C's flat spectrum (z = 0).
 pub static DGMIA: MethodInfo = MethodInfo {
     name: "dgmia",
+    origins: &[Origin::Community],
     formula: FORMULA,
     summary: "DGMIA (AstolfoKarmix, spec §13): the DGMLA merge's task vector with a flat \
               spectrum (ISO-C of the delta, z = 0), added to the base. Needs each matrix whole.",

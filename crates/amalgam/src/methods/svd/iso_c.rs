@@ -13,6 +13,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "iso_c",
+    origins: &[Origin::Paper],
     formula: "base + alpha * mean(sigma) * U V^T, where U diag(sigma) V^T = sum_t (models[t] - base) \
               (matrix keys); base + alpha * mean_t (models[t] - base) (the others)",
     summary: "ISO-C (Marczak et al. 2025): the summed task vectors of each matrix with all their \

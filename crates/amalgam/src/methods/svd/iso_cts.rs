@@ -25,6 +25,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "iso_cts",
+    origins: &[Origin::Paper],
     formula: "base + alpha * mean(sigma') * U' V'^T, U' and V' the polar factors of the top-k \
               singular vectors of sum_t (models[t] - base) joined with the top-s of each task \
               vector's residual off them (matrix keys); base + alpha * mean_t (models[t] - base) \

@@ -14,6 +14,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "iso_z",
+    origins: &[Origin::Community],
     formula:
         "U diag(m + z * (sigma - m)) V^T, where U diag(sigma) V^T = delta and m = mean(sigma) \
               (matrix keys); delta (the others)",

@@ -33,6 +33,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "rotate",
+    origins: &[Origin::SdMecha],
     formula: "A Q^t + lerp(mu_a, mu_b, t), A = lerp(a - mu_a, (b - mu_b) Q^T, alpha), Q the \
               orthogonal Procrustes rotation of a's columns onto b's (keys of 2 or more \
               dimensions); lerp(a, b, alpha) (the others)",

@@ -15,6 +15,7 @@ use std::ops::Range;
 /// The method's declaration: its name, inputs, parameters and documentation.
 pub static INFO: MethodInfo = MethodInfo {
     name: "truncate_rank",
+    origins: &[Origin::SdMecha],
     formula: "U_r diag(sigma_r) V_r^T, the top r singular triplets of a as [out, rest] (keys of \
               2 or more dimensions); a (the others)",
     summary: "sd-mecha's truncate_rank: each matrix's best rank-r approximation, r from `rank` \

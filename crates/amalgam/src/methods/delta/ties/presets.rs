@@ -69,11 +69,12 @@ const fn same(a: &str, b: &str) -> bool {
 }
 
 macro_rules! presets {
-    ($($static:ident = $name:literal, $summary:literal, [$($param:literal => $value:expr),* $(,)?];)*) => {
+    ($($static:ident = $name:literal, [$($source:ident),*], $summary:literal, [$($param:literal => $value:expr),* $(,)?];)*) => {
         $(
             #[doc = concat!("The `", $name, "` preset: ", $summary)]
             pub static $static: MethodInfo = MethodInfo {
                 name: $name,
+                origins: &[$(Origin::$source),*],
                 formula: FORMULA,
                 summary: $summary,
                 slots: SLOTS,
@@ -84,24 +85,24 @@ macro_rules! presets {
 }
 
 presets! {
-    TIES = "ties", "TIES-Merging (Yadav et al. 2023): trim to the top k, mass election, disjoint mean.", [];
-    TIES_SOUP = "ties_soup", "TIES-SOUP (AstolfoMix): no trim, count election, disjoint mean: a soup of the majority side.", ["k" => Number(1.0), "election" => Choice("count")];
-    DARE = "dare", "DARE (Yu et al. 2023) with task arithmetic: drop each delta entry with probability p, sum, rescale by 1/(1-p).", [
+    TIES = "ties", [Paper, Mergekit, SdMecha], "TIES-Merging (Yadav et al. 2023): trim to the top k, mass election, disjoint mean.", [];
+    TIES_SOUP = "ties_soup", [Community], "TIES-SOUP (AstolfoMix): no trim, count election, disjoint mean: a soup of the majority side.", ["k" => Number(1.0), "election" => Choice("count")];
+    DARE = "dare", [Paper, Mergekit, SdMecha], "DARE (Yu et al. 2023) with task arithmetic: drop each delta entry with probability p, sum, rescale by 1/(1-p).", [
         "drop" => Choice("dare"), "p" => Number(0.1), "k" => Number(1.0), "election" => Choice("none"),
         "fuse" => Choice("sum"), "rescale" => Choice("inverse_keep"),
     ];
-    DELLA = "della", "DELLA (Deep et al. 2024, official code): drop by per-row magnitude rank (p = 0.3, window 0.28 = mergekit epsilon 0.14), rescale each kept entry by 1/q, mass election, disjoint mean.", [
+    DELLA = "della", [Paper, Mergekit, SdMecha], "DELLA (Deep et al. 2024, official code): drop by per-row magnitude rank (p = 0.3, window 0.28 = mergekit epsilon 0.14), rescale each kept entry by 1/q, mass election, disjoint mean.", [
         "drop" => Choice("della"), "p" => Number(0.3), "della_eps" => Number(0.28), "rank" => Choice("row"),
         "k" => Number(1.0), "rescale" => Choice("per_element"),
     ];
-    TSD = "tsd", "TSD, TIES-SOUP with DROP (AstolfoMix x101a): DARE p = 0.1 without rescale, then TIES-SOUP.", [
+    TSD = "tsd", [Community], "TSD, TIES-SOUP with DROP (AstolfoMix x101a): DARE p = 0.1 without rescale, then TIES-SOUP.", [
         "drop" => Choice("dare"), "p" => Number(0.1), "k" => Number(1.0), "election" => Choice("count"),
     ];
-    TGMD = "tgmd", "TGMD, TIES with geometric median and DROP (AstolfoMix x116a): DARE p = 0.1 without rescale, count election, geometric median of the filtered deltas.", [
+    TGMD = "tgmd", [Community], "TGMD, TIES with geometric median and DROP (AstolfoMix x116a): DARE p = 0.1 without rescale, count election, geometric median of the filtered deltas.", [
         "drop" => Choice("dare"), "p" => Number(0.1), "k" => Number(1.0), "election" => Choice("count"),
         "fuse" => Choice("geometric_median"),
     ];
-    DGMLA = "dgmla", "DGMLA (AstolfoMix x215a): DELLA drop by whole-tensor rank, p = 0.1, della_eps = -0.1, no rescale, count election, geometric median with the base as a zero-delta point.", [
+    DGMLA = "dgmla", [Community], "DGMLA (AstolfoMix x215a): DELLA drop by whole-tensor rank, p = 0.1, della_eps = -0.1, no rescale, count election, geometric median with the base as a zero-delta point.", [
         "drop" => Choice("della"), "p" => Number(0.1), "della_eps" => Number(-0.1), "k" => Number(1.0),
         "election" => Choice("count"), "fuse" => Choice("geometric_median"), "base_point" => Bool(true),
     ];
