@@ -5,6 +5,7 @@
 //! - [`svd`]: methods on the singular values of each matrix (ISO-C, ISO-Z);
 //! - [`gram`]: combinations through the models' Gram matrix (geometric median, Karcher, model
 //!   stock, SLERP);
+//! - [`frequency`]: methods on a tensor's Fourier spectrum (sd-optim's multi-domain alignment);
 //! - [`mecha`]: sd-mecha's element-wise and per-tensor methods under their sd-mecha names
 //!   (geometric sum, masks, clamp, perpendicular components, cosine merges).
 //!
@@ -18,6 +19,7 @@ use crate::method::{Method, MethodInfo, Origin, Params, PointwiseMethod};
 use crate::real::Real;
 
 pub mod delta;
+pub mod frequency;
 pub mod gram;
 pub mod linear;
 pub mod mecha;
@@ -98,6 +100,10 @@ registry!(
     mecha::perpendicular::ADD_PERPENDICULAR => mecha::perpendicular::Perpendicular::add,
     mecha::cosine::ADD_COSINE_A => mecha::cosine::AddCosine::<false>::new,
     mecha::cosine::ADD_COSINE_B => mecha::cosine::AddCosine::<true>::new,
+    frequency::multi_domain_alignment::INFO => frequency::multi_domain_alignment::MultiDomainAlignment::new,
+    frequency::multi_domain_alignment::CONSERVATIVE => frequency::multi_domain_alignment::MultiDomainAlignment::new,
+    frequency::multi_domain_alignment::DETAIL => frequency::multi_domain_alignment::MultiDomainAlignment::new,
+    frequency::multi_domain_alignment::SMOOTH => frequency::multi_domain_alignment::MultiDomainAlignment::new,
 );
 
 /// Output stages: nodes declared like methods (inputs, parameters, docs) whose output is a file

@@ -269,6 +269,24 @@ pub const DECLARED: &[Declared] = &[
         params: &["alpha"],
         spaces: WEIGHTS,
     },
+    // sd-optim's, declared through sd-mecha with `SameMergeSpace` inputs.
+    Declared {
+        method: "multi_domain_alignment",
+        params: &[
+            "alpha",
+            "beta",
+            "kernel_size",
+            "centroid_margin_factor",
+            "frequency_weight",
+            "use_cross_attention",
+        ],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "clyb_merge",
+        params: &["alpha", "use_perp", "ab_only"],
+        spaces: Spaces::Same,
+    },
     Declared {
         method: "convert_singleton",
         params: &[],

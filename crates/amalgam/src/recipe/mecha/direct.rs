@@ -63,6 +63,28 @@ pub(super) const DIRECT: &[Direct] = &[
             ("stiefel_max_iters", Map::To("stiefel_max_iters")),
         ],
     },
+    // sd-optim's methods, which its recipes call by these names through sd-mecha.
+    Direct {
+        mecha: "multi_domain_alignment",
+        method: "multi_domain_alignment",
+        params: &[
+            ("alpha", Map::To("alpha")),
+            ("beta", Map::To("beta")),
+            ("kernel_size", Map::To("kernel_size")),
+            ("centroid_margin_factor", Map::To("centroid_margin_factor")),
+            ("frequency_weight", Map::To("frequency_weight")),
+            ("use_cross_attention", Map::To("use_cross_attention")),
+        ],
+    },
+    Direct {
+        mecha: "clyb_merge",
+        method: "clyb_merge",
+        params: &[
+            ("alpha", Map::To("alpha")),
+            ("use_perp", Map::To("use_perp")),
+            ("ab_only", Map::To("ab_only")),
+        ],
+    },
     // sd-mecha's re-basin (SDXL there, SD1 and SDXL here). amalgam's permutation groups do not
     // interact, so one assignment per group is the optimum `iters` sweeps would approach.
     Direct {

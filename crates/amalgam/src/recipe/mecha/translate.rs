@@ -60,6 +60,8 @@ pub const SUPPORTED: &[&str] = &[
     "perpendicular_component",
     "add_cosine_a",
     "add_cosine_b",
+    "multi_domain_alignment",
+    "clyb_merge",
 ];
 
 /// Records a merge's `seed` (a number; anything else is no seed) as the recipe's: amalgam runs
