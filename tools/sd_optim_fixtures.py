@@ -1,4 +1,5 @@
-"""Fixtures for sd-optim's `multi_domain_alignment` (amalgam's tests/multi_domain_alignment.rs).
+"""Fixtures for sd-optim's methods (amalgam's tests/sd_optim_methods.rs): `multi_domain_alignment`
+and `ties_sum_extended`.
 
 sd-optim is not packaged, so this is a reimplementation, in torch, of the published code at
 Enferlain/sd-optim `ba47e65` (sd_interim_bayesian_merger/merge_methods.py:
@@ -8,6 +9,12 @@ calculate_dissimilarity, gaussian_blur), step by step as it runs, with one chang
 float64 where the code casts to float32, so that the comparison can be tight. The shipped
 behaviour of the dead branches is kept: the cross-attention importance is 1 (its guard tests
 `min((-1, cols)) > 1`) and the blur runs along a singleton axis.
+
+`ties_sum_extended` is reimplemented from the code at `0bbd82a` (streaming_ties_sum_extended,
+_process_model_chunk, _compute_final_results, _compute_geometric_median_chunked, filter_top_k),
+as it runs: its geometric median stops at its first convergence test (it compares with an
+infinite best objective) and returns its starting point, the mean over all models; signs of
+|x| <= 1e-7 count as 0.
 
 Run: /work/venv-mecha/bin/python tools/sd_optim_fixtures.py
 Writes crates/amalgam/tests/fixtures/sd_optim_methods.json.
@@ -117,6 +124,58 @@ PRESETS = {
 }
 
 
+def filter_top_k(a, k):
+    total = a.numel()
+    kk = max(int((1 - k) * total), 1)
+    if kk >= total:
+        return torch.zeros_like(a)
+    thr = torch.kthvalue(a.abs().reshape(-1), kk).values
+    return a * (a.abs() >= thr)
+
+
+def ties_sum_extended(deltas, k=0.218, vote_sgn=0.0, apply_median=1.0, weight_decay=0.0218, min_agreement=0.3, eps=1e-6):
+    filtered = torch.stack([filter_top_k(d, k) for d in deltas])
+    signs = torch.sign(torch.where(filtered.abs() > 1e-7, filtered, torch.zeros_like(filtered)))
+    vote = filtered if vote_sgn <= 0.0 else signs
+    total = vote.sum(dim=0)
+    agreement = (signs != 0).sum(dim=0).double() / len(deltas)
+    final = torch.where(agreement >= min_agreement, torch.sign(total), torch.zeros_like(total))
+    keep = (signs == final).double()
+    counts = keep.sum(dim=0)
+    if weight_decay > 0.0:
+        filtered = filtered * (1.0 - weight_decay)
+    filtered = filtered * keep
+    if apply_median <= 0.0:
+        result = filtered.sum(dim=0) / torch.clamp(counts, min=eps)
+    else:
+        result = filtered.mean(dim=0)  # the geometric median's starting point, returned as is
+    return torch.nan_to_num(result, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def ties_cases(rnd):
+    cases = []
+    specs = [
+        ([6, 8], 3, {}),
+        ([6, 8], 5, {"min_agreement": 0.4}),
+        ([40], 4, {"k": 0.5, "min_agreement": 0.5, "vote_sgn": 1.0}),
+        ([5, 9], 6, {"k": 0.3, "apply_median": 0.0, "weight_decay": 0.1}),
+        ([7, 7], 5, {"k": 0.4, "min_agreement": 0.6, "apply_median": 0.0, "vote_sgn": 1.0}),
+    ]
+    for shape, n, over in specs:
+        base = rnd(shape)
+        models = [base + rnd(shape) for _ in range(n)]
+        deltas = [m - base for m in models]
+        out = base + ties_sum_extended(deltas, **over)
+        cases.append({
+            "shape": shape,
+            "params": over,
+            "base": base.reshape(-1).tolist(),
+            "models": [m.reshape(-1).tolist() for m in models],
+            "expected": out.reshape(-1).tolist(),
+        })
+    return cases
+
+
 def main():
     g = torch.Generator().manual_seed(2026)
     rnd = lambda shape: torch.randn(shape, generator=g, dtype=torch.float64)
@@ -152,7 +211,12 @@ def main():
             "expected": out.reshape(-1).tolist(),
         })
     path = Path(__file__).resolve().parent.parent / "crates/amalgam/tests/fixtures/sd_optim_methods.json"
-    path.write_text(json.dumps({"source": "sd-optim ba47e65 (reimplemented, FFT in float64)", "cases": cases}))
+    ties = ties_cases(rnd)
+    path.write_text(json.dumps({
+        "source": "sd-optim ba47e65 (multi_domain_alignment, FFT in float64) and 0bbd82a (ties_sum_extended), reimplemented",
+        "cases": cases,
+        "ties_sum_extended": ties,
+    }))
     print(f"{len(cases)} cases -> {path}")
 
 

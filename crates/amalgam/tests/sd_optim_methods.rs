@@ -5,7 +5,7 @@
 
 mod common;
 use amalgam::io::dtype::OutputDtype;
-use amalgam::method::ParamValue::{self, Number};
+use amalgam::method::ParamValue::{self, Number, Text};
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
@@ -210,4 +210,130 @@ fn multi_domain_alignment_reads_and_writes_mecha() {
         .unwrap()
         .graph;
     assert_eq!(run(&back, "again.safetensors"), got, "{written}");
+}
+
+/// The `ties_sum_extended` preset, and the options it brings to the TIES pipeline
+/// (`min_agreement`, `weight_decay`), against sd-optim's code (`0bbd82a`): `vote_sgn = 1` is
+/// `election = count`, `apply_median = 0` (without stock) `fuse = disjoint_mean`.
+#[test]
+fn ties_sum_extended_agrees_with_sd_optim() {
+    let fx = json_fixture("sd_optim_methods.json");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases = fx["ties_sum_extended"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for (n, case) in cases.iter().enumerate() {
+        let shape: Vec<usize> = case["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let base = write_file(
+            &d.join("base.safetensors"),
+            &[f64t("w", &shape, &floats(&case["base"]))],
+            true,
+        );
+        let models: Vec<_> = case["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                write_file(
+                    &d.join(format!("m{i}.safetensors")),
+                    &[f64t("w", &shape, &floats(m))],
+                    true,
+                )
+            })
+            .collect();
+        let mut params: Vec<(&str, ParamValue)> = Vec::new();
+        for (k, v) in case["params"].as_object().unwrap() {
+            let v = v.as_f64().unwrap();
+            match k.as_str() {
+                "vote_sgn" if v > 0.0 => params.push(("election", Text("count".into()))),
+                "apply_median" if v <= 0.0 => params.push(("fuse", Text("disjoint_mean".into()))),
+                "k" | "min_agreement" | "weight_decay" => params.push((k.as_str(), Number(v))),
+                other => panic!("unmapped {other}"),
+            }
+        }
+        let mut paths: Vec<&Path> = vec![&base];
+        paths.extend(models.iter().map(|p| p.as_path()));
+        let slots = vec![vec![0], (1..paths.len()).collect()];
+        let g = one_node(&paths, "ties_sum_extended", slots, &params);
+        let out = d.join(format!("out{n}.safetensors"));
+        let mut o = MergeOptions::new(&out);
+        o.output_dtype = OutputDtype::F64;
+        o.compute_dtype = ComputeDtype::F64;
+        merge(&g, &o, &NoProgress).unwrap();
+        let got = read_f64(&out, "w");
+        let want = floats(&case["expected"]);
+        let base = floats(&case["base"]);
+        let mut kept = 0;
+        for (i, ((g, w), b)) in got.iter().zip(&want).zip(&base).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+                "case {n} {:?}: element {i}: amalgam {g}, sd-optim {w}",
+                case["params"]
+            );
+            kept += usize::from(g != b);
+        }
+        // The agreement and the trim leave some elements at the base, and move others.
+        assert!(
+            kept > 0 && kept < got.len(),
+            "case {n}: {kept} of {}",
+            got.len()
+        );
+    }
+}
+
+/// `min_agreement` by hand: three models, one element where only one takes part (1/3 < 0.5: the
+/// base), one where two do (kept); `agreement = elected` counts only the elected sign's.
+#[test]
+fn min_agreement_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = write_file(
+        &d.join("base.safetensors"),
+        &[f64t("w", &[3], &[0.0; 3])],
+        true,
+    );
+    let ms: Vec<_> = [[1.0, 1.0, 2.0], [0.0, 3.0, -1.0], [0.0, 0.0, -1.5]]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            write_file(
+                &d.join(format!("m{i}.safetensors")),
+                &[f64t("w", &[3], v)],
+                true,
+            )
+        })
+        .collect();
+    let run = |params: &[(&str, ParamValue)]| {
+        let paths: Vec<&Path> = std::iter::once(base.as_path())
+            .chain(ms.iter().map(|p| p.as_path()))
+            .collect();
+        let g = one_node(&paths, "ties", vec![vec![0], vec![1, 2, 3]], params);
+        let out = d.join("out.safetensors");
+        let _ = std::fs::remove_file(&out);
+        let mut o = MergeOptions::new(&out);
+        o.output_dtype = OutputDtype::F64;
+        o.compute_dtype = ComputeDtype::F64;
+        merge(&g, &o, &NoProgress).unwrap();
+        read_f64(&out, "w")
+    };
+    let common = [("k", Number(1.0)), ("min_agreement", Number(0.5))];
+    // Element 0: one of three takes part; element 1: two (+1, +3: mean 2); element 2: all three,
+    // mass -0.5 elects −, mean of −1 and −1.5.
+    assert_eq!(run(&common), vec![0.0, 2.0, -1.25]);
+    // Elected: element 2 has two of three on the elected side (kept); with 0.7 it is not.
+    let elected = [("agreement", Text("elected".into()))];
+    let mut p = common.to_vec();
+    p.extend(elected.iter().cloned());
+    assert_eq!(run(&p), vec![0.0, 2.0, -1.25]);
+    p[1] = ("min_agreement", Number(0.7));
+    assert_eq!(run(&p), vec![0.0, 0.0, 0.0]);
+    // weight_decay shrinks the result.
+    let wd = [("k", Number(1.0)), ("weight_decay", Number(0.5))];
+    assert_eq!(run(&wd), vec![0.5, 1.0, -0.625]);
 }

@@ -77,6 +77,7 @@ registry!(
     ties::TSD => ties::Pipeline::new,
     ties::TGMD => ties::Pipeline::new,
     ties::DGMLA => ties::Pipeline::new,
+    ties::TIES_SUM_EXTENDED => ties::Pipeline::new,
     dropout::INFO => dropout::Dropout::new,
     geometric_median::INFO => geometric_median::GeometricMedian::new,
     model_stock::INFO => model_stock::ModelStock::new,

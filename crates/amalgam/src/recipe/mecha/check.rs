@@ -119,6 +119,9 @@ pub const DECLARED: &[Declared] = &[
             "eps",
             "maxiter",
             "ftol",
+            // sd-optim's version.
+            "weight_decay",
+            "min_agreement",
         ],
         spaces: DELTAS,
     },

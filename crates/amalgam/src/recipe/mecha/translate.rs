@@ -503,6 +503,12 @@ pub fn translate(
                                 };
                                 set("election", ParamValue::Text(election.into()));
                                 if method != "ties_sum" {
+                                    // sd-optim's ties_sum_extended (sd-mecha's has neither).
+                                    for k in ["weight_decay", "min_agreement"] {
+                                        if let Some(v) = get(k)? {
+                                            set(k, v);
+                                        }
+                                    }
                                     if flag("apply_median", false)? {
                                         set("fuse", ParamValue::Text("geometric_median".into()));
                                         for (k, d) in Weiszfeld::DEFAULT.params() {

@@ -273,7 +273,11 @@ pub fn to_mecha(
                             return None;
                         }
                         let c = *pipeline.config();
-                        if c.sign_tie != SignTie::Zero || c.election == Election::None {
+                        // sd-mecha has no sign tie rule, election-less TIES or agreement.
+                        if c.sign_tie != SignTie::Zero
+                            || c.election == Election::None
+                            || c.agreement.is_some()
+                        {
                             return None;
                         }
                         let (prob, eps) = match c.drop {

@@ -459,6 +459,24 @@ impl<T: Real> KeyPipeline<T> {
                         e
                     };
                 }
+                if let Some(agreement) = self.config.agreement {
+                    // No sign where too few models count (the element keeps the base).
+                    let (inv_n, min) = (T::ONE / T::from_f64(n as f64), T::from_f64(agreement.min));
+                    for (i, e) in g.iter_mut().enumerate() {
+                        let counted = (0..n)
+                            .filter(|&t| {
+                                let v = d[t * W + i];
+                                match agreement.count {
+                                    AgreementCount::Participating => v != T::ZERO,
+                                    AgreementCount::Elected => v != T::ZERO && sign(v) == *e,
+                                }
+                            })
+                            .count();
+                        if T::from_f64(counted as f64) * inv_n < min {
+                            *e = T::ZERO;
+                        }
+                    }
+                }
                 for t in 0..n {
                     let dt = &mut d[t * W..t * W + len];
                     // Multiplying by 1 or 0 instead of a conditional store, which the compiler

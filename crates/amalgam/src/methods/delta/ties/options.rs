@@ -75,6 +75,25 @@ pub enum SignTie {
     Positive,
 }
 
+/// The agreement an element's election needs (sd-optim's `min_agreement`): where fewer than
+/// `min · N` models count, no sign is elected and the element keeps the base.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Agreement {
+    /// The minimum fraction of the models present.
+    pub min: f64,
+    /// Which models count.
+    pub count: AgreementCount,
+}
+
+/// Which models count towards an election's agreement.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AgreementCount {
+    /// Those with a nonzero entry after drop and trim (sd-optim's code: the fraction taking part).
+    Participating,
+    /// Those whose entry has the elected sign (the fraction agreeing, as sd-optim's wiki words it).
+    Elected,
+}
+
 /// The whole pipeline's configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
@@ -86,6 +105,8 @@ pub struct Config {
     pub election: Election,
     /// The sign of a tied election.
     pub sign_tie: SignTie,
+    /// The agreement an election needs, if any.
+    pub agreement: Option<Agreement>,
     /// How the entries of the elected sign are combined.
     pub fuse: Fuse,
     /// The factor the fused result is divided by.

@@ -65,6 +65,20 @@ impl Pipeline {
             "positive" => SignTie::Positive,
             _ => SignTie::Zero,
         };
+        let min_agreement = params.number("min_agreement")?;
+        let agreement = match params.choice("agreement")? {
+            "elected" => AgreementCount::Elected,
+            _ => AgreementCount::Participating,
+        };
+        let agreement = (min_agreement > 0.0).then_some(Agreement {
+            min: min_agreement,
+            count: agreement,
+        });
+        if agreement.is_some() && election == Election::None {
+            return Err(bad(
+                "`min_agreement` needs an election (mass or count)".into()
+            ));
+        }
         let weiszfeld = Weiszfeld::from_params(&mut params)?;
         let fuse = match params.choice("fuse")? {
             "disjoint_mean" => Fuse::DisjointMean,
@@ -93,7 +107,9 @@ impl Pipeline {
                 "`fuse = \"disjoint_mean\"` needs an election (mass or count)".into(),
             ));
         }
-        let lambda = params.number("lambda")?;
+        // The shrink of every filtered delta scales the fused result alike (every fuse is
+        // linear or, the geometric median, equivariant under scaling).
+        let lambda = params.number("lambda")? * (1.0 - params.number("weight_decay")?);
         let base_point = params.boolean("base_point")?;
         let cos_eps = params.number("cos_eps")?;
         let stock = match params.choice("stock")? {
@@ -120,6 +136,7 @@ impl Pipeline {
                 k,
                 election,
                 sign_tie,
+                agreement,
                 fuse,
                 rescale,
                 lambda,

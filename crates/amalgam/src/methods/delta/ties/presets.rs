@@ -10,7 +10,7 @@ const SLOTS: &[Slot] = Slot::BASE_AND_MODELS;
 
 /// The pipeline's parameters, with the defaults of `ties`.
 #[rustfmt::skip]
-const PARAMS: [ParamInfo; 18] = [
+const PARAMS: [ParamInfo; 21] = [
     ParamInfo::choice("drop", &["none", "dare", "della"], "none", "none | dare (uniform) | della (by magnitude rank)"),
     ParamInfo::number_in("p", 0.0, Domain::Probability, "mean drop probability of `dare` and `della`"),
     ParamInfo::number("della_eps", 0.0, "della: total width of the keep-probability window, kept with 1 - p - della_eps/2 (smallest |delta|) to 1 - p + della_eps/2 (largest); negative drops large deltas more (sd-mecha's della_eps)"),
@@ -20,9 +20,12 @@ const PARAMS: [ParamInfo; 18] = [
     ParamInfo::number_in("k", 0.2, Domain::Fraction, "fraction kept by magnitude per model and tensor; entries equal to the threshold are all kept"),
     ParamInfo::choice("election", &["mass", "count", "none"], "mass", "mass (sign of the sum) | count (sign of the sum of signs) | none"),
     ParamInfo::choice("sign_tie", &["zero", "positive"], "zero", "zero (keep the base) | positive"),
+    ParamInfo::number_in("min_agreement", 0.0, Domain::UnitInterval, "no sign is elected (the element keeps the base) where fewer than this fraction of the models count (sd-optim's ties_sum_extended)"),
+    ParamInfo::choice("agreement", &["participating", "elected"], "participating", "min_agreement: participating (models with a nonzero entry after drop and trim, sd-optim's code) | elected (models of the elected sign, as sd-optim's wiki words it)"),
     ParamInfo::choice("fuse", &["disjoint_mean", "mean", "sum", "geometric_median"], "disjoint_mean", "disjoint_mean | mean | sum | geometric_median"),
     ParamInfo::choice("rescale", &["none", "inverse_keep", "per_element", "l1"], "none", "none | inverse_keep (the result divided by 1 - p) | per_element (kept entries divided by their keep probability before the vote) | l1 (each model's kept entries scaled back to its delta's L1 norm)"),
     ParamInfo::number("lambda", 1.0, "scale of the merged delta"),
+    ParamInfo::number_in("weight_decay", 0.0, Domain::Probability, "every filtered delta multiplied by 1 - weight_decay (sd-optim's ties_sum_extended: a uniform shrink)"),
     ParamInfo::flag("base_point", false, "geometric median: add the base as a zero-delta point"),
     ParamInfo::choice("stock", &["none", "adjacent_rows"], "none", "none | adjacent_rows: multiply the fused result by the model-stock factor t = N cos / (1 + (N - 1) cos) of the filtered deltas, cos the mean over adjacent models along the last dimension (sd-mecha's ties_sum_extended with its inverted apply_stock = false)"),
     ParamInfo::number_in("cos_eps", 1e-6, Domain::NonNegative, "stock: guard of the norms in the cosines"),
@@ -32,7 +35,7 @@ const PARAMS: [ParamInfo; 18] = [
 ];
 
 /// `PARAMS` with the defaults of `overrides` (a name not declared is a compile-time error).
-const fn preset(overrides: &[(&str, PresetDefault)]) -> [ParamInfo; 18] {
+const fn preset(overrides: &[(&str, PresetDefault)]) -> [ParamInfo; 21] {
     let mut params = PARAMS;
     let mut i = 0;
     while i < overrides.len() {
@@ -102,6 +105,9 @@ presets! {
         "drop" => Choice("dare"), "p" => Number(0.1), "k" => Number(1.0), "election" => Choice("count"),
         "fuse" => Choice("geometric_median"),
     ];
+    TIES_SUM_EXTENDED = "ties_sum_extended", [SdOptim], "sd-optim's ties_sum_extended (wiki defaults, code 0bbd82a as shipped): trim to the top 0.218, mass election needing 30 % of the models to take part, deltas shrunk by 1 - 0.0218, mean over all models (its geometric median returns its starting mean).", [
+        "k" => Number(0.218), "min_agreement" => Number(0.3), "weight_decay" => Number(0.0218), "fuse" => Choice("mean"),
+    ];
     DGMLA = "dgmla", [Community], "DGMLA (AstolfoMix x215a): DELLA drop by whole-tensor rank, p = 0.1, della_eps = -0.1, no rescale, count election, geometric median with the base as a zero-delta point.", [
         "drop" => Choice("della"), "p" => Number(0.1), "della_eps" => Number(-0.1), "k" => Number(1.0),
         "election" => Choice("count"), "fuse" => Choice("geometric_median"), "base_point" => Bool(true),
@@ -111,7 +117,7 @@ presets! {
 /// The pipeline part of the DGMIA / DGMIZ pipelines (spec §13, `methods::svd::dgmiz`): DGMLA with
 /// the paper's mass election, which the 2025 AstolfoKarmix recipes' `vote_sgn = true` selects
 /// under sd-mecha 1.x's inverted flag (spec §3).
-pub(crate) const DGMI_PIPELINE: [ParamInfo; 18] = preset(&[
+pub(crate) const DGMI_PIPELINE: [ParamInfo; 21] = preset(&[
     ("drop", Choice("della")),
     ("p", Number(0.1)),
     ("della_eps", Number(-0.1)),

@@ -64,15 +64,33 @@ impl<T: Real> Signed<T> {
     #[inline(always)]
     pub(super) fn fuse(&self, len: usize, config: Config, inv_n: T, o: &mut [T]) {
         let o = &mut o[..len];
-        for (i, o) in o.iter_mut().enumerate() {
-            let sums = [
+        let sums = |i: usize| {
+            [
                 self.pos[i],
                 self.neg[i],
                 self.npos[i],
                 self.nneg[i],
                 self.total[i],
-            ];
-            *o = fuse_one(sums, config, inv_n);
+            ]
+        };
+        match config.agreement {
+            None => {
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = fuse_one(sums(i), config, inv_n);
+                }
+            }
+            Some(agreement) => {
+                for (i, o) in o.iter_mut().enumerate() {
+                    let s = sums(i);
+                    let agreed =
+                        agreeing(s, config, agreement) * inv_n >= T::from_f64(agreement.min);
+                    *o = if agreed {
+                        fuse_one(s, config, inv_n)
+                    } else {
+                        T::ZERO
+                    };
+                }
+            }
         }
     }
 }
@@ -92,6 +110,29 @@ pub(super) fn add_one<T: Real>(
     *nneg += if m { T::ONE } else { T::ZERO };
     if mass {
         *total += v;
+    }
+}
+
+/// The models that count towards the election's agreement, from the sums and counts
+/// `[pos, neg, npos, nneg, total]`.
+#[inline(always)]
+fn agreeing<T: Real>([_, _, npos, nneg, total]: [T; 5], config: Config, agreement: Agreement) -> T {
+    match agreement.count {
+        AgreementCount::Participating => npos + nneg,
+        AgreementCount::Elected => {
+            let vote = if config.election == Election::Mass {
+                total
+            } else {
+                npos - nneg
+            };
+            if vote > T::ZERO || (config.sign_tie == SignTie::Positive && vote == T::ZERO) {
+                npos
+            } else if vote < T::ZERO {
+                nneg
+            } else {
+                T::ZERO
+            }
+        }
     }
 }
 
