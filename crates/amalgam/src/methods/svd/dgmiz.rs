@@ -14,7 +14,7 @@ use super::spectrum::matrix_shape;
 use crate::error::Result;
 use crate::method::PresetDefault::{Choice, Number};
 use crate::method::*;
-use crate::methods::delta::ties::{Pipeline, DGMI_PIPELINE};
+use crate::methods::delta::ties::{Pipeline, DGMI_PIPELINE, PIPELINE_PARAMS};
 use crate::real::Real;
 use std::ops::Range;
 
@@ -22,7 +22,9 @@ const FORMULA: &str = "base + iso_z(dgmla(base, models) - base; z): the merged d
                        U diag(m + z (sigma - m)) V^T (matrix keys), the merged model (the others)";
 
 /// The parameters: the pipeline's (DGMLA's defaults, mass election), then ISO-Z's.
-const fn params(z: f64) -> [ParamInfo; 22] {
+const N: usize = PIPELINE_PARAMS + 4;
+
+const fn params(z: f64) -> [ParamInfo; N] {
     let iso = [
         ParamInfo::number("z", 0.8, "ISO-Z: how much of the delta's spectral spread is kept (0: flat, ISO-C; 1: the DGMLA merge)")
             .with_default(Number(z)),
@@ -30,13 +32,13 @@ const fn params(z: f64) -> [ParamInfo; 22] {
         MEAN,
         FACTORIZATION,
     ];
-    let mut out = [DGMI_PIPELINE[0]; 22];
+    let mut out = [DGMI_PIPELINE[0]; N];
     let mut i = 0;
-    while i < 22 {
-        out[i] = if i < 18 {
+    while i < N {
+        out[i] = if i < PIPELINE_PARAMS {
             DGMI_PIPELINE[i]
         } else {
-            iso[i - 18]
+            iso[i - PIPELINE_PARAMS]
         };
         i += 1;
     }

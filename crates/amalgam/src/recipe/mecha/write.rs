@@ -13,7 +13,7 @@ pub fn to_mecha(
     seed: u64,
 ) -> Option<String> {
     use crate::method::ParamValue;
-    use crate::methods::delta::ties::{Drop, Election, Fuse, Pipeline, Rescale, SignTie};
+    use crate::methods::delta::ties::{Drop, Election, Fuse, Pipeline, Rescale, SignTie, Trim};
     use crate::recipe::graph::Ref;
 
     struct W {
@@ -273,7 +273,11 @@ pub fn to_mecha(
                             return None;
                         }
                         let c = *pipeline.config();
-                        if c.sign_tie != SignTie::Zero || c.election == Election::None {
+                        if c.sign_tie != SignTie::Zero
+                            || c.election == Election::None
+                            || c.trim != Trim::Threshold
+                            || !pipeline.unit_weights()
+                        {
                             return None;
                         }
                         let (prob, eps) = match c.drop {
