@@ -206,7 +206,8 @@ for si, shape in enumerate(SHAPES):
     for normalize in (True, False):
         p = {"weight": per([0.3, 0.5, 0.4]), "normalize_weights": normalize}
         case("multislerp", p, ts3, run("multislerp", ts3, p), "multislerp",
-             {"weights": [0.3, 0.5, 0.4], "normalize_weights": normalize})
+             {"weights": [1.0, 0.3, 0.5, 0.4], "normalize_weights": normalize,
+              "with_base": True}, "the base first; its weight is not used")
         q = {"weight": per([0.3, 0.5, 0.4], first=0), "normalize_weights": normalize}
         group = TensorGroup.from_tensors(ts3[1:])
         out = registry.get("multislerp")([group], parameters=q)[0]
@@ -217,7 +218,8 @@ for si, shape in enumerate(SHAPES):
         for w in ([1.0, 3.0], [2.0, 0.5]):
             p = {"weight": per(w), "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
             case("nuslerp", p, ts3[:3], run("nuslerp", ts3[:3], p), "nuslerp",
-                 {"weights": w, "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise})
+                 {"weights": [1.0] + w, "nuslerp_flatten": flatten,
+                  "nuslerp_row_wise": row_wise}, "the base first; its weight is not used")
             q = {"weight": per(w, first=0), "nuslerp_flatten": flatten,
                  "nuslerp_row_wise": row_wise}
             group = TensorGroup.from_tensors(ts3[1:3])

@@ -99,6 +99,13 @@ const COVERED: &[&str] = &[
     "dare_ties",
     "dare_linear",
     "della_linear",
+    "passthrough",
+    "nearswap",
+    "ram",
+    "ramplus_tl",
+    "sce",
+    "nuslerp",
+    "multislerp",
 ];
 
 #[test]
@@ -329,4 +336,55 @@ fn weights_vote_and_divide() {
             .expect_err(&format!("{method} {p:?} is refused"));
         assert!(err.to_string().contains(method), "{method} {p:?}: {err}");
     }
+}
+
+/// Hand-computed: nearswap, RAM, RAM+, the two SLERPs and passthrough on small vectors.
+#[test]
+fn own_methods_hand_computed() {
+    let dir = tempfile::tempdir().unwrap();
+    let close = |got: Vec<f64>, want: &[f64]| {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?} vs {want:?}");
+        }
+    };
+    // nearswap, t = 0.1: |d| = 0.5 → w = 0.2; |d| = 5e-5 → w = 1; |d| = 0.3 → w = 1/3.
+    let got = merge_f64(
+        dir.path(),
+        &[3],
+        &[vec![0.0, 1.0, 2.0], vec![0.5, 1.00005, 2.3]],
+        "nearswap",
+        &[("t", Number(0.1))],
+        0,
+    )
+    .unwrap();
+    close(got, &[0.1, 1.00005, 2.0 + 0.3 / 3.0]);
+    // RAM: element 0 both active → mean 2; element 1 none → base; element 2 only model 0 → 2.
+    let ram_in = [vec![0.0; 3], vec![1.0, 0.0, 2.0], vec![3.0, 0.0, 0.0]];
+    let got = merge_f64(dir.path(), &[3], &ram_in, "ram", &[], 0).unwrap();
+    assert_eq!(got, vec![2.0, 0.0, 2.0]);
+    // RAM+: model 0 has 1 shared and 1 unique element, ρ = 1 → clamped to alpha 0.2, λ = 1.02
+    // (in f32, as mergekit).
+    let got = merge_f64(dir.path(), &[3], &ram_in, "ramplus_tl", &[], 0).unwrap();
+    assert_eq!(
+        got,
+        vec![2.0, 0.0, 2.0 * f64::from(1.0f32 + 0.1f32 * 0.2f32)]
+    );
+    // Two orthogonal unit vectors, equal weights: both SLERPs give the diagonal.
+    let h = std::f64::consts::FRAC_1_SQRT_2;
+    let pair = [vec![1.0, 0.0], vec![0.0, 1.0]];
+    for m in ["nuslerp", "multislerp"] {
+        let got = merge_f64(dir.path(), &[2], &pair, m, &[], 0).unwrap();
+        close(got, &[h, h]);
+    }
+    // passthrough, scaled.
+    let got = merge_f64(
+        dir.path(),
+        &[2],
+        &[vec![1.5, -2.0]],
+        "passthrough",
+        &[("scale", Number(2.0))],
+        0,
+    )
+    .unwrap();
+    assert_eq!(got, vec![3.0, -4.0]);
 }

@@ -6,7 +6,9 @@
 //! - [`gram`]: combinations through the models' Gram matrix (geometric median, Karcher, model
 //!   stock, SLERP);
 //! - [`mecha`]: sd-mecha's element-wise and per-tensor methods under their sd-mecha names
-//!   (geometric sum, masks, clamp, perpendicular components, cosine merges).
+//!   (geometric sum, masks, clamp, perpendicular components, cosine merges);
+//! - [`mergekit`]: mergekit's methods outside the TIES pipeline (passthrough, nearswap, RAM, SCE,
+//!   NuSLERP, Multi-SLERP).
 //!
 //! Adding a method: write `methods/FAMILY/NAME.rs` with an `INFO` and a type implementing
 //! [`Method`] (for a formula applied element by element, `Pointwise`: the declaration, the
@@ -21,6 +23,7 @@ pub mod delta;
 pub mod gram;
 pub mod linear;
 pub mod mecha;
+pub mod mergekit;
 pub mod rebasin;
 pub mod svd;
 
@@ -103,6 +106,13 @@ registry!(
     mecha::perpendicular::ADD_PERPENDICULAR => mecha::perpendicular::Perpendicular::add,
     mecha::cosine::ADD_COSINE_A => mecha::cosine::AddCosine::<false>::new,
     mecha::cosine::ADD_COSINE_B => mecha::cosine::AddCosine::<true>::new,
+    mergekit::passthrough::INFO => PointwiseMethod::<mergekit::passthrough::Passthrough>::new,
+    mergekit::nearswap::INFO => PointwiseMethod::<mergekit::nearswap::Nearswap>::new,
+    mergekit::ram::RAM => mergekit::ram::Ram::new,
+    mergekit::ram::RAMPLUS_TL => mergekit::ram::Ram::plus,
+    mergekit::sce::INFO => mergekit::sce::Sce::new,
+    mergekit::nuslerp::INFO => mergekit::nuslerp::Nuslerp::new,
+    mergekit::multislerp::INFO => mergekit::multislerp::Multislerp::new,
 );
 
 /// Output stages: nodes declared like methods (inputs, parameters, docs) whose output is a file
