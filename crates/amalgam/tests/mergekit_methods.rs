@@ -106,6 +106,7 @@ const COVERED: &[&str] = &[
     "sce",
     "nuslerp",
     "multislerp",
+    "arcee_fusion",
 ];
 
 #[test]

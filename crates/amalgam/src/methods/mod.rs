@@ -8,7 +8,7 @@
 //! - [`mecha`]: sd-mecha's element-wise and per-tensor methods under their sd-mecha names
 //!   (geometric sum, masks, clamp, perpendicular components, cosine merges);
 //! - [`mergekit`]: mergekit's methods outside the TIES pipeline (passthrough, nearswap, RAM, SCE,
-//!   NuSLERP, Multi-SLERP).
+//!   NuSLERP, Multi-SLERP, Arcee Fusion).
 //!
 //! Adding a method: write `methods/FAMILY/NAME.rs` with an `INFO` and a type implementing
 //! [`Method`] (for a formula applied element by element, `Pointwise`: the declaration, the
@@ -113,6 +113,7 @@ registry!(
     mergekit::sce::INFO => mergekit::sce::Sce::new,
     mergekit::nuslerp::INFO => mergekit::nuslerp::Nuslerp::new,
     mergekit::multislerp::INFO => mergekit::multislerp::Multislerp::new,
+    mergekit::arcee_fusion::INFO => mergekit::arcee_fusion::ArceeFusion::new,
 );
 
 /// Output stages: nodes declared like methods (inputs, parameters, docs) whose output is a file

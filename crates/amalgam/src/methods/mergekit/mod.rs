@@ -9,8 +9,10 @@
 //!   averaged; `ramplus_tl` counts them per tensor in one `Sums` pass);
 //! - [`sce`]: Select, Calculate, Erase (FuseChat);
 //! - [`nuslerp`]: SLERP of two models or task vectors, by weights, per tensor, row or column;
-//! - [`multislerp`]: the weighted spherical mean of N models or task vectors.
+//! - [`multislerp`]: the weighted spherical mean of N models or task vectors;
+//! - [`arcee_fusion`]: the model's deltas whose importance is an upper outlier (each key whole).
 
+pub mod arcee_fusion;
 pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
