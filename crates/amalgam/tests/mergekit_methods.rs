@@ -377,6 +377,15 @@ fn own_methods_hand_computed() {
         let got = merge_f64(dir.path(), &[2], &pair, m, &[], 0).unwrap();
         close(got, &[h, h]);
     }
+    // multislerp: zero vectors give zero (mergekit raises); three directions that cancel are
+    // refused, naming the key.
+    let zeros = [vec![0.0, 0.0], vec![0.0, 0.0], vec![0.0, 0.0]];
+    let got = merge_f64(dir.path(), &[2], &zeros, "multislerp", &[], 0).unwrap();
+    assert_eq!(got, vec![0.0, 0.0]);
+    let s = 3f64.sqrt() / 2.0;
+    let star = [vec![1.0, 0.0], vec![-0.5, s], vec![-0.5, -s]];
+    let err = merge_f64(dir.path(), &[2], &star, "multislerp", &[], 0).unwrap_err();
+    assert!(err.contains("multislerp") && err.contains("`w`"), "{err}");
     // passthrough, scaled.
     let got = merge_f64(
         dir.path(),

@@ -9,7 +9,9 @@
 //! weighted mean of the unit vectors, at the weighted mean norm. Computed here in that closed form
 //! from the models' Gram matrix (one `Sums` pass), the tangent term included as mergekit's
 //! formula gives it: streams. Where `‖m‖ < eps`: two models give `w_0 v_0 + w_1 v_1`, more are
-//! an error (antipodal models), as mergekit. One model is returned as it is.
+//! an error (antipodal models), as mergekit, except where every vector is zero (a tensor that no
+//! model changed from the base, an empty tensor): the result is then zero (the base), where
+//! mergekit raises that error too. One model is returned as it is.
 
 use crate::error::{Error, Result};
 use crate::method::*;
@@ -173,6 +175,12 @@ impl<T: Real> KeyMerge<T> for MultislerpKey<T> {
             .map(|(s, t)| a[s] * a[t] * g(s, t))
             .sum();
         let mn = m2.max(0.0).sqrt();
+        if norms.iter().all(|&x| x == 0.0) {
+            // Every vector zero (frozen weights' task vectors, empty tensors): zero, where
+            // mergekit raises its antipodal error.
+            self.coefficients = vec![T::ZERO; n];
+            return Ok(());
+        }
         if mn < eps {
             if n == 2 {
                 self.coefficients = w.iter().map(|&x| T::from_f64(x)).collect();
