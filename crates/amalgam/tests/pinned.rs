@@ -41,7 +41,13 @@ fn outputs_are_pinned() {
     for info in amalgam::methods::ALL {
         // The base and the fine-tunes; two-model methods (weighted_sum, slerp, ...) take base
         // and m000.
-        let slots = slots_for(info.name, 1..paths.len());
+        // nuslerp takes two models or a base and two: the base, m000 and m001.
+        let many = if info.name == "nuslerp" {
+            0..3
+        } else {
+            1..paths.len()
+        };
+        let slots = slots_for(info.name, many);
         let g = one_node(&paths, info.name, slots, &[]);
         let out = d.join(format!("method-{}.safetensors", info.name));
         let mut o = MergeOptions::new(&out);

@@ -7,7 +7,9 @@
 //!   stock, SLERP);
 //! - [`frequency`]: methods on a tensor's Fourier spectrum (sd-optim's multi-domain alignment);
 //! - [`mecha`]: sd-mecha's element-wise and per-tensor methods under their sd-mecha names
-//!   (geometric sum, masks, clamp, perpendicular components, cosine merges).
+//!   (geometric sum, masks, clamp, perpendicular components, cosine merges);
+//! - [`mergekit`]: mergekit's methods outside the TIES pipeline (passthrough, nearswap, RAM, SCE,
+//!   NuSLERP, Multi-SLERP, Arcee Fusion).
 //!
 //! Adding a method: write `methods/FAMILY/NAME.rs` with an `INFO` and a type implementing
 //! [`Method`] (for a formula applied element by element, `Pointwise`: the declaration, the
@@ -23,6 +25,7 @@ pub mod frequency;
 pub mod gram;
 pub mod linear;
 pub mod mecha;
+pub mod mergekit;
 pub mod rebasin;
 pub mod svd;
 
@@ -78,6 +81,11 @@ registry!(
     ties::TGMD => ties::Pipeline::new,
     ties::DGMLA => ties::Pipeline::new,
     ties::TIES_SUM_EXTENDED => ties::Pipeline::new,
+    ties::DARE_TIES => ties::Pipeline::new,
+    ties::DARE_LINEAR => ties::Pipeline::new,
+    ties::DELLA_LINEAR => ties::Pipeline::new,
+    ties::BREADCRUMBS => ties::Pipeline::new,
+    ties::BREADCRUMBS_TIES => ties::Pipeline::new,
     dropout::INFO => dropout::Dropout::new,
     geometric_median::INFO => geometric_median::GeometricMedian::new,
     model_stock::INFO => model_stock::ModelStock::new,
@@ -105,6 +113,14 @@ registry!(
     frequency::multi_domain_alignment::CONSERVATIVE => frequency::multi_domain_alignment::MultiDomainAlignment::new,
     frequency::multi_domain_alignment::DETAIL => frequency::multi_domain_alignment::MultiDomainAlignment::new,
     frequency::multi_domain_alignment::SMOOTH => frequency::multi_domain_alignment::MultiDomainAlignment::new,
+    mergekit::passthrough::INFO => PointwiseMethod::<mergekit::passthrough::Passthrough>::new,
+    mergekit::nearswap::INFO => PointwiseMethod::<mergekit::nearswap::Nearswap>::new,
+    mergekit::ram::RAM => mergekit::ram::Ram::new,
+    mergekit::ram::RAMPLUS_TL => mergekit::ram::Ram::plus,
+    mergekit::sce::INFO => mergekit::sce::Sce::new,
+    mergekit::nuslerp::INFO => mergekit::nuslerp::Nuslerp::new,
+    mergekit::multislerp::INFO => mergekit::multislerp::Multislerp::new,
+    mergekit::arcee_fusion::INFO => mergekit::arcee_fusion::ArceeFusion::new,
 );
 
 /// Output stages: nodes declared like methods (inputs, parameters, docs) whose output is a file

@@ -14,7 +14,7 @@ use super::spectrum::matrix_shape;
 use crate::error::Result;
 use crate::method::PresetDefault::{Choice, Number};
 use crate::method::*;
-use crate::methods::delta::ties::{Pipeline, DGMI_PIPELINE};
+use crate::methods::delta::ties::{Pipeline, DGMI_PIPELINE, PIPELINE_PARAMS};
 use crate::real::Real;
 use std::ops::Range;
 
@@ -22,9 +22,9 @@ const FORMULA: &str = "base + iso_z(dgmla(base, models) - base; z): the merged d
                        U diag(m + z (sigma - m)) V^T (matrix keys), the merged model (the others)";
 
 /// The parameters: the pipeline's (DGMLA's defaults, mass election), then ISO-Z's.
-const PIPELINE: usize = DGMI_PIPELINE.len();
+const N: usize = PIPELINE_PARAMS + 4;
 
-const fn params(z: f64) -> [ParamInfo; PIPELINE + 4] {
+const fn params(z: f64) -> [ParamInfo; N] {
     let iso = [
         ParamInfo::number("z", 0.8, "ISO-Z: how much of the delta's spectral spread is kept (0: flat, ISO-C; 1: the DGMLA merge)")
             .with_default(Number(z)),
@@ -32,13 +32,13 @@ const fn params(z: f64) -> [ParamInfo; PIPELINE + 4] {
         MEAN,
         FACTORIZATION,
     ];
-    let mut out = [DGMI_PIPELINE[0]; PIPELINE + 4];
+    let mut out = [DGMI_PIPELINE[0]; N];
     let mut i = 0;
-    while i < out.len() {
-        out[i] = if i < PIPELINE {
+    while i < N {
+        out[i] = if i < PIPELINE_PARAMS {
             DGMI_PIPELINE[i]
         } else {
-            iso[i - PIPELINE]
+            iso[i - PIPELINE_PARAMS]
         };
         i += 1;
     }

@@ -13,7 +13,7 @@ pub fn to_mecha(
     seed: u64,
 ) -> Option<String> {
     use crate::method::ParamValue;
-    use crate::methods::delta::ties::{Drop, Election, Fuse, Pipeline, Rescale, SignTie};
+    use crate::methods::delta::ties::{Drop, Election, Fuse, Pipeline, Rescale, SignTie, Trim};
     use crate::recipe::graph::Ref;
 
     struct W {
@@ -273,10 +273,13 @@ pub fn to_mecha(
                             return None;
                         }
                         let c = *pipeline.config();
-                        // sd-mecha has no sign tie rule, election-less TIES or agreement.
+                        // sd-mecha has no sign tie rule, election-less TIES, agreement, other
+                        // trims or weights.
                         if c.sign_tie != SignTie::Zero
                             || c.election == Election::None
                             || c.agreement.is_some()
+                            || c.trim != Trim::Threshold
+                            || !pipeline.unit_weights()
                         {
                             return None;
                         }

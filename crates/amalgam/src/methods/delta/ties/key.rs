@@ -59,6 +59,8 @@ pub(super) struct KeyPipeline<T> {
     pub(super) thresholds: Vec<u64>,
     /// Per model, the factor its kept entries are scaled by (`l1`; empty = 1).
     pub(super) scales: Vec<T>,
+    /// Per model, its weight (empty: all 1).
+    pub(super) weights: Vec<T>,
     /// Per model, its coefficient in the geometric median.
     pub(super) coefficients: Vec<T>,
     /// Per model, one bit per element: whether drop, trim and election kept its delta (kept by
@@ -79,7 +81,9 @@ pub(super) const GRAM_SPAN: usize = 8 * W;
 pub(super) enum Stage {
     /// After the drop only (what the trim threshold is selected from).
     Dropped,
-    /// After drop, trim and the `l1` scale; the election is left to the caller.
+    /// After drop and trim (what the `l1` rescale measures).
+    Trimmed,
+    /// After drop, trim, the `l1` scale and the weights; the election is left to the caller.
     Kept,
     /// After drop, trim, election and sign filter.
     Filtered,
@@ -306,6 +310,9 @@ impl<T: Real> KeyPipeline<T> {
                     if let Some(&scale) = self.scales.get(t) {
                         dt.iter_mut().for_each(|o| *o *= scale);
                     }
+                    if let Some(&w) = self.weights.get(t) {
+                        dt.iter_mut().for_each(|o| *o *= w);
+                    }
                     // A select, not a product: a value the stages set to zero stays zero even
                     // if it was not finite (the bit of one they multiplied by zero is set).
                     let bits = &self.filtered[t];
@@ -429,14 +436,30 @@ impl<T: Real> KeyPipeline<T> {
                     }
                 }
                 let thr = self.thresholds.get(t).copied().unwrap_or(0);
-                if stage != Stage::Dropped && thr > 0 {
-                    for o in dt.iter_mut() {
-                        *o *= if o.abs_key() >= thr { T::ONE } else { T::ZERO };
+                // `outliers`: the largest key kept too.
+                let upper = self.thresholds.get(n + t).copied();
+                if stage != Stage::Dropped {
+                    if let Some(up) = upper {
+                        for o in dt.iter_mut() {
+                            let key = o.abs_key();
+                            *o *= if key >= thr && key <= up {
+                                T::ONE
+                            } else {
+                                T::ZERO
+                            };
+                        }
+                    } else if thr > 0 {
+                        for o in dt.iter_mut() {
+                            *o *= if o.abs_key() >= thr { T::ONE } else { T::ZERO };
+                        }
                     }
                 }
-                if stage != Stage::Dropped {
+                if stage != Stage::Dropped && stage != Stage::Trimmed {
                     if let Some(&scale) = self.scales.get(t) {
                         dt.iter_mut().for_each(|o| *o *= scale);
+                    }
+                    if let Some(&w) = self.weights.get(t) {
+                        dt.iter_mut().for_each(|o| *o *= w);
                     }
                 }
             }

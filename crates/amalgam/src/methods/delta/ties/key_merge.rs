@@ -84,7 +84,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             d.hist = hist;
         }
         for digit in 0..self.trim_passes {
-            let counts = vec![0; n << DIGIT_BITS];
+            let counts = vec![0; self.select.len() << DIGIT_BITS];
             let stat = TrimDigit { digit, counts };
             let counts = self.run_stat(passes, stat)?.counts;
             self.resolve_digit(digit, &counts);
@@ -133,7 +133,18 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             _ => self.config.lambda,
         };
         let scale = T::from_f64(scale);
-        let inv_n = T::ONE / T::from_f64(n as f64);
+        // `mean` divides by the weights' sum (n unweighted; 1 where it is about 0, as mergekit).
+        let total_weight = if self.weights.is_empty() {
+            n as f64
+        } else {
+            self.weights.iter().map(|w| w.to_f64()).sum::<f64>()
+        };
+        let inv_n = T::ONE
+            / T::from_f64(if total_weight.abs() < 1e-8 {
+                1.0
+            } else {
+                total_weight
+            });
         let voting = self.config.election != Election::None;
         let stage = match self.config.fuse {
             Fuse::GeometricMedian(_) => Stage::Filtered,
@@ -144,6 +155,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
         // straight from the inputs, without the block buffer.
         let plain = self.config.drop == Drop::None
             && self.thresholds.iter().all(|&t| t == 0)
+            && self.weights.is_empty()
             && self.scales.is_empty()
             && voting
             && stage == Stage::Kept;
@@ -188,7 +200,8 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
                     let mass = self.config.election == Election::Mass;
                     sums.clear(len);
                     for t in 0..n {
-                        sums.add(&d[t * W..t * W + len], mass);
+                        let w = self.weights.get(t).copied().unwrap_or(T::ONE);
+                        sums.add(&d[t * W..t * W + len], w, mass);
                     }
                 }
                 Fuse::Mean | Fuse::Sum | Fuse::DisjointMean => {

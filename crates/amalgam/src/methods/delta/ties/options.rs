@@ -27,6 +27,23 @@ impl Drop {
     }
 }
 
+/// Which entries the trim keeps, by the magnitude of each model's (dropped) delta; `k` is the
+/// fraction kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Trim {
+    /// Every |δ| at or above the `max(1, floor((1 − k)·n))`-th smallest (the TIES code,
+    /// sd-mecha).
+    Threshold,
+    /// The `max(1, floor(k·n))` largest |δ| (mergekit's `magnitude`); `k = 0` keeps nothing.
+    TopK,
+    /// Model Breadcrumbs as mergekit: the `floor(gamma·n)` largest |δ| are dropped, then the
+    /// smallest, so that `floor(k·n)` stay (fewer large ones dropped when `k + gamma > 1`).
+    Outliers {
+        /// The fraction of the largest |δ| dropped.
+        gamma: f64,
+    },
+}
+
 /// How the sign of each element is elected.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Election {
@@ -101,6 +118,8 @@ pub struct Config {
     pub drop: Drop,
     /// Fraction of entries kept per model and tensor by magnitude (1 = no trim).
     pub k: f64,
+    /// Which entries the trim keeps.
+    pub trim: Trim,
     /// How the sign of each entry is elected.
     pub election: Election,
     /// The sign of a tied election.

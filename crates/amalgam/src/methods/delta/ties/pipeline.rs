@@ -6,13 +6,37 @@ use super::*;
 pub struct Pipeline {
     info: &'static MethodInfo,
     config: Config,
+    /// Per fine-tune, its weight (empty when every weight is 1).
+    weights: Vec<f64>,
 }
 
 impl Pipeline {
     pub(crate) fn build(info: &'static MethodInfo, mut params: Params) -> Result<Self> {
         let bad = |msg: String| Error::method(info.name, msg);
+        let weights = params.per_model("weights")?;
+        let weights = if weights.iter().all(|&w| w == 1.0) {
+            Vec::new()
+        } else {
+            weights
+        };
         let drop_kind = params.choice("drop")?;
-        let p = params.number("p")?;
+        let density = params.optional_number("density")?;
+        let p_given = params.is_given("p");
+        let k_given = params.is_given("k");
+        let mut p = params.number("p")?;
+        let mut k = params.number("k")?;
+        if let Some(density) = density {
+            match (drop_kind, p_given, k_given) {
+                ("none", _, true) | (_, true, _) => {
+                    return Err(bad(format!(
+                        "give `density` (mergekit's keep fraction) or `{}`, not both",
+                        if drop_kind == "none" { "k" } else { "p" }
+                    )))
+                }
+                ("none", _, _) => k = density,
+                _ => p = 1.0 - density,
+            }
+        }
         let della_eps_given = params.is_given("della_eps");
         let della_eps = params.number("della_eps")?;
         let epsilon = params.optional_number("epsilon")?;
@@ -34,6 +58,7 @@ impl Pipeline {
                 "`della_eps` and `epsilon` only apply to `drop = \"della\"`".into(),
             ));
         }
+        let strict = params.choice("della_bounds")? == "strict";
         let ranks = match params.choice("ranks")? {
             "exact" => Ranks::Exact,
             "histogram" => Ranks::Histogram,
@@ -45,8 +70,19 @@ impl Pipeline {
                     .into(),
             ));
         }
+        if strict && drop_kind == "della" && p > 0.0 {
+            let (small, large) = (1.0 - p - eps / 2.0, 1.0 - p + eps / 2.0);
+            if small.min(large) <= 0.0 || small.max(large) >= 1.0 {
+                return Err(bad(format!(
+                    "`della_bounds = \"strict\"` needs the keep probabilities within (0, 1): \
+                     1 - p -/+ della_eps/2 are {small} and {large} (mergekit: density +/- epsilon)"
+                )));
+            }
+        }
         let drop = match drop_kind {
             "dare" => Drop::Dare { p },
+            // mergekit: density 1 (p = 0) turns DELLA off.
+            "della" if strict && p <= 0.0 => Drop::None,
             "della" => Drop::Della(Della {
                 p,
                 eps,
@@ -55,7 +91,20 @@ impl Pipeline {
             }),
             _ => Drop::None,
         };
-        let k = params.number("k")?;
+        let gamma_given = params.is_given("gamma");
+        let gamma = params.number("gamma")?;
+        let trim = match params.choice("trim")? {
+            "top_k" => Trim::TopK,
+            "outliers" => Trim::Outliers { gamma },
+            _ => Trim::Threshold,
+        };
+        if gamma_given && !matches!(trim, Trim::Outliers { .. }) {
+            return Err(bad(
+                "`gamma` and `trim = \"outliers\"` only apply together".into()
+            ));
+        }
+        // int8_mask changes nothing here (see its declaration).
+        params.boolean("int8_mask")?;
         let election = match params.choice("election")? {
             "mass" => Election::Mass,
             "count" => Election::Count,
@@ -80,7 +129,38 @@ impl Pipeline {
             ));
         }
         let weiszfeld = Weiszfeld::from_params(&mut params)?;
-        let fuse = match params.choice("fuse")? {
+        let normalize = params
+            .is_given("normalize")
+            .then(|| params.boolean("normalize"))
+            .transpose()?;
+        let fuse_given = params.is_given("fuse");
+        let declared_fuse = params.choice("fuse")?;
+        if normalize.is_some() && fuse_given {
+            return Err(bad(
+                "give `normalize` (mergekit's name) or `fuse`, not both".into(),
+            ));
+        }
+        if normalize.is_some() && declared_fuse == "geometric_median" {
+            return Err(bad(
+                "`normalize` (mergekit's) and the mean and sum fuses only apply together, not \
+                 with `fuse = \"geometric_median\"`"
+                    .into(),
+            ));
+        }
+        if normalize.is_some() && declared_fuse == "mean" && election != Election::None {
+            return Err(bad(
+                "`normalize` (mergekit's) and an election only apply with `disjoint_mean` or \
+                 `sum`, not with this preset's `fuse = \"mean\"`"
+                    .into(),
+            ));
+        }
+        let fuse = match normalize {
+            Some(true) if election == Election::None => "mean",
+            Some(true) => "disjoint_mean",
+            Some(false) => "sum",
+            None => declared_fuse,
+        };
+        let fuse = match fuse {
             "disjoint_mean" => Fuse::DisjointMean,
             "mean" => Fuse::Mean,
             "sum" => Fuse::Sum,
@@ -89,6 +169,11 @@ impl Pipeline {
         let rescale = match params.choice("rescale")? {
             "inverse_keep" => Rescale::InverseKeep,
             "per_element" => Rescale::PerElement,
+            // Nothing dropped or trimmed: the norms are the same (mergekit returns the delta
+            // untouched), so no scale that rounding could make differ from 1.
+            "l1" if k >= 1.0 && (drop == Drop::None || drop == Drop::Dare { p: 0.0 }) => {
+                Rescale::None
+            }
             "l1" => Rescale::L1,
             _ => Rescale::None,
         };
@@ -123,6 +208,11 @@ impl Pipeline {
             }
             _ => None,
         };
+        if matches!(fuse, Fuse::GeometricMedian(_)) && !weights.is_empty() {
+            return Err(bad(
+                "`weights` apply to the mean and sum fuses, not to `geometric_median`".into(),
+            ));
+        }
         if base_point && !matches!(fuse, Fuse::GeometricMedian(_)) {
             return Err(bad(
                 "`base_point` only applies to `fuse = \"geometric_median\"`".into(),
@@ -131,9 +221,11 @@ impl Pipeline {
         params.finish()?;
         Ok(Pipeline {
             info,
+            weights,
             config: Config {
                 drop,
                 k,
+                trim,
                 election,
                 sign_tie,
                 agreement,
@@ -157,11 +249,29 @@ impl Pipeline {
         &self.config
     }
 
+    /// Whether every fine-tune's weight is 1.
+    pub fn unit_weights(&self) -> bool {
+        self.weights.is_empty()
+    }
+
     /// The pipeline of preset `name` with `params`, or `None` when `name` is not one of them.
     pub fn named(name: &str, params: Params) -> Option<Result<Self>> {
-        let info = [&TIES, &TIES_SOUP, &DARE, &DELLA, &TSD, &TGMD, &DGMLA]
-            .into_iter()
-            .find(|i| i.name == name)?;
+        let info = [
+            &TIES,
+            &TIES_SOUP,
+            &DARE,
+            &DELLA,
+            &TSD,
+            &TGMD,
+            &DGMLA,
+            &DARE_TIES,
+            &DARE_LINEAR,
+            &DELLA_LINEAR,
+            &BREADCRUMBS,
+            &BREADCRUMBS_TIES,
+        ]
+        .into_iter()
+        .find(|i| i.name == name)?;
         Some(Self::build(info, params.bind(info, &[])))
     }
 }
@@ -193,13 +303,47 @@ impl<T: Real> Method<T> for Pipeline {
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         let n = ctx.present.len() - 1;
         let numel = ctx.numel();
-        let trim_passes = if self.config.k < 1.0 && numel > 0 {
+        // The 1-based ranks (ascending |δ|) of the trim's thresholds: entries from the first to
+        // the second (or the largest) are kept; `None`: nothing is kept.
+        let trim = self.config.k < 1.0 && numel > 0;
+        let (n_f, k) = (numel as f64, self.config.k);
+        let ranks: Option<(u64, Option<u64>)> = match self.config.trim {
+            Trim::Threshold => Some((((1.0 - k) * n_f).floor() as u64).max(1)).map(|r| (r, None)),
+            Trim::TopK if k <= 0.0 => None,
+            Trim::TopK => Some((numel as u64 - ((k * n_f).floor() as u64).max(1) + 1, None)),
+            Trim::Outliers { gamma } => {
+                let target = (k * n_f).floor() as u64;
+                let top = (gamma * n_f).floor() as u64;
+                let bottom = (numel as u64).saturating_sub(target + top);
+                (target > 0).then_some((bottom + 1, Some(bottom + target)))
+            }
+        };
+        let trim_passes = if trim && ranks.is_some() {
             T::KEY_BITS.div_ceil(DIGIT_BITS) as usize
         } else {
             0
         };
-        // The rank (1-based, ascending |δ|) of the threshold: entries at or above it are kept.
-        let rank = (((1.0 - self.config.k) * numel as f64).floor() as u64).max(1);
+        // A trim that keeps nothing: thresholds no key reaches.
+        let thresholds = if trim && ranks.is_none() {
+            vec![u64::MAX; n]
+        } else {
+            Vec::new()
+        };
+        let select = match ranks {
+            Some((low, high)) if trim_passes > 0 => (0..n)
+                .map(|_| Select {
+                    prefix: 0,
+                    rank: low,
+                })
+                .chain(high.into_iter().flat_map(|high| {
+                    (0..n).map(move |_| Select {
+                        prefix: 0,
+                        rank: high,
+                    })
+                }))
+                .collect(),
+            _ => Vec::new(),
+        };
         let della = match self.config.drop {
             Drop::Della(d) => {
                 let unit: usize = d.unit_len(ctx.shape).max(1);
@@ -252,11 +396,17 @@ impl<T: Real> Method<T> for Pipeline {
             streams: ctx.present[1..].iter().map(|&i| i as u32).collect(),
             trim_passes,
             // Only a trim has a selection state per model (every key's state exists from planning
-            // on: without a trim it takes no memory per model).
-            select: (0..if trim_passes > 0 { n } else { 0 })
-                .map(|_| Select { prefix: 0, rank })
-                .collect(),
-            thresholds: Vec::new(),
+            // on: without a trim it takes no memory per model); `outliers` has two.
+            select,
+            thresholds,
+            weights: if self.weights.is_empty() {
+                Vec::new()
+            } else {
+                ctx.present[1..]
+                    .iter()
+                    .map(|&i| T::from_f64(self.weights[i - 1]))
+                    .collect()
+            },
             scales: Vec::new(),
             coefficients: Vec::new(),
             filtered: Vec::new(),

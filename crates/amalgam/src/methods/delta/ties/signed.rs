@@ -36,15 +36,15 @@ impl<T: Real> Signed<T> {
         }
     }
 
-    /// Adds one model's deltas `v`.
+    /// Adds one model's (weighted) deltas `v`; its weight `w` is what its entries count.
     #[inline(always)]
-    pub(super) fn add(&mut self, v: &[T], mass: bool) {
-        self.add_with(v.len(), mass, |i| v[i]);
+    pub(super) fn add(&mut self, v: &[T], w: T, mass: bool) {
+        self.add_with(v.len(), w, mass, |i| v[i]);
     }
 
-    /// Adds the `len` deltas `delta(i)`.
+    /// Adds the `len` deltas `delta(i)` of a model of weight `w`.
     #[inline(always)]
-    pub(super) fn add_with(&mut self, len: usize, mass: bool, delta: impl Fn(usize) -> T) {
+    pub(super) fn add_with(&mut self, len: usize, w: T, mass: bool, delta: impl Fn(usize) -> T) {
         let (pos, neg) = (&mut self.pos[..len], &mut self.neg[..len]);
         let (npos, nneg) = (&mut self.npos[..len], &mut self.nneg[..len]);
         let total = &mut self.total[..len];
@@ -56,7 +56,7 @@ impl<T: Real> Signed<T> {
                 &mut nneg[i],
                 &mut total[i],
             );
-            add_one(delta(i), mass, acc);
+            add_one(delta(i), w, mass, acc);
         }
     }
 
@@ -95,19 +95,21 @@ impl<T: Real> Signed<T> {
     }
 }
 
-/// Adds one delta `v` to the sums and counts of its sign `(pos, neg, npos, nneg, total)`.
+/// Adds one delta `v` to the sums and counts of its sign `(pos, neg, npos, nneg, total)`; it
+/// counts as its model's weight `w` (1 unweighted).
 #[inline(always)]
 pub(super) fn add_one<T: Real>(
     v: T,
+    w: T,
     mass: bool,
     (pos, neg, npos, nneg, total): (&mut T, &mut T, &mut T, &mut T, &mut T),
 ) {
     let (p, m) = (v > T::ZERO, v < T::ZERO);
     // Selects rather than branches, so that the loop vectorises.
     *pos += if p { v } else { T::ZERO };
-    *npos += if p { T::ONE } else { T::ZERO };
+    *npos += if p { w } else { T::ZERO };
     *neg += if m { v } else { T::ZERO };
-    *nneg += if m { T::ONE } else { T::ZERO };
+    *nneg += if m { w } else { T::ZERO };
     if mass {
         *total += v;
     }
@@ -136,7 +138,8 @@ fn agreeing<T: Real>([_, _, npos, nneg, total]: [T; 5], config: Config, agreemen
     }
 }
 
-/// The elected sign's fused value from the sums and counts `[pos, neg, npos, nneg, total]`.
+/// The elected sign's fused value from the sums and counts `[pos, neg, npos, nneg, total]` (the
+/// counts are sums of weights).
 #[inline(always)]
 pub(super) fn fuse_one<T: Real>(
     [pos, neg, npos, nneg, total]: [T; 5],
@@ -192,7 +195,7 @@ impl<T: Real> Signed<T> {
                         &mut nneg[j],
                         &mut total[j],
                     );
-                    add_one(x[j] - b[j], mass, sums);
+                    add_one(x[j] - b[j], T::ONE, mass, sums);
                 }
             }
             let run = i..i + LANES;
@@ -208,6 +211,7 @@ impl<T: Real> Signed<T> {
                 let [pos, neg, npos, nneg, total] = &mut acc;
                 add_one(
                     x[at + j] - base[at + j],
+                    T::ONE,
                     mass,
                     (pos, neg, npos, nneg, total),
                 );

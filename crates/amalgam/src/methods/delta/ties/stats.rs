@@ -170,7 +170,7 @@ pub(super) struct TrimDigit {
 impl<T: Real> Stat<T> for TrimDigit {
     type Block = Vec<u32>;
     fn block_bytes(&self, key: &KeyPipeline<T>, _len: usize) -> usize {
-        (key.streams.len() << DIGIT_BITS) * 4
+        (key.select.len() << DIGIT_BITS) * 4
     }
     fn block(
         &self,
@@ -182,11 +182,14 @@ impl<T: Real> Stat<T> for TrimDigit {
         let n = key.streams.len();
         let (shift, high) = KeyPipeline::<T>::digit_shift(self.digit);
         let mask = (1u64 << DIGIT_BITS) - 1;
-        let mut h = vec![0u32; n << DIGIT_BITS];
+        let selects = key.select.len();
+        let mut h = vec![0u32; selects << DIGIT_BITS];
         key.blocks(Stage::Dropped, &range, args, factors, |_, len, d| {
-            for t in 0..n {
-                let prefix = key.select[t].prefix;
-                let ht = &mut h[t << DIGIT_BITS..(t + 1) << DIGIT_BITS];
+            // One selection per model, two with `outliers` (the second n for the upper bound).
+            for j in 0..selects {
+                let t = j % n;
+                let prefix = key.select[j].prefix;
+                let ht = &mut h[j << DIGIT_BITS..(j + 1) << DIGIT_BITS];
                 for v in &d[t * W..t * W + len] {
                     let k = v.abs_key();
                     if high >= 64 || k >> high == prefix {
@@ -232,7 +235,7 @@ impl<T: Real> Stat<T> for L1Sums {
                 .map(|(&v, &b)| (v - b).abs().to_f64())
                 .sum();
         }
-        key.blocks(Stage::Kept, &range, args, factors, |_, len, d| {
+        key.blocks(Stage::Trimmed, &range, args, factors, |_, len, d| {
             for t in 0..n {
                 sums[2 * t + 1] += d[t * W..t * W + len]
                     .iter()
