@@ -1,4 +1,5 @@
-//! A complex FFT in f64 of any length (radix 2, Bluestein's chirp-z for the other lengths), and
+//! A complex FFT in f64 of any length (radix 2; short other lengths summed directly; Bluestein's
+//! chirp-z for the longer ones), and
 //! its n-dimensional form over a row-major tensor: what `crossover` needs (no FFT crate is among
 //! the project's dependencies).
 
@@ -43,6 +44,9 @@ pub struct Plan {
 enum Kind {
     /// Length a power of two: `e^{-2πik/n}`, k < n/2.
     Radix2(Vec<C>),
+    /// A short length of another kind (up to [`DIRECT_MAX`]): the DFT matrix's `n` roots
+    /// `e^{-2πik/n}`, the sum taken directly (cheaper than Bluestein's padded transforms).
+    Direct(Vec<C>),
     /// Any other length: the chirp `e^{-iπk²/n}`, the padded length's radix-2 twiddles and the
     /// transform of the conjugate chirp.
     Bluestein {
@@ -87,6 +91,9 @@ fn radix2(buf: &mut [C], tw: &[C]) {
     }
 }
 
+/// The longest length summed directly rather than by Bluestein's method.
+const DIRECT_MAX: usize = 16;
+
 impl Plan {
     /// The plan of length `n`.
     pub fn new(n: usize) -> Plan {
@@ -94,6 +101,15 @@ impl Plan {
             return Plan {
                 n,
                 kind: Kind::Radix2(twiddles(n.max(1))),
+            };
+        }
+        if n <= DIRECT_MAX {
+            let roots = (0..n)
+                .map(|k| C::expi(-2.0 * PI * k as f64 / n as f64))
+                .collect();
+            return Plan {
+                n,
+                kind: Kind::Direct(roots),
             };
         }
         let m = (2 * n - 1).next_power_of_two();
@@ -128,6 +144,17 @@ impl Plan {
         debug_assert_eq!(buf.len(), self.n);
         match &self.kind {
             Kind::Radix2(tw) => radix2(buf, tw),
+            Kind::Direct(roots) => {
+                let n = self.n;
+                scratch.clear();
+                scratch.extend((0..n).map(|k| {
+                    buf.iter().enumerate().fold(C::default(), |acc, (j, &x)| {
+                        let p = x.mul(roots[j * k % n]);
+                        C::new(acc.re + p.re, acc.im + p.im)
+                    })
+                }));
+                buf.copy_from_slice(scratch);
+            }
             Kind::Bluestein {
                 chirp,
                 twiddles,
