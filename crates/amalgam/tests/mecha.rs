@@ -218,14 +218,14 @@ fn unsupported_methods_and_missing_models_are_reported_before_reading() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let p = d.join("r.mecha");
-    std::fs::write(&p, "version 0.1.0\nmodel \"a.safetensors\" model_config=null merge_space=\"weight\"\nmodel \"b.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"crossover\" &0 &1").unwrap();
+    std::fs::write(&p, "version 0.1.0\nmodel \"a.safetensors\" model_config=null merge_space=\"weight\"\nmodel \"b.safetensors\" model_config=null merge_space=\"weight\"\nmerge \"omit_non_finite\" &0").unwrap();
     let e = amalgam::recipe::mecha::load(&p, &[])
         .err()
         .unwrap()
         .to_string();
     assert!(
         e.contains("r.mecha:4")
-            && e.contains("method `crossover` is not supported")
+            && e.contains("method `omit_non_finite` is not supported")
             && e.contains("ties_sum_with_dropout"),
         "{e}"
     );

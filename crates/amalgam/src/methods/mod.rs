@@ -89,12 +89,14 @@ registry!(
     dropout::INFO => dropout::Dropout::new,
     geometric_median::INFO => geometric_median::GeometricMedian::new,
     model_stock::INFO => model_stock::ModelStock::new,
+    model_stock::N_MODEL_STOCK => model_stock::ModelStock::new,
     karcher::INFO => karcher::Karcher::new,
     slerp::INFO => slerp::Slerp::new,
     svd::iso_c::INFO => svd::iso_c::IsoC::new,
     svd::iso_cts::INFO => svd::iso_cts::IsoCts::new,
     svd::iso_z::INFO => svd::iso_z::IsoZ::new,
     svd::truncate_rank::INFO => svd::truncate_rank::TruncateRank::new,
+    svd::truncate_kronecker::INFO => svd::truncate_kronecker::TruncateKronecker::new,
     svd::rotate::INFO => svd::rotate::Rotate::new,
     svd::clyb_merge::INFO => svd::clyb_merge::ClybMerge::new,
     svd::dgmiz::DGMIZ => svd::dgmiz::Dgmiz::new,
@@ -121,6 +123,11 @@ registry!(
     mergekit::nuslerp::INFO => mergekit::nuslerp::Nuslerp::new,
     mergekit::multislerp::INFO => mergekit::multislerp::Multislerp::new,
     mergekit::arcee_fusion::INFO => mergekit::arcee_fusion::ArceeFusion::new,
+    mecha::slicing::TENSOR_SUM => mecha::slicing::Slicing::new,
+    mecha::slicing::TOP_K_TENSOR_SUM => mecha::slicing::Slicing::new,
+    mecha::slicing::COPY_REGION => mecha::slicing::Slicing::new,
+    mecha::crossover::INFO => mecha::crossover::Crossover::new,
+    mecha::logistics::FALLBACK => mecha::logistics::Fallback::new,
 );
 
 /// Output stages: nodes declared like methods (inputs, parameters, docs) whose output is a file
@@ -174,9 +181,37 @@ pub const SEEDED: &[&str] = &[
     "tgmd",
     "dgmla",
     "dropout",
+    "truncate_kronecker",
     "clyb_merge",
     "dgmiz",
     "dgmia",
+];
+
+/// sd-mecha methods that are not nodes here, each with why: `(name, reason)`. A recipe naming
+/// one gets the reason, not an unknown-method error.
+pub const REFUSED: &[(&str, &str)] = &[
+    (
+        "stack",
+        "sd-mecha's `stack` makes one tensor with an extra dimension out of several, which only \
+         sd-mecha's own methods read; amalgam's nodes take several models directly (a list slot \
+         such as `models`), so give the models to the method instead",
+    ),
+    (
+        "pick_component",
+        "a node's value is every key its inputs give; routing one component (unet, clip_l, ...) \
+         from another model is the recipe's `[output.components]` table here (in a `.mecha` \
+         recipe, `fallback(pick_component(m, c), merge)` is read as that routing)",
+    ),
+    (
+        "exchange_ema",
+        "it writes each key from another key (the EMA copy, `model_ema.*`, of sd1-ldm models); \
+         amalgam's nodes compute each key from the same key of their inputs",
+    ),
+    (
+        "balance_attention",
+        "it rewrites the q, k, v and o keys of each attention layer together (an SDXL model's \
+         whole attention groups); amalgam's nodes compute each key on its own",
+    ),
 ];
 
 /// Other names users know the methods by, and where: `(alias, method, origin)`.
@@ -237,6 +272,9 @@ pub fn canonical_name(name: &str) -> Result<&'static str> {
     }
     if let Some((_, to, _)) = ALIASES.iter().find(|(from, _, _)| *from == norm) {
         return Ok(to);
+    }
+    if let Some((name, why)) = REFUSED.iter().find(|(n, _)| *n == norm) {
+        return Err(Error::method(name, format!("not a node in amalgam: {why}")));
     }
     Err(Error::Invalid(format!(
         "unknown method `{name}`; amalgam implements: {}",

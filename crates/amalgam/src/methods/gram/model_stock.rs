@@ -5,7 +5,9 @@
 //! How cos θ is measured for N > 2 differs: mergekit averages the cosines of **all pairs** over the
 //! whole tensor (`pairs = "all"`, `unit = "tensor"`, the default); sd-mecha averages the cosines of
 //! **adjacent pairs** (1-2, 2-3, ...) along the last dimension, one `t` per row (`pairs =
-//! "adjacent"`, `unit = "row"`). Both need one statistic pass of dot products.
+//! "adjacent"`, `unit = "row"`, where `t · mean` is sd-mecha's `nan_to_num`'d: a row whose cosine
+//! makes t infinite gives the type's extremes, not ±inf; `n_model_stock` is this variant's
+//! preset). Both need one statistic pass of dot products.
 
 use super::geometric_median::add_raw_gram;
 use crate::error::{Error, Result};
@@ -17,16 +19,43 @@ use std::ops::Range;
 pub static INFO: MethodInfo = MethodInfo {
     name: "model_stock",
     origins: &[Origin::Paper, Origin::SdMecha, Origin::Mergekit],
-    formula: "base + t * mean_t(models[t] - base),  t = N cos / (1 + (N - 1) cos)",
+    formula: FORMULA,
     summary: "Model Stock: moves from the base towards the average by a factor set by the angle \
               between the task vectors. With one fine-tune present for a key, t = 1.",
     slots: Slot::BASE_AND_MODELS,
+    params: &[PAIRS, UNIT, COS_EPS],
+};
+
+/// `n_model_stock`'s declaration: sd-mecha's wrapper (`base + model_stock(models − base)`), the
+/// preset of `model_stock` with sd-mecha's cosines.
+pub static N_MODEL_STOCK: MethodInfo = MethodInfo {
+    name: "n_model_stock",
+    origins: &[Origin::SdMecha],
+    formula: FORMULA,
+    summary: "sd-mecha's n_model_stock: model_stock with sd-mecha's cosines (adjacent pairs, one \
+              t per row of the last dimension).",
+    slots: Slot::BASE_AND_MODELS,
     params: &[
-        ParamInfo::choice("pairs", &["all", "adjacent"], "all", "all (mergekit) | adjacent (sd-mecha): which pairs' cosines are averaged"),
-        ParamInfo::choice("unit", &["tensor", "row"], "tensor", "tensor (mergekit) | row (sd-mecha: along the last dimension, one t per row; needs pairs = adjacent)"),
-        ParamInfo::number_in("cos_eps", 1e-6, Domain::NonNegative, "guard of the norms in the cosine"),
+        PAIRS.with_default(PresetDefault::Choice("adjacent")),
+        UNIT.with_default(PresetDefault::Choice("row")),
+        COS_EPS,
     ],
 };
+
+const FORMULA: &str = "base + t * mean_t(models[t] - base),  t = N cos / (1 + (N - 1) cos)";
+const PAIRS: ParamInfo = ParamInfo::choice(
+    "pairs",
+    &["all", "adjacent"],
+    "all",
+    "all (mergekit) | adjacent (sd-mecha): which pairs' cosines are averaged",
+);
+const UNIT: ParamInfo = ParamInfo::choice("unit", &["tensor", "row"], "tensor", "tensor (mergekit) | row (sd-mecha: along the last dimension, one t per row; needs pairs = adjacent)");
+const COS_EPS: ParamInfo = ParamInfo::number_in(
+    "cos_eps",
+    1e-6,
+    Domain::NonNegative,
+    "guard of the norms in the cosine",
+);
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Pairs {
@@ -35,6 +64,7 @@ enum Pairs {
 }
 
 pub(crate) struct ModelStock {
+    info: &'static MethodInfo,
     pairs: Pairs,
     by_row: bool,
     cos_eps: f64,
@@ -42,6 +72,7 @@ pub(crate) struct ModelStock {
 
 impl ModelStock {
     pub(crate) fn new(mut params: Params) -> Result<Self> {
+        let info = params.info().expect("bound");
         let pairs = match params.choice("pairs")? {
             "adjacent" => Pairs::Adjacent,
             _ => Pairs::All,
@@ -56,6 +87,7 @@ impl ModelStock {
             ));
         }
         Ok(ModelStock {
+            info,
             pairs,
             by_row,
             cos_eps,
@@ -65,7 +97,7 @@ impl ModelStock {
 
 impl<T: Real> Method<T> for ModelStock {
     fn info(&self) -> &'static MethodInfo {
-        &INFO
+        self.info
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
         OnMissing::base_and_models(present)
@@ -196,6 +228,22 @@ impl<T: Real> StockOfKey<T> {
     }
 }
 
+/// `torch.nan_to_num`: NaN to 0, ±∞ to the type's extremes.
+fn nan_to_num<T: Real>(x: T) -> T {
+    let v = x.to_f64();
+    if v.is_nan() {
+        T::ZERO
+    } else if v.is_infinite() {
+        let max = match T::DTYPE {
+            crate::real::ComputeDtype::F32 => f32::MAX as f64,
+            crate::real::ComputeDtype::F64 => f64::MAX,
+        };
+        T::from_f64(v.signum() * max)
+    } else {
+        x
+    }
+}
+
 impl<T: Real> KeyMerge<T> for StockOfKey<T> {
     fn stat_passes(&self) -> usize {
         usize::from(self.n >= 2)
@@ -244,7 +292,9 @@ impl<T: Real> KeyMerge<T> for StockOfKey<T> {
             } else {
                 self.t[0]
             };
-            *o = b + t * (*o * inv);
+            let d = t * (*o * inv);
+            // sd-mecha's `nan_to_num(t · mean)` (a row whose cosine makes t infinite or NaN).
+            *o = b + if self.by_row { nan_to_num(d) } else { d };
         }
     }
 }

@@ -291,6 +291,31 @@ pub const DECLARED: &[Declared] = &[
         spaces: Spaces::Same,
     },
     Declared {
+        method: "tensor_sum",
+        params: &["width", "offset"],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "top_k_tensor_sum",
+        params: &["width", "offset"],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "crossover",
+        params: &["alpha", "tilt"],
+        spaces: Spaces::Same,
+    },
+    Declared {
+        method: "truncate_kronecker",
+        params: &[
+            "kronecker_ratio",
+            "use_approximate_basis",
+            "approximate_basis_iters",
+            "approximate_basis_seed",
+        ],
+        spaces: DELTAS,
+    },
+    Declared {
         method: "convert_singleton",
         params: &[],
         spaces: Spaces::ToParam,

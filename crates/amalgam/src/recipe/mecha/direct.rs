@@ -167,6 +167,40 @@ pub(super) const DIRECT: &[Direct] = &[
         method: "add_cosine_b",
         params: &[("alpha", Map::To("alpha"))],
     },
+    Direct {
+        mecha: "tensor_sum",
+        method: "tensor_sum",
+        params: &[("width", Map::To("width")), ("offset", Map::To("offset"))],
+    },
+    Direct {
+        mecha: "top_k_tensor_sum",
+        method: "top_k_tensor_sum",
+        params: &[("width", Map::To("width")), ("offset", Map::To("offset"))],
+    },
+    Direct {
+        mecha: "crossover",
+        method: "crossover",
+        params: &[("alpha", Map::To("alpha")), ("tilt", Map::To("tilt"))],
+    },
+    Direct {
+        mecha: "truncate_kronecker",
+        method: "truncate_kronecker",
+        params: &[
+            ("kronecker_ratio", Map::To("kronecker_ratio")),
+            (
+                "use_approximate_basis",
+                Map::Flag {
+                    to: "svd",
+                    yes: "randomized",
+                    no: "exact",
+                    default: true,
+                },
+            ),
+            ("approximate_basis_iters", Map::To("power_iterations")),
+            // amalgam seeds the randomized SVD from the run's seed and the key.
+            ("approximate_basis_seed", Map::Unused),
+        ],
+    },
 ];
 
 /// The entry of sd-mecha method `mecha`.

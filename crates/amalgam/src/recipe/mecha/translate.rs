@@ -62,6 +62,10 @@ pub const SUPPORTED: &[&str] = &[
     "add_cosine_b",
     "multi_domain_alignment",
     "clyb_merge",
+    "tensor_sum",
+    "top_k_tensor_sum",
+    "crossover",
+    "truncate_kronecker",
 ];
 
 /// Records a merge's `seed` (a number; anything else is no seed) as the recipe's: amalgam runs
@@ -116,6 +120,9 @@ pub fn translate(
         })
         .collect();
     if let Some((line, m)) = unsupported.first() {
+        if let Some((_, why)) = crate::methods::REFUSED.iter().find(|(n, _)| n == m) {
+            return Err(e(*line, format!("method `{m}` is not supported: {why}")));
+        }
         return Err(e(
             *line,
             format!(
@@ -155,6 +162,14 @@ pub fn translate(
         match v {
             Value::Ref(r) => match &items[*r] {
                 Item::Tensors(t) => Ok(*t),
+                Item::Component(..) | Item::Omitted(..) => Err(e(
+                    line,
+                    format!(
+                        "&{r} is a `pick_component` or `omit_component`, which amalgam reads only \
+                         as `fallback(pick_component(model, component), merge)` (or \
+                         `fallback(omit_component(...), model)`): the recipe's component routing"
+                    ),
+                )),
                 _ => Err(e(line, format!("&{r} is not a model or a merge of models"))),
             },
             other => Err(e(
@@ -363,10 +378,14 @@ pub fn translate(
                                 components.insert(comp.clone(), *other);
                                 Item::Tensors(*m)
                             }
+                            // Each key from a, else from the other: a node.
+                            (Item::Tensors(x), Item::Tensors(y)) => {
+                                node("fallback", vec![vec![*x], vec![*y]], BTreeMap::new())
+                            }
                             (x, y) => {
                                 return Err(e(
                                     c.line,
-                                    format!("`fallback` of {x:?} and {y:?} is not supported (supported: a component with a merge, block values with a default)"),
+                                    format!("`fallback` of {x:?} and {y:?} is not supported (supported: two models or merges, a component with a merge, block values with a default)"),
                                 ))
                             }
                         }

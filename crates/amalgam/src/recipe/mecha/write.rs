@@ -136,6 +136,7 @@ pub fn to_mecha(
             .collect();
         let delta_method = [
             "model_stock",
+            "n_model_stock",
             "dropout",
             "ties",
             "ties_soup",
@@ -212,8 +213,30 @@ pub fn to_mecha(
                 }
                 w.merge("geometric_median", &args[0], &kw)
             }
-            "model_stock" | "dropout" | "ties" | "ties_soup" | "dare" | "della" | "tsd"
-            | "tgmd" | "dgmla" => {
+            "fallback" => w.merge("fallback", &[args[0][0], args[1][0]], &[]),
+            // sd-mecha's wrapper `copy_region` with its c, as the methods it builds there.
+            "copy_region" => {
+                let (a, b, c) = (args[0][0], args[1][0], args[2][0]);
+                let da = w.merge("subtract", &[a, c], &[]);
+                let db = w.merge("subtract", &[b, c], &[]);
+                let num = |k: &str| match p(k) {
+                    Some(ParamValue::Number(x)) => *x,
+                    _ => default_of("copy_region", k),
+                };
+                let top_k = matches!(p("top_k"), Some(ParamValue::Bool(true)));
+                let width = w.scalar(Value::Float(num("width")));
+                let offset = w.scalar(Value::Float(num("offset")));
+                let method = if top_k {
+                    "top_k_tensor_sum"
+                } else {
+                    "tensor_sum"
+                };
+                let res = w.merge(method, &[da, db], &[("width", width), ("offset", offset)]);
+                let one = w.scalar(Value::Float(1.0));
+                w.merge("add_difference", &[c, res], &[("alpha", one)])
+            }
+            "model_stock" | "n_model_stock" | "dropout" | "ties" | "ties_soup" | "dare"
+            | "della" | "tsd" | "tgmd" | "dgmla" => {
                 let base = args[0][0];
                 let mut deltas: Vec<usize> = if zero_base {
                     args[1].clone()
@@ -224,11 +247,26 @@ pub fn to_mecha(
                         .collect()
                 };
                 let (method, kw, alpha): (&str, Vec<(&str, usize)>, f64) = match node.method {
-                    "model_stock" => {
+                    "model_stock" | "n_model_stock" => {
+                        // A parameter left out has its declared default (n_model_stock's are
+                        // sd-mecha's).
                         let text = |k: &str| {
                             p(k).and_then(|v| match v {
                                 ParamValue::Text(t) => Some(t.as_str()),
                                 _ => None,
+                            })
+                            .or_else(|| {
+                                crate::methods::info(node.method)
+                                    .ok()?
+                                    .params
+                                    .iter()
+                                    .find(|x| x.name == k)
+                                    .and_then(|x| match x.kind {
+                                        crate::method::ParamKind::Choice { default, .. } => {
+                                            Some(default)
+                                        }
+                                        _ => None,
+                                    })
                             })
                         };
                         if text("pairs") != Some("adjacent") || text("unit") != Some("row") {
