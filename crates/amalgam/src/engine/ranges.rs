@@ -79,8 +79,15 @@ pub(super) fn with_ranges(
             keys += 1;
         }
         let columns_seen = sims.len();
+        if keys == 0 {
+            notes.push(format!(
+                "node `{}` ({}): no key outside the VAE in both models: every key is its a",
+                node.name, node.method
+            ));
+            continue;
+        }
         let (lo, hi) = trimmed_range(sims).ok_or_else(|| {
-            at("no key of both models to compare (keys named `model`, not the VAE)".into())
+            at("every column similarity is NaN (zero tensors): no range to normalise by".into())
         })?;
         notes.push(format!(
             "node `{}` ({}): similarities of {columns_seen} columns in {keys} keys range over \

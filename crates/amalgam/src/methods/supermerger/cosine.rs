@@ -9,8 +9,8 @@
 //! and the key is `lerp(b, a, k_j)` (torch's `lerp`): a where the models are alike, b where they
 //! differ. `lo` and `hi` are the least and greatest similarity of every column of the whole
 //! model once the lowest and highest 1% are dropped ([`trimmed_range`]; cosineA ranks the plain
-//! `cos_j(â, b̂)`, cosineB `s_j`), over the keys with `model` in their name but not
-//! `first_stage_model` (the VAE), which are the keys merged; the others are a. The engine
+//! `cos_j(â, b̂)`, cosineB `s_j`), over every key but the VAE's (`first_stage_model`), which
+//! supermerger leaves as a (and so does this). The engine
 //! computes `lo` and `hi` from the whole models before merging (a pass over both models reading
 //! every key in chunks, holding one similarity per column), unless `sim_min` and `sim_max` are
 //! given. sd-mecha's `add_cosine_a/b` are the same merges without this normalisation (and, for A,
@@ -62,7 +62,7 @@ pub static COSINE_A: MethodInfo = MethodInfo {
               b/|b_j|) + <a/|a_j|, b/|b_j|>/(|.| |.|))/2 along dim 0; lo, hi over the whole model",
     summary: "supermerger's cosineA: a where a and b are alike, b where they differ, by column \
               similarity normalised over the whole model (the model-wide range needs a pass over \
-              both models first). Keys outside `model` or in the VAE are a.",
+              both models first). VAE keys are a.",
     slots: SLOTS,
     params: PARAMS,
 };
@@ -74,14 +74,15 @@ pub static COSINE_B: MethodInfo = MethodInfo {
     formula: "lerp(b, a, clip((s_j - lo)/(hi - lo) - alpha, 0, 1)), s_j = (cos_j(a, b) + <a, \
               b>/(|a| |b|))/2 along dim 0; lo, hi over the whole model",
     summary: "supermerger's cosineB: as cosine_a with the similarity of the columns themselves \
-              (not normalised first). Keys outside `model` or in the VAE are a.",
+              (not normalised first). VAE keys are a.",
     slots: SLOTS,
     params: PARAMS,
 };
 
-/// Whether supermerger's cosine modes merge `key` (and count it in the model-wide range).
+/// Whether supermerger's cosine modes merge `key` (and count it in the model-wide range): every
+/// key but the VAE's (supermerger: "skip VAE model parameters to get better results").
 pub fn merges_key(key: &str) -> bool {
-    key.contains("model") && !key.contains("first_stage_model")
+    !key.contains("first_stage_model")
 }
 
 /// The number of columns of a key of `shape` (elements over the first dim; 1 for a vector).
@@ -207,16 +208,20 @@ impl<T: Real, const B: bool> Method<T> for Cosine<B> {
         keep_first(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
-        let Some(range) = self.range else {
-            return Err(Error::method(
-                if B { COSINE_B.name } else { COSINE_A.name },
-                "`sim_min` and `sim_max` were neither given nor computed from the whole models",
-            ));
-        };
+        let merged = merges_key(ctx.key);
+        let range =
+            match self.range {
+                Some(range) => range,
+                None if !merged => (0.0, 1.0),
+                None => return Err(Error::method(
+                    if B { COSINE_B.name } else { COSINE_A.name },
+                    "`sim_min` and `sim_max` were neither given nor computed from the whole models",
+                )),
+            };
         Ok(Box::new(CosineKey::<T, B> {
             alpha: self.alpha,
             range,
-            merged: merges_key(ctx.key),
+            merged,
             columns: columns(ctx.shape),
             k: Vec::new(),
         }))
