@@ -5,7 +5,8 @@
 //! with stream number `t`. Any run of elements can be generated on its own (the generator seeks
 //! to the run's first word), so masks do not depend on the chunk size, the thread count or the
 //! order keys are processed in. 16 bits resolve a keep probability to 2^-16 (1.5e-5), far finer
-//! than any drop rate in use, at half the generator work of 32-bit draws.
+//! than any drop rate in use, at half the generator work of 32-bit draws. Noise (supermerger's
+//! "plus random") takes one 64-bit word per element instead ([`normals`]), seekable the same way.
 
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -465,3 +465,89 @@ fn per_block_values_apply_per_key() {
         assert_eq!(checked.len(), 4, "{method}: every block value used");
     }
 }
+
+/// A cosine mode over a node's output: the range pass merges the node to a temporary file first,
+/// and the result equals the same merge over a file holding that output.
+#[test]
+fn cosine_range_over_a_node_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys = [
+        (
+            "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+            vec![8usize, 6],
+        ),
+        (
+            "model.diffusion_model.middle_block.0.in_layers.2.weight",
+            vec![4, 3, 2, 2],
+        ),
+        (
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+            vec![10],
+        ),
+        ("first_stage_model.decoder.conv_in.weight", vec![3, 5]),
+    ];
+    let model = |name: &str, seed: u64| {
+        let tensors: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (k, shape))| {
+                let n = shape.iter().product();
+                let v: Vec<f32> = lcg_values(seed * 10 + i as u64, n)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
+                f32t(k, shape, &v)
+            })
+            .collect();
+        write_file(&d.join(name), &tensors, true)
+    };
+    model("a.safetensors", 1);
+    model("b.safetensors", 2);
+    model("c.safetensors", 3);
+    let run = |nodes: &str, name: &str| {
+        let text = format!(
+            "[models]\na = \"a.safetensors\"\nb = \"b.safetensors\"\nc = \"c.safetensors\"\n\n{nodes}\n[output]\nnode = \"cos\"\ndtype = \"f32\"\n"
+        );
+        let path = d.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let r = recipe::load(&path).unwrap();
+        let out = d.join(format!("{name}.safetensors"));
+        let mut o = MergeOptions::new(&out);
+        o.output_dtype = OutputDtype::F32;
+        let report = merge(&r.graph, &o, &NoProgress).unwrap();
+        (out, report)
+    };
+    // The second input of the cosine is a node: a weighted sum of a and c.
+    let mixed = "[nodes.mix]\nmethod = \"weighted_sum\"\na = \"a\"\nb = \"c\"\nalpha = 0.25\n";
+    let (via_node, report) = run(
+        &format!(
+            "{mixed}\n[nodes.cos]\nmethod = \"cosineB\"\na = \"b\"\nb = \"mix\"\nalpha = 0.1\n"
+        ),
+        "via_node",
+    );
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| n.contains("(cosine_b): similarities of")),
+        "{:?}",
+        report.notes
+    );
+    // The same node written to a file first.
+    let (mix_file, _) = run(&mixed.replace("[nodes.mix]", "[nodes.cos]"), "mix_file");
+    std::fs::copy(&mix_file, d.join("c.safetensors")).unwrap();
+    let (direct, _) = run(
+        "[nodes.cos]\nmethod = \"cosine_b\"\na = \"b\"\nb = \"c\"\nalpha = 0.1\n",
+        "direct",
+    );
+    for (k, _) in &keys {
+        assert_eq!(read_f32(&via_node, k), read_f32(&direct, k), "{k}");
+    }
+    // The VAE is b's (model a of the cosine).
+    let vae = keys[3].0;
+    assert_eq!(
+        read_f32(&direct, vae),
+        read_f32(&d.join("b.safetensors"), vae)
+    );
+}
