@@ -551,3 +551,35 @@ fn cosine_range_over_a_node_input() {
         read_f32(&d.join("b.safetensors"), vae)
     );
 }
+
+/// smooth_add needs each tensor whole: a key whose filters exceed a quarter of the memory budget
+/// is refused by name, before any output is written; a larger budget merges it.
+#[test]
+fn smooth_add_refuses_a_key_over_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = "model.diffusion_model.middle_block.1.proj_in.weight";
+    let n = 1000 * 1000;
+    let paths: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let v: Vec<f32> = lcg_values(i, n).iter().map(|&x| x as f32).collect();
+            write_file(
+                &d.join(format!("m{i}.safetensors")),
+                &[f32t(key, &[1000, 1000], &v)],
+                true,
+            )
+        })
+        .collect();
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let g = one_node(&refs, "smoothAdd", vec![vec![0], vec![1], vec![2]], &[]);
+    let out = d.join("out.safetensors");
+    let mut o = MergeOptions::new(&out);
+    // Three f64 copies of 1e6 elements: 24 MB, over a quarter of 64 MiB.
+    o.memory_budget = 64 << 20;
+    let e = merge(&g, &o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains(key) && e.contains("smooth_add"), "{e}");
+    assert!(!out.exists());
+    o.memory_budget = 256 << 20;
+    merge(&g, &o, &NoProgress).unwrap();
+    assert_eq!(read_f32(&out, key).len(), n);
+}
