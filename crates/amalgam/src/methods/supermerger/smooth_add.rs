@@ -8,8 +8,10 @@
 //! 4`), both over the whole N-d tensor with scipy's default `reflect` edges (`d c b a | a b c d |
 //! d c b a`, repeated for dimensions shorter than the radius). The filters mix neighbours along
 //! every dimension, so the method needs the whole tensor: one statistic pass gathers `b − c` in
-//! f64 and the filters run on it (a whole-tensor unit: the engine refuses a key whose three f64
-//! copies exceed a quarter of the memory budget, naming it). supermerger filters in float32;
+//! f64 and the filters run on it (a whole-tensor unit of two f64 copies, the filter's input and
+//! output: the engine refuses a key where they exceed a quarter of the memory budget, naming it;
+//! at the default 2 GiB, keys up to 33M elements, so SD1's token embedding, 38M, needs
+//! `--memory-budget 3GiB`). supermerger filters in float32;
 //! here in f64. A key b or c lacks is taken from a.
 
 use crate::error::Result;
@@ -190,7 +192,7 @@ impl<T: Real> KeyMerge<T> for SmoothKey {
     fn unit(&self) -> Unit {
         Unit {
             len: 1,
-            bytes: 3 * 8 * self.numel as u64,
+            bytes: 2 * 8 * self.numel as u64,
             what: "smooth_add's filters over the whole tensor",
         }
     }
