@@ -583,3 +583,37 @@ fn smooth_add_refuses_a_key_over_the_budget() {
     merge(&g, &o, &NoProgress).unwrap();
     assert_eq!(read_f32(&out, key).len(), n);
 }
+
+/// trainDifference is sd-mecha's `add_difference` with `train_difference_mask` as its alpha:
+/// `a + mask·(b − c)`, the mask merged by amalgam's sd-mecha method from the same inputs.
+#[test]
+fn train_difference_is_add_difference_by_the_sd_mecha_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = "model.diffusion_model.input_blocks.4.0.in_layers.2.weight";
+    let mut ins: Vec<Vec<f64>> = (0..3).map(|i| lcg_values(20 + i, 30)).collect();
+    ins[1][3] = ins[2][3]; // b = c
+    ins[0][4] = ins[1][4]; // a = b
+    for alpha in [0.5, 1.3] {
+        let td = merge_one(
+            dir.path(),
+            k,
+            &[5, 6],
+            &ins,
+            "trainDifference",
+            &[("alpha", Number(alpha))],
+        );
+        let mask = merge_one(
+            dir.path(),
+            k,
+            &[5, 6],
+            &ins,
+            "train_difference_mask",
+            &[("alpha", Number(alpha))],
+        );
+        let want: Vec<f64> = (0..30)
+            .map(|i| ins[0][i] + mask[i] * (ins[1][i] - ins[2][i]))
+            .collect();
+        assert_agrees(&td, &want, &format!("alpha {alpha}"));
+        assert_eq!(td[3], ins[0][3]);
+    }
+}
