@@ -8,7 +8,9 @@
 //!    ([`BLOCK`], rounded up to whole units when a method declares a unit) is fed to the method
 //!    and the per-block results are folded in block order.
 //! 3. **Whole-model methods** ([`prepare`]): re-basin's permutations are found from whole
-//!    models first (a node input merged once to a temporary file, which the pass then reads).
+//!    models first (a node input merged once to a temporary file, which the pass then reads);
+//!    model-wide ranges ([`ranges`]: supermerger's cosine modes) are read from whole models the
+//!    same way and become their nodes' parameters.
 //! 4. **Output stages** ([`stages`]): a recipe whose output node writes another kind of file (a
 //!    LoRA) merges the node's inputs to temporary files first, then runs the stage on them.
 //! 5. **Execute**: keys in name order are cut into tasks (a run of elements whose encoded output
@@ -29,6 +31,7 @@ mod out_view;
 mod outputs;
 mod plan;
 mod prepare;
+mod ranges;
 mod schedule;
 mod stages;
 #[cfg(test)]
@@ -99,7 +102,8 @@ pub fn merge_outputs(points: &[OutputPoint], progress: &dyn Progress) -> Result<
         if several && (p.graph.output_stage().is_some() || !prepare::is_streamed(&p.graph)) {
             return Err(Error::Invalid(
                 "not implemented: several outputs from one read of recipes with whole-model \
-                 nodes (re-basin) or an output stage (extract_lora); run each point alone"
+                 nodes (re-basin), model-wide ranges (cosine_a/b without sim_min, sim_max) or \
+                 an output stage (extract_lora); run each point alone"
                     .into(),
             ));
         }

@@ -40,7 +40,9 @@ fn shapes(m: &ModelFile) -> BTreeMap<String, Vec<usize>> {
 /// computes it.
 pub(super) fn is_streamed(graph: &Graph) -> bool {
     let g = crate::methods::rebasin::expand_presets(graph);
-    !g.nodes.iter().any(|n| methods::is_whole_model(n.method))
+    !g.nodes
+        .iter()
+        .any(|n| methods::is_whole_model(n.method) || super::ranges::needs_range(n))
 }
 
 /// Prepares the whole-model nodes of `graph` (none: the graph as it is).
@@ -52,12 +54,14 @@ pub(super) fn prepare(
     // Presets (`fermat`) become their recipes; the recipe recorded is the one given.
     let original = graph;
     let expanded = crate::methods::rebasin::expand_presets(graph);
+    // Model-wide ranges (supermerger's cosine modes) become their nodes' parameters.
+    let (expanded, range_notes) = super::ranges::with_ranges(&expanded, opts, progress)?;
     let graph = &expanded;
     let mut out = Prepared {
         graph: graph.clone(),
         opts: opts.clone(),
         perms: BTreeMap::new(),
-        notes: Vec::new(),
+        notes: range_notes,
         _temps: Vec::new(),
     };
     let whole: Vec<usize> = (0..graph.nodes.len())

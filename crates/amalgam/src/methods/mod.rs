@@ -10,6 +10,8 @@
 //!   (geometric sum, masks, clamp, perpendicular components, cosine merges);
 //! - [`mergekit`]: mergekit's methods outside the TIES pipeline (passthrough, nearswap, RAM, SCE,
 //!   NuSLERP, Multi-SLERP, Arcee Fusion).
+//! - [`supermerger`]: supermerger's merge and calculation modes (triple sum, sum twice,
+//!   trainDifference, smoothAdd, extract, tensor, self, plus random, cosineA/B).
 //!
 //! Adding a method: write `methods/FAMILY/NAME.rs` with an `INFO` and a type implementing
 //! [`Method`] (for a formula applied element by element, `Pointwise`: the declaration, the
@@ -27,6 +29,7 @@ pub mod linear;
 pub mod mecha;
 pub mod mergekit;
 pub mod rebasin;
+pub mod supermerger;
 pub mod svd;
 
 use delta::{dropout, ties};
@@ -128,6 +131,17 @@ registry!(
     mecha::slicing::COPY_REGION => mecha::slicing::Slicing::new,
     mecha::crossover::INFO => mecha::crossover::Crossover::new,
     mecha::logistics::FALLBACK => mecha::logistics::Fallback::new,
+    supermerger::sums::TRIPLE_SUM => PointwiseMethod::<supermerger::sums::TripleSum>::new,
+    supermerger::sums::SUM_TWICE => PointwiseMethod::<supermerger::sums::SumTwice>::new,
+    supermerger::train_difference::INFO => PointwiseMethod::<supermerger::train_difference::TrainDifference>::new,
+    supermerger::smooth_add::INFO => supermerger::smooth_add::SmoothAdd::new,
+    supermerger::extract::INFO => supermerger::extract::Extract::new,
+    supermerger::tensor::TENSOR_SWAP => supermerger::tensor::TensorSwap::<false>::new,
+    supermerger::tensor::TENSOR_SWAP_DIM1 => supermerger::tensor::TensorSwap::<true>::new,
+    supermerger::scale::SCALE => supermerger::scale::Scale::<false>::new,
+    supermerger::scale::ADD_NOISE => supermerger::scale::Scale::<true>::new,
+    supermerger::cosine::COSINE_A => supermerger::cosine::Cosine::<false>::new,
+    supermerger::cosine::COSINE_B => supermerger::cosine::Cosine::<true>::new,
 );
 
 /// Output stages: nodes declared like methods (inputs, parameters, docs) whose output is a file
@@ -185,6 +199,7 @@ pub const SEEDED: &[&str] = &[
     "clyb_merge",
     "dgmiz",
     "dgmia",
+    "add_noise",
 ];
 
 /// sd-mecha methods that are not nodes here, each with why: `(name, reason)`. A recipe naming
@@ -214,7 +229,9 @@ pub const REFUSED: &[(&str, &str)] = &[
     ),
 ];
 
-/// Other names users know the methods by, and where: `(alias, method, origin)`.
+/// Other names users know the methods by, and where: `(alias, method, origin)`, spelled as
+/// there (supermerger's UI names: `Triple sum`, `cosineA`, ...). Names and aliases match
+/// whatever their case, with `-` or a space for `_`.
 pub const ALIASES: &[(&str, &str, Origin)] = &[
     ("n_average", "soup", Origin::SdMecha),
     ("uniform_soup", "soup", Origin::Paper),
@@ -224,6 +241,19 @@ pub const ALIASES: &[(&str, &str, Origin)] = &[
     ("fermat_point", "geometric_median", Origin::SdMecha),
     ("karcher_mean", "karcher", Origin::Community),
     ("magprune", "della", Origin::Paper),
+    ("Weight sum", "weighted_sum", Origin::Supermerger),
+    ("Triple sum", "triple_sum", Origin::Supermerger),
+    ("sum Twice", "sum_twice", Origin::Supermerger),
+    ("trainDifference", "train_difference", Origin::Supermerger),
+    ("smoothAdd", "smooth_add", Origin::Supermerger),
+    ("smoothAdd MT", "smooth_add", Origin::Supermerger),
+    ("extract", "extract_features", Origin::Supermerger),
+    ("tensor", "tensor_swap", Origin::Supermerger),
+    ("tensor2", "tensor_swap_dim1", Origin::Supermerger),
+    ("self", "scale", Origin::Supermerger),
+    ("plus random", "add_noise", Origin::Supermerger),
+    ("cosineA", "cosine_a", Origin::Supermerger),
+    ("cosineB", "cosine_b", Origin::Supermerger),
 ];
 
 /// The aliases of method `name`, with where each is used.
@@ -259,9 +289,14 @@ pub fn all_infos() -> impl Iterator<Item = &'static MethodInfo> {
     ALL.iter().chain(WHOLE_MODEL).chain(STAGES).copied()
 }
 
+/// `name` lowercased, with `-` and spaces as `_` (how names and aliases are compared).
+fn normalized(name: &str) -> String {
+    name.replace(['-', ' '], "_").to_ascii_lowercase()
+}
+
 /// The registered name for `name` (an exact name or an alias), or an error listing the methods.
 pub fn canonical_name(name: &str) -> Result<&'static str> {
-    let norm = name.replace('-', "_").to_ascii_lowercase();
+    let norm = normalized(name);
     if let Some(info) = ALL
         .iter()
         .chain(STAGES)
@@ -270,7 +305,7 @@ pub fn canonical_name(name: &str) -> Result<&'static str> {
     {
         return Ok(info.name);
     }
-    if let Some((_, to, _)) = ALIASES.iter().find(|(from, _, _)| *from == norm) {
+    if let Some((_, to, _)) = ALIASES.iter().find(|(from, _, _)| normalized(from) == norm) {
         return Ok(to);
     }
     if let Some((name, why)) = REFUSED.iter().find(|(n, _)| *n == norm) {

@@ -1,5 +1,6 @@
-//! sd-mecha's cosine merges (1.1.8, `merge_methods/cosine.py`; Supermerger's "cosine A/B"), in
-//! weight space. Cosines are taken along dim 0: one per column `j` (an index over the other
+//! sd-mecha's cosine merges (1.1.8, `merge_methods/cosine.py`), in weight space: supermerger's
+//! "cosineA/B" without their model-wide normalisation of the similarities (and, for A, without
+//! the whole-key term); those are `supermerger::cosine`. Cosines are taken along dim 0: one per column `j` (an index over the other
 //! dims; one for the whole tensor when it is 1-D), `cos_j = Σᵢ x_ij y_ij / (max(‖x_j‖, 1e-8) ·
 //! max(‖y_j‖, 1e-8))` (`torch.nn.functional.cosine_similarity`, eps 1e-8):
 //!
@@ -41,7 +42,7 @@ const ALPHA: &[ParamInfo] = &[ParamInfo::number(
 /// `add_cosine_a`'s declaration.
 pub static ADD_COSINE_A: MethodInfo = MethodInfo {
     name: "add_cosine_a",
-    origins: &[Origin::SdMecha, Origin::Supermerger],
+    origins: &[Origin::SdMecha],
     formula: "lerp(a, b, 1 - clamp(cos_j(a/|a_j|, b/|b_j|) - alpha, 0, 1)), cosines along dim 0",
     summary:
         "sd-mecha's cosine A: per column (along dim 0), b where a and b are less similar than \
@@ -53,7 +54,7 @@ pub static ADD_COSINE_A: MethodInfo = MethodInfo {
 /// `add_cosine_b`'s declaration.
 pub static ADD_COSINE_B: MethodInfo = MethodInfo {
     name: "add_cosine_b",
-    origins: &[Origin::SdMecha, Origin::Supermerger],
+    origins: &[Origin::SdMecha],
     formula: "lerp(a, b, 1 - clamp((cos_j(a, b) + <a, b>/(|a| |b|)) / 2 - alpha, 0, 1))",
     summary: "sd-mecha's cosine B: as cosine A, with the similarity of each column averaged with \
               that of the whole tensor. A key b lacks is taken from a.",
