@@ -310,7 +310,10 @@ impl<T: Real> Method<T> for Pipeline {
         let ranks: Option<(u64, Option<u64>)> = match self.config.trim {
             Trim::Threshold => Some((((1.0 - k) * n_f).floor() as u64).max(1)).map(|r| (r, None)),
             Trim::TopK if k <= 0.0 => None,
-            Trim::TopK => Some((numel as u64 - ((k * n_f).floor() as u64).max(1) + 1, None)),
+            Trim::TopK => Some((
+                (numel as u64).saturating_sub(((k * n_f).floor() as u64).max(1)) + 1,
+                None,
+            )),
             Trim::Outliers { gamma } => {
                 let target = (k * n_f).floor() as u64;
                 let top = (gamma * n_f).floor() as u64;
