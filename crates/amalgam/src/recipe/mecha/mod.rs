@@ -21,6 +21,7 @@ pub mod check;
 mod direct;
 mod models;
 mod parse;
+mod supported;
 mod translate;
 mod write;
 

@@ -1,5 +1,6 @@
 //! A parsed `.mecha` recipe as an amalgam graph.
 
+pub use super::supported::SUPPORTED;
 use super::{err, Kind, Recipe, Value};
 use crate::error::{Error, Result};
 use crate::method::SlotKind;
@@ -24,49 +25,6 @@ enum Item {
     /// `omit_component(model, component)`: the model's keys of the other components.
     Omitted(crate::recipe::graph::Ref, String),
 }
-
-/// The sd-mecha methods amalgam runs, as they appear in `.mecha` files.
-pub const SUPPORTED: &[&str] = &[
-    "n_average",
-    "weighted_sum",
-    "slerp",
-    "subtract",
-    "add_difference",
-    "ties_sum",
-    "ties_sum_extended",
-    "ties_sum_with_dropout",
-    "model_stock",
-    "geometric_median",
-    "dropout",
-    "fallback",
-    "pick_component",
-    "omit_component",
-    "cast",
-    "convert_singleton",
-    "convert_sdxl_blocks_to_sgm",
-    "convert_sd1_blocks_to_ldm",
-    "truncate_rank",
-    "rotate",
-    "isotropic",
-    "isotropic_overrided",
-    "rebasin",
-    "randperm",
-    "geometric_sum",
-    "multiply_quotient",
-    "train_difference_mask",
-    "add_opposite_mask",
-    "add_strict_opposite_mask",
-    "clamp",
-    "perpendicular_component",
-    "add_cosine_a",
-    "add_cosine_b",
-    "multi_domain_alignment",
-    "clyb_merge",
-    "tensor_sum",
-    "top_k_tensor_sum",
-    "crossover",
-    "truncate_kronecker",
-];
 
 /// Records a merge's `seed` (a number; anything else is no seed) as the recipe's: amalgam runs
 /// with one seed, so two different ones are an error.
