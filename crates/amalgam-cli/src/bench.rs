@@ -31,7 +31,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4)]
     shrink: usize,
     /// Methods to run, comma-separated (any of `amalgam methods`; those with a base get
-    /// base.safetensors), and `compare` for `amalgam compare` of the models and their base
+    /// base.safetensors; a method with one-model slots only gets that many models, not N),
+    /// `all` for every method, and `compare` for `amalgam compare` of the models and their base
     #[arg(long, value_delimiter = ',', default_value = "soup,task_arithmetic")]
     methods: Vec<String>,
     /// Worker threads for the merges and the read baseline (0 = one per core)
@@ -231,6 +232,58 @@ fn ensure_models(dir: &Path, n: usize, shrink: usize) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// Whether `method`'s first slot is a base (it then gets base.safetensors).
+fn takes_base(method: &str) -> Result<bool> {
+    Ok(amalgam::methods::info(method)?
+        .slots
+        .first()
+        .is_some_and(|s| s.name == "base"))
+}
+
+/// The files `method` merges from a pool of N (`all` is the base then the fine-tunes): the base
+/// when its first slot is one, then one fine-tune per one-model slot and, when it has a list
+/// slot, the rest of the N. A two-model method merges two of them, whatever N.
+fn bench_inputs(method: &str, all: &[PathBuf], n: usize) -> Result<Vec<PathBuf>> {
+    if method == "compare" {
+        return Ok(all[..=n].to_vec());
+    }
+    let info = amalgam::methods::info(method)?;
+    let base = usize::from(takes_base(method)?);
+    let ones = info
+        .slots
+        .iter()
+        .filter(|s| s.kind == amalgam::method::SlotKind::One)
+        .count()
+        - base;
+    let listed = info
+        .slots
+        .iter()
+        .any(|s| s.kind == amalgam::method::SlotKind::Many);
+    let models = if listed { n.max(ones + 1) } else { ones };
+    if models > n {
+        bail!("`{method}` takes {models} models; --n {n} is too few");
+    }
+    Ok(all[1 - base..=models].to_vec())
+}
+
+/// `--methods` with `all` expanded to every method that merges models (presets included; the
+/// whole-model methods and output stages are not in it).
+fn expand_methods(methods: &[String]) -> Vec<String> {
+    methods
+        .iter()
+        .flat_map(|m| {
+            if m == "all" {
+                amalgam::methods::ALL
+                    .iter()
+                    .map(|i| i.name.to_string())
+                    .collect()
+            } else {
+                vec![m.clone()]
+            }
+        })
+        .collect()
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let max_n = *a.n.iter().max().context("--n is empty")?;
     let all = ensure_models(&a.dir, max_n, a.shrink)?;
@@ -238,18 +291,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let out = a.dir.join("bench-out.safetensors");
     let mut rows = Vec::new();
     for &n in &a.n {
-        for method in &a.methods {
+        for method in &expand_methods(&a.methods) {
             let compare = method == "compare";
-            let with_base = compare
-                || amalgam::methods::info(method)?
-                    .slots
-                    .first()
-                    .is_some_and(|s| s.name == "base");
-            let files: Vec<PathBuf> = if with_base {
-                all[..=n].to_vec()
-            } else {
-                all[1..=n].to_vec()
-            };
+            let files = bench_inputs(method, &all, n)?;
+            let with_base = compare || takes_base(method)?;
+            // The models merged (the base aside): N, or fewer for a method with fixed slots.
+            let merged = files.len() - usize::from(with_base);
             let merge_cmd = |exe: &Path, out: &Path| {
                 let mut cmd = std::process::Command::new(exe);
                 if compare {
@@ -370,7 +417,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 " - | - | - | - | - |".to_string()
             };
             let row = format!(
-                "| {method} | {n} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} |{baseline}",
+                "| {method} | {merged} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} |{baseline}",
                 format_bytes(bytes),
                 bytes as f64 / read_s / 1e9,
                 bytes as f64 / merge_s / 1e9,
