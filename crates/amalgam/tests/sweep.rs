@@ -38,16 +38,25 @@ fn sweep(axes: &[&str], combine: Combine) -> Sweep {
 fn every_point_is_the_merge_run_alone_from_one_read() {
     let dir = tempfile::tempdir().unwrap();
     let paths = pool(dir.path(), 3);
-    for (method, axes) in [
+    for (case, (method, axes)) in [
         ("dgmla", vec!["p=0.1,0.3", "della_eps=-0.1,0.05"]),
         ("ties_soup", vec!["k=0.2,0.5,1"]),
         ("task_arithmetic", vec!["lambda=0.5,1.5"]),
-    ] {
+        // Points that trim and points that do not, with different drops (the pipeline's joint
+        // passes group the trims by drop; DELLA's cached masks go to the points of a group).
+        ("dgmla", vec!["k=0.5,1", "p=0.1,0.2"]),
+        // Exact per-row ranks with the per-element rescale; the `outliers` trim's two bounds.
+        ("della", vec!["k=0.3,0.6"]),
+        ("breadcrumbs", vec!["gamma=0.01,0.1", "density=0.5,0.9"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let g = graph(method, &paths);
         let s = sweep(&axes, Combine::Product);
         let template = dir
             .path()
-            .join(format!("{method}_{{i}}.safetensors"))
+            .join(format!("{case}_{method}_{{i}}.safetensors"))
             .to_string_lossy()
             .into_owned();
         let mut opts = MergeOptions::new("unused");
@@ -62,7 +71,7 @@ fn every_point_is_the_merge_run_alone_from_one_read() {
             let mut alone = opts.clone();
             alone.output = dir
                 .path()
-                .join(format!("{method}_alone_{}.safetensors", p.index));
+                .join(format!("{case}_{method}_alone_{}.safetensors", p.index));
             merge(&p.graph, &alone, &NoProgress).unwrap();
             let (a, b) = (
                 std::fs::read(&p.output).unwrap(),

@@ -16,7 +16,8 @@ pub(super) struct Task {
 pub(super) struct Scratch<T> {
     pub(super) free: Vec<Vec<T>>,
     pub(super) raw: Vec<u64>,
-    pub(super) out: Vec<u64>,
+    /// One buffer of encoded output per output written at once.
+    pub(super) outs: Vec<Vec<u64>>,
     /// The models whose values read since this was last cleared hold NaN or Inf.
     pub(super) bad: Vec<u32>,
     /// Set those values to zero (see [`NonFinite::cleans`]).
@@ -28,7 +29,7 @@ impl<T: Real> Scratch<T> {
         Scratch {
             free: Vec::new(),
             raw: Vec::new(),
-            out: Vec::new(),
+            outs: Vec::new(),
             bad: Vec::new(),
             clean,
         }
@@ -106,10 +107,7 @@ pub(super) fn eval<T: Real>(
             Ok(buf)
         }
         Expr::Node(node) => {
-            let mut bufs = Vec::with_capacity(node.args.len());
-            for a in &node.args {
-                bufs.push(eval(a, row, range, models, cache, s)?);
-            }
+            let bufs = eval_args(&node.args, row, range, models, cache, s)?;
             let mut out = s.take(len);
             {
                 let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
@@ -122,70 +120,76 @@ pub(super) fn eval<T: Real>(
     }
 }
 
-/// Runs the statistic passes of every output's expression (see [`run_expr_stats`]).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn run_stats<T: Real>(
-    exprs: &mut Exprs<T>,
-    row: &KeyRow,
-    models: &[ModelFile],
-    cache: Option<&KeyCache>,
-    workers: &Workers<T>,
-    block: usize,
-    in_flight: usize,
-    stats_budget: u64,
-) -> Result<()> {
-    for e in &mut exprs.0 {
-        run_expr_stats(
-            e,
-            row,
-            models,
-            cache,
-            workers,
-            block,
-            in_flight,
-            stats_budget,
-        )?;
+/// Where and how a key's statistic passes run: its row, the inputs, the held raw bytes, the
+/// workers, the block length, and the bounds on blocks in flight and on their bytes.
+pub(super) struct StatRun<'a, T: Real> {
+    pub(super) row: &'a KeyRow,
+    pub(super) models: &'a [ModelFile],
+    pub(super) cache: Option<&'a KeyCache>,
+    pub(super) workers: &'a Workers<T>,
+    pub(super) block: usize,
+    pub(super) in_flight: usize,
+    pub(super) stats_budget: u64,
+}
+
+/// Runs the statistic passes of every output's expression (see [`run_expr_stats`]), or of the
+/// points' arguments and then the points'.
+pub(super) fn run_stats<T: Real>(exprs: &mut Exprs<T>, at: &StatRun<T>) -> Result<()> {
+    match exprs {
+        Exprs::Each(each) => each.iter_mut().try_for_each(|e| run_expr_stats(e, at)),
+        Exprs::Points { args, state } => {
+            args.iter_mut().try_for_each(|a| run_expr_stats(a, at))?;
+            if state.stat_passes() > 0 {
+                let declared = state.stat_passes();
+                // Each point may keep an eighth of the held bytes (at most four eighths in all).
+                let shares = state.points().min(MAX_SHARES) as u64;
+                let ran = drive_passes(&mut |p| state.run_passes(p), args, at, shares)?;
+                debug_assert_eq!(ran, declared, "the passes declared run");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs the statistic passes of every node of `expr`, children first.
+pub(super) fn run_expr_stats<T: Real>(expr: &mut Expr<T>, at: &StatRun<T>) -> Result<()> {
+    let Expr::Node(node) = expr else {
+        return Ok(());
+    };
+    let NodeExpr { state, args, .. } = &mut **node;
+    args.iter_mut().try_for_each(|a| run_expr_stats(a, at))?;
+    if state.stat_passes() > 0 {
+        let ran = drive_passes(&mut |p| state.run_passes(p), args, at, 1)?;
+        debug_assert_eq!(ran, state.stat_passes(), "the passes declared run");
     }
     Ok(())
 }
 
-/// Runs the statistic passes of every node of `expr`, children first.
+/// The most eighths of a key's held bytes the points of a node may keep from their passes.
+const MAX_SHARES: usize = 4;
+
+/// Has `run_passes` run its passes over the key, each on the values of `args`; returns how many
+/// ran. The state may keep `shares` eighths of the held bytes from its passes.
 ///
-/// Blocks are [`BLOCK`] elements rounded up to whole units of the expression; `in_flight` bounds
-/// how many are computed at once (large units are memory-bound), and so does `stats_budget`, the
+/// Blocks are `at.block` elements (whole units of the expression); `at.in_flight` bounds how
+/// many are computed at once (large units are memory-bound), and so does `at.stats_budget`, the
 /// bytes the unfolded blocks of a pass may take (from the pass's declared block size).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn run_expr_stats<T: Real>(
-    expr: &mut Expr<T>,
-    row: &KeyRow,
-    models: &[ModelFile],
-    cache: Option<&KeyCache>,
-    workers: &Workers<T>,
-    block: usize,
-    in_flight: usize,
-    stats_budget: u64,
-) -> Result<()> {
+fn drive_passes<T: Real>(
+    run_passes: &mut dyn FnMut(&mut Passes<T>) -> Result<()>,
+    args: &[Expr<T>],
+    at: &StatRun<T>,
+    shares: u64,
+) -> Result<usize> {
+    let StatRun {
+        row,
+        models,
+        cache,
+        workers,
+        block,
+        in_flight,
+        stats_budget,
+    } = *at;
     let numel = row.numel();
-    let Expr::Node(node) = expr else {
-        return Ok(());
-    };
-    let NodeExpr { state, args } = &mut **node;
-    for a in args.iter_mut() {
-        run_expr_stats(
-            a,
-            row,
-            models,
-            cache,
-            workers,
-            block,
-            in_flight,
-            stats_budget,
-        )?;
-    }
-    if state.stat_passes() == 0 {
-        return Ok(());
-    }
-    let args: &[Expr<T>] = args;
     // A zero-element tensor is one empty block, so every statistic has its identity value
     // (zero sums, an all-zero Gram matrix) rather than no value at all.
     #[allow(clippy::single_range_in_vec_init)] // one empty block, not a range of blocks
@@ -213,10 +217,7 @@ pub(super) fn run_expr_stats<T: Real>(
                 .map(|range| {
                     workers.with(|s| {
                         let len = range.len();
-                        let bufs: Vec<Vec<T>> = args
-                            .iter()
-                            .map(|a| eval(a, row, range, models, cache, s))
-                            .collect::<Result<_>>()?;
+                        let bufs = eval_args(args, row, range, models, cache, s)?;
                         let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..len]).collect();
                         let r = computing.block(range.clone(), &refs);
                         s.free.extend(bufs);
@@ -233,11 +234,26 @@ pub(super) fn run_expr_stats<T: Real>(
         Ok(())
     };
     // Held inputs leave room for a method to keep an eighth of their size for its output.
-    let allowance = cache.map_or(0, |c| c.held_bytes() / 8);
+    let allowance = cache.map_or(0, |c| c.held_bytes() / 8 * shares);
     let mut passes = Passes::new(&mut run, allowance);
-    state.run_passes(&mut passes)?;
-    debug_assert_eq!(passes.ran(), state.stat_passes(), "the passes declared run");
-    Ok(())
+    run_passes(&mut passes)?;
+    Ok(passes.ran())
+}
+
+/// Evaluates each of `args` on elements `range` (see [`eval`]).
+pub(super) fn eval_args<T: Real>(
+    args: &[Expr<T>],
+    row: &KeyRow,
+    range: &Range<usize>,
+    models: &[ModelFile],
+    cache: Option<&KeyCache>,
+    s: &mut Scratch<T>,
+) -> Result<Vec<Vec<T>>> {
+    let mut bufs = Vec::with_capacity(args.len());
+    for a in args {
+        bufs.push(eval(a, row, range, models, cache, s)?);
+    }
+    Ok(bufs)
 }
 
 /// A sub-chunk is sized so that its buffers (the compute values of every input and node, and the

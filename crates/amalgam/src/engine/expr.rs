@@ -10,6 +10,8 @@ pub(super) enum Expr<T: Real> {
 
 /// A method applied to its arguments for one key.
 pub(super) struct NodeExpr<T: Real> {
+    /// The graph node (its index).
+    pub(super) node: usize,
     pub(super) state: Box<dyn KeyMerge<T>>,
     pub(super) args: Vec<Expr<T>>,
 }
@@ -68,16 +70,7 @@ impl<T: Real> Expr<T> {
     }
 }
 
-pub(super) fn lcm(a: usize, b: usize) -> usize {
-    fn gcd(a: usize, b: usize) -> usize {
-        if b == 0 {
-            a
-        } else {
-            gcd(b, a % b)
-        }
-    }
-    a / gcd(a, b) * b
-}
+pub(super) use crate::method::lcm;
 
 /// Where one input's tensor lies.
 #[derive(Clone, Copy, Debug)]
@@ -102,41 +95,88 @@ impl Leaf {
     }
 }
 
-/// How one key is computed for each output of the run (one expression per output; a sweep
-/// has several, all reading the same inputs).
-pub(super) struct Exprs<T: Real>(pub(super) Vec<Expr<T>>);
+/// How one key is computed for each output of the run (a sweep has several, all reading the
+/// same inputs).
+pub(super) enum Exprs<T: Real> {
+    /// One expression per output, each evaluated on its own.
+    Each(Vec<Expr<T>>),
+    /// The outputs are the points of one node (a sweep of the output node's parameters): its
+    /// arguments, evaluated once for all the points, and the points' joint state.
+    Points {
+        args: Vec<Expr<T>>,
+        state: Box<dyn KeyMergePoints<T>>,
+    },
+}
 
 impl<T: Real> Exprs<T> {
-    /// Inputs read and intermediate buffers held per element of a chunk: the outputs are
-    /// computed one after the other, so the most any of them holds.
+    /// The outputs a task encodes at once: one at a time, or every point.
+    pub(super) fn written_together(&self) -> usize {
+        match self {
+            Exprs::Each(_) => 1,
+            Exprs::Points { state, .. } => state.points(),
+        }
+    }
+    /// The expressions whose leaves are read: every output's, or the points' arguments.
+    pub(super) fn read(&self) -> &[Expr<T>] {
+        match self {
+            Exprs::Each(e) | Exprs::Points { args: e, .. } => e,
+        }
+    }
+    /// Inputs read and intermediate buffers held per element of a chunk: the outputs of `Each`
+    /// are computed one after the other, so the most any of them holds; the points hold their
+    /// arguments and every point's output at once.
     pub(super) fn cost(&self) -> (usize, usize) {
-        self.0.iter().fold((1, 0), |(l, n), e| {
-            let (el, en) = e.cost();
-            (l.max(el), n.max(en))
-        })
+        match self {
+            Exprs::Each(e) => e.iter().fold((1, 0), |(l, n), e| {
+                let (el, en) = e.cost();
+                (l.max(el), n.max(en))
+            }),
+            Exprs::Points { args, state } => args.iter().fold((0, state.points()), |(l, n), a| {
+                let (al, an) = a.cost();
+                (l + al, n + an)
+            }),
+        }
     }
     pub(super) fn has_stats(&self) -> bool {
-        self.0.iter().any(Expr::has_stats)
+        match self {
+            Exprs::Points { state, .. } if state.stat_passes() > 0 => true,
+            _ => self.read().iter().any(Expr::has_stats),
+        }
     }
     /// The least common multiple of every output's unit.
     pub(super) fn unit(&self) -> usize {
-        self.0.iter().fold(1, |u, e| lcm(u, e.unit()))
+        let u = match self {
+            Exprs::Each(_) => 1,
+            Exprs::Points { state, .. } => state.unit().len.max(1),
+        };
+        self.read().iter().fold(u, |u, e| lcm(u, e.unit()))
     }
     pub(super) fn reads_transposed(&self, row: &KeyRow) -> bool {
-        self.0.iter().any(|e| e.reads_transposed(row))
+        self.read().iter().any(|e| e.reads_transposed(row))
     }
     pub(super) fn leaf_models(&self, out: &mut Vec<usize>) {
-        self.0.iter().for_each(|e| e.leaf_models(out))
+        self.read().iter().for_each(|e| e.leaf_models(out))
     }
     /// Each output's notes.
     pub(super) fn notes(&self) -> Vec<Vec<String>> {
-        self.0
-            .iter()
-            .map(|e| {
-                let mut notes = Vec::new();
-                e.notes(&mut notes);
-                notes
-            })
-            .collect()
+        match self {
+            Exprs::Each(e) => e
+                .iter()
+                .map(|e| {
+                    let mut notes = Vec::new();
+                    e.notes(&mut notes);
+                    notes
+                })
+                .collect(),
+            Exprs::Points { args, state } => {
+                let mut shared = Vec::new();
+                args.iter().for_each(|a| a.notes(&mut shared));
+                state
+                    .notes()
+                    .into_iter()
+                    .map(|own| shared.iter().cloned().chain(own).collect())
+                    .collect()
+            }
+        }
     }
 }

@@ -55,7 +55,9 @@ use crate::io::input::ModelFile;
 use crate::io::non_finite::{InputNonFinite, NonFinite};
 use crate::io::output::{OutputFile, OutputTensor};
 use crate::layout::arch::Layout;
-use crate::method::{ErasedPass, KeyCtx, KeyMerge, Method, OnMissing, Params, Passes};
+use crate::method::{
+    ErasedPass, KeyCtx, KeyMerge, KeyMergePoints, Method, OnMissing, Params, Passes,
+};
 use crate::methods;
 use crate::real::{ComputeDtype, Real};
 use crate::recipe::graph::{Graph, Ref};

@@ -52,6 +52,31 @@ pub(super) fn check_points(points: &[OutputPoint]) -> Result<()> {
     Ok(())
 }
 
+/// The node whose points the outputs are, when they can be computed together: the output node,
+/// when the points' graphs differ in its parameters only and they run with one seed (a sweep
+/// of a merge's parameters). `None` for one output, or for points that differ elsewhere (they
+/// are then computed one after the other, from inputs read once).
+pub(super) fn swept_node(points: &[OutputPoint]) -> Option<usize> {
+    let (first, rest) = points.split_first()?;
+    let Ref::Node(node) = first.graph.output else {
+        return None;
+    };
+    let without = |g: &Graph| {
+        let mut g = g.clone();
+        g.nodes[node].params.clear();
+        g
+    };
+    let shape = without(&first.graph);
+    (!rest.is_empty()
+        && rest.iter().all(|p| {
+            p.opts.seed == first.opts.seed
+                && p.graph.output == first.graph.output
+                && p.graph.nodes.len() == first.graph.nodes.len()
+                && without(&p.graph) == shape
+        }))
+    .then_some(node)
+}
+
 /// Every output's file and journal.
 pub(super) struct Outputs {
     files: Vec<OutputFile>,

@@ -236,6 +236,7 @@ pub(super) fn resolve<T: Real>(
                         )));
                     }
                     Ok(Some(Expr::Node(Box::new(NodeExpr {
+                        node: n,
                         state,
                         args: args.into_iter().flatten().collect(),
                     }))))
@@ -355,7 +356,7 @@ pub(super) fn plan_key<T: Real>(
     };
     Ok((
         Job::Compute {
-            exprs: Exprs(vec![expr]),
+            exprs: Exprs::Each(vec![expr]),
             numel: row.numel(),
         },
         action,
@@ -363,8 +364,14 @@ pub(super) fn plan_key<T: Real>(
 }
 
 /// One plan per output joined into one: each key's expressions, one per output (the keys and
-/// copies are the same in every plan: they follow the inputs, not the recipe).
-pub(super) fn join_plans<T: Real>(plans: Vec<Vec<PlannedKey<T>>>) -> Vec<PlannedKey<T>> {
+/// copies are the same in every plan: they follow the inputs, not the recipe). With `points`
+/// (the outputs are points of that node: their graphs differ in its parameters only), a key
+/// computed by that node is computed for all the points together, from its arguments evaluated
+/// once (see [`methods::merge_points`]).
+pub(super) fn join_plans<T: Real>(
+    plans: Vec<Vec<PlannedKey<T>>>,
+    points: Option<usize>,
+) -> Result<Vec<PlannedKey<T>>> {
     let mut plans = plans.into_iter();
     let mut joined = plans.next().unwrap_or_default();
     for plan in plans {
@@ -372,14 +379,47 @@ pub(super) fn join_plans<T: Real>(plans: Vec<Vec<PlannedKey<T>>>) -> Vec<Planned
             if let (Job::Compute { exprs, .. }, Job::Compute { exprs: more, .. }) =
                 (&mut key.job, other.job)
             {
-                exprs.0.extend(more.0);
+                if let (Exprs::Each(e), Exprs::Each(more)) = (exprs, more) {
+                    e.extend(more);
+                }
             }
         }
     }
-    joined
+    let Some(node) = points else {
+        return Ok(joined);
+    };
+    for key in &mut joined {
+        let Job::Compute { exprs, .. } = &mut key.job else {
+            continue;
+        };
+        let Exprs::Each(each) = exprs else { continue };
+        if !each
+            .iter()
+            .all(|e| matches!(e, Expr::Node(n) if n.node == node))
+        {
+            continue;
+        }
+        let mut args = None;
+        let states = std::mem::take(each)
+            .into_iter()
+            .map(|e| {
+                let Expr::Node(n) = e else { unreachable!() };
+                let NodeExpr { state, args: a, .. } = *n;
+                // The points' arguments are the same expressions: the first point's are kept.
+                args.get_or_insert(a);
+                state
+            })
+            .collect();
+        *exprs = Exprs::Points {
+            args: args.unwrap_or_default(),
+            state: methods::merge_points(states)?,
+        };
+    }
+    Ok(joined)
 }
 
-/// The input bytes the planned keys read (the first output's expressions).
+/// The input bytes the planned keys read (the first output's expressions, or the points'
+/// arguments).
 pub(super) fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) -> u64 {
     fn leaves<T: Real>(e: &Expr<T>, row: &KeyRow) -> u64 {
         match e {
@@ -391,7 +431,10 @@ pub(super) fn bytes_read<T: Real>(planned: &[PlannedKey<T>], rows: &[KeyRow]) ->
         .iter()
         .map(|p| match &p.job {
             Job::CopyRaw { len, .. } => *len,
-            Job::Compute { exprs, .. } => leaves(&exprs.0[0], &rows[p.row]),
+            Job::Compute { exprs, .. } => match exprs {
+                Exprs::Each(e) => leaves(&e[0], &rows[p.row]),
+                Exprs::Points { args, .. } => args.iter().map(|a| leaves(a, &rows[p.row])).sum(),
+            },
             Job::Done => 0,
         })
         .sum()

@@ -31,7 +31,7 @@ pub(super) fn run<T: Real>(
         methods.push(m);
         plans.push(planned);
     }
-    let mut planned = join_plans(plans);
+    let mut planned = join_plans(plans, swept_node(points))?;
     let multi = points.len() > 1;
 
     // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
@@ -39,12 +39,13 @@ pub(super) fn run<T: Real>(
     // with the number of models; half the budget goes to each part at most.
     let threads = rayon::current_num_threads().max(1);
     let tsize = std::mem::size_of::<T>();
-    let (mut leaves, mut nodes) = (1, 0);
+    let (mut leaves, mut nodes, mut together) = (1, 0, 1);
     for p in &planned {
         if let Job::Compute { exprs, .. } = &p.job {
             let (l, n) = exprs.cost();
             leaves = leaves.max(l);
             nodes = nodes.max(n);
+            together = together.max(exprs.written_together());
         }
     }
     let in_max = rows
@@ -61,7 +62,8 @@ pub(super) fn run<T: Real>(
     let out_size = opts.output_dtype.size();
     let chunk = match opts.chunk_override {
         Some(c) => c.max(1).div_ceil(BLOCK) * BLOCK,
-        None => (per_thread.min(TASK_OUTPUT_MAX) as usize / out_size) / BLOCK * BLOCK,
+        // The encoded outputs of a task (every point's, for a swept node) fit the other half.
+        None => (per_thread.min(TASK_OUTPUT_MAX) as usize / out_size / together) / BLOCK * BLOCK,
     };
     if sub == 0 || chunk == 0 {
         return Err(Error::Invalid(format!(
@@ -78,7 +80,8 @@ pub(super) fn run<T: Real>(
     for report in &mut reports {
         report.chunk_elements = chunk;
         report.threads = threads;
-        report.working_set_bytes = (threads * (sub * sub_bytes_per_elem + chunk * out_size)) as u64;
+        report.working_set_bytes =
+            (threads * (sub * sub_bytes_per_elem + chunk * out_size * together)) as u64;
     }
 
     let (out_tensors, views) = output_views(&planned, rows, inputs.layout, opts)?;
@@ -102,6 +105,76 @@ pub(super) fn run<T: Real>(
     let out_dtype = opts.output_dtype;
     let written = std::sync::atomic::AtomicU64::new(0);
     let keys_done = std::sync::atomic::AtomicUsize::new(0);
+    // Writes outputs `first..first + count` of one task, each sub-chunk's values of all of them
+    // computed by one call of `compute` (one buffer per output).
+    type Compute<'c, T> = dyn FnMut(&Range<usize>, &mut Scratch<T>) -> Result<Vec<Vec<T>>> + 'c;
+    let write_outputs = |task: &Task,
+                         row: &KeyRow,
+                         first: usize,
+                         count: usize,
+                         compute: &mut Compute<T>|
+     -> Result<()> {
+        let len = task.range.len();
+        let step = task.step;
+        let mut non_finite = vec![0u64; count];
+        workers.with(|s| -> Result<()> {
+            let mut words = std::mem::take(&mut s.outs);
+            if words.len() < count {
+                words.resize_with(count, Vec::new);
+            }
+            let view = &views[task.key];
+            let mut bytes: Vec<&mut [u8]> = words[..count]
+                .iter_mut()
+                .enumerate()
+                .map(|(i, w)| {
+                    let pos = view.file_pos(outs.file(first + i), task.range.start, out_size);
+                    crate::io::input::line_matched_bytes(w, len * out_size, pos, out_size)
+                })
+                .collect();
+            let mut at = task.range.start;
+            while at < task.range.end {
+                let r = at..(at + step).min(task.range.end);
+                let bufs = compute(&r, s)?;
+                if !s.bad.is_empty() {
+                    // Rare: an input holds NaN or Inf; the key is handled after the others.
+                    outs.hold(task.key);
+                    if opts.non_finite == NonFinite::Error {
+                        let m = s.bad[0] as usize;
+                        return Err(Error::NonFinite {
+                            path: graph.models[m].path.clone(),
+                            key: row.name.clone(),
+                            count: row.count_non_finite::<T>(m, models)?,
+                        });
+                    }
+                    found.add(task.key, s.bad.drain(..).map(|m| m as usize));
+                }
+                let o = (r.start - task.range.start) * out_size;
+                for ((buf, dst), nf) in bufs.iter().zip(&mut bytes).zip(&mut non_finite) {
+                    let dst = &mut dst[o..o + r.len() * out_size];
+                    out_dtype.encode(&buf[..r.len()], dst);
+                    *nf += out_dtype.count_non_finite(dst);
+                }
+                s.free.extend(bufs);
+                at = r.end;
+            }
+            let result = bytes.into_iter().enumerate().try_for_each(|(i, b)| {
+                view.write(outs.file(first + i), task.range.start, out_size, b)
+            });
+            s.outs = words;
+            if step > sub {
+                // Buffers of a large unit are not kept for the small chunks that follow.
+                s.free.retain(|b| b.len() <= sub);
+                s.outs = Vec::new();
+            }
+            result
+        })?;
+        let bytes = (len * out_size) as u64;
+        for (i, nf) in non_finite.into_iter().enumerate() {
+            outs.wrote(first + i, task.key, bytes, nf)?;
+            written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    };
     // Computes one task of a key (of `row`: a key computed again without an input is given a
     // row without it).
     let run_task =
@@ -112,60 +185,33 @@ pub(super) fn run<T: Real>(
             let Job::Compute { exprs, numel } = &key.job else {
                 unreachable!("only computed keys become tasks")
             };
-            let len = task.range.len();
-            let step = task.step;
-            // Each output in turn, from the same inputs (held in memory when several).
-            for (k, expr) in exprs.0.iter().enumerate() {
-                let out = outs.file(k);
-                let mut non_finite = 0;
-                workers.with(|s| -> Result<()> {
-                    let mut out_words = std::mem::take(&mut s.out);
-                    let view = &views[task.key];
-                    let pos = view.file_pos(out, task.range.start, out_size);
-                    let bytes = crate::io::input::line_matched_bytes(
-                        &mut out_words,
-                        len * out_size,
-                        pos,
-                        out_size,
-                    );
-                    let mut at = task.range.start;
-                    while at < task.range.end {
-                        let r = at..(at + step).min(task.range.end);
-                        let buf = eval(expr, row, &r, models, cache, s)?;
-                        if !s.bad.is_empty() {
-                            // Rare: an input holds NaN or Inf; the key is handled after the others.
-                            outs.hold(task.key);
-                            if opts.non_finite == NonFinite::Error {
-                                let m = s.bad[0] as usize;
-                                return Err(Error::NonFinite {
-                                    path: graph.models[m].path.clone(),
-                                    key: row.name.clone(),
-                                    count: row.count_non_finite::<T>(m, models)?,
-                                });
-                            }
-                            found.add(task.key, s.bad.drain(..).map(|m| m as usize));
+            match exprs {
+                // Each output in turn, from the same inputs (held in memory when several).
+                Exprs::Each(each) => {
+                    for (k, expr) in each.iter().enumerate() {
+                        write_outputs(task, row, k, 1, &mut |r, s| {
+                            Ok(vec![eval(expr, row, r, models, cache, s)?])
+                        })?;
+                    }
+                }
+                // Every point at once, from the arguments evaluated once.
+                Exprs::Points { args, state } => {
+                    write_outputs(task, row, 0, state.points(), &mut |r, s| {
+                        let bufs = eval_args(args, row, r, models, cache, s)?;
+                        let mut outs: Vec<Vec<T>> =
+                            (0..state.points()).map(|_| s.take(r.len())).collect();
+                        {
+                            let refs: Vec<&[T]> = bufs.iter().map(|b| &b[..r.len()]).collect();
+                            let mut dst: Vec<&mut [T]> =
+                                outs.iter_mut().map(|o| &mut o[..r.len()]).collect();
+                            state.merge_chunk(r.clone(), &refs, &mut dst);
                         }
-                        let o = (r.start - task.range.start) * out_size;
-                        let dst = &mut bytes[o..o + r.len() * out_size];
-                        out_dtype.encode(&buf[..r.len()], dst);
-                        non_finite += out_dtype.count_non_finite(dst);
-                        s.free.push(buf);
-                        at = r.end;
-                    }
-                    let result = view.write(out, task.range.start, out_size, bytes);
-                    s.out = out_words;
-                    if step > sub {
-                        // Buffers of a large unit are not kept for the small chunks that follow.
-                        s.free.retain(|b| b.len() <= sub);
-                        s.out = Vec::new();
-                    }
-                    result
-                })?;
-                let bytes = (len * out_size) as u64;
-                outs.wrote(k, task.key, bytes, non_finite)?;
-                written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                        s.free.extend(bufs);
+                        Ok(outs)
+                    })?;
+                }
             }
-            let bytes = (len * out_size * outs.len()) as u64;
+            let bytes = (task.range.len() * out_size * outs.len()) as u64;
             let done = if task.range.end == *numel {
                 keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
             } else {
@@ -188,7 +234,7 @@ pub(super) fn run<T: Real>(
     // A key whose unit is larger than a sub-chunk is run on its own, with as many units in
     // flight as half the budget holds (at least one).
     let in_flight = |unit: usize| -> usize {
-        let bytes = (unit * sub_bytes_per_elem + unit * out_size) as u64;
+        let bytes = (unit * sub_bytes_per_elem + unit * out_size * together) as u64;
         ((opts.memory_budget / 2) / bytes.max(1)).max(1) as usize
     };
 
@@ -260,16 +306,16 @@ pub(super) fn run<T: Real>(
                 let block = BLOCK.div_ceil(*unit) * *unit;
                 let in_flight = (in_flight(block) / stat_keys).max(1);
                 let cache = hold_key(expr, row)?;
-                run_stats(
-                    expr,
+                let at = StatRun {
                     row,
                     models,
-                    cache.as_ref(),
-                    &workers,
+                    cache: cache.as_ref(),
+                    workers: &workers,
                     block,
                     in_flight,
-                    opts.memory_budget / 4 / stat_keys as u64,
-                )?;
+                    stats_budget: opts.memory_budget / 4 / stat_keys as u64,
+                };
+                run_stats(expr, &at)?;
                 let notes = expr.notes();
                 outs.set_notes(*ki, &notes);
                 if numel == 0 {
@@ -319,16 +365,16 @@ pub(super) fn run<T: Real>(
                 let block = BLOCK.div_ceil(unit) * unit;
                 let cache = cache.as_ref();
                 let stats_budget = opts.memory_budget / 4;
-                run_stats(
-                    expr,
+                let at = StatRun {
                     row,
                     models,
                     cache,
-                    &workers,
+                    workers: &workers,
                     block,
-                    in_flight(block),
+                    in_flight: in_flight(block),
                     stats_budget,
-                )?;
+                };
+                run_stats(expr, &at)?;
             }
             let notes = expr.notes();
             outs.set_notes(ki, &notes);
@@ -531,9 +577,12 @@ pub(super) fn run<T: Real>(
             keys_done.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             outs.restart(ki);
             outs.set_inputs_non_finite(ki, &found_here);
-            let mut key = join_plans(jobs.into_iter().map(|j| vec![j]).collect())
-                .pop()
-                .expect("one key");
+            let mut key = join_plans(
+                jobs.into_iter().map(|j| vec![j]).collect(),
+                swept_node(points),
+            )?
+            .pop()
+            .expect("one key");
             let notes = run_alone(ki, &mut key, redo)?;
             key_notes.retain(|(k, _, _)| *k != ki);
             key_notes.push((ki, row.name.clone(), notes));

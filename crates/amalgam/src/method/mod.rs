@@ -10,11 +10,13 @@
 
 mod params;
 mod pass;
+mod points;
 mod pointwise;
 
 pub use params::*;
 pub(crate) use pass::ErasedPass;
 pub use pass::{accumulate, Pass, Passes, Sums};
+pub use points::{joint_unit, lcm, AsAny, KeyMergePoints, Separately};
 pub(crate) use pointwise::{keep_first, Pointwise, PointwiseMethod};
 
 use crate::error::Result;
@@ -212,7 +214,7 @@ impl Unit {
 }
 
 /// The merge of one key.
-pub trait KeyMerge<T: Real>: Send + Sync {
+pub trait KeyMerge<T: Real>: AsAny + Send + Sync {
     /// The number of statistic passes [`KeyMerge::run_passes`] runs (known when the key is
     /// planned: the engine reads a key's inputs once for all of them when they fit the budget).
     fn stat_passes(&self) -> usize {

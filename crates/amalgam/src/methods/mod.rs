@@ -284,6 +284,19 @@ pub fn markdown_index() -> String {
     s
 }
 
+/// The states of one key for every point of a node (a sweep of its parameters; one state per
+/// point, all of one method) joined for their joint evaluation: the TIES pipeline shares its
+/// deltas, rank histograms, draws and trim selections between its points; every other method
+/// computes its points one after the other on the arguments evaluated once.
+pub fn merge_points<T: crate::real::Real>(
+    states: Vec<Box<dyn crate::method::KeyMerge<T>>>,
+) -> Result<Box<dyn crate::method::KeyMergePoints<T>>> {
+    Ok(match delta::ties::merge_points(states) {
+        Ok(points) => points,
+        Err(states) => Box::new(crate::method::Separately(states)),
+    })
+}
+
 /// Every method, output stage and whole-model method, in registration order.
 pub fn all_infos() -> impl Iterator<Item = &'static MethodInfo> {
     ALL.iter().chain(WHOLE_MODEL).chain(STAGES).copied()

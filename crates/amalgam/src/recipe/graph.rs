@@ -17,7 +17,7 @@ pub enum Ref {
 }
 
 /// One model file.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelInput {
     /// The name it has in the recipe (for a glob group, `group[i]`).
     pub name: String,
@@ -26,7 +26,7 @@ pub struct ModelInput {
 }
 
 /// One method application.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     /// The method's registered name.
     pub name: String,
@@ -56,7 +56,7 @@ impl Node {
 }
 
 /// A validated merge graph. Nodes only refer to models and to earlier nodes.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Graph {
     /// The models read.
     pub models: Vec<ModelInput>,

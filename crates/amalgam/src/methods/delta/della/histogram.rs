@@ -41,6 +41,7 @@ pub(super) fn slot(k: u32) -> u32 {
 /// Memory: 8 bytes per bin, for the octaves of |δ| that hold an entry only (a tensor's deltas
 /// can span a hundred octaves with most of them empty), so the per-model tables of a tensor stay
 /// a few tens of KiB.
+#[derive(Clone)]
 pub struct RankHistogram {
     /// The octave (8 exponent bits of the key) of `octaves[0]`.
     first: usize,

@@ -117,6 +117,11 @@ impl<T: Real> KeyPipeline<T> {
         usize::from(self.della.as_ref().is_some_and(|d| !d.exact))
     }
 
+    /// The resolved prefix of each selection of the trim threshold.
+    pub(super) fn prefixes(&self) -> Vec<u64> {
+        self.select.iter().map(|s| s.prefix).collect()
+    }
+
     /// Takes the next digit of each model's trim threshold from the digit's histogram (per model
     /// `2^DIGIT_BITS` counts); after the last digit, the thresholds are known.
     pub(super) fn resolve_digit(&mut self, digit: usize, counts: &[u64]) {

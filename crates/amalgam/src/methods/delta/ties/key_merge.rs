@@ -6,22 +6,79 @@ impl<T: Real> KeyPipeline<T> {
     /// Runs `stat` as a pass; the first pass of a key whose DELLA masks are cached computes and
     /// keeps them.
     fn run_stat<S: Stat<T>>(&mut self, passes: &mut Passes<T>, stat: S) -> Result<S> {
-        let n = self.streams.len();
-        let words = self.numel.div_ceil(64);
-        let masks = self
-            .della
-            .as_ref()
-            .filter(|d| d.cache_masks && d.masks.is_empty())
-            .map(|_| vec![vec![0u64; words]; n]);
         let PipelinePass { stat, masks, .. } = passes.run(PipelinePass {
             key: &*self,
             stat,
-            masks,
+            masks: self.mask_buffers(),
         })?;
         if let Some(masks) = masks {
             self.della.as_mut().expect("DELLA").masks = masks;
         }
         Ok(stat)
+    }
+
+    /// Buffers for the DELLA keep masks when its next pass is to compute them (cached masks
+    /// not computed yet).
+    pub(super) fn mask_buffers(&self) -> Option<Vec<Vec<u64>>> {
+        let words = self.numel.div_ceil(64);
+        self.della
+            .as_ref()
+            .filter(|d| d.cache_masks && d.masks.is_empty())
+            .map(|_| vec![vec![0u64; words]; self.streams.len()])
+    }
+
+    /// Takes the rank histograms of its deltas (the DELLA histogram pass).
+    pub(super) fn take_histograms(&mut self, mut hist: Vec<RankHistogram>) {
+        let (numel, d) = (self.numel, self.della.as_mut().expect("DELLA"));
+        d.bound = hist
+            .iter_mut()
+            .map(|h| h.finish(d.config.eps, numel))
+            .fold(0.0, f64::max);
+        d.hist = hist;
+    }
+
+    /// Takes the `l1` rescale's sums: each model's factor.
+    pub(super) fn take_l1_sums(&mut self, sums: &[f64]) {
+        self.scales = sums
+            .chunks(2)
+            .map(|s| {
+                let (full, kept) = (s[0], s[1]);
+                T::from_f64(if full < 1e-7 || kept < 1e-7 {
+                    1.0
+                } else {
+                    full / kept
+                })
+            })
+            .collect();
+    }
+
+    /// The Gram pass's statistic, keeping the filtered deltas' bits when they fit `allowance`.
+    pub(super) fn gram_stat(&self, allowance: u64) -> GramOf {
+        let words = self.numel.div_ceil(64);
+        let filtered = self
+            .keeps_filtered(allowance)
+            .then(|| vec![vec![0u64; words]; self.streams.len()]);
+        GramOf {
+            gram: Vec::new(),
+            filtered,
+        }
+    }
+
+    /// Takes the Gram matrix of the filtered deltas: the geometric median's coefficients.
+    pub(super) fn take_gram(&mut self, GramOf { gram, filtered }: GramOf) {
+        let Fuse::GeometricMedian(w) = self.config.fuse else {
+            unreachable!("a Gram pass for the geometric median")
+        };
+        let n = self.streams.len();
+        self.filtered = filtered.unwrap_or_default();
+        // With `base_point` the Gram matrix has the zero delta as its last point.
+        let points = n + usize::from(self.config.base_point);
+        self.coefficients = w
+            .coefficients(&gram, points)
+            .into_iter()
+            .take(n)
+            .map(T::from_f64)
+            .collect();
     }
 }
 
@@ -75,53 +132,22 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
         let n = self.streams.len();
         if self.histogram_passes() > 0 {
             let hist = (0..n).map(|_| RankHistogram::new()).collect();
-            let mut hist = self.run_stat(passes, RankCounts { hist })?.hist;
-            let (numel, d) = (self.numel, self.della.as_mut().expect("DELLA"));
-            d.bound = hist
-                .iter_mut()
-                .map(|h| h.finish(d.config.eps, numel))
-                .fold(0.0, f64::max);
-            d.hist = hist;
+            let hist = self.run_stat(passes, RankCounts { hist })?.hist;
+            self.take_histograms(hist);
         }
         for digit in 0..self.trim_passes {
-            let counts = vec![0; self.select.len() << DIGIT_BITS];
-            let stat = TrimDigit { digit, counts };
+            let stat = TrimDigits::new(digit, vec![self.prefixes()]);
             let counts = self.run_stat(passes, stat)?.counts;
-            self.resolve_digit(digit, &counts);
+            self.resolve_digit(digit, &counts[0]);
         }
         if self.config.rescale == Rescale::L1 {
             let sums = self.run_stat(passes, L1Sums { sums: Vec::new() })?.sums;
-            self.scales = sums
-                .chunks(2)
-                .map(|s| {
-                    let (full, kept) = (s[0], s[1]);
-                    T::from_f64(if full < 1e-7 || kept < 1e-7 {
-                        1.0
-                    } else {
-                        full / kept
-                    })
-                })
-                .collect();
+            self.take_l1_sums(&sums);
         }
-        if let Fuse::GeometricMedian(w) = self.config.fuse {
-            let words = self.numel.div_ceil(64);
-            let filtered = self
-                .keeps_filtered(passes.allowance())
-                .then(|| vec![vec![0u64; words]; n]);
-            let stat = GramOf {
-                gram: Vec::new(),
-                filtered,
-            };
-            let GramOf { gram, filtered } = self.run_stat(passes, stat)?;
-            self.filtered = filtered.unwrap_or_default();
-            // With `base_point` the Gram matrix has the zero delta as its last point.
-            let points = n + usize::from(self.config.base_point);
-            self.coefficients = w
-                .coefficients(&gram, points)
-                .into_iter()
-                .take(n)
-                .map(T::from_f64)
-                .collect();
+        if matches!(self.config.fuse, Fuse::GeometricMedian(_)) {
+            let stat = self.gram_stat(passes.allowance());
+            let gram = self.run_stat(passes, stat)?;
+            self.take_gram(gram);
         }
         Ok(())
     }

@@ -160,17 +160,35 @@ impl<T: Real> Stat<T> for RankCounts {
 }
 
 /// The histogram of the next digit of |δ| among the keys matching each model's prefix (one
-/// digit of the exact trim threshold).
-pub(super) struct TrimDigit {
+/// digit of the exact trim threshold), for each of several selections of the same deltas (the
+/// points of a sweep whose drops are the same, each distinct selection once).
+pub(super) struct TrimDigits {
     pub(super) digit: usize,
-    /// Per model, `2^DIGIT_BITS` counts.
-    pub(super) counts: Vec<u64>,
+    /// Per selection, the resolved prefix of each model's threshold (twice the models with
+    /// `outliers`: the second n for the upper bound).
+    pub(super) prefixes: Vec<Vec<u64>>,
+    /// Per selection, `2^DIGIT_BITS` counts per prefix.
+    pub(super) counts: Vec<Vec<u64>>,
 }
 
-impl<T: Real> Stat<T> for TrimDigit {
-    type Block = Vec<u32>;
-    fn block_bytes(&self, key: &KeyPipeline<T>, _len: usize) -> usize {
-        (key.select.len() << DIGIT_BITS) * 4
+impl TrimDigits {
+    pub(super) fn new(digit: usize, prefixes: Vec<Vec<u64>>) -> Self {
+        let counts = prefixes
+            .iter()
+            .map(|p| vec![0; p.len() << DIGIT_BITS])
+            .collect();
+        TrimDigits {
+            digit,
+            prefixes,
+            counts,
+        }
+    }
+}
+
+impl<T: Real> Stat<T> for TrimDigits {
+    type Block = Vec<Vec<u32>>;
+    fn block_bytes(&self, _: &KeyPipeline<T>, _len: usize) -> usize {
+        self.counts.iter().map(Vec::len).sum::<usize>() * 4
     }
     fn block(
         &self,
@@ -178,31 +196,74 @@ impl<T: Real> Stat<T> for TrimDigit {
         range: Range<usize>,
         args: &[&[T]],
         factors: Option<&[T]>,
-    ) -> Vec<u32> {
+    ) -> Vec<Vec<u32>> {
         let n = key.streams.len();
         let (shift, high) = KeyPipeline::<T>::digit_shift(self.digit);
-        let mask = (1u64 << DIGIT_BITS) - 1;
-        let selects = key.select.len();
-        let mut h = vec![0u32; selects << DIGIT_BITS];
+        let bins = 1usize << DIGIT_BITS;
+        let digit_of = |k: u64| ((k >> shift) as usize) & (bins - 1);
+        let mut h: Vec<Vec<u32>> = self.counts.iter().map(|c| vec![0u32; c.len()]).collect();
+        // The first digit: every key counts (no prefix yet), the same histogram for every
+        // selection of a model, counted once into `LANES` tables (consecutive keys in one bin,
+        // the usual case, then do not wait on each other's increment).
+        const LANES: usize = 4;
+        let mut lanes = if self.digit == 0 {
+            vec![0u32; n * LANES * bins]
+        } else {
+            Vec::new()
+        };
+        let mut keys = [0u64; W];
         key.blocks(Stage::Dropped, &range, args, factors, |_, len, d| {
-            // One selection per model, two with `outliers` (the second n for the upper bound).
-            for j in 0..selects {
-                let t = j % n;
-                let prefix = key.select[j].prefix;
-                let ht = &mut h[j << DIGIT_BITS..(j + 1) << DIGIT_BITS];
-                for v in &d[t * W..t * W + len] {
-                    let k = v.abs_key();
-                    if high >= 64 || k >> high == prefix {
-                        ht[((k >> shift) & mask) as usize] += 1;
+            for t in 0..n {
+                let keys = &mut keys[..len];
+                for (k, v) in keys.iter_mut().zip(&d[t * W..t * W + len]) {
+                    *k = v.abs_key();
+                }
+                if self.digit == 0 {
+                    let lanes = &mut lanes[t * LANES * bins..(t + 1) * LANES * bins];
+                    for (i, &k) in keys.iter().enumerate() {
+                        lanes[(i % LANES) * bins + digit_of(k)] += 1;
+                    }
+                    continue;
+                }
+                // Later digits: the keys of each selection's prefix (few) found 64 at a time
+                // by a comparison that vectorises, then counted one by one.
+                for (prefixes, h) in self.prefixes.iter().zip(h.iter_mut()) {
+                    for j in (t..prefixes.len()).step_by(n) {
+                        let prefix = prefixes[j];
+                        let ht = &mut h[j * bins..(j + 1) * bins];
+                        for (c, chunk) in keys.chunks(64).enumerate() {
+                            let mut hits = chunk
+                                .iter()
+                                .enumerate()
+                                .fold(0u64, |m, (i, &k)| m | (u64::from(k >> high == prefix) << i));
+                            while hits != 0 {
+                                let i = hits.trailing_zeros() as usize;
+                                hits &= hits - 1;
+                                ht[digit_of(keys[c * 64 + i])] += 1;
+                            }
+                        }
                     }
                 }
             }
         });
+        if self.digit == 0 {
+            for (prefixes, h) in self.prefixes.iter().zip(h.iter_mut()) {
+                for j in 0..prefixes.len() {
+                    let t = j % n;
+                    let lanes = &lanes[t * LANES * bins..(t + 1) * LANES * bins];
+                    for (b, o) in h[j * bins..(j + 1) * bins].iter_mut().enumerate() {
+                        *o = (0..LANES).map(|l| lanes[l * bins + b]).sum();
+                    }
+                }
+            }
+        }
         h
     }
-    fn fold(&mut self, block: Vec<u32>) {
-        for (c, x) in self.counts.iter_mut().zip(block) {
-            *c += u64::from(x);
+    fn fold(&mut self, block: Vec<Vec<u32>>) {
+        for (c, b) in self.counts.iter_mut().zip(block) {
+            for (c, x) in c.iter_mut().zip(b) {
+                *c += u64::from(x);
+            }
         }
     }
 }
