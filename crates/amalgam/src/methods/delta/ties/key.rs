@@ -69,6 +69,30 @@ pub(super) struct KeyPipeline<T> {
     pub(super) filtered: Vec<Vec<u64>>,
 }
 
+/// What a pass already has for a block, which the stages use instead of computing it again:
+/// DELLA's exact keep factors (per model, the block's length each), or the random draws (per
+/// model, the block's length each: a sweep's points draw the same).
+#[derive(Clone, Copy)]
+pub(super) struct Pre<'a, T> {
+    pub(super) factors: Option<&'a [T]>,
+    pub(super) draws: Option<&'a [u16]>,
+}
+
+impl<T> Pre<'_, T> {
+    /// Nothing computed yet.
+    pub(super) const NONE: Self = Pre {
+        factors: None,
+        draws: None,
+    };
+}
+
+/// Per model, the ordinal ranks of |δ| within their units and the draws of a range of elements
+/// (see [`KeyPipeline::exact_ranks`]).
+pub(super) struct ExactRanks {
+    pub(super) ranks: Vec<u32>,
+    pub(super) words: Vec<u16>,
+}
+
 /// Elements processed together: every stage runs over one block of all models at a time, model
 /// by model, in loops the compiler vectorises.
 pub(super) const W: usize = 256;
@@ -154,11 +178,13 @@ impl<T: Real> KeyPipeline<T> {
 
     /// The DELLA factors of `range` with exact ranks: per model `t`, at `[t * len..(t + 1) * len]`,
     /// 0 for a dropped entry, else 1 (or `1 / q` with `per_element`). `range` spans whole units.
+    /// `given`: the ranks and draws of `range`, when the pass has them already.
     pub(super) fn della_factors(
         &self,
         d: &DellaKey,
         range: &Range<usize>,
         args: &[&[T]],
+        given: Option<&ExactRanks>,
     ) -> Vec<T> {
         let len = range.len();
         let mut factors = vec![T::ZERO; self.streams.len() * len];
@@ -178,20 +204,57 @@ impl<T: Real> KeyPipeline<T> {
             }
             return factors;
         }
-        let per_element = self.config.rescale == Rescale::PerElement;
-        type Buffers<T> = (RankScratch, Vec<T>, Vec<u32>, Vec<u16>);
-        let buffers = || -> Buffers<T> {
-            (
-                RankScratch::default(),
-                vec![T::ZERO; d.unit],
-                vec![0u32; d.unit],
-                vec![0u16; d.unit],
-            )
+        let computed;
+        let ExactRanks { ranks, words } = match given {
+            Some(g) => g,
+            None => {
+                computed = self.exact_ranks(d, range, args);
+                &computed
+            }
         };
-        let rank_model = |(sort, deltas, ranks, words): &mut Buffers<T>,
-                          factors: &mut [T],
+        let per_element = self.config.rescale == Rescale::PerElement;
+        for ((f, r), w) in factors
+            .chunks_mut(d.unit)
+            .zip(ranks.chunks(d.unit))
+            .zip(words.chunks(d.unit))
+        {
+            for ((f, &r), &w) in f.iter_mut().zip(r).zip(w) {
+                let q = d.config.keep(r as f64, d.unit);
+                *f = if (w as u32) < rng::threshold(q) {
+                    if per_element {
+                        T::from_f64(1.0 / q)
+                    } else {
+                        T::ONE
+                    }
+                } else {
+                    T::ZERO
+                };
+            }
+        }
+        factors
+    }
+
+    /// The ordinal ranks of |δ| within each unit of `range` and the draws of its elements, per
+    /// model `t` at `[t * len..(t + 1) * len]`: what the exact DELLA factors of every drop
+    /// setting are computed from. `range` spans whole units.
+    pub(super) fn exact_ranks(
+        &self,
+        d: &DellaKey,
+        range: &Range<usize>,
+        args: &[&[T]],
+    ) -> ExactRanks {
+        let len = range.len();
+        let n = self.streams.len();
+        let mut ranks = vec![0u32; n * len];
+        let mut words = vec![0u16; n * len];
+        if len == 0 {
+            return ExactRanks { ranks, words };
+        }
+        let buffers = || (RankScratch::default(), vec![T::ZERO; d.unit]);
+        let rank_model = |(sort, deltas): &mut (RankScratch, Vec<T>),
+                          (ranks, words): (&mut [u32], &mut [u16]),
                           x: &[T],
-                          stream| {
+                          stream: u64| {
             for u in (0..len).step_by(d.unit) {
                 let unit = u..u + d.unit;
                 for ((o, &a), &b) in deltas
@@ -201,35 +264,52 @@ impl<T: Real> KeyPipeline<T> {
                 {
                     *o = a - b;
                 }
-                ordinal_ranks(deltas, sort, ranks);
-                rng::draws(self.seed, &self.key, stream, range.start + u, words);
-                for ((f, &r), &w) in factors[unit].iter_mut().zip(ranks.iter()).zip(words.iter()) {
-                    let q = d.config.keep(r as f64, d.unit);
-                    *f = if (w as u32) < rng::threshold(q) {
-                        if per_element {
-                            T::from_f64(1.0 / q)
-                        } else {
-                            T::ONE
-                        }
-                    } else {
-                        T::ZERO
-                    };
-                }
+                ordinal_ranks(deltas, sort, &mut ranks[unit.clone()]);
+                rng::draws(
+                    self.seed,
+                    &self.key,
+                    stream,
+                    range.start + u,
+                    &mut words[unit],
+                );
             }
         };
-        let parallel = factors.len() >= 1 << 16;
-        let work = factors.chunks_mut(len).zip(&args[1..]).zip(&self.streams);
-        if parallel {
+        let work = ranks
+            .chunks_mut(len)
+            .zip(words.chunks_mut(len))
+            .zip(&args[1..])
+            .zip(&self.streams);
+        if n * len >= 1 << 16 {
             // Large units: the models are ranked in parallel, a sort buffer per worker.
             work.par_bridge()
-                .for_each_init(buffers, |b, ((f, x), &stream)| {
-                    rank_model(b, f, x, stream.into())
+                .for_each_init(buffers, |b, ((rw, x), &stream)| {
+                    rank_model(b, rw, x, stream.into())
                 });
         } else {
             let mut b = buffers();
-            work.for_each(|((f, x), &stream)| rank_model(&mut b, f, x, stream.into()));
+            work.for_each(|((rw, x), &stream)| rank_model(&mut b, rw, x, stream.into()));
         }
-        factors
+        ExactRanks { ranks, words }
+    }
+
+    /// Whether the drop draws a random number per element and model as the stages run (DARE,
+    /// or DELLA with estimated ranks; exact ranks draw in [`KeyPipeline::della_factors`]).
+    pub(super) fn draws_randomly(&self) -> bool {
+        match self.config.drop {
+            Drop::None => false,
+            Drop::Della(_) => !self.della.as_ref().is_some_and(|d| d.exact),
+            _ => true,
+        }
+    }
+
+    /// The draws of every model for elements `range` (per model, `range.len()` of them): those
+    /// [`KeyPipeline::blocks`] would draw.
+    pub(super) fn draws(&self, range: &Range<usize>) -> Vec<u16> {
+        let mut words = vec![0u16; self.streams.len() * range.len()];
+        for (w, &m) in words.chunks_mut(range.len().max(1)).zip(&self.streams) {
+            rng::Stream::new(self.seed, &self.key, m.into(), range.start).fill(w);
+        }
+        words
     }
 
     /// With `stock`: the model-stock factor of each row of `range` (empty otherwise), from the
@@ -247,7 +327,7 @@ impl<T: Real> KeyPipeline<T> {
         }
         let mut dots = vec![0f64; rows * (n - 1)];
         let mut norms = vec![0f64; rows * n];
-        self.blocks(Stage::Filtered, range, args, None, |at, len, d| {
+        self.blocks(Stage::Filtered, range, args, Pre::NONE, |at, len, d| {
             for t in 0..n {
                 for i in 0..len {
                     let r = (at + i) / row;
@@ -294,7 +374,7 @@ impl<T: Real> KeyPipeline<T> {
         stage: Stage,
         range: &Range<usize>,
         args: &[&[T]],
-        factors: Option<&[T]>,
+        pre: Pre<T>,
         mut sink: impl FnMut(usize, usize, &[T]),
     ) {
         let base = args[0];
@@ -335,14 +415,13 @@ impl<T: Real> KeyPipeline<T> {
         let mut gamma = [T::ZERO; W];
         let mut words = vec![0u16; W];
         let per_element = self.config.rescale == Rescale::PerElement;
-        let mut streams: Vec<rng::Stream> = match &self.config.drop {
-            Drop::None => Vec::new(),
-            Drop::Della(_) if self.della.as_ref().is_some_and(|d| d.exact) => Vec::new(),
-            _ => self
-                .streams
+        let mut streams: Vec<rng::Stream> = if self.draws_randomly() && pre.draws.is_none() {
+            self.streams
                 .iter()
                 .map(|&m| rng::Stream::new(self.seed, &self.key, m.into(), range.start))
-                .collect(),
+                .collect()
+        } else {
+            Vec::new()
         };
         let (dare_keep, dare_scale) = match self.config.drop {
             Drop::Dare { p } => (
@@ -352,10 +431,10 @@ impl<T: Real> KeyPipeline<T> {
             _ => (1 << 16, T::ONE),
         };
         let computed;
-        let della_exact = match (&self.della, factors) {
+        let della_exact = match (&self.della, pre.factors) {
             (_, Some(f)) => Some(f),
             (Some(dk), None) if dk.exact => {
-                computed = self.della_factors(dk, range, args);
+                computed = self.della_factors(dk, range, args, None);
                 Some(computed.as_slice())
             }
             _ => None,
@@ -374,8 +453,12 @@ impl<T: Real> KeyPipeline<T> {
                     for (o, &f) in dt.iter_mut().zip(&f[t * total + at..t * total + at + len]) {
                         *o *= f;
                     }
-                } else if let Some(stream) = streams.get_mut(t) {
-                    stream.fill(&mut words[..len]);
+                } else if self.draws_randomly() {
+                    match pre.draws {
+                        Some(draws) => words[..len]
+                            .copy_from_slice(&draws[t * total + at..t * total + at + len]),
+                        None => streams[t].fill(&mut words[..len]),
+                    }
                     match (&self.config.drop, &self.della) {
                         (Drop::Della(cfg), Some(dk)) => {
                             // Ranks estimated from the histogram.

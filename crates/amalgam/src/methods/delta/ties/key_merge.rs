@@ -216,7 +216,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             }
             return;
         }
-        self.blocks(stage, &range, args, None, |at, len, d| {
+        self.blocks(stage, &range, args, Pre::NONE, |at, len, d| {
             let o = &mut out[at..at + len];
             o.fill(T::ZERO);
             match self.config.fuse {

@@ -36,18 +36,70 @@ struct Joint<'a, T, S> {
     members: Vec<PipelinePass<'a, T, S>>,
 }
 
+impl<T: Real, S: Stat<T>> Joint<'_, T, S> {
+    /// Whether the members draw the same random numbers more than once: they are then drawn
+    /// once per block (the points of a key share the seed, the key and the models' streams).
+    fn shares_draws(&self) -> bool {
+        self.members
+            .iter()
+            .filter(|m| m.key.draws_randomly())
+            .count()
+            > 1
+    }
+    /// The members that compute DELLA's exact masks in this pass.
+    fn ranking(&self) -> impl Iterator<Item = &PipelinePass<'_, T, S>> {
+        self.members
+            .iter()
+            .filter(|m| m.masks.is_some() && m.key.della.as_ref().is_some_and(|d| d.exact))
+    }
+    /// Whether several members rank the same units exactly: the ranks and draws are then
+    /// computed once per block.
+    fn shares_ranks(&self) -> bool {
+        let mut units = self.ranking().map(|m| m.key.della.as_ref().map(|d| d.unit));
+        match units.next() {
+            Some(first) => {
+                let rest: Vec<_> = units.collect();
+                !rest.is_empty() && rest.iter().all(|u| *u == first)
+            }
+            None => false,
+        }
+    }
+}
+
 impl<T: Real, S: Stat<T>> Pass<T> for Joint<'_, T, S> {
     type Block = Vec<(Option<KeepBits>, S::Block)>;
     fn block_bytes(&self, len: usize) -> usize {
-        self.members
-            .iter()
-            .map(|m| Pass::<T>::block_bytes(m, len))
-            .sum()
+        let n = self.members[0].key.streams.len();
+        let draws = if self.shares_draws() { n * len * 2 } else { 0 };
+        let ranks = if self.shares_ranks() { n * len * 6 } else { 0 };
+        draws
+            + ranks
+            + self
+                .members
+                .iter()
+                .map(|m| Pass::<T>::block_bytes(m, len))
+                .sum::<usize>()
     }
     fn block(&self, range: Range<usize>, args: &[&[T]]) -> Self::Block {
+        let draws = self
+            .shares_draws()
+            .then(|| self.members[0].key.draws(&range));
+        let ranks = self.shares_ranks().then(|| {
+            let m = self.ranking().next().expect("a member ranks");
+            let d = m.key.della.as_ref().expect("DELLA");
+            m.key.exact_ranks(d, &range, args)
+        });
         self.members
             .iter()
-            .map(|m| Pass::<T>::block(m, range.clone(), args))
+            .map(|m| {
+                let shared = Shared {
+                    draws: draws.as_deref().filter(|_| m.key.draws_randomly()),
+                    ranks: ranks.as_ref().filter(|_| {
+                        m.masks.is_some() && m.key.della.as_ref().is_some_and(|d| d.exact)
+                    }),
+                };
+                m.block_with(range.clone(), args, shared)
+            })
             .collect()
     }
     fn fold(&mut self, block: Self::Block) {

@@ -5,8 +5,8 @@
 
 use super::*;
 
-/// A statistic of the pipeline over one block, given the block's DELLA factors when the pass
-/// computes them anyway.
+/// A statistic of the pipeline over one block, given what the pass has computed for the block
+/// anyway (DELLA's factors, shared draws).
 pub(super) trait Stat<T: Real>: Send + Sync {
     type Block: Send + 'static;
     fn block_bytes(&self, key: &KeyPipeline<T>, len: usize) -> usize;
@@ -15,7 +15,7 @@ pub(super) trait Stat<T: Real>: Send + Sync {
         key: &KeyPipeline<T>,
         range: Range<usize>,
         args: &[&[T]],
-        factors: Option<&[T]>,
+        pre: Pre<T>,
     ) -> Self::Block;
     fn fold(&mut self, block: Self::Block);
 }
@@ -91,6 +91,44 @@ pub(super) struct PipelinePass<'a, T, S> {
     pub(super) masks: Option<Vec<Vec<u64>>>,
 }
 
+impl<T: Real, S: Stat<T>> PipelinePass<'_, T, S> {
+    /// The block's statistics, with what the pass has computed for every point already.
+    pub(super) fn block_with(
+        &self,
+        range: Range<usize>,
+        args: &[&[T]],
+        shared: Shared,
+    ) -> (Option<KeepBits>, S::Block) {
+        let draws = shared.draws;
+        match (&self.masks, &self.key.della) {
+            (Some(_), Some(d)) => {
+                let factors = self.key.della_factors(d, &range, args, shared.ranks);
+                let bits = KeepBits::of(range.start, range.len(), &factors);
+                let pre = Pre {
+                    factors: Some(&factors),
+                    draws,
+                };
+                (Some(bits), self.stat.block(self.key, range, args, pre))
+            }
+            _ => {
+                let pre = Pre {
+                    factors: None,
+                    draws,
+                };
+                (None, self.stat.block(self.key, range, args, pre))
+            }
+        }
+    }
+}
+
+/// What a joint pass computes once for all the points of a key, per block: the draws of
+/// DARE and of DELLA with estimated ranks, the exact ranks and draws of DELLA's masks.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Shared<'a> {
+    pub(super) draws: Option<&'a [u16]>,
+    pub(super) ranks: Option<&'a ExactRanks>,
+}
+
 impl<T: Real, S: Stat<T>> Pass<T> for PipelinePass<'_, T, S> {
     type Block = (Option<KeepBits>, S::Block);
     fn block_bytes(&self, len: usize) -> usize {
@@ -102,17 +140,7 @@ impl<T: Real, S: Stat<T>> Pass<T> for PipelinePass<'_, T, S> {
         bits + self.stat.block_bytes(self.key, len)
     }
     fn block(&self, range: Range<usize>, args: &[&[T]]) -> Self::Block {
-        match (&self.masks, &self.key.della) {
-            (Some(_), Some(d)) => {
-                let factors = self.key.della_factors(d, &range, args);
-                let bits = KeepBits::of(range.start, range.len(), &factors);
-                (
-                    Some(bits),
-                    self.stat.block(self.key, range, args, Some(&factors)),
-                )
-            }
-            _ => (None, self.stat.block(self.key, range, args, None)),
-        }
+        self.block_with(range, args, Shared::default())
     }
     fn fold(&mut self, (bits, block): Self::Block) {
         if let (Some(bits), Some(masks)) = (bits, self.masks.as_mut()) {
@@ -138,7 +166,7 @@ impl<T: Real> Stat<T> for RankCounts {
         _: &KeyPipeline<T>,
         _range: Range<usize>,
         args: &[&[T]],
-        _: Option<&[T]>,
+        _: Pre<T>,
     ) -> Vec<BlockCounts> {
         args[1..]
             .iter()
@@ -195,7 +223,7 @@ impl<T: Real> Stat<T> for TrimDigits {
         key: &KeyPipeline<T>,
         range: Range<usize>,
         args: &[&[T]],
-        factors: Option<&[T]>,
+        pre: Pre<T>,
     ) -> Vec<Vec<u32>> {
         let n = key.streams.len();
         let (shift, high) = KeyPipeline::<T>::digit_shift(self.digit);
@@ -203,25 +231,27 @@ impl<T: Real> Stat<T> for TrimDigits {
         let digit_of = |k: u64| ((k >> shift) as usize) & (bins - 1);
         let mut h: Vec<Vec<u32>> = self.counts.iter().map(|c| vec![0u32; c.len()]).collect();
         // The first digit: every key counts (no prefix yet), the same histogram for every
-        // selection of a model, counted once into `LANES` tables (consecutive keys in one bin,
-        // the usual case, then do not wait on each other's increment).
-        const LANES: usize = 4;
+        // selection of a model, counted once into four tables, element `i` into table `i % 4`
+        // (consecutive keys in one bin, the usual case, then do not wait on each other's
+        // increment).
+        // A small block is counted into one table (clearing four would cost more).
+        let lanes_n = if range.len() >= 1 << 14 { 4 } else { 1 };
         let mut lanes = if self.digit == 0 {
-            vec![0u32; n * LANES * bins]
+            vec![0u32; n * lanes_n * bins]
         } else {
             Vec::new()
         };
         let mut keys = [0u64; W];
-        key.blocks(Stage::Dropped, &range, args, factors, |_, len, d| {
+        key.blocks(Stage::Dropped, &range, args, pre, |_, len, d| {
             for t in 0..n {
                 let keys = &mut keys[..len];
                 for (k, v) in keys.iter_mut().zip(&d[t * W..t * W + len]) {
                     *k = v.abs_key();
                 }
                 if self.digit == 0 {
-                    let lanes = &mut lanes[t * LANES * bins..(t + 1) * LANES * bins];
+                    let lanes = &mut lanes[t * lanes_n * bins..(t + 1) * lanes_n * bins];
                     for (i, &k) in keys.iter().enumerate() {
-                        lanes[(i % LANES) * bins + digit_of(k)] += 1;
+                        lanes[(i % lanes_n) * bins + digit_of(k)] += 1;
                     }
                     continue;
                 }
@@ -250,9 +280,9 @@ impl<T: Real> Stat<T> for TrimDigits {
             for (prefixes, h) in self.prefixes.iter().zip(h.iter_mut()) {
                 for j in 0..prefixes.len() {
                     let t = j % n;
-                    let lanes = &lanes[t * LANES * bins..(t + 1) * LANES * bins];
+                    let lanes = &lanes[t * lanes_n * bins..(t + 1) * lanes_n * bins];
                     for (b, o) in h[j * bins..(j + 1) * bins].iter_mut().enumerate() {
-                        *o = (0..LANES).map(|l| lanes[l * bins + b]).sum();
+                        *o = (0..lanes_n).map(|l| lanes[l * bins + b]).sum();
                     }
                 }
             }
@@ -285,7 +315,7 @@ impl<T: Real> Stat<T> for L1Sums {
         key: &KeyPipeline<T>,
         range: Range<usize>,
         args: &[&[T]],
-        factors: Option<&[T]>,
+        pre: Pre<T>,
     ) -> Vec<f64> {
         let n = key.streams.len();
         let mut sums = vec![0f64; 2 * n];
@@ -296,7 +326,7 @@ impl<T: Real> Stat<T> for L1Sums {
                 .map(|(&v, &b)| (v - b).abs().to_f64())
                 .sum();
         }
-        key.blocks(Stage::Trimmed, &range, args, factors, |_, len, d| {
+        key.blocks(Stage::Trimmed, &range, args, pre, |_, len, d| {
             for t in 0..n {
                 sums[2 * t + 1] += d[t * W..t * W + len]
                     .iter()
@@ -335,7 +365,7 @@ impl<T: Real> Stat<T> for GramOf {
         key: &KeyPipeline<T>,
         range: Range<usize>,
         args: &[&[T]],
-        factors: Option<&[T]>,
+        pre: Pre<T>,
     ) -> Self::Block {
         let n = key.streams.len();
         let mut bits = self
@@ -359,7 +389,7 @@ impl<T: Real> Stat<T> for GramOf {
         let mut mean = [0f64; W];
         let inv = 1.0 / points as f64;
         let mut filled = 0;
-        key.blocks(Stage::Filtered, &range, args, factors, |at, len, d| {
+        key.blocks(Stage::Filtered, &range, args, pre, |at, len, d| {
             debug_assert_eq!(at % span, filled);
             if let Some(bits) = bits.as_mut() {
                 for t in 0..n {
