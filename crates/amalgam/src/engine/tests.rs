@@ -105,6 +105,7 @@ fn statistic_passes_see_every_block_in_order_whatever_the_threads() {
             .unwrap();
         let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
         let mut expr = Expr::Node(Box::new(NodeExpr {
+            node: 0,
             state: Box::new(Normalize {
                 norm: 0.0,
                 seen: seen.clone(),
@@ -113,16 +114,16 @@ fn statistic_passes_see_every_block_in_order_whatever_the_threads() {
         }));
         let workers = Workers::new(threads, true);
         pool.install(|| {
-            run_expr_stats(
-                &mut expr,
-                &rows[0],
-                &models,
-                None,
-                &workers,
-                BLOCK,
-                usize::MAX,
-                u64::MAX,
-            )
+            let at = StatRun {
+                row: &rows[0],
+                models: &models,
+                cache: None,
+                workers: &workers,
+                block: BLOCK,
+                in_flight: usize::MAX,
+                stats_budget: u64::MAX,
+            };
+            run_expr_stats(&mut expr, &at)
         })
         .unwrap();
         // Sub-chunks of two different lengths give the same values.
