@@ -176,10 +176,10 @@ pub fn to_mecha(
                 };
                 w.merge(method, &[args[0][0], args[1][0]], &[("alpha", alpha)])
             }
-            m if super::direct::by_method(m).is_some() => {
-                let direct = super::direct::by_method(m).expect("checked");
+            m if super::dialect::by_method(m).is_some() => {
+                let direct = super::dialect::by_method(m).expect("checked");
                 let kw: Vec<(&str, usize)> = direct
-                    .write(&node.params)
+                    .write(m, &node.params)
                     .into_iter()
                     .map(|(k, v)| (k, w.scalar(v)))
                     .collect();
@@ -189,7 +189,7 @@ pub fn to_mecha(
                     return None;
                 }
                 let inputs: Vec<usize> = args.concat();
-                w.merge(direct.mecha, &inputs, &kw)
+                w.merge(direct.name, &inputs, &kw)
             }
             // sd-mecha's Python wrapper `add_perpendicular`, as the methods it builds.
             "add_perpendicular" => {
