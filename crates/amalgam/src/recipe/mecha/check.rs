@@ -1,7 +1,8 @@
-//! What sd-mecha (1.1.8) declares of each method amalgam translates: its keyword parameters and
-//! the merge spaces of its inputs and result. A recipe sd-mecha would refuse, or that amalgam
-//! would read differently (an unknown parameter silently ignored, a weight model given to a
-//! delta method, a model whose `model_config` is not its file's), is refused, naming the line.
+//! Checks a recipe against what sd-mecha (1.1.8) declares of each method amalgam translates
+//! ([`super::dialect`]): its keyword parameters and the merge spaces of its inputs and result.
+//! A recipe sd-mecha would refuse, or that amalgam would read differently (an unknown parameter
+//! silently ignored, a weight model given to a delta method, a model whose `model_config` is not
+//! its file's), is refused, naming the line.
 
 use super::{err, Command, Kind, Recipe, Value};
 use crate::error::Result;
@@ -50,291 +51,6 @@ pub enum Spaces {
     ToParam,
     /// Every input in one space; the result a parameter (the masks).
     SameToParam,
-}
-
-/// One method as sd-mecha declares it.
-#[derive(Debug)]
-pub struct Declared {
-    /// The sd-mecha method name.
-    pub method: &'static str,
-    /// Its keyword parameters (inputs are positional).
-    pub params: &'static [&'static str],
-    /// Its merge spaces.
-    pub spaces: Spaces,
-}
-
-const DELTAS: Spaces = Spaces::Fixed {
-    input: Space::Delta,
-    output: Space::Delta,
-};
-
-const WEIGHTS: Spaces = Spaces::Fixed {
-    input: Space::Weight,
-    output: Space::Weight,
-};
-
-/// The methods of [`super::SUPPORTED`], as sd-mecha 1.1.8 declares them.
-pub const DECLARED: &[Declared] = &[
-    Declared {
-        method: "n_average",
-        params: &[],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "weighted_sum",
-        params: &["alpha"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "slerp",
-        params: &["alpha"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "subtract",
-        params: &[],
-        spaces: Spaces::Fixed {
-            input: Space::Weight,
-            output: Space::Delta,
-        },
-    },
-    Declared {
-        method: "add_difference",
-        params: &["alpha"],
-        spaces: Spaces::FirstThenDeltas,
-    },
-    Declared {
-        method: "ties_sum",
-        params: &["k", "vote_sgn"],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "ties_sum_extended",
-        params: &[
-            "k",
-            "vote_sgn",
-            "apply_stock",
-            "apply_median",
-            "cos_eps",
-            "eps",
-            "maxiter",
-            "ftol",
-            // sd-optim's version.
-            "weight_decay",
-            "min_agreement",
-        ],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "ties_sum_with_dropout",
-        params: &[
-            "probability",
-            "della_eps",
-            "rescale",
-            "k",
-            "vote_sgn",
-            "apply_stock",
-            "cos_eps",
-            "apply_median",
-            "eps",
-            "maxiter",
-            "ftol",
-            "seed",
-        ],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "model_stock",
-        params: &["cos_eps"],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "geometric_median",
-        params: &["eps", "maxiter", "ftol"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "dropout",
-        params: &[
-            "probability",
-            "rescale",
-            "overlap",
-            "overlap_emphasis",
-            "seed",
-        ],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "truncate_rank",
-        params: &[
-            "rank",
-            "use_approximate_basis",
-            "approximate_basis_iters",
-            "approximate_basis_seed",
-        ],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "rotate",
-        params: &[
-            "alignment",
-            "alpha",
-            "centralization",
-            "stiefel_eps",
-            "stiefel_max_iters",
-        ],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "rebasin",
-        params: &["iters"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "randperm",
-        params: &["seed"],
-        spaces: Spaces::Same,
-    },
-    // The 6DammK9 fork (`isotropic` branch): parameters in signature order (they may be given
-    // by position after the inputs).
-    Declared {
-        method: "isotropic",
-        params: &["apply_exp", "apply_high_dim"],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "isotropic_overrided",
-        params: &["z", "apply_exp", "apply_high_dim"],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "fallback",
-        params: &[],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "pick_component",
-        params: &["component"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "omit_component",
-        params: &["component"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "cast",
-        params: &["device", "dtype"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "geometric_sum",
-        params: &["alpha"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "multiply_quotient",
-        params: &["alpha"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "train_difference_mask",
-        params: &["alpha"],
-        spaces: Spaces::SameToParam,
-    },
-    Declared {
-        method: "add_opposite_mask",
-        params: &["alpha"],
-        spaces: Spaces::SameToParam,
-    },
-    Declared {
-        method: "add_strict_opposite_mask",
-        params: &["alpha"],
-        spaces: Spaces::SameToParam,
-    },
-    Declared {
-        method: "clamp",
-        params: &["stiffness"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "perpendicular_component",
-        params: &[],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "add_cosine_a",
-        params: &["alpha"],
-        spaces: WEIGHTS,
-    },
-    Declared {
-        method: "add_cosine_b",
-        params: &["alpha"],
-        spaces: WEIGHTS,
-    },
-    // sd-optim's, declared through sd-mecha with `SameMergeSpace` inputs.
-    Declared {
-        method: "multi_domain_alignment",
-        params: &[
-            "alpha",
-            "beta",
-            "kernel_size",
-            "centroid_margin_factor",
-            "frequency_weight",
-            "use_cross_attention",
-        ],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "clyb_merge",
-        params: &["alpha", "use_perp", "ab_only"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "tensor_sum",
-        params: &["width", "offset"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "top_k_tensor_sum",
-        params: &["width", "offset"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "crossover",
-        params: &["alpha", "tilt"],
-        spaces: Spaces::Same,
-    },
-    Declared {
-        method: "truncate_kronecker",
-        params: &[
-            "kronecker_ratio",
-            "use_approximate_basis",
-            "approximate_basis_iters",
-            "approximate_basis_seed",
-        ],
-        spaces: DELTAS,
-    },
-    Declared {
-        method: "convert_singleton",
-        params: &[],
-        spaces: Spaces::ToParam,
-    },
-    Declared {
-        method: "convert_sdxl_blocks_to_sgm",
-        params: &[],
-        spaces: Spaces::ToParam,
-    },
-    Declared {
-        method: "convert_sd1_blocks_to_ldm",
-        params: &[],
-        spaces: Spaces::ToParam,
-    },
-];
-
-/// The declaration of `method`.
-pub fn declared(method: &str) -> Option<&'static Declared> {
-    DECLARED.iter().find(|d| d.method == method)
 }
 
 /// A model line's declared `model_config` (when not null), for checking against its file.
@@ -393,18 +109,18 @@ fn merge_space(
     let Some(Value::Str(method)) = c.positional().next() else {
         return Ok(None);
     };
-    let Some(d) = declared(method) else {
+    let Some(d) = super::dialect::by_name(method) else {
         return Ok(None);
     };
     for a in &c.args {
         if let Some(name) = &a.name {
-            if !d.params.contains(&name.as_str()) {
+            if !d.param_names().any(|p| p == name) {
                 return Err(format!(
                     "`{method}` has no parameter `{name}` (its parameters: {})",
                     if d.params.is_empty() {
                         "none".to_string()
                     } else {
-                        d.params.join(", ")
+                        d.param_names().collect::<Vec<_>>().join(", ")
                     }
                 ));
             }
@@ -515,14 +231,6 @@ mod tests {
         let text = format!("version 0.1.0\n{body}");
         let recipe = super::super::parse(&text, "r.mecha").unwrap();
         check(&recipe, "r.mecha").map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn every_supported_method_is_declared() {
-        for m in super::super::SUPPORTED {
-            assert!(declared(m).is_some(), "{m}");
-        }
-        assert_eq!(DECLARED.len(), super::super::SUPPORTED.len());
     }
 
     #[test]

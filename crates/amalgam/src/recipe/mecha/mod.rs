@@ -1,6 +1,9 @@
 //! sd-mecha's `.mecha` recipe format (version 0.1.0): [`parse`] reads the text, [`translate`]
 //! makes an amalgam graph of it (checking each method's declared parameters and merge spaces:
-//! [`check`]), [`to_mecha`] writes a graph back the way sd-mecha does.
+//! [`check`]), [`to_mecha`] writes a graph back the way sd-mecha does. Each sd-mecha method
+//! amalgam reads is declared once, in `table.rs` (in `dialect.rs`'s terms): its parameters with
+//! sd-mecha's defaults, its merge spaces, and its translation (one node, `direct.rs`, or its
+//! own, `special.rs` and `delta.rs`).
 //!
 //! A recipe is a version line, then one command per line; each command's result can be referred
 //! to by later lines as `&N` (N counts the commands from 0, comments excluded), and the last
@@ -18,15 +21,19 @@
 //! lines (`#`), `inf` and `nan`. Errors name the file, the line and the token.
 
 pub mod check;
+mod delta;
+mod dialect;
 mod direct;
 mod models;
 mod parse;
-mod supported;
+mod special;
+mod table;
 mod translate;
 mod write;
 
+pub use dialect::SUPPORTED;
 pub use parse::{parse, Arg, Command, Kind, Recipe, Value, VERSION_LINE};
-pub use translate::{translate, Translated, SUPPORTED};
+pub use translate::{translate, Translated};
 pub use write::to_mecha;
 
 use crate::error::{Error, Result};

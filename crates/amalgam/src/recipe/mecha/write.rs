@@ -134,19 +134,7 @@ pub fn to_mecha(
             .iter()
             .map(|s| s.iter().map(r).collect())
             .collect();
-        let delta_method = [
-            "model_stock",
-            "n_model_stock",
-            "dropout",
-            "ties",
-            "ties_soup",
-            "dare",
-            "della",
-            "tsd",
-            "tgmd",
-            "dgmla",
-        ]
-        .contains(&node.method);
+        let delta_method = DELTA_METHODS.contains(&node.method);
         // A zero node is only ever a delta method's base.
         let zero_base = delta_method && args[0][0] == ZERO;
         if args
@@ -176,10 +164,10 @@ pub fn to_mecha(
                 };
                 w.merge(method, &[args[0][0], args[1][0]], &[("alpha", alpha)])
             }
-            m if super::direct::by_method(m).is_some() => {
-                let direct = super::direct::by_method(m).expect("checked");
+            m if super::dialect::by_method(m).is_some() => {
+                let direct = super::dialect::by_method(m).expect("checked");
                 let kw: Vec<(&str, usize)> = direct
-                    .write(&node.params)
+                    .write(m, &node.params)
                     .into_iter()
                     .map(|(k, v)| (k, w.scalar(v)))
                     .collect();
@@ -189,7 +177,7 @@ pub fn to_mecha(
                     return None;
                 }
                 let inputs: Vec<usize> = args.concat();
-                w.merge(direct.mecha, &inputs, &kw)
+                w.merge(direct.name, &inputs, &kw)
             }
             // sd-mecha's Python wrapper `add_perpendicular`, as the methods it builds.
             "add_perpendicular" => {
@@ -235,8 +223,7 @@ pub fn to_mecha(
                 let one = w.scalar(Value::Float(1.0));
                 w.merge("add_difference", &[c, res], &[("alpha", one)])
             }
-            "model_stock" | "n_model_stock" | "dropout" | "ties" | "ties_soup" | "dare"
-            | "della" | "tsd" | "tgmd" | "dgmla" => {
+            _ if delta_method => {
                 let base = args[0][0];
                 let mut deltas: Vec<usize> = if zero_base {
                     args[1].clone()
@@ -361,7 +348,14 @@ pub fn to_mecha(
                             ),
                             // sd-mecha's inverted flag: true is the plain mean.
                             ("apply_stock", w.scalar(Value::Bool(c.stock.is_none()))),
-                            ("cos_eps", w.scalar(Value::Float(c.stock.unwrap_or(1e-6)))),
+                            (
+                                "cos_eps",
+                                w.scalar(Value::Float(c.stock.unwrap_or_else(|| {
+                                    super::dialect::by_name("ties_sum_with_dropout")
+                                        .expect("declared")
+                                        .default("cos_eps")
+                                }))),
+                            ),
                             ("apply_median", w.scalar(Value::Bool(median))),
                             ("eps", w.scalar(Value::Float(wz.eps))),
                             ("maxiter", w.scalar(Value::Int(wz.maxiter as i64))),
@@ -410,6 +404,22 @@ pub fn to_mecha(
     }
     Some(format!("{VERSION_LINE}\n{}", w.lines.join("\n")))
 }
+
+/// amalgam's methods of a base and models written as sd-mecha's methods over deltas (the
+/// models minus the base, or the deltas a zero base was given by the translation), their result
+/// added to the base.
+const DELTA_METHODS: &[&str] = &[
+    "model_stock",
+    "n_model_stock",
+    "dropout",
+    "ties",
+    "ties_soup",
+    "dare",
+    "della",
+    "tsd",
+    "tgmd",
+    "dgmla",
+];
 
 /// The declared default of number parameter `name` of `method` (see [`crate::method::ParamInfo`]).
 fn default_of(method: &str, name: &str) -> f64 {
