@@ -7,55 +7,10 @@
 mod common;
 use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{self, Number};
-use amalgam::method::SlotKind;
 use amalgam::real::ComputeDtype;
 use amalgam::{merge, Graph, MergeOptions, NoProgress};
 use common::*;
-use std::path::{Path, PathBuf};
-
-/// Merges f64 `inputs` (key "w", all of `shape`) with `method` in f64: one input per one-model
-/// slot in order, the rest to a list slot.
-fn merge_f64(
-    dir: &Path,
-    shape: &[usize],
-    inputs: &[Vec<f64>],
-    method: &str,
-    params: &[(&str, ParamValue)],
-) -> Vec<f64> {
-    let paths: Vec<PathBuf> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, x)| {
-            write_file(
-                &dir.join(format!("m{i}.safetensors")),
-                &[f64t("w", shape, x)],
-                true,
-            )
-        })
-        .collect();
-    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-    let info = amalgam::methods::info(method).unwrap();
-    let mut next = 0;
-    let slots: Vec<Vec<usize>> = info
-        .slots
-        .iter()
-        .map(|s| match s.kind {
-            SlotKind::One => {
-                next += 1;
-                vec![next - 1]
-            }
-            SlotKind::Many => (next..inputs.len()).collect(),
-        })
-        .collect();
-    let g = one_node(&refs, method, slots, params);
-    let out = dir.join("out.safetensors");
-    let _ = std::fs::remove_file(&out);
-    let mut o = MergeOptions::new(&out);
-    o.output_dtype = OutputDtype::F64;
-    o.compute_dtype = ComputeDtype::F64;
-    merge(&g, &o, &NoProgress).unwrap();
-    read_f64(&out, "w")
-}
+use std::path::Path;
 
 /// `got` agrees with `want` to 1e-12 relative to each value, or to the tensor's largest value
 /// where a value is a cancellation: sd-mecha's complex powers give `cos(π/2)·r ≈ 6e-17·r` for a

@@ -6,16 +6,11 @@
 //! mergekit's statistics; hand-computed cases check the new trim and weight options.
 
 mod common;
-use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{self, Bool, List, Number, Text};
-use amalgam::method::SlotKind;
-use amalgam::real::ComputeDtype;
-use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Merges f64 `inputs` (key "w", all of `shape`) with `method` in f64 under `seed`: one input per
-/// one-model slot in order, the rest to a list slot.
+/// [`try_merge_f64`] of key `w`.
 fn merge_f64(
     dir: &Path,
     shape: &[usize],
@@ -24,40 +19,7 @@ fn merge_f64(
     params: &[(&str, ParamValue)],
     seed: u64,
 ) -> Result<Vec<f64>, String> {
-    let paths: Vec<PathBuf> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, x)| {
-            write_file(
-                &dir.join(format!("m{i}.safetensors")),
-                &[f64t("w", shape, x)],
-                true,
-            )
-        })
-        .collect();
-    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-    let info = amalgam::methods::info(method).unwrap();
-    let mut next = 0;
-    let slots: Vec<Vec<usize>> = info
-        .slots
-        .iter()
-        .map(|s| match s.kind {
-            SlotKind::One => {
-                next += 1;
-                vec![next - 1]
-            }
-            SlotKind::Many => (next..inputs.len()).collect(),
-        })
-        .collect();
-    let g = one_node(&refs, method, slots, params);
-    let out = dir.join("out.safetensors");
-    let _ = std::fs::remove_file(&out);
-    let mut o = MergeOptions::new(&out);
-    o.output_dtype = OutputDtype::F64;
-    o.compute_dtype = ComputeDtype::F64;
-    o.seed = seed;
-    merge(&g, &o, &NoProgress).map_err(|e| e.to_string())?;
-    Ok(read_f64(&out, "w"))
+    try_merge_f64(dir, "w", shape, inputs, method, params, seed)
 }
 
 fn param(v: &serde_json::Value) -> ParamValue {

@@ -20,26 +20,8 @@ fn merge3(
     method: &str,
     params: &[(&str, ParamValue)],
 ) -> Vec<f64> {
-    let paths: Vec<_> = abc
-        .iter()
-        .enumerate()
-        .map(|(i, x)| {
-            write_file(
-                &dir.join(format!("m{i}.safetensors")),
-                &[f64t(key, shape, x)],
-                true,
-            )
-        })
-        .collect();
-    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-    let g = one_node(&refs, method, vec![vec![0], vec![1], vec![2]], params);
-    let out = dir.join("out.safetensors");
-    let _ = std::fs::remove_file(&out);
-    let mut o = MergeOptions::new(&out);
-    o.output_dtype = OutputDtype::F64;
-    o.compute_dtype = ComputeDtype::F64;
-    merge(&g, &o, &NoProgress).unwrap();
-    read_f64(&out, key)
+    let inputs: Vec<Vec<f64>> = abc.iter().map(|x| x.to_vec()).collect();
+    merge_f64_key(dir, key, shape, &inputs, method, params)
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f64> {

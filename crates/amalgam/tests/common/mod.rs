@@ -236,6 +236,70 @@ pub fn slots_for(method: &str, many: std::ops::Range<usize>) -> Vec<Vec<usize>> 
         .collect()
 }
 
+/// Merges f64 `inputs` (key `key`, all of `shape`, one file each) with `method` in f64 under
+/// `seed`, through a real merge of safetensors files: one input per one-model slot in order, the
+/// rest to a list slot. Returns the output's values, or the merge's error.
+pub fn try_merge_f64(
+    dir: &Path,
+    key: &str,
+    shape: &[usize],
+    inputs: &[Vec<f64>],
+    method: &str,
+    params: &[(&str, ParamValue)],
+    seed: u64,
+) -> Result<Vec<f64>, String> {
+    let paths: Vec<PathBuf> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            write_file(
+                &dir.join(format!("m{i}.safetensors")),
+                &[f64t(key, shape, x)],
+                true,
+            )
+        })
+        .collect();
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let ones = amalgam::methods::info(method)
+        .unwrap()
+        .slots
+        .iter()
+        .filter(|s| s.kind == amalgam::method::SlotKind::One)
+        .count();
+    let g = one_node(&refs, method, slots_for(method, ones..inputs.len()), params);
+    let out = dir.join("out.safetensors");
+    let _ = std::fs::remove_file(&out);
+    let mut o = amalgam::MergeOptions::new(&out);
+    o.output_dtype = amalgam::io::dtype::OutputDtype::F64;
+    o.compute_dtype = amalgam::real::ComputeDtype::F64;
+    o.seed = seed;
+    amalgam::merge(&g, &o, &amalgam::NoProgress).map_err(|e| e.to_string())?;
+    Ok(read_f64(&out, key))
+}
+
+/// [`try_merge_f64`] under seed 0, which must succeed.
+pub fn merge_f64_key(
+    dir: &Path,
+    key: &str,
+    shape: &[usize],
+    inputs: &[Vec<f64>],
+    method: &str,
+    params: &[(&str, ParamValue)],
+) -> Vec<f64> {
+    try_merge_f64(dir, key, shape, inputs, method, params, 0).unwrap()
+}
+
+/// [`merge_f64_key`] of key `w`.
+pub fn merge_f64(
+    dir: &Path,
+    shape: &[usize],
+    inputs: &[Vec<f64>],
+    method: &str,
+    params: &[(&str, ParamValue)],
+) -> Vec<f64> {
+    merge_f64_key(dir, "w", shape, inputs, method, params)
+}
+
 /// Pseudo-random values in [-1, 1) (a fixed LCG: the test's data, not the method's).
 pub fn lcg_values(seed: u64, n: usize) -> Vec<f64> {
     let mut s = seed

@@ -15,11 +15,14 @@ pub(super) struct PipelinePoints<T> {
     pub(super) points: Vec<KeyPipeline<T>>,
 }
 
+/// A key's states, one per point.
+type States<T> = Vec<Box<dyn KeyMerge<T>>>;
+
 /// Joins the states of a key's points into a [`PipelinePoints`] when they are all the pipeline's
 /// (they are the points of one node, so they are all of one method); gives them back otherwise.
 pub(crate) fn merge_points<T: Real>(
-    states: Vec<Box<dyn KeyMerge<T>>>,
-) -> std::result::Result<Box<dyn KeyMergePoints<T>>, Vec<Box<dyn KeyMerge<T>>>> {
+    states: States<T>,
+) -> std::result::Result<Box<dyn KeyMergePoints<T>>, States<T>> {
     // `(**s)`: the state's own type, not the box's.
     if !states.iter().all(|s| (**s).as_any().is::<KeyPipeline<T>>()) {
         return Err(states);
