@@ -292,141 +292,153 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &n in &a.n {
         for method in &expand_methods(&a.methods) {
-            let compare = method == "compare";
-            let files = bench_inputs(method, &all, n)?;
-            let with_base = compare || takes_base(method)?;
-            // The models merged (the base aside): N, or fewer for a method with fixed slots.
-            let merged = files.len() - usize::from(with_base);
-            let merge_cmd = |exe: &Path, out: &Path| {
-                let mut cmd = std::process::Command::new(exe);
-                if compare {
-                    cmd.arg("compare")
-                        .arg("--base")
-                        .arg(&files[0])
-                        .args(&files[1..]);
-                    cmd.arg("--quiet")
-                        .arg("--threads")
-                        .arg(a.threads.to_string());
-                    return cmd;
-                }
-                cmd.arg("merge").arg("--method").arg(method);
-                if with_base {
-                    cmd.arg("--base").arg(&files[0]).args(&files[1..]);
-                } else {
-                    cmd.args(&files);
-                }
-                cmd.arg("-o").arg(out).arg("--force").arg("--quiet");
-                cmd.arg("--threads").arg(a.threads.to_string());
-                cmd.arg("--memory-budget").arg(a.memory_budget.to_string());
-                cmd.arg("--compute-dtype").arg(&a.compute_dtype);
-                cmd
-            };
-            let mut cmd = merge_cmd(&exe, &out);
-            let sweep_out = a.dir.join("bench-sweep-{i}.safetensors");
-            let mut sweep_cmd = (!a.sweeps.is_empty() && !compare).then(|| {
-                let mut c = merge_cmd(&exe, &sweep_out);
-                for s in &a.sweeps {
-                    c.arg("--sweep").arg(s);
-                }
-                c.arg("--sweep-table").arg(a.dir.join("bench-sweep.json"));
-                c
-            });
-            let (mut sweep_s, mut sweep_read) = (f64::MAX, 0u64);
-            // Each point of the sweep merged alone (its values as --param).
-            let points = sweep_points(&a.sweeps)?;
-            let mut alone_s = vec![f64::MAX; points.len()];
-            let mut base_cmd = a.baseline.as_deref().map(|b| merge_cmd(b, &out));
-            let (mut base_s, mut base_read, mut base_rss) = (f64::MAX, 0u64, 0u64);
-            let mut merge_read = 0u64;
-            // Best of `repeat` rounds; each round warms the page cache, then times one read of
-            // every input on one thread and on all threads, then the merge. The machine's page
-            // cache is not guaranteed to keep the inputs between rounds, hence the warm-up.
-            let (mut read_s, mut pread_s, mut merge_s, mut rss, mut bytes) =
-                (f64::MAX, f64::MAX, f64::MAX, 0u64, 0u64);
-            let mut write_s = f64::MAX;
-            for _ in 0..a.repeat.max(1) {
-                // A new file, not a replacement (ext4 flushes a file renamed over another at
-                // once), and earlier outputs flushed first so their writeback does not overlap.
-                let _ = std::fs::remove_file(&out);
-                let _ = std::process::Command::new("sync").status();
-                read_all(&files, a.threads)?;
-                let (r, b) = read_all(&files, 1)?;
-                let (pr, _) = read_all(&files, a.threads)?;
-                let run = measure(&mut cmd)?;
-                let m = run.wall;
-                merge_read = run.read;
-                rss = rss.max(run.rss);
-                // Writing a file of the output's size, as the merge just did.
-                let out_len = if compare {
-                    0
-                } else {
-                    std::fs::metadata(&out)?.len()
-                };
-                let _ = std::process::Command::new("sync").status();
-                write_s = write_s.min(write_new(&a.dir, out_len)?);
-                // The sweep in the same round, its outputs removed afterwards.
-                if let Some(sc) = sweep_cmd.as_mut() {
-                    let _ = std::process::Command::new("sync").status();
-                    let run = measure(sc)?;
-                    sweep_s = sweep_s.min(run.wall);
-                    sweep_read = run.read;
-                    remove_sweep_outputs(&a.dir)?;
-                    for (p, best) in points.iter().zip(alone_s.iter_mut()) {
-                        let mut c = merge_cmd(&exe, &out);
-                        for v in p {
-                            c.arg("--param").arg(v);
-                        }
-                        let _ = std::fs::remove_file(&out);
-                        let _ = std::process::Command::new("sync").status();
-                        *best = best.min(measure(&mut c)?.wall);
+            // A method that fails (a two-model method given a list, a budget too small)
+            // is a row saying so; the others still run.
+            let measured = (|| -> Result<String> {
+                let compare = method == "compare";
+                let files = bench_inputs(method, &all, n)?;
+                let with_base = compare || takes_base(method)?;
+                // The models merged (the base aside): N, or fewer for a method with fixed slots.
+                let merged = files.len() - usize::from(with_base);
+                let merge_cmd = |exe: &Path, out: &Path| {
+                    let mut cmd = std::process::Command::new(exe);
+                    if compare {
+                        cmd.arg("compare")
+                            .arg("--base")
+                            .arg(&files[0])
+                            .args(&files[1..]);
+                        cmd.arg("--quiet")
+                            .arg("--threads")
+                            .arg(a.threads.to_string());
+                        return cmd;
                     }
-                }
-                (read_s, pread_s, merge_s, bytes) =
-                    (read_s.min(r), pread_s.min(pr), merge_s.min(m), b);
-                // The baseline in the same round, on the same warm cache.
-                if let Some(bc) = base_cmd.as_mut() {
+                    cmd.arg("merge").arg("--method").arg(method);
+                    if with_base {
+                        cmd.arg("--base").arg(&files[0]).args(&files[1..]);
+                    } else {
+                        cmd.args(&files);
+                    }
+                    cmd.arg("-o").arg(out).arg("--force").arg("--quiet");
+                    cmd.arg("--threads").arg(a.threads.to_string());
+                    cmd.arg("--memory-budget").arg(a.memory_budget.to_string());
+                    cmd.arg("--compute-dtype").arg(&a.compute_dtype);
+                    cmd
+                };
+                let mut cmd = merge_cmd(&exe, &out);
+                let sweep_out = a.dir.join("bench-sweep-{i}.safetensors");
+                let mut sweep_cmd = (!a.sweeps.is_empty() && !compare).then(|| {
+                    let mut c = merge_cmd(&exe, &sweep_out);
+                    for s in &a.sweeps {
+                        c.arg("--sweep").arg(s);
+                    }
+                    c.arg("--sweep-table").arg(a.dir.join("bench-sweep.json"));
+                    c
+                });
+                let (mut sweep_s, mut sweep_read) = (f64::MAX, 0u64);
+                // Each point of the sweep merged alone (its values as --param).
+                let points = sweep_points(&a.sweeps)?;
+                let mut alone_s = vec![f64::MAX; points.len()];
+                let mut base_cmd = a.baseline.as_deref().map(|b| merge_cmd(b, &out));
+                let (mut base_s, mut base_read, mut base_rss) = (f64::MAX, 0u64, 0u64);
+                let mut merge_read = 0u64;
+                // Best of `repeat` rounds; each round warms the page cache, then times one read of
+                // every input on one thread and on all threads, then the merge. The machine's page
+                // cache is not guaranteed to keep the inputs between rounds, hence the warm-up.
+                let (mut read_s, mut pread_s, mut merge_s, mut rss, mut bytes) =
+                    (f64::MAX, f64::MAX, f64::MAX, 0u64, 0u64);
+                let mut write_s = f64::MAX;
+                for _ in 0..a.repeat.max(1) {
+                    // A new file, not a replacement (ext4 flushes a file renamed over another at
+                    // once), and earlier outputs flushed first so their writeback does not overlap.
                     let _ = std::fs::remove_file(&out);
                     let _ = std::process::Command::new("sync").status();
-                    let run = measure(bc)?;
-                    base_s = base_s.min(run.wall);
-                    base_read = run.read;
-                    base_rss = base_rss.max(run.rss);
+                    read_all(&files, a.threads)?;
+                    let (r, b) = read_all(&files, 1)?;
+                    let (pr, _) = read_all(&files, a.threads)?;
+                    let run = measure(&mut cmd)?;
+                    let m = run.wall;
+                    merge_read = run.read;
+                    rss = rss.max(run.rss);
+                    // Writing a file of the output's size, as the merge just did.
+                    let out_len = if compare {
+                        0
+                    } else {
+                        std::fs::metadata(&out)?.len()
+                    };
+                    let _ = std::process::Command::new("sync").status();
+                    write_s = write_s.min(write_new(&a.dir, out_len)?);
+                    // The sweep in the same round, its outputs removed afterwards.
+                    if let Some(sc) = sweep_cmd.as_mut() {
+                        let _ = std::process::Command::new("sync").status();
+                        let run = measure(sc)?;
+                        sweep_s = sweep_s.min(run.wall);
+                        sweep_read = run.read;
+                        remove_sweep_outputs(&a.dir)?;
+                        for (p, best) in points.iter().zip(alone_s.iter_mut()) {
+                            let mut c = merge_cmd(&exe, &out);
+                            for v in p {
+                                c.arg("--param").arg(v);
+                            }
+                            let _ = std::fs::remove_file(&out);
+                            let _ = std::process::Command::new("sync").status();
+                            *best = best.min(measure(&mut c)?.wall);
+                        }
+                    }
+                    (read_s, pread_s, merge_s, bytes) =
+                        (read_s.min(r), pread_s.min(pr), merge_s.min(m), b);
+                    // The baseline in the same round, on the same warm cache.
+                    if let Some(bc) = base_cmd.as_mut() {
+                        let _ = std::fs::remove_file(&out);
+                        let _ = std::process::Command::new("sync").status();
+                        let run = measure(bc)?;
+                        base_s = base_s.min(run.wall);
+                        base_read = run.read;
+                        base_rss = base_rss.max(run.rss);
+                    }
                 }
-            }
-            let baseline = if a.baseline.is_some() {
-                format!(
-                    " {base_s:.2} s | {:.2}x | {:.2}x | {} |",
-                    merge_s / base_s,
-                    base_read as f64 / bytes as f64,
-                    format_bytes(base_rss)
-                )
-            } else {
-                String::new()
+                let baseline = if a.baseline.is_some() {
+                    format!(
+                        " {base_s:.2} s | {:.2}x | {:.2}x | {} |",
+                        merge_s / base_s,
+                        base_read as f64 / bytes as f64,
+                        format_bytes(base_rss)
+                    )
+                } else {
+                    String::new()
+                };
+                let sweep = if sweep_cmd.is_some() {
+                    let mean = alone_s.iter().sum::<f64>() / alone_s.len() as f64;
+                    format!(
+                        " {} | {sweep_s:.2} s | {mean:.2} s | {:.2} | {:.2}x |",
+                        points.len(),
+                        sweep_s / mean,
+                        sweep_read as f64 / bytes as f64
+                    )
+                } else if a.sweeps.is_empty() {
+                    String::new()
+                } else {
+                    " - | - | - | - | - |".to_string()
+                };
+                let row = format!(
+                    "| {method} | {merged} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} |{baseline}",
+                    format_bytes(bytes),
+                    bytes as f64 / read_s / 1e9,
+                    bytes as f64 / merge_s / 1e9,
+                    merge_s / read_s,
+                    merge_s / pread_s,
+                    merge_s / (read_s + write_s),
+                    merge_read as f64 / bytes as f64,
+                    format_bytes(rss)
+                ) + &sweep;
+                Ok(row)
+            })();
+            let row = match measured {
+                Ok(row) => row,
+                Err(e) => format!(
+                    "| {method} | {n} | failed: {} |",
+                    e.to_string().lines().next().unwrap_or("")
+                ),
             };
-            let sweep = if sweep_cmd.is_some() {
-                let mean = alone_s.iter().sum::<f64>() / alone_s.len() as f64;
-                format!(
-                    " {} | {sweep_s:.2} s | {mean:.2} s | {:.2} | {:.2}x |",
-                    points.len(),
-                    sweep_s / mean,
-                    sweep_read as f64 / bytes as f64
-                )
-            } else if a.sweeps.is_empty() {
-                String::new()
-            } else {
-                " - | - | - | - | - |".to_string()
-            };
-            let row = format!(
-                "| {method} | {merged} | {} | {read_s:.2} s ({:.1} GB/s) | {pread_s:.2} s | {write_s:.2} s | {merge_s:.2} s ({:.1} GB/s) | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} |{baseline}",
-                format_bytes(bytes),
-                bytes as f64 / read_s / 1e9,
-                bytes as f64 / merge_s / 1e9,
-                merge_s / read_s,
-                merge_s / pread_s,
-                merge_s / (read_s + write_s),
-                merge_read as f64 / bytes as f64,
-                format_bytes(rss)
-            ) + &sweep;
             eprintln!("{row}");
             rows.push(row);
         }
