@@ -156,30 +156,40 @@ impl<T: Real> KeyMerge<T> for RamKey<T> {
     fn merge_chunk(&self, _range: Range<usize>, args: &[&[T]], out: &mut [T]) {
         let eps = T::from_f64(self.epsilon);
         let (base, models) = (args[0], &args[1..]);
-        for (i, o) in out.iter_mut().enumerate() {
-            let b = base[i];
-            let c = models.iter().filter(|x| active(x[i] - b, eps)).count();
-            let mut sum = T::ZERO;
-            if c == 1 {
-                for (t, x) in models.iter().enumerate() {
-                    let tau = x[i] - b;
-                    if active(tau, eps) {
-                        sum += match self.boost.get(t) {
-                            Some(&l) => tau * l,
-                            None => tau,
-                        };
-                    }
-                }
-            } else if c > 1 {
-                let c = T::from_f64(c as f64);
-                for x in models {
-                    let tau = x[i] - b;
-                    if active(tau, eps) {
-                        sum += tau / c;
-                    }
+        // A block of elements at a time, model by model (loops that vectorise): first each
+        // element's count of active deltas, then its sum in model order, each active delta
+        // whole (times its boost) where it is the only one, else divided by the count.
+        const W: usize = 256;
+        let (mut count, mut sum) = ([T::ZERO; W], [T::ZERO; W]);
+        for at in (0..out.len()).step_by(W) {
+            let len = W.min(out.len() - at);
+            let b = &base[at..at + len];
+            let (count, sum) = (&mut count[..len], &mut sum[..len]);
+            count.fill(T::ZERO);
+            sum.fill(T::ZERO);
+            for x in models {
+                for ((c, &x), &b) in count.iter_mut().zip(&x[at..at + len]).zip(b) {
+                    *c += if active(x - b, eps) { T::ONE } else { T::ZERO };
                 }
             }
-            *o = b + sum;
+            for (t, x) in models.iter().enumerate() {
+                let boost = self.boost.get(t).copied().unwrap_or(T::ONE);
+                for (((s, &c), &x), &b) in sum.iter_mut().zip(&*count).zip(&x[at..at + len]).zip(b)
+                {
+                    let tau = x - b;
+                    // A select, not a product: an inactive delta adds nothing, even a NaN.
+                    *s += if !active(tau, eps) {
+                        T::ZERO
+                    } else if c == T::ONE {
+                        tau * boost
+                    } else {
+                        tau / c
+                    };
+                }
+            }
+            for ((o, &s), &b) in out[at..at + len].iter_mut().zip(&*sum).zip(b) {
+                *o = b + s;
+            }
         }
     }
 }
