@@ -256,6 +256,107 @@ pub(super) fn eval_args<T: Real>(
     Ok(bufs)
 }
 
+/// How a run cuts its keys: the worker threads, the sub-chunk and task (chunk) lengths, the
+/// compute bytes per element of a sub-chunk, the outputs a task encodes at once and the output's
+/// bytes per element.
+pub(super) struct Sizes {
+    pub(super) threads: usize,
+    pub(super) sub: usize,
+    pub(super) chunk: usize,
+    pub(super) sub_bytes_per_elem: usize,
+    pub(super) together: usize,
+    pub(super) out_size: usize,
+}
+
+/// The sizes of a run of `planned` within the budget (an error naming the budget needed when it
+/// is too small).
+pub(super) fn sizes<T: Real>(
+    planned: &[PlannedKey<T>],
+    rows: &[KeyRow],
+    opts: &MergeOptions,
+) -> Result<Sizes> {
+    // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
+    // Sub-chunks get shorter as the number of inputs grows, so the memory used does not grow
+    // with the number of models; half the budget goes to each part at most.
+    let threads = rayon::current_num_threads().max(1);
+    let tsize = std::mem::size_of::<T>();
+    let (mut leaves, mut nodes, mut together) = (1, 0, 1);
+    for p in planned {
+        if let Job::Compute { exprs, .. } = &p.job {
+            let (l, n) = exprs.cost();
+            leaves = leaves.max(l);
+            nodes = nodes.max(n);
+            together = together.max(exprs.written_together());
+        }
+    }
+    let in_max = rows
+        .iter()
+        .flat_map(|r| r.locs.iter().flatten())
+        .filter_map(|l| FloatDtype::from_safetensors(l.dtype))
+        .map(|d| d.size())
+        .max()
+        .unwrap_or(2);
+    // One compute buffer per input and per node; the raw bytes of one input at a time.
+    let sub_bytes_per_elem = (leaves + nodes) * tsize + in_max;
+    let per_thread = opts.memory_budget / 2 / threads as u64;
+    let sub = (CACHE_TARGET.min(per_thread as usize) / sub_bytes_per_elem) / 256 * 256;
+    let out_size = opts.output_dtype.size();
+    let chunk = match opts.chunk_override {
+        Some(c) => c.max(1).div_ceil(BLOCK) * BLOCK,
+        // The encoded outputs of a task (every point's, for a swept node) fit the other half.
+        None => (per_thread.min(TASK_OUTPUT_MAX) as usize / out_size / together) / BLOCK * BLOCK,
+    };
+    if sub == 0 || chunk == 0 {
+        return Err(Error::Invalid(format!(
+            "memory budget of {} is too small for this merge: {} inputs per key on {} threads need at least {}",
+            crate::size::format_bytes(opts.memory_budget),
+            leaves,
+            threads,
+            crate::size::format_bytes(
+                2 * threads as u64 * (256 * sub_bytes_per_elem).max(BLOCK * out_size) as u64
+            )
+        )));
+    }
+    Ok(Sizes {
+        threads,
+        sub: sub.min(chunk),
+        chunk,
+        sub_bytes_per_elem,
+        together,
+        out_size,
+    })
+}
+
+/// The tasks of key `ki` (of `numel` elements), spanning whole units; those of a key with
+/// statistics are cut so that every thread has a part of it (its passes end before its output
+/// starts). A `large` unit (over a sub-chunk) is a task of its own.
+pub(super) fn key_tasks(
+    sizes: &Sizes,
+    ki: usize,
+    numel: usize,
+    unit: usize,
+    large: bool,
+    stats: bool,
+) -> Vec<Task> {
+    let (mut task_len, step) = if large {
+        (unit, unit)
+    } else {
+        (sizes.chunk.div_ceil(unit) * unit, sizes.sub / unit * unit)
+    };
+    if stats && !large {
+        let share = numel.div_ceil(2 * sizes.threads).div_ceil(step) * step;
+        task_len = task_len.min(share.max(step));
+    }
+    (0..numel)
+        .step_by(task_len.max(1))
+        .map(|start| Task {
+            key: ki,
+            range: start..(start + task_len).min(numel),
+            step,
+        })
+        .collect()
+}
+
 /// A sub-chunk is sized so that its buffers (the compute values of every input and node, and the
 /// raw bytes of one input) take about this many bytes: small enough to stay in the CPU caches, large
 /// enough that each read of an input is tens of KiB even for hundreds of inputs per key.

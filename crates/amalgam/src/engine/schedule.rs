@@ -34,49 +34,15 @@ pub(super) fn run<T: Real>(
     let mut planned = join_plans(plans, swept_node(points))?;
     let multi = points.len() > 1;
 
-    // The working set of a worker is one sub-chunk's buffers plus one task's encoded output.
-    // Sub-chunks get shorter as the number of inputs grows, so the memory used does not grow
-    // with the number of models; half the budget goes to each part at most.
-    let threads = rayon::current_num_threads().max(1);
-    let tsize = std::mem::size_of::<T>();
-    let (mut leaves, mut nodes, mut together) = (1, 0, 1);
-    for p in &planned {
-        if let Job::Compute { exprs, .. } = &p.job {
-            let (l, n) = exprs.cost();
-            leaves = leaves.max(l);
-            nodes = nodes.max(n);
-            together = together.max(exprs.written_together());
-        }
-    }
-    let in_max = rows
-        .iter()
-        .flat_map(|r| r.locs.iter().flatten())
-        .filter_map(|l| FloatDtype::from_safetensors(l.dtype))
-        .map(|d| d.size())
-        .max()
-        .unwrap_or(2);
-    // One compute buffer per input and per node; the raw bytes of one input at a time.
-    let sub_bytes_per_elem = (leaves + nodes) * tsize + in_max;
-    let per_thread = opts.memory_budget / 2 / threads as u64;
-    let sub = (CACHE_TARGET.min(per_thread as usize) / sub_bytes_per_elem) / 256 * 256;
-    let out_size = opts.output_dtype.size();
-    let chunk = match opts.chunk_override {
-        Some(c) => c.max(1).div_ceil(BLOCK) * BLOCK,
-        // The encoded outputs of a task (every point's, for a swept node) fit the other half.
-        None => (per_thread.min(TASK_OUTPUT_MAX) as usize / out_size / together) / BLOCK * BLOCK,
-    };
-    if sub == 0 || chunk == 0 {
-        return Err(Error::Invalid(format!(
-            "memory budget of {} is too small for this merge: {} inputs per key on {} threads need at least {}",
-            crate::size::format_bytes(opts.memory_budget),
-            leaves,
-            threads,
-            crate::size::format_bytes(
-                2 * threads as u64 * (256 * sub_bytes_per_elem).max(BLOCK * out_size) as u64
-            )
-        )));
-    }
-    let sub = sub.min(chunk);
+    let sized = sizes(&planned, rows, opts)?;
+    let Sizes {
+        threads,
+        sub,
+        chunk,
+        sub_bytes_per_elem,
+        together,
+        out_size,
+    } = sized;
     for report in &mut reports {
         report.chunk_elements = chunk;
         report.threads = threads;
@@ -238,27 +204,6 @@ pub(super) fn run<T: Real>(
         ((opts.memory_budget / 2) / bytes.max(1)).max(1) as usize
     };
 
-    // The tasks of a key, spanning whole units; those of a key with statistics are cut so that
-    // every thread has a part of it (its passes end before its output starts).
-    let key_tasks = |ki: usize, numel: usize, unit: usize, large: bool, stats: bool| {
-        let (mut task_len, step) = if large {
-            (unit, unit)
-        } else {
-            (chunk.div_ceil(unit) * unit, sub / unit * unit)
-        };
-        if stats && !large {
-            let share = numel.div_ceil(2 * threads).div_ceil(step) * step;
-            task_len = task_len.min(share.max(step));
-        }
-        (0..numel)
-            .step_by(task_len.max(1))
-            .map(|start| Task {
-                key: ki,
-                range: start..(start + task_len).min(numel),
-                step,
-            })
-            .collect::<Vec<_>>()
-    };
     // Keys with statistic passes (and units that fit a sub-chunk) run `STAT_KEYS` per thread at
     // once, each its passes and then its output: one key's passes alone leave threads idle
     // (most keys are a few blocks) and its output must wait for them. They share the budget.
@@ -321,7 +266,7 @@ pub(super) fn run<T: Real>(
                 if numel == 0 {
                     keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                key_tasks(*ki, numel, *unit, false, true)
+                key_tasks(&sized, *ki, numel, *unit, false, true)
                     .par_iter()
                     .try_for_each(|t| run_task(t, key, row, cache.as_ref()))?;
                 buffers.give_back(cache);
@@ -381,7 +326,7 @@ pub(super) fn run<T: Real>(
             if numel == 0 {
                 keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            let tasks = key_tasks(ki, numel, unit, large, has_stats);
+            let tasks = key_tasks(&sized, ki, numel, unit, large, has_stats);
             let group = if large { in_flight(unit) } else { tasks.len() };
             for g in tasks.chunks(group.max(1)) {
                 g.par_iter()
@@ -506,7 +451,7 @@ pub(super) fn run<T: Real>(
         if numel == 0 {
             keys_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        tasks.extend(key_tasks(ki, numel, unit, false, false));
+        tasks.extend(key_tasks(&sized, ki, numel, unit, false, false));
     }
     run_batch(&mut tasks, &mut planned)?;
     run_stat_keys(&mut with_stats, &mut planned, &mut key_notes)?;

@@ -11,6 +11,7 @@ pub mod graph;
 pub mod mecha;
 mod parse;
 pub mod sweep;
+mod values;
 mod write;
 
 pub use parse::parse;

@@ -20,6 +20,7 @@ use crate::rng;
 use rayon::prelude::*;
 use std::ops::Range;
 
+mod drop;
 mod key;
 mod key_merge;
 mod options;
@@ -29,6 +30,7 @@ mod presets;
 mod signed;
 mod stats;
 
+use drop::*;
 use key::*;
 pub use options::*;
 pub use pipeline::Pipeline;
