@@ -218,8 +218,6 @@ fn sd_mecha_methods_amalgam_does_not_run_say_why() {
     for (m, why) in [
         ("stack", "list slot"),
         ("pick_component", "[output.components]"),
-        ("exchange_ema", "from another key"),
-        ("balance_attention", "attention layer together"),
     ] {
         let err = amalgam::methods::canonical_name(m).unwrap_err().to_string();
         assert!(err.contains(why), "{m}: {err}");
@@ -235,10 +233,6 @@ fn sd_mecha_methods_amalgam_does_not_run_say_why() {
         model \"a.safetensors\" model_config=null merge_space=\"weight\"\n";
     for (text, why) in [
         (format!("{models}merge \"stack\" &0 &0\n"), "list slot"),
-        (
-            format!("{models}merge \"exchange_ema\" &0\n"),
-            "from another key",
-        ),
         (
             format!(
                 "{models}dict key=\"unet\"\n\

@@ -13,7 +13,7 @@ pub(super) struct RunInputs<'a> {
     /// nodes found.
     pub(super) notes: &'a [String],
     /// The permutations of the whole-model nodes, by node index.
-    pub(super) prepared: &'a BTreeMap<usize, Vec<std::sync::Arc<crate::rebasin::Permutations>>>,
+    pub(super) prepared: &'a BTreeMap<usize, methods::PreparedNode>,
 }
 
 /// The layout that decides the components of keys: the fallback model's, else the one most
@@ -73,7 +73,12 @@ pub(super) type Inputs = (
     Vec<String>,
 );
 
-pub(super) fn open_inputs(graph: &Graph, output: &Path) -> Result<Inputs> {
+/// The models in `exchanged` are read with their weights and EMA copies exchanged (`exchange_ema`).
+pub(super) fn open_inputs(
+    graph: &Graph,
+    output: &Path,
+    exchanged: &std::collections::BTreeSet<usize>,
+) -> Result<Inputs> {
     let out_id = file_identity(output);
     let paths: Vec<&Path> = graph.models.iter().map(|m| m.path.as_path()).collect();
     let mut table = KeyTable {
@@ -92,7 +97,7 @@ pub(super) fn open_inputs(graph: &Graph, output: &Path) -> Result<Inputs> {
         }
         let mut model = ModelFile::open(&m.path)?;
         let layout = model.detected_layout();
-        table.add(i, &model, layout, &paths)?;
+        table.add(i, &model, layout, &paths, exchanged.contains(&i))?;
         model.forget_index();
         models.push(model);
     }

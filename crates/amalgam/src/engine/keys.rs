@@ -228,15 +228,28 @@ pub(super) struct KeyTable {
 
 impl KeyTable {
     /// Adds the keys of input `i`, read as the original layout when it was saved in another key
-    /// format (`layout`).
+    /// format (`layout`); with `exchange_ema`, each weight under its EMA copy's name and the
+    /// copy under the weight's.
     pub(super) fn add(
         &mut self,
         i: usize,
         model: &ModelFile,
         layout: Option<Layout>,
         paths: &[&Path],
+        exchange_ema: bool,
     ) -> Result<()> {
-        let viewed = viewed_keys(model, layout, paths[i])?;
+        let mut viewed = viewed_keys(model, layout, paths[i])?;
+        if exchange_ema {
+            let names = crate::methods::structural::exchange_ema::exchanged_names(
+                viewed.keys.iter().map(|k| (k.0.as_str(), k.1.as_slice())),
+            )
+            .map_err(|e| Error::Invalid(format!("{}: {e}", paths[i].display())))?;
+            for key in &mut viewed.keys {
+                if let Some(to) = names.get(&key.0) {
+                    key.0 = to.clone();
+                }
+            }
+        }
         self.notes.extend(viewed.notes);
         for (name, shape, loc, lora) in viewed.keys {
             let inserted = self.insert(i, &name, shape, loc, lora, paths);

@@ -104,7 +104,7 @@ pub fn merge_outputs(points: &[OutputPoint], progress: &dyn Progress) -> Result<
         if several && (p.graph.output_stage().is_some() || !prepare::is_streamed(&p.graph)) {
             return Err(Error::Invalid(
                 "not implemented: several outputs from one read of recipes with whole-model \
-                 nodes (re-basin), model-wide ranges (cosine_a/b without sim_min, sim_max) or \
+                 nodes (re-basin, exchange_ema, balance_attention), model-wide ranges (cosine_a/b without sim_min, sim_max) or \
                  an output stage (extract_lora); run each point alone"
                     .into(),
             ));
@@ -129,7 +129,7 @@ pub fn merge_outputs(points: &[OutputPoint], progress: &dyn Progress) -> Result<
         opts: prepared.opts.clone(),
     };
     let (graph, opts) = (&points[0].graph, &points[0].opts);
-    let (models, rows, layouts, mut notes) = open_inputs(graph, &opts.output)?;
+    let (models, rows, layouts, mut notes) = open_inputs(graph, &opts.output, &prepared.exchanged)?;
     notes.extend(prepared.notes.iter().cloned());
     let layout = graph_layout(graph, &layouts)?;
     let pool = thread_pool(opts.threads)?;
@@ -139,7 +139,7 @@ pub fn merge_outputs(points: &[OutputPoint], progress: &dyn Progress) -> Result<
         layouts: &layouts,
         layout,
         notes: &notes,
-        prepared: &prepared.perms,
+        prepared: &prepared.nodes,
     };
     let reports = pool.install(|| match opts.compute_dtype {
         ComputeDtype::F32 => run::<f32>(&points, &inputs, progress),

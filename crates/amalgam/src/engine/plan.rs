@@ -38,16 +38,11 @@ impl<T: Real> NodeMethods<T> {
     pub(super) fn build(
         node: &crate::recipe::graph::Node,
         layout: Option<Layout>,
-        prepared: Option<&Vec<std::sync::Arc<crate::rebasin::Permutations>>>,
+        prepared: Option<&methods::PreparedNode>,
     ) -> Result<Self> {
-        if let Some(perms) = prepared {
-            let method = methods::rebasin::prepared::<T>(
-                node.method,
-                &node.params,
-                &node.counts(),
-                perms.clone(),
-            )
-            .map_err(|e| Error::Invalid(format!("node `{}`: {e}", node.name)))?;
+        if let Some(prepared) = prepared {
+            let method = methods::prepared::<T>(node, prepared)
+                .map_err(|e| Error::Invalid(format!("node `{}`: {e}", node.name)))?;
             return Ok(NodeMethods {
                 blocks: Vec::new(),
                 instances: vec![method],

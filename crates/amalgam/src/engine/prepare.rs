@@ -1,16 +1,23 @@
-//! Whole-model methods (`methods::WHOLE_MODEL`: re-basin, MergeMany), prepared before the
-//! streamed pass: their permutations come from whole models (weight matching reads `a` and
-//! `ref`, MergeMany every model; a node input is merged once to a temporary file beside the
-//! output, which the streamed pass then reads instead of computing the node again), and each
-//! such node then permutes its inputs key by key (and averages them, for MergeMany).
+//! Whole-model methods (`methods::WHOLE_MODEL`), prepared before the streamed pass from whole
+//! inputs (a node input is merged once to a temporary file beside the output, which the
+//! streamed pass then reads instead of computing the node again):
+//!
+//! - re-basin and MergeMany: their permutations come from whole models (weight matching reads
+//!   `a` and `ref`, MergeMany every model), and each such node then permutes its inputs key by
+//!   key (and averages them, for MergeMany);
+//! - `exchange_ema`: the node becomes its input read under exchanged key names;
+//! - `balance_attention`: the node reads its input's attention layers from the file.
 
 use super::stages::{materialise, Materialised};
 use super::*;
 use crate::layout::perms::perm_groups;
+use crate::methods::structural::balance_attention::Balancer;
+use crate::methods::PreparedNode;
 use crate::rebasin::driver::walk_permutations;
 use crate::rebasin::merge_many::merge_many;
 use crate::rebasin::{weight_matching, Permutations};
 use crate::recipe::graph::ModelInput;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// The graph the streamed pass runs, with what its whole-model nodes need.
@@ -20,8 +27,10 @@ pub(super) struct Prepared {
     pub(super) graph: Graph,
     /// The options: the recipe recorded is the original graph's.
     pub(super) opts: MergeOptions,
-    /// Per prepared node, its permutations.
-    pub(super) perms: BTreeMap<usize, Vec<Arc<Permutations>>>,
+    /// Per prepared node, what it was prepared with.
+    pub(super) nodes: BTreeMap<usize, PreparedNode>,
+    /// The models read with their weights and EMA copies exchanged (`exchange_ema`).
+    pub(super) exchanged: BTreeSet<usize>,
     /// What the preparation found, for the report.
     pub(super) notes: Vec<String>,
     /// Temporary files the graph reads; removed when this is dropped.
@@ -60,7 +69,8 @@ pub(super) fn prepare(
     let mut out = Prepared {
         graph: graph.clone(),
         opts: opts.clone(),
-        perms: BTreeMap::new(),
+        nodes: BTreeMap::new(),
+        exchanged: BTreeSet::new(),
         notes: range_notes,
         _temps: Vec::new(),
     };
@@ -93,40 +103,43 @@ pub(super) fn prepare(
             out.opts.metadata.insert("mecha_recipe".into(), text);
         }
     }
+    exchange_ema(&mut out, opts, progress)?;
+    let graph = &out.graph.clone();
+    let whole: Vec<usize> = (0..graph.nodes.len())
+        .filter(|&n| methods::is_whole_model(graph.nodes[n].method))
+        .collect();
     for n in whole {
         let node = &graph.nodes[n];
         let at = |e: String| Error::Invalid(format!("node `{}` ({}): {e}", node.name, node.method));
-        // Every input whole, as files (node inputs merged once). A node merged for one input is
-        // read from its file by the next ones (215c's `amp` is built on `x`).
-        let mut work = graph.clone();
-        let mut inputs: Vec<Materialised> = Vec::new();
-        for r in node.flat_args() {
-            let m = materialise(&work, r, opts, progress)?;
-            if let (Ref::Node(done), Some(merged)) = (r, &m.report) {
-                let read: Vec<&str> = merged.models.iter().map(|(n, _)| n.as_str()).collect();
-                out.notes.push(format!(
-                    "node `{}` merged once to a temporary f32 file of {} (from {})",
-                    graph.nodes[done].name,
-                    crate::size::format_bytes(merged.bytes_written),
-                    read.join(", ")
-                ));
-                work.models.push(ModelInput {
-                    name: format!("{} (merged)", graph.nodes[done].name),
-                    path: m.path.clone(),
-                });
-                let file = Ref::Model(work.models.len() - 1);
-                for other in &mut work.nodes {
-                    for slot in &mut other.slots {
-                        slot.iter_mut().filter(|x| **x == r).for_each(|x| *x = file);
-                    }
-                }
-            }
-            inputs.push(m);
+        if let Some(m) = node.flat_args().iter().find_map(|r| match r {
+            Ref::Model(m) if out.exchanged.contains(m) => Some(*m),
+            _ => None,
+        }) {
+            return Err(at(format!(
+                "not implemented: `{}` (an exchange_ema result) as the input of a whole-model \
+                 node; merge it to a file first and give that file",
+                graph.models[m].name
+            )));
         }
+        let inputs = whole_inputs(graph, node, opts, progress, &mut out.notes)?;
         let files: Vec<ModelFile> = inputs
             .iter()
             .map(|m| ModelFile::open(&m.path))
             .collect::<Result<_>>()?;
+        if node.method == crate::methods::structural::balance_attention::INFO.name {
+            let file = files.into_iter().next().expect("one input");
+            let params = Params::new(node.method, node.params.clone());
+            let balancer = Balancer::new(file, params).map_err(|e| at(e.to_string()))?;
+            out.notes.push(format!(
+                "node `{}` (balance_attention): {} attention layers",
+                node.name,
+                balancer.layer_count()
+            ));
+            read_inputs(&mut out, graph, n, inputs, 1);
+            out.nodes
+                .insert(n, PreparedNode::Balance(Arc::new(balancer)));
+            continue;
+        }
         let layout = files[0]
             .detected_layout()
             .ok_or_else(|| at("re-basin needs SD1 (ldm) or SDXL (sgm) checkpoints".into()))?;
@@ -203,28 +216,11 @@ pub(super) fn prepare(
         };
         // The streamed pass reads the permuted inputs only (a re-basin reference is used up),
         // node inputs from their merged files.
-        let mut slot_refs = Vec::new();
-        for (i, m) in inputs.into_iter().enumerate().take(keep) {
-            if m.report.is_some() {
-                let r = node.flat_args()[i];
-                out.graph.models.push(ModelInput {
-                    name: format!("{} (node `{}`, merged)", node.name, graph_name(graph, r)),
-                    path: m.path.clone(),
-                });
-                slot_refs.push(Ref::Model(out.graph.models.len() - 1));
-                out._temps.push(m);
-            } else {
-                slot_refs.push(node.flat_args()[i]);
-            }
-        }
-        let slots = &mut out.graph.nodes[n].slots;
-        let mut refs = slot_refs.into_iter();
-        for slot in slots.iter_mut() {
-            let len = slot.len();
-            *slot = refs.by_ref().take(len).collect();
-        }
-        out.perms
-            .insert(n, perms.into_iter().map(Arc::new).collect());
+        read_inputs(&mut out, graph, n, inputs, keep);
+        out.nodes.insert(
+            n,
+            PreparedNode::Permutations(perms.into_iter().map(Arc::new).collect()),
+        );
     }
     Ok(out)
 }
@@ -235,4 +231,122 @@ fn graph_name(graph: &Graph, r: Ref) -> &str {
         Ref::Model(m) => &graph.models[m].name,
         Ref::Node(n) => &graph.nodes[n].name,
     }
+}
+
+/// Every input of whole-model node `node` as a file: node inputs merged once (a node merged for
+/// one input is read from its file by the next ones: 215c's `amp` is built on `x`).
+fn whole_inputs(
+    graph: &Graph,
+    node: &crate::recipe::graph::Node,
+    opts: &MergeOptions,
+    progress: &dyn Progress,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Materialised>> {
+    let mut work = graph.clone();
+    let mut inputs: Vec<Materialised> = Vec::new();
+    for r in node.flat_args() {
+        let m = materialise(&work, r, opts, progress)?;
+        if let (Ref::Node(done), Some(merged)) = (r, &m.report) {
+            let read: Vec<&str> = merged.models.iter().map(|(n, _)| n.as_str()).collect();
+            notes.push(format!(
+                "node `{}` merged once to a temporary f32 file of {} (from {})",
+                graph.nodes[done].name,
+                crate::size::format_bytes(merged.bytes_written),
+                read.join(", ")
+            ));
+            work.models.push(ModelInput {
+                name: format!("{} (merged)", graph.nodes[done].name),
+                path: m.path.clone(),
+            });
+            let file = Ref::Model(work.models.len() - 1);
+            for other in &mut work.nodes {
+                for slot in &mut other.slots {
+                    slot.iter_mut().filter(|x| **x == r).for_each(|x| *x = file);
+                }
+            }
+        }
+        inputs.push(m);
+    }
+    Ok(inputs)
+}
+
+/// Node `n` of `graph` reads the first `keep` of its `inputs` in the streamed pass: a node
+/// input from its merged file (kept until the run ends), a model as it is.
+fn read_inputs(
+    out: &mut Prepared,
+    graph: &Graph,
+    n: usize,
+    inputs: Vec<Materialised>,
+    keep: usize,
+) {
+    let node = &graph.nodes[n];
+    let mut slot_refs = Vec::new();
+    for (i, m) in inputs.into_iter().enumerate().take(keep) {
+        if m.report.is_some() {
+            let r = node.flat_args()[i];
+            out.graph.models.push(ModelInput {
+                name: format!("{} (node `{}`, merged)", node.name, graph_name(graph, r)),
+                path: m.path.clone(),
+            });
+            slot_refs.push(Ref::Model(out.graph.models.len() - 1));
+            out._temps.push(m);
+        } else {
+            slot_refs.push(node.flat_args()[i]);
+        }
+    }
+    let slots = &mut out.graph.nodes[n].slots;
+    let mut refs = slot_refs.into_iter();
+    for slot in slots.iter_mut() {
+        let len = slot.len();
+        *slot = refs.by_ref().take(len).collect();
+    }
+}
+
+/// Every `exchange_ema` node of `out.graph` replaced by its input read under exchanged names: a
+/// model input is read again as a new input (no copy), a node input is merged once to a
+/// temporary file first.
+fn exchange_ema(out: &mut Prepared, opts: &MergeOptions, progress: &dyn Progress) -> Result<()> {
+    let name = crate::methods::structural::exchange_ema::INFO.name;
+    while let Some(n) = out.graph.nodes.iter().position(|x| x.method == name) {
+        let graph = out.graph.clone();
+        let node = &graph.nodes[n];
+        let r = node.flat_args()[0];
+        let m = materialise(&graph, r, opts, progress)?;
+        let source = match &m.report {
+            Some(merged) => format!(
+                "node `{}` merged once to a temporary f32 file of {}",
+                graph_name(&graph, r),
+                crate::size::format_bytes(merged.bytes_written)
+            ),
+            None => format!("`{}`", graph_name(&graph, r)),
+        };
+        out.notes.push(format!(
+            "node `{}` (exchange_ema): {source}, read with its weights and EMA copies exchanged",
+            node.name
+        ));
+        out.graph.models.push(ModelInput {
+            name: format!("{} (EMA exchanged)", node.name),
+            path: m.path.clone(),
+        });
+        let model = Ref::Model(out.graph.models.len() - 1);
+        out.exchanged.insert(out.graph.models.len() - 1);
+        if m.report.is_some() {
+            out._temps.push(m);
+        }
+        let g = &mut out.graph;
+        let to_model = |x: &mut Ref| {
+            if *x == Ref::Node(n) {
+                *x = model
+            }
+        };
+        g.nodes
+            .iter_mut()
+            .flat_map(|x| x.slots.iter_mut().flatten())
+            .for_each(to_model);
+        to_model(&mut g.output);
+        g.components.values_mut().for_each(to_model);
+        // The node is no longer read: dropped, the others renumbered.
+        out.graph = g.with_output(g.output);
+    }
+    Ok(())
 }

@@ -86,7 +86,9 @@ fn statistic_passes_see_every_block_in_order_whatever_the_threads() {
         layouts: Vec::new(),
         notes: Vec::new(),
     };
-    table.add(0, &model, None, &[path.as_path()]).unwrap();
+    table
+        .add(0, &model, None, &[path.as_path()], false)
+        .unwrap();
     model.forget_index();
     let rows: Vec<KeyRow> = table.rows.into_values().collect();
     let models = vec![model];

@@ -29,6 +29,7 @@ pub mod linear;
 pub mod mecha;
 pub mod mergekit;
 pub mod rebasin;
+pub mod structural;
 pub mod supermerger;
 pub mod svd;
 
@@ -158,7 +159,32 @@ pub static WHOLE_MODEL: &[&MethodInfo] = &[
     &rebasin::MERGE_MANY,
     &rebasin::REBASIN_MERGE,
     &rebasin::BASIN_SUM,
+    &structural::exchange_ema::INFO,
+    &structural::balance_attention::INFO,
 ];
+
+/// What the engine prepared for a whole-model node from whole models (see `engine::prepare`).
+pub(crate) enum PreparedNode {
+    /// Re-basin's permutations: one set per permuted input, or one per step of the driver's walk.
+    Permutations(Vec<std::sync::Arc<crate::rebasin::Permutations>>),
+    /// `balance_attention`'s input file and its attention layers.
+    Balance(std::sync::Arc<structural::balance_attention::Balancer>),
+}
+
+/// The method of whole-model node `node`, from what was prepared for it.
+pub(crate) fn prepared<T: Real>(
+    node: &crate::recipe::graph::Node,
+    prepared: &PreparedNode,
+) -> Result<Box<dyn Method<T>>> {
+    match prepared {
+        PreparedNode::Permutations(perms) => {
+            rebasin::prepared::<T>(node.method, &node.params, &node.counts(), perms.clone())
+        }
+        PreparedNode::Balance(b) => Ok(Box::new(structural::balance_attention::BalanceAttention(
+            b.clone(),
+        ))),
+    }
+}
 
 /// Whether `name` (a registered name) is a whole-model method.
 pub fn is_whole_model(name: &str) -> bool {
@@ -216,16 +242,6 @@ pub const REFUSED: &[(&str, &str)] = &[
         "a node's value is every key its inputs give; routing one component (unet, clip_l, ...) \
          from another model is the recipe's `[output.components]` table here (in a `.mecha` \
          recipe, `fallback(pick_component(m, c), merge)` is read as that routing)",
-    ),
-    (
-        "exchange_ema",
-        "it writes each key from another key (the EMA copy, `model_ema.*`, of sd1-ldm models); \
-         amalgam's nodes compute each key from the same key of their inputs",
-    ),
-    (
-        "balance_attention",
-        "it rewrites the q, k, v and o keys of each attention layer together (an SDXL model's \
-         whole attention groups); amalgam's nodes compute each key on its own",
     ),
 ];
 

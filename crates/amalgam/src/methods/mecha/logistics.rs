@@ -5,8 +5,8 @@
 //!
 //! The others are not nodes (see [`REFUSED`](crate::methods::REFUSED) for why): `stack` makes a
 //! tensor with an extra dimension that only sd-mecha's own methods read, `pick_component` is a
-//! recipe's component routing here, and `exchange_ema` and `balance_attention` read other keys
-//! than the one they write.
+//! recipe's component routing here. `exchange_ema` and `balance_attention` read other keys than
+//! the one they write: they are whole-model methods ([`structural`](crate::methods::structural)).
 
 use crate::error::Result;
 use crate::method::*;

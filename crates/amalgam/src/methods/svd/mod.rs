@@ -15,6 +15,6 @@ pub mod iso_z;
 pub mod rotate;
 pub(crate) mod shared;
 pub(crate) mod spectrum;
-mod stiefel;
+pub(crate) mod stiefel;
 pub mod truncate_kronecker;
 pub mod truncate_rank;

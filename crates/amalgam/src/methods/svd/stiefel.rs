@@ -23,7 +23,7 @@ use faer::linalg::qr::no_pivoting::factor::{qr_in_place, qr_in_place_scratch};
 use faer::{Accum, Conj, Mat, MatRef, Par};
 
 /// `a · b` (sequential).
-pub(super) fn mm(a: MatRef<f64>, b: MatRef<f64>) -> Mat<f64> {
+pub(crate) fn mm(a: MatRef<f64>, b: MatRef<f64>) -> Mat<f64> {
     let mut out = Mat::zeros(a.nrows(), b.ncols());
     matmul(out.as_mut(), Accum::Replace, a, b, 1.0, Par::Seq);
     out
@@ -77,7 +77,7 @@ fn qr_pos(x: MatRef<f64>) -> (Mat<f64>, Mat<f64>) {
 }
 
 /// The eigendecomposition `s = P diag(λ) Pᵀ` of the symmetric `s`: (λ, P).
-fn sym_evd(s: MatRef<f64>, key: &str) -> Result<(Vec<f64>, Mat<f64>)> {
+pub(crate) fn sym_evd(s: MatRef<f64>, key: &str) -> Result<(Vec<f64>, Mat<f64>)> {
     let n = s.nrows();
     let mut p = Mat::zeros(n, n);
     let mut d = Diag::zeros(n);
@@ -101,7 +101,7 @@ fn sym_evd(s: MatRef<f64>, key: &str) -> Result<(Vec<f64>, Mat<f64>)> {
 }
 
 /// `P diag(f) Pᵀ`.
-fn spectral(p: &Mat<f64>, f: impl Fn(usize) -> f64) -> Mat<f64> {
+pub(crate) fn spectral(p: &Mat<f64>, f: impl Fn(usize) -> f64) -> Mat<f64> {
     let mut pf = p.clone();
     for i in 0..p.ncols() {
         let fi = f(i);

@@ -307,6 +307,10 @@ pub(super) const METHODS: &[Mecha] = &[
     // interact, so one assignment per group is the optimum `iters` sweeps would approach.
     direct("rebasin", &[unused("iters")], Spaces::Same, "rebasin"),
     special("randperm", &[kw("seed")], Spaces::Same, special::randperm),
+    // sd-mecha's structural methods (sd1-ldm and sdxl-sgm there and here); amalgam's options
+    // take their sd-mecha defaults.
+    direct("exchange_ema", &[], Spaces::Same, "exchange_ema"),
+    direct("balance_attention", &[], Spaces::Same, "balance_attention"),
     // sd-mecha 1.1.8's element-wise and per-tensor methods (`methods::mecha`), same names.
     direct(
         "geometric_sum",
