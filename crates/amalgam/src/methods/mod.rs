@@ -171,6 +171,16 @@ pub(crate) enum PreparedNode {
     Balance(std::sync::Arc<structural::balance_attention::Balancer>),
 }
 
+impl PreparedNode {
+    /// The bytes the node's method reads itself, beside its arguments (so far).
+    pub(crate) fn bytes_read(&self) -> u64 {
+        match self {
+            PreparedNode::Permutations(_) => 0,
+            PreparedNode::Balance(b) => b.bytes_read(),
+        }
+    }
+}
+
 /// The method of whole-model node `node`, from what was prepared for it.
 pub(crate) fn prepared<T: Real>(
     node: &crate::recipe::graph::Node,

@@ -349,23 +349,19 @@ pub fn layer_maps(layer: &Layer, read: &Read, set: Settings) -> Result<LayerMaps
 
 /// Applies `layer`'s maps to the tensor of its key with role `role` (row-major, `shape`).
 pub fn apply(maps: &LayerMaps, role: Role, shape: &[usize], data: &mut [f64]) {
+    use faer::linalg::matmul::matmul;
+    use faer::{Accum, MatMut, MatRef, Par};
     let rows = shape.first().copied().unwrap_or(1);
     let cols = data.len() / rows.max(1);
     // `x ← M x` on rows `first..` of a `[_, cols]` matrix, head by head.
     let left = |data: &mut [f64], first: usize, heads: &[HeadMap], inverse: bool| {
-        let mut col = [0.0; HEAD];
         for (h, m) in heads.iter().enumerate() {
             let m = if inverse { &m.inverse } else { &m.map };
-            let r0 = first + h * HEAD;
-            for j in 0..cols {
-                for (i, c) in col.iter_mut().enumerate() {
-                    *c = data[(r0 + i) * cols + j];
-                }
-                for i in 0..HEAD {
-                    let row = &m[i * HEAD..(i + 1) * HEAD];
-                    data[(r0 + i) * cols + j] = row.iter().zip(&col).map(|(a, b)| a * b).sum();
-                }
-            }
+            let at = (first + h * HEAD) * cols..(first + (h + 1) * HEAD) * cols;
+            let x = MatRef::from_row_major_slice(&data[at.clone()], HEAD, cols).to_owned();
+            let out = MatMut::from_row_major_slice_mut(&mut data[at], HEAD, cols);
+            let m = MatRef::from_row_major_slice(m, HEAD, HEAD);
+            matmul(out, Accum::Replace, m, x.as_ref(), 1.0, Par::Seq);
         }
     };
     let by = |p: Proj| match p {
@@ -378,17 +374,21 @@ pub fn apply(maps: &LayerMaps, role: Role, shape: &[usize], data: &mut [f64]) {
         Role::Weight(Proj::O) => {
             // o ← o (S⁻¹)ᵀ on each head's columns.
             let (heads, _) = by(Proj::O);
-            let mut x = [0.0; HEAD];
-            for r in 0..rows {
-                let line = &mut data[r * cols..(r + 1) * cols];
-                for (h, m) in heads.iter().enumerate() {
-                    let part = &mut line[h * HEAD..(h + 1) * HEAD];
-                    x.copy_from_slice(part);
-                    for (i, p) in part.iter_mut().enumerate() {
-                        let row = &m.inverse[i * HEAD..(i + 1) * HEAD];
-                        *p = row.iter().zip(&x).map(|(a, b)| a * b).sum();
-                    }
-                }
+            for (h, m) in heads.iter().enumerate() {
+                let x = MatRef::from_row_major_slice(data, rows, cols)
+                    .subcols(h * HEAD, HEAD)
+                    .to_owned();
+                let out =
+                    MatMut::from_row_major_slice_mut(data, rows, cols).subcols_mut(h * HEAD, HEAD);
+                let inv = MatRef::from_row_major_slice(&m.inverse, HEAD, HEAD);
+                matmul(
+                    out,
+                    Accum::Replace,
+                    x.as_ref(),
+                    inv.transpose(),
+                    1.0,
+                    Par::Seq,
+                );
             }
         }
         Role::Weight(p) | Role::Bias(p) => {

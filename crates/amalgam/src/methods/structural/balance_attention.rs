@@ -114,6 +114,11 @@ impl Balancer {
         })
     }
 
+    /// The bytes read from the input file to find the layers' maps.
+    pub fn bytes_read(&self) -> u64 {
+        self.file.bytes_read()
+    }
+
     /// The number of attention layers found.
     pub fn layer_count(&self) -> usize {
         self.layers.len()
