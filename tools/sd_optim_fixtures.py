@@ -11,7 +11,9 @@ behaviour of the dead branches is kept: the cross-attention importance is 1 (its
 `min((-1, cols)) > 1`) and the blur runs along a singleton axis.
 
 `ties_sum_extended` is reimplemented from the code at `0bbd82a` (streaming_ties_sum_extended,
-_process_model_chunk, _compute_final_results, _compute_geometric_median_chunked, filter_top_k),
+_process_model_chunk, _compute_final_results, _compute_geometric_median_chunked, filter_top_k;
+`apply_stock`'s factor from `_compute_model_stock_chunked_v2` at `8c43aef`, since 0bbd82a's takes
+`torch.mean` of a bool tensor, which torch refuses),
 as it runs: its geometric median stops at its first convergence test (it compares with an
 infinite best objective) and returns its starting point, the mean over all models; signs of
 |x| <= 1e-7 count as 0.
@@ -133,7 +135,8 @@ def filter_top_k(a, k):
     return a * (a.abs() >= thr)
 
 
-def ties_sum_extended(deltas, k=0.218, vote_sgn=0.0, apply_median=1.0, weight_decay=0.0218, min_agreement=0.3, eps=1e-6):
+def ties_sum_extended(deltas, k=0.218, vote_sgn=0.0, apply_median=1.0, weight_decay=0.0218, min_agreement=0.3, eps=1e-6,
+                      apply_stock=0.0, cos_eps=1e-6):
     filtered = torch.stack([filter_top_k(d, k) for d in deltas])
     signs = torch.sign(torch.where(filtered.abs() > 1e-7, filtered, torch.zeros_like(filtered)))
     vote = filtered if vote_sgn <= 0.0 else signs
@@ -146,7 +149,15 @@ def ties_sum_extended(deltas, k=0.218, vote_sgn=0.0, apply_median=1.0, weight_de
         filtered = filtered * (1.0 - weight_decay)
     filtered = filtered * keep
     if apply_median <= 0.0:
-        result = filtered.sum(dim=0) / torch.clamp(counts, min=eps)
+        t = 1.0
+        if apply_stock > 0.0:
+            # _compute_model_stock_chunked(_v2): the fraction of the N x N cosines (flattened
+            # tensors, each with itself) that are positive.
+            flat = filtered.flatten(1)
+            norms = flat.norm(dim=1, keepdim=True)
+            cos = (flat @ flat.T) / (norms @ norms.T + cos_eps)
+            t = torch.sum(cos > 0).item() / (len(deltas) * len(deltas))
+        result = filtered.sum(dim=0) * t / torch.clamp(counts, min=eps)
     else:
         result = filtered.mean(dim=0)  # the geometric median's starting point, returned as is
     return torch.nan_to_num(result, nan=0.0, posinf=0.0, neginf=0.0)
@@ -160,6 +171,10 @@ def ties_cases(rnd):
         ([40], 4, {"k": 0.5, "min_agreement": 0.5, "vote_sgn": 1.0}),
         ([5, 9], 6, {"k": 0.3, "apply_median": 0.0, "weight_decay": 0.1}),
         ([7, 7], 5, {"k": 0.4, "min_agreement": 0.6, "apply_median": 0.0, "vote_sgn": 1.0}),
+        # apply_stock: the elected entries share a sign, so two filtered deltas have a positive
+        # cosine exactly where their supports meet; a tight trim leaves pairs that do not.
+        ([40], 4, {"k": 0.05, "min_agreement": 0.0, "apply_median": 0.0, "apply_stock": 1.0}),
+        ([6, 8], 5, {"k": 0.3, "apply_median": 0.0, "apply_stock": 1.0, "weight_decay": 0.1}),
     ]
     for shape, n, over in specs:
         base = rnd(shape)

@@ -410,6 +410,37 @@ fn the_inverted_apply_stock_round_trips() {
     assert!(!again.commands.is_empty());
 }
 
+/// sd-optim's `ties_sum_extended` (its `weight_decay` or `min_agreement` given) reads its
+/// `apply_stock` as it means it: above 0 the positive pairs' factor, 0 none (not inverted).
+#[test]
+fn sd_optims_apply_stock_is_not_inverted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    f32_pool(d, Layout::Sd1Ldm, 2, 64);
+    for (flag, want) in [("1.0", Some("positive_pairs")), ("0.0", None)] {
+        let text = format!(
+            "version 0.1.0\n\
+             model \"base.safetensors\" model_config=null merge_space=\"weight\"\n\
+             model \"m000.safetensors\" model_config=null merge_space=\"weight\"\n\
+             merge \"subtract\" &1 &0\n\
+             model \"m001.safetensors\" model_config=null merge_space=\"weight\"\n\
+             merge \"subtract\" &3 &0\n\
+             merge \"ties_sum_extended\" &2 &4 k=0.218 apply_stock={flag} apply_median=0.0 weight_decay=0.0218 min_agreement=0.3\n\
+             merge \"add_difference\" &0 &5 alpha=1.0"
+        );
+        let p = d.join("optim.mecha");
+        std::fs::write(&p, text).unwrap();
+        let t = amalgam::recipe::mecha::load(&p, &[]).unwrap();
+        let node = t.graph.nodes.iter().find(|n| n.method == "ties").unwrap();
+        let want = want.map(|w| amalgam::method::ParamValue::Text(w.into()));
+        assert_eq!(
+            node.params.get("stock"),
+            want.as_ref(),
+            "apply_stock={flag}"
+        );
+    }
+}
+
 /// A `model_config` that is not the file's, an unknown parameter and a weight model given to a
 /// delta method are refused naming the line, before any tensor is read.
 #[test]

@@ -196,14 +196,15 @@ fn multi_domain_alignment_reads_and_writes_mecha() {
 
 /// The `ties_sum_extended` preset, and the options it brings to the TIES pipeline
 /// (`min_agreement`, `weight_decay`), against sd-optim's code (`0bbd82a`): `vote_sgn = 1` is
-/// `election = count`, `apply_median = 0` (without stock) `fuse = disjoint_mean`.
+/// `election = count`, `apply_median = 0` `fuse = disjoint_mean`, `apply_stock = 1`
+/// `stock = positive_pairs`.
 #[test]
 fn ties_sum_extended_agrees_with_sd_optim() {
     let fx = json_fixture("sd_optim_methods.json");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let cases = fx["ties_sum_extended"].as_array().unwrap();
-    assert_eq!(cases.len(), 5);
+    assert_eq!(cases.len(), 7);
     for (n, case) in cases.iter().enumerate() {
         let shape: Vec<usize> = case["shape"]
             .as_array()
@@ -235,6 +236,7 @@ fn ties_sum_extended_agrees_with_sd_optim() {
             match k.as_str() {
                 "vote_sgn" if v > 0.0 => params.push(("election", Text("count".into()))),
                 "apply_median" if v <= 0.0 => params.push(("fuse", Text("disjoint_mean".into()))),
+                "apply_stock" if v > 0.0 => params.push(("stock", Text("positive_pairs".into()))),
                 "k" | "min_agreement" | "weight_decay" => params.push((k.as_str(), Number(v))),
                 other => panic!("unmapped {other}"),
             }

@@ -105,15 +105,23 @@ pub(super) fn ties(s: &mut State, m: &Merge) -> Result<Item> {
     choose(&mut params, "election", election);
     if method != "ties_sum" {
         // sd-optim's ties_sum_extended (sd-mecha's has neither).
+        let mut sd_optim = false;
         for k in ["weight_decay", "min_agreement"] {
             if let Some(v) = m.keyword(s, k)? {
                 set(&mut params, k, v);
+                sd_optim = true;
             }
         }
         if m.flag(s, "apply_median")? {
             choose(&mut params, "fuse", "geometric_median");
             for (k, _) in Weiszfeld::DEFAULT.params() {
                 set(&mut params, k, ParamValue::Number(m.number(s, k)?));
+            }
+        } else if sd_optim {
+            // sd-optim's flag is not inverted: above 0, the mean times the fraction of positive
+            // cosines between the filtered deltas.
+            if m.flag(s, "apply_stock")? {
+                choose(&mut params, "stock", "positive_pairs");
             }
         } else if !m.flag(s, "apply_stock")? {
             // The inverted flag: false multiplies the TIES mean by the model-stock factor of

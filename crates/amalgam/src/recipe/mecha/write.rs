@@ -13,7 +13,9 @@ pub fn to_mecha(
     seed: u64,
 ) -> Option<String> {
     use crate::method::ParamValue;
-    use crate::methods::delta::ties::{Drop, Election, Fuse, Pipeline, Rescale, SignTie, Trim};
+    use crate::methods::delta::ties::{
+        Drop, Election, Fuse, Pipeline, Rescale, SignTie, Stock, Trim,
+    };
     use crate::recipe::graph::Ref;
 
     struct W {
@@ -337,6 +339,12 @@ pub fn to_mecha(
                         }
                         let wz = weiszfeld
                             .unwrap_or(crate::methods::gram::geometric_median::Weiszfeld::DEFAULT);
+                        // sd-mecha has the adjacent rows' factor only.
+                        let stock = match c.stock {
+                            Stock::None => None,
+                            Stock::AdjacentRows(cos_eps) => Some(cos_eps),
+                            Stock::PositivePairs => return None,
+                        };
                         let kw = vec![
                             ("probability", w.scalar(Value::Float(prob))),
                             ("della_eps", w.scalar(Value::Float(eps))),
@@ -347,10 +355,10 @@ pub fn to_mecha(
                                 w.scalar(Value::Bool(c.election == Election::Mass)),
                             ),
                             // sd-mecha's inverted flag: true is the plain mean.
-                            ("apply_stock", w.scalar(Value::Bool(c.stock.is_none()))),
+                            ("apply_stock", w.scalar(Value::Bool(stock.is_none()))),
                             (
                                 "cos_eps",
-                                w.scalar(Value::Float(c.stock.unwrap_or_else(|| {
+                                w.scalar(Value::Float(stock.unwrap_or_else(|| {
                                     super::dialect::by_name("ties_sum_with_dropout")
                                         .expect("declared")
                                         .default("cos_eps")

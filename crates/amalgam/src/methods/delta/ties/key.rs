@@ -63,6 +63,8 @@ pub(super) struct KeyPipeline<T> {
     pub(super) weights: Vec<T>,
     /// Per model, its coefficient in the geometric median.
     pub(super) coefficients: Vec<T>,
+    /// With `stock = positive_pairs`, after the Gram pass: the fraction of positive cosines.
+    pub(super) pair_factor: T,
     /// Per model, one bit per element: whether drop, trim and election kept its delta (kept by
     /// the Gram pass when the inputs are held, so that the output applies the bits instead of
     /// drawing, ranking and electing again); empty otherwise.
@@ -173,7 +175,7 @@ impl<T: Real> KeyPipeline<T> {
     /// cosines of adjacent models' filtered deltas along the row, as PyTorch's
     /// `CosineSimilarity(dim=-1, eps)`: `x·y / (max(‖x‖, eps) · max(‖y‖, eps))`.
     pub(super) fn stock_factors(&self, range: &Range<usize>, args: &[&[T]]) -> Vec<T> {
-        let Some(eps) = self.config.stock else {
+        let Stock::AdjacentRows(eps) = self.config.stock else {
             return Vec::new();
         };
         let n = self.streams.len();

@@ -55,21 +55,26 @@ impl<T: Real> KeyPipeline<T> {
     /// The Gram pass's statistic, keeping the filtered deltas' bits when they fit `allowance`.
     pub(super) fn gram_stat(&self, allowance: u64) -> GramOf {
         let words = self.numel.div_ceil(64);
-        let filtered = self
-            .keeps_filtered(allowance)
-            .then(|| vec![vec![0u64; words]; self.streams.len()]);
+        // The output reads the bits back for the geometric median only.
+        let filtered = (self.keeps_filtered(allowance)
+            && matches!(self.config.fuse, Fuse::GeometricMedian(_)))
+        .then(|| vec![vec![0u64; words]; self.streams.len()]);
         GramOf {
             gram: Vec::new(),
             filtered,
         }
     }
 
-    /// Takes the Gram matrix of the filtered deltas: the geometric median's coefficients.
+    /// Takes the Gram matrix of the filtered deltas: the geometric median's coefficients, or
+    /// the positive pairs' factor (a cosine is positive where the dot product is).
     pub(super) fn take_gram(&mut self, GramOf { gram, filtered }: GramOf) {
-        let Fuse::GeometricMedian(w) = self.config.fuse else {
-            unreachable!("a Gram pass for the geometric median")
-        };
         let n = self.streams.len();
+        let Fuse::GeometricMedian(w) = self.config.fuse else {
+            debug_assert_eq!(self.config.stock, Stock::PositivePairs);
+            let positive = gram.iter().take(n * n).filter(|&&g| g > 0.0).count();
+            self.pair_factor = T::from_f64(positive as f64 / (n * n).max(1) as f64);
+            return;
+        };
         self.filtered = filtered.unwrap_or_default();
         // With `base_point` the Gram matrix has the zero delta as its last point.
         let points = n + usize::from(self.config.base_point);
@@ -87,7 +92,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
         self.histogram_passes()
             + self.trim_passes
             + usize::from(self.config.rescale == Rescale::L1)
-            + usize::from(matches!(self.config.fuse, Fuse::GeometricMedian(_)))
+            + usize::from(self.config.gram_pass())
     }
 
     fn unit(&self) -> Unit {
@@ -144,7 +149,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             let sums = self.run_stat(passes, L1Sums { sums: Vec::new() })?.sums;
             self.take_l1_sums(&sums);
         }
-        if matches!(self.config.fuse, Fuse::GeometricMedian(_)) {
+        if self.config.gram_pass() {
             let stat = self.gram_stat(passes.allowance());
             let gram = self.run_stat(passes, stat)?;
             self.take_gram(gram);
@@ -158,7 +163,7 @@ impl<T: Real> KeyMerge<T> for KeyPipeline<T> {
             (Rescale::InverseKeep, drop) => self.config.lambda / (1.0 - drop.p()),
             _ => self.config.lambda,
         };
-        let scale = T::from_f64(scale);
+        let scale = T::from_f64(scale) * self.pair_factor;
         // `mean` divides by the weights' sum (n unweighted; 1 where it is about 0, as mergekit).
         let total_weight = if self.weights.is_empty() {
             n as f64

@@ -134,8 +134,29 @@ pub struct Config {
     pub lambda: f64,
     /// Add the base itself as a zero-delta point (geometric median only, as the DGMLA recipe).
     pub base_point: bool,
-    /// Multiply the fused result by the model-stock factor of the filtered deltas (cosines of
-    /// adjacent models along the last dimension, one factor per row; sd-mecha's
-    /// `ties_sum_extended` with `apply_stock = false`), with this `cos_eps`.
-    pub stock: Option<f64>,
+    /// A model-stock factor the fused result is multiplied by, if any.
+    pub stock: Stock,
+}
+
+impl Config {
+    /// Whether a pass computes the Gram matrix of the filtered deltas (the geometric median's
+    /// coefficients, or the positive pairs' factor).
+    pub fn gram_pass(&self) -> bool {
+        matches!(self.fuse, Fuse::GeometricMedian(_)) || self.stock == Stock::PositivePairs
+    }
+}
+
+/// The model-stock factor the fused result is multiplied by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Stock {
+    /// None.
+    None,
+    /// `t = N cos / (1 + (N − 1) cos)` per row, `cos` the mean cosine of adjacent models' filtered
+    /// deltas along the last dimension, with this `cos_eps` (sd-mecha's `ties_sum_extended`
+    /// with `apply_stock = false`).
+    AdjacentRows(f64),
+    /// The fraction of the `N²` ordered pairs of filtered deltas (whole tensors, each model with
+    /// itself included) whose cosine is positive (sd-optim's `ties_sum_extended` with
+    /// `apply_stock > 0`).
+    PositivePairs,
 }

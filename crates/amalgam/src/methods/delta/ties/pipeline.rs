@@ -204,9 +204,17 @@ impl Pipeline {
                         "`stock` applies to the mean fuses, not to `geometric_median`".into(),
                     ));
                 }
-                Some(cos_eps)
+                Stock::AdjacentRows(cos_eps)
             }
-            _ => None,
+            "positive_pairs" => {
+                if matches!(fuse, Fuse::GeometricMedian(_)) {
+                    return Err(bad(
+                        "`stock` applies to the mean fuses, not to `geometric_median`".into(),
+                    ));
+                }
+                Stock::PositivePairs
+            }
+            _ => Stock::None,
         };
         if matches!(fuse, Fuse::GeometricMedian(_)) && !weights.is_empty() {
             return Err(bad(
@@ -387,7 +395,7 @@ impl<T: Real> Method<T> for Pipeline {
         };
         Ok(Box::new(KeyPipeline {
             della,
-            stock_row: if self.config.stock.is_some() {
+            stock_row: if matches!(self.config.stock, Stock::AdjacentRows(_)) {
                 ctx.shape.last().copied().unwrap_or(1).max(1)
             } else {
                 0
@@ -412,6 +420,7 @@ impl<T: Real> Method<T> for Pipeline {
             },
             scales: Vec::new(),
             coefficients: Vec::new(),
+            pair_factor: T::ONE,
             filtered: Vec::new(),
         }))
     }

@@ -232,7 +232,7 @@ impl<T: Real> KeyMergePoints<T> for PipelinePoints<T> {
         any(&|p| p.histogram_passes() > 0)
             + self.points.iter().map(|p| p.trim_passes).max().unwrap_or(0)
             + any(&|p| p.config.rescale == Rescale::L1)
-            + any(&|p| matches!(p.config.fuse, Fuse::GeometricMedian(_)))
+            + any(&|p| p.config.gram_pass())
     }
 
     fn run_passes(&mut self, passes: &mut Passes<T>) -> Result<()> {
@@ -259,7 +259,7 @@ impl<T: Real> KeyMergePoints<T> for PipelinePoints<T> {
                 self.points[i].take_l1_sums(&s.sums);
             }
         }
-        let gram = self.which(|p| matches!(p.config.fuse, Fuse::GeometricMedian(_)));
+        let gram = self.which(|p| p.config.gram_pass());
         if !gram.is_empty() {
             // The points share what the engine allows for kept bits.
             let allowance = passes.allowance() / gram.len() as u64;

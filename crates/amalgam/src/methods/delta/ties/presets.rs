@@ -37,7 +37,7 @@ const PARAMS: [ParamInfo; PIPELINE_PARAMS] = [
     ParamInfo::number("lambda", 1.0, "scale of the merged delta"),
     ParamInfo::number_in("weight_decay", 0.0, Domain::Probability, "every filtered delta multiplied by 1 - weight_decay (sd-optim's ties_sum_extended: a uniform shrink)"),
     ParamInfo::flag("base_point", false, "geometric median: add the base as a zero-delta point"),
-    ParamInfo::choice("stock", &["none", "adjacent_rows"], "none", "none | adjacent_rows: multiply the fused result by the model-stock factor t = N cos / (1 + (N - 1) cos) of the filtered deltas, cos the mean over adjacent models along the last dimension (sd-mecha's ties_sum_extended with its inverted apply_stock = false)"),
+    ParamInfo::choice("stock", &["none", "adjacent_rows", "positive_pairs"], "none", "none | adjacent_rows: multiply the fused result by the model-stock factor t = N cos / (1 + (N - 1) cos) of the filtered deltas, cos the mean over adjacent models along the last dimension (sd-mecha's ties_sum_extended with its inverted apply_stock = false) | positive_pairs: by the fraction of the N² pairs of filtered deltas (whole tensors, each with itself) whose cosine is positive (sd-optim's ties_sum_extended with apply_stock > 0)"),
     ParamInfo::number_in("cos_eps", 1e-6, Domain::NonNegative, "stock: guard of the norms in the cosines"),
     Weiszfeld::PARAMS[0],
     Weiszfeld::PARAMS[1],

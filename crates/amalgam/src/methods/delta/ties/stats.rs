@@ -341,8 +341,10 @@ impl<T: Real> Stat<T> for L1Sums {
     }
 }
 
-/// The Gram matrix of the filtered deltas (with `base_point`, and the zero delta), for the
-/// geometric median; with `filtered`, it also keeps the filtered deltas' bits.
+/// The Gram matrix of the filtered deltas (with `base_point`, and the zero delta): centred on
+/// their mean for the geometric median (which needs their distances only), as they are for
+/// the positive pairs' factor (which needs the signs of their products); with `filtered`, it
+/// also keeps the filtered deltas' bits.
 pub(super) struct GramOf {
     pub(super) gram: Vec<f64>,
     /// Per model, the bit of every element whose filtered delta is not zero (when kept).
@@ -388,6 +390,7 @@ impl<T: Real> Stat<T> for GramOf {
         let mut g = vec![0.0; points * points];
         let mut mean = [0f64; W];
         let inv = 1.0 / points as f64;
+        let centred = matches!(key.config.fuse, Fuse::GeometricMedian(_));
         let mut filled = 0;
         key.blocks(Stage::Filtered, &range, args, pre, |at, len, d| {
             debug_assert_eq!(at % span, filled);
@@ -398,12 +401,14 @@ impl<T: Real> Stat<T> for GramOf {
             }
             let mean = &mut mean[..len];
             mean.fill(0.0);
-            for t in 0..n {
-                for (m, &v) in mean.iter_mut().zip(&d[t * W..t * W + len]) {
-                    *m += v.to_f64();
+            if centred {
+                for t in 0..n {
+                    for (m, &v) in mean.iter_mut().zip(&d[t * W..t * W + len]) {
+                        *m += v.to_f64();
+                    }
                 }
+                mean.iter_mut().for_each(|m| *m *= inv);
             }
-            mean.iter_mut().for_each(|m| *m *= inv);
             for t in 0..points {
                 let row = &mut rows[t * span + filled..t * span + filled + len];
                 if t < n {
