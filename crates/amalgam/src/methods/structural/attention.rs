@@ -217,26 +217,29 @@ fn head_map(x: &Mat<f64>, y: &Mat<f64>, h: usize, set: Settings, at: &str) -> Re
     let a_neg_half = spectral(&pa, |i| 1.0 / la[i].sqrt());
     let c = mm(mm(a_half.as_ref(), b.as_ref()).as_ref(), a_half.as_ref());
     let (lc, pc) = sym_evd(lower(&c).as_ref(), at)?;
-    let c_half = spectral(&pc, |i| lc[i].max(eps).sqrt());
-    let s = mm(
-        mm(a_neg_half.as_ref(), c_half.as_ref()).as_ref(),
-        a_neg_half.as_ref(),
-    );
-    // S is symmetric positive definite up to rounding: its inverse (and square root) from the
-    // eigendecomposition of its symmetric part.
-    let sym = Mat::from_fn(HEAD, HEAD, |i, j| 0.5 * (s[(i, j)] + s[(j, i)]));
-    let (ls, ps) = sym_evd(sym.as_ref(), at)?;
-    if ls.iter().any(|&l| l.is_nan() || l <= 0.0) {
-        return Err(Error::Invalid(format!(
-            "{at}: a head's balancing map is not positive definite"
-        )));
-    }
+    let lc: Vec<f64> = lc.iter().map(|&l| l.max(eps)).collect();
+    let c_half = spectral(&pc, |i| lc[i].sqrt());
+    let three = |x: &Mat<f64>, y: &Mat<f64>| mm(mm(x.as_ref(), y.as_ref()).as_ref(), x.as_ref());
+    // S and its inverse `A^{½} C^{-½} A^{½}`, from the same clamped eigenvalues: symmetric
+    // positive definite.
+    let s = three(&a_neg_half, &c_half);
+    let s_inv = || three(&a_half, &spectral(&pc, |i| 1.0 / lc[i].sqrt()));
     let (map, inverse) = match set.balance {
-        Balance::Swap => (s, spectral(&ps, |i| 1.0 / ls[i])),
-        Balance::Equalize => (
-            spectral(&ps, |i| ls[i].sqrt()),
-            spectral(&ps, |i| 1.0 / ls[i].sqrt()),
-        ),
+        Balance::Swap => (s, s_inv()),
+        Balance::Equalize => {
+            // S^{±½} from the eigendecomposition of its symmetric part.
+            let sym = Mat::from_fn(HEAD, HEAD, |i, j| 0.5 * (s[(i, j)] + s[(j, i)]));
+            let (ls, ps) = sym_evd(sym.as_ref(), at)?;
+            if ls.iter().any(|&l| l.is_nan() || l <= 0.0) {
+                return Err(Error::Invalid(format!(
+                    "{at}: a head's balancing map is not positive definite"
+                )));
+            }
+            (
+                spectral(&ps, |i| ls[i].sqrt()),
+                spectral(&ps, |i| 1.0 / ls[i].sqrt()),
+            )
+        }
     };
     let flat = |m: &Mat<f64>| {
         (0..HEAD)
