@@ -355,11 +355,7 @@ fn exchange_ema_swaps_each_weight_with_its_copy() {
         got["model.diffusion_model.time_embed.0.bias"],
         vec![10.5, 12.0]
     );
-    let left: Vec<String> = std::fs::read_dir(d)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("amalgam"))
-        .collect();
+    let left = files_containing(d, "amalgam");
     assert!(left.is_empty(), "temporary files left: {left:?}");
 
     // The output embeds its sd-mecha form, and a `.mecha` recipe naming the method runs it.
