@@ -255,6 +255,27 @@ fn balance_attention_refuses_what_it_cannot_balance() {
     )
     .unwrap_err();
     assert!(e.contains("SDXL") && e.contains("sd1-ldm"), "{e}");
+    // sgm key names only: another SDXL key format is refused, and so is a file without attention.
+    let kohya = d.join("kohya");
+    std::fs::create_dir(&kohya).unwrap();
+    let pool = f32_pool(&kohya, amalgam::layout::arch::Layout::SdxlKohya, 0, 32);
+    let e = run(
+        &single("balance_attention", &pool[0], &[]),
+        &d.join("o.safetensors"),
+    )
+    .unwrap_err();
+    assert!(e.contains("sdxl-kohya") && e.contains("sgm"), "{e}");
+    let plain = write_file(
+        &d.join("plain.safetensors"),
+        &[f32t("w", &[2], &[1.0, 2.0])],
+        true,
+    );
+    let e = run(
+        &single("balance_attention", &plain, &[]),
+        &d.join("o.safetensors"),
+    )
+    .unwrap_err();
+    assert!(e.contains("no attention layer"), "{e}");
 }
 
 /// An SD1-like checkpoint with two UNet keys, their EMA copies (one of another shape in `bad`),

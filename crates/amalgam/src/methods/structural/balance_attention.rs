@@ -86,16 +86,32 @@ impl Balancer {
             _ => EpsAt::SdMecha,
         };
         params.finish()?;
-        if let Some(l) = file.detected_layout() {
-            if l.arch() != crate::layout::arch::Arch::Sdxl {
+        use crate::layout::arch::{Arch, Layout};
+        let at = file.path().display();
+        match file.detected_layout() {
+            Some(l) if l.arch() != Arch::Sdxl => {
                 return Err(Error::Invalid(format!(
-                    "{}: balance_attention is sd-mecha's SDXL method (heads of 64 rows); this \
-                     checkpoint is {l}",
-                    file.path().display()
-                )));
+                    "{at}: balance_attention is sd-mecha's SDXL method (heads of 64 rows); this \
+                     checkpoint is {l}"
+                )))
             }
+            Some(l) if l != Layout::SdxlSgm => {
+                return Err(Error::Invalid(format!(
+                    "{at}: balance_attention reads SDXL's sgm key names, and this file is {l}; \
+                     write it as sgm first (`amalgam merge --method soup FILE -o OUT` reads \
+                     other key formats as sgm)"
+                )))
+            }
+            _ => {}
         }
         let layers = attention::layers(file.tensors().keys().map(String::as_str));
+        if layers.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{at}: no attention layer under SDXL's sgm key names (CLIP-L \
+                 `conditioner.embedders.0.*.self_attn.*`, CLIP-G `conditioner.embedders.1.*.attn.*`, \
+                 UNet `model.diffusion_model.*.attn1/attn2.*`): nothing to balance"
+            )));
+        }
         let of_key = layers
             .iter()
             .enumerate()
