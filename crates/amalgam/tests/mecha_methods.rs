@@ -5,12 +5,8 @@
 //! method read from a `.mecha` recipe and written back.
 
 mod common;
-use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{self, Number};
-use amalgam::real::ComputeDtype;
-use amalgam::{merge, Graph, MergeOptions, NoProgress};
 use common::*;
-use std::path::Path;
 
 /// `got` agrees with `want` to 1e-12 relative to each value, or to the tensor's largest value
 /// where a value is a cancellation: sd-mecha's complex powers give `cos(π/2)·r ≈ 6e-17·r` for a
@@ -142,22 +138,6 @@ fn hand_computed() {
     assert_agrees(&k, &[1.5, 3.0, 4.5, 6.0], "add_cosine_a");
 }
 
-/// Loads `.mecha` text with models `a`, `b`, `c`, `d` in `dir`.
-fn load(dir: &Path, name: &str, text: &str) -> Graph {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    amalgam::recipe::mecha::load(&p, &[]).unwrap().graph
-}
-
-fn run_graph(dir: &Path, g: &Graph, out: &str) -> Vec<f64> {
-    let out = dir.join(out);
-    let mut o = MergeOptions::new(&out);
-    o.output_dtype = OutputDtype::F64;
-    o.compute_dtype = ComputeDtype::F64;
-    merge(g, &o, &NoProgress).unwrap();
-    read_f64(&out, "w")
-}
-
 #[test]
 fn mecha_recipes_read_run_and_write_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -198,7 +178,7 @@ fn mecha_recipes_read_run_and_write_back() {
     ];
     for (method, args, params) in cases {
         let text = format!("{models}merge \"{method}\" {args}\n");
-        let g = load(d, &format!("{method}.mecha"), &text);
+        let g = load_mecha_text(d, &format!("{method}.mecha"), &text);
         let node = g.nodes.last().unwrap();
         assert_eq!(node.method, *method);
         for (k, v) in *params {
@@ -207,7 +187,7 @@ fn mecha_recipes_read_run_and_write_back() {
         if *method == "clamp" {
             assert_eq!(node.slots[1].len(), 3, "clamp's bounds");
         }
-        let got = run_graph(d, &g, &format!("{method}.safetensors"));
+        let got = run_graph_f64(d, &g, &format!("{method}.safetensors"));
         // The same as the node run directly.
         let inputs: Vec<Vec<f64>> = ["a", "b", "c", "d"]
             .iter()
@@ -225,7 +205,7 @@ fn mecha_recipes_read_run_and_write_back() {
             written.contains(&format!("merge \"{method}\"")),
             "{written}"
         );
-        let back = load(d, &format!("{method}-again.mecha"), &written);
+        let back = load_mecha_text(d, &format!("{method}-again.mecha"), &written);
         let again = back.nodes.last().unwrap();
         assert_eq!(
             (again.method, &again.slots),
@@ -235,7 +215,7 @@ fn mecha_recipes_read_run_and_write_back() {
         for (k, v) in *params {
             assert_eq!(again.params.get(*k), Some(&Number(*v)), "{written}");
         }
-        let out = run_graph(d, &back, &format!("{method}-again.safetensors"));
+        let out = run_graph_f64(d, &back, &format!("{method}-again.safetensors"));
         assert_eq!(out, got, "{written}");
     }
     // add_perpendicular, a wrapper in sd-mecha, is written as the methods it builds there.
@@ -249,7 +229,7 @@ fn mecha_recipes_read_run_and_write_back() {
         vec![vec![0], vec![1], vec![2]],
         &[("alpha", Number(0.5))],
     );
-    let want = run_graph(d, &native, "add_perpendicular.safetensors");
+    let want = run_graph_f64(d, &native, "add_perpendicular.safetensors");
     let written =
         amalgam::recipe::mecha::to_mecha(&native, &[None; 3], None, 0).expect("expressible");
     for line in [
@@ -260,8 +240,8 @@ fn mecha_recipes_read_run_and_write_back() {
     ] {
         assert!(written.contains(line), "{line}\n{written}");
     }
-    let back = load(d, "add_perpendicular.mecha", &written);
-    let got = run_graph(d, &back, "add_perpendicular-again.safetensors");
+    let back = load_mecha_text(d, "add_perpendicular.mecha", &written);
+    let got = run_graph_f64(d, &back, "add_perpendicular-again.safetensors");
     assert_agrees(&got, &want, "add_perpendicular written back");
 }
 
@@ -295,7 +275,7 @@ fn masks_are_params_in_mecha_and_cosines_take_weights() {
         model \"a.safetensors\" model_config=null merge_space=\"weight\"\n\
         model \"b.safetensors\" model_config=null merge_space=\"weight\"\n\
         merge \"train_difference_mask\" &0 &1 &1 alpha=0.5\n";
-    let g = load(d, "mask.mecha", text);
+    let g = load_mecha_text(d, "mask.mecha", text);
     assert_eq!(g.nodes.last().unwrap().method, "train_difference_mask");
     // As the per-element alpha of an add-difference (sd-mecha's use): refused, not misread.
     let text = format!("{text}merge \"subtract\" &1 &0\nmerge \"add_difference\" &0 &3 alpha=&2\n");

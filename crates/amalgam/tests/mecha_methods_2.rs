@@ -10,7 +10,7 @@ mod common;
 use amalgam::io::dtype::OutputDtype;
 use amalgam::method::ParamValue::{self, Number, Text};
 use amalgam::real::ComputeDtype;
-use amalgam::{merge, Graph, MergeOptions, NoProgress};
+use amalgam::{merge, MergeOptions, NoProgress};
 use common::*;
 use std::path::{Path, PathBuf};
 
@@ -253,22 +253,6 @@ fn sd_mecha_methods_amalgam_does_not_run_say_why() {
     }
 }
 
-/// Loads `.mecha` text.
-fn load(dir: &Path, name: &str, text: &str) -> Graph {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    amalgam::recipe::mecha::load(&p, &[]).unwrap().graph
-}
-
-fn run_graph(dir: &Path, g: &Graph, out: &str) -> Vec<f64> {
-    let out = dir.join(out);
-    let mut o = MergeOptions::new(&out);
-    o.output_dtype = OutputDtype::F64;
-    o.compute_dtype = ComputeDtype::F64;
-    merge(g, &o, &NoProgress).unwrap();
-    read_f64(&out, "w")
-}
-
 #[test]
 fn mecha_recipes_read_run_and_write_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -319,13 +303,13 @@ fn mecha_recipes_read_run_and_write_back() {
     ];
     for (method, args, params) in cases {
         let text = format!("{models}{delta}merge \"{method}\" {args}\n");
-        let g = load(d, &format!("{method}.mecha"), &text);
+        let g = load_mecha_text(d, &format!("{method}.mecha"), &text);
         let node = g.nodes.last().unwrap();
         assert_eq!(node.method, *method);
         for (k, v) in *params {
             assert_eq!(node.params.get(*k), Some(v), "{method} {k}");
         }
-        let got = run_graph(d, &g, &format!("{method}.safetensors"));
+        let got = run_graph_f64(d, &g, &format!("{method}.safetensors"));
         // Written back: the method under its name, read again to the same node and output.
         let written =
             amalgam::recipe::mecha::to_mecha(&g, &[None; 4], None, 0).expect("expressible");
@@ -333,7 +317,7 @@ fn mecha_recipes_read_run_and_write_back() {
             written.contains(&format!("merge \"{method}\"")),
             "{written}"
         );
-        let back = load(d, &format!("{method}-again.mecha"), &written);
+        let back = load_mecha_text(d, &format!("{method}-again.mecha"), &written);
         let again = back.nodes.last().unwrap();
         assert_eq!(
             (again.method, &again.slots),
@@ -343,7 +327,7 @@ fn mecha_recipes_read_run_and_write_back() {
         for (k, v) in *params {
             assert_eq!(again.params.get(*k), Some(v), "{written}");
         }
-        let out = run_graph(d, &back, &format!("{method}-again.safetensors"));
+        let out = run_graph_f64(d, &back, &format!("{method}-again.safetensors"));
         assert_eq!(out, got, "{written}");
     }
     // The wrappers are written as the methods they build in sd-mecha; read back, the same output.
@@ -389,14 +373,14 @@ fn mecha_recipes_read_run_and_write_back() {
     ];
     for (i, (method, slots, params, lines)) in wrappers.iter().enumerate() {
         let native = one_node(&refs, method, slots.clone(), params);
-        let want = run_graph(d, &native, &format!("{method}-{i}-native.safetensors"));
+        let want = run_graph_f64(d, &native, &format!("{method}-{i}-native.safetensors"));
         let written =
             amalgam::recipe::mecha::to_mecha(&native, &[None; 4], None, 0).expect("expressible");
         for line in *lines {
             assert!(written.contains(line), "{line}\n{written}");
         }
-        let back = load(d, &format!("{method}-{i}.mecha"), &written);
-        let got = run_graph(d, &back, &format!("{method}-{i}-w.safetensors"));
+        let back = load_mecha_text(d, &format!("{method}-{i}.mecha"), &written);
+        let got = run_graph_f64(d, &back, &format!("{method}-{i}-w.safetensors"));
         assert_agrees(&got, &want, 1e-15, &format!("{method} written back"));
     }
 }

@@ -341,3 +341,20 @@ pub fn json_tensor(v: &serde_json::Value) -> (Vec<usize>, Vec<f64>) {
     flatten(&v["values"], &mut values);
     (shape, values)
 }
+
+/// `text` written to `dir/name` and loaded as a `.mecha` recipe (its models relative to `dir`).
+pub fn load_mecha_text(dir: &Path, name: &str, text: &str) -> Graph {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    amalgam::recipe::mecha::load(&p, &[]).unwrap().graph
+}
+
+/// `g` merged in f64 to `dir/out` (written f64): the values of its key `w`.
+pub fn run_graph_f64(dir: &Path, g: &Graph, out: &str) -> Vec<f64> {
+    let out = dir.join(out);
+    let mut o = amalgam::MergeOptions::new(&out);
+    o.output_dtype = amalgam::io::dtype::OutputDtype::F64;
+    o.compute_dtype = amalgam::real::ComputeDtype::F64;
+    amalgam::merge(g, &o, &amalgam::NoProgress).unwrap();
+    read_f64(&out, "w")
+}
