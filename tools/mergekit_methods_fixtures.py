@@ -24,11 +24,12 @@ factor), which the Rust test compares with amalgam's own.
 """
 
 import json
-import math
 import os
 
 import numpy as np
 import torch
+
+from fixture_common import enc
 
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
@@ -45,15 +46,6 @@ OUT_PATH = os.path.join(
     REPO_ROOT, "crates", "amalgam", "tests", "fixtures", "mergekit_methods.json"
 )
 DT = torch.float64
-
-
-def enc(t):
-    t = t.detach().to(DT).cpu()
-    vals = t.reshape(-1).tolist()
-    for v in vals:
-        if not math.isfinite(v):
-            raise ValueError(f"non-finite value in fixture: {v}")
-    return {"shape": list(t.shape), "values": vals}
 
 
 def distinct(n, rng, scale=1.0):

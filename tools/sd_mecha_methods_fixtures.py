@@ -19,11 +19,12 @@ Python's shortest round-trip repr, so they parse back as the exact float64 sd-me
 """
 
 import json
-import math
 import os
 
 import numpy as np
 import torch
+
+from fixture_common import enc
 
 import sd_mecha
 from sd_mecha.extensions.builtin.merge_methods import linear as sdm_linear
@@ -38,15 +39,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_PATH = os.path.join(REPO_ROOT, "crates", "amalgam", "tests", "fixtures", "sd_mecha_methods.json")
 DT = torch.float64
 SHAPES = [(4, 6), (5,), (3, 2, 2, 2)]
-
-
-def enc(t):
-    t = t.detach().to(DT).cpu()
-    vals = t.reshape(-1).tolist()
-    for v in vals:
-        if not math.isfinite(v):
-            raise ValueError(f"non-finite value in fixture: {v}")
-    return {"shape": list(t.shape), "values": vals}
 
 
 def inputs(shape, seed):

@@ -23,11 +23,12 @@ randomized default is tested against it.
 """
 
 import json
-import math
 import os
 
 import numpy as np
 import torch
+
+from fixture_common import enc
 
 import sd_mecha
 import importlib
@@ -48,15 +49,6 @@ except Exception:  # pragma: no cover
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_PATH = os.path.join(REPO_ROOT, "crates", "amalgam", "tests", "fixtures", "sd_mecha_methods_2.json")
 DT = torch.float64
-
-
-def enc(t):
-    t = t.detach().to(DT).cpu()
-    vals = t.reshape(-1).tolist()
-    for v in vals:
-        if not math.isfinite(v):
-            raise ValueError(f"non-finite value in fixture: {v}")
-    return {"shape": list(t.shape), "values": vals}
 
 
 def inputs(shape, seed, k=4):

@@ -29,12 +29,13 @@ shortest round-trip repr, so they parse back as the exact float64 computed here.
 """
 
 import json
-import math
 import os
 
 import numpy as np
 import scipy.ndimage
 import torch
+
+from fixture_common import enc
 import torch.nn as nn
 from torch import lerp
 from torch.nn.functional import cosine_similarity
@@ -46,15 +47,6 @@ DT = torch.float64
 SHAPES = [(4, 6), (5,), (3, 2, 2, 2)]
 SELFKEYS = ["to_out", "proj_out", "norm"]
 KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
-
-
-def enc(t):
-    t = t.detach().to(DT).cpu()
-    vals = t.reshape(-1).tolist()
-    for v in vals:
-        if not math.isfinite(v):
-            raise ValueError(f"non-finite value in fixture: {v}")
-    return {"shape": list(t.shape), "values": vals}
 
 
 def inputs(shape, seed):
