@@ -16,6 +16,19 @@ pub(super) struct RunInputs<'a> {
     pub(super) prepared: &'a BTreeMap<usize, methods::PreparedNode>,
 }
 
+impl RunInputs<'_> {
+    /// The bytes read so far: from the inputs' files, and by the prepared nodes themselves
+    /// (`balance_attention`'s layers).
+    pub(super) fn bytes_read(&self) -> u64 {
+        self.models.iter().map(ModelFile::bytes_read).sum::<u64>()
+            + self
+                .prepared
+                .values()
+                .map(methods::PreparedNode::bytes_read)
+                .sum::<u64>()
+    }
+}
+
 /// The layout that decides the components of keys: the fallback model's, else the one most
 /// inputs have (the first such in input order). Checks the recipe's component names against it.
 pub(super) fn graph_layout(graph: &Graph, layouts: &[Option<Layout>]) -> Result<Option<Layout>> {

@@ -65,16 +65,7 @@ pub(super) fn run<T: Real>(
     progress.start(total_bytes, planned.len());
 
     let input_bytes = bytes_read(&planned, rows);
-    // What the inputs' files and the prepared nodes' own reads (balance_attention's layers) read.
-    let read_now = || {
-        models.iter().map(ModelFile::bytes_read).sum::<u64>()
-            + inputs
-                .prepared
-                .values()
-                .map(methods::PreparedNode::bytes_read)
-                .sum::<u64>()
-    };
-    let read_before = read_now();
+    let read_before = inputs.bytes_read();
     let workers = Workers::<T>::new(threads, opts.non_finite.cleans());
     let found = crate::io::non_finite::Found::default();
     let out_dtype = opts.output_dtype;
@@ -555,7 +546,7 @@ pub(super) fn run<T: Real>(
     // Notes in key order, whichever group ran a key.
     key_notes.sort_by_key(|(ki, _, _)| *ki);
     let written = written.load(std::sync::atomic::Ordering::Relaxed) / outs.len() as u64;
-    let read = read_now() - read_before;
+    let read = inputs.bytes_read() - read_before;
     let streamed = streamed.into_inner().unwrap_or_else(|e| e.into_inner());
     for (k, report) in reports.iter_mut().enumerate() {
         for ki in 0..planned.len() {
