@@ -8,19 +8,6 @@
 mod common;
 use amalgam::method::ParamValue::{self, Bool, List, Number, Text};
 use common::*;
-use std::path::Path;
-
-/// [`try_merge_f64`] of key `w`.
-fn merge_f64(
-    dir: &Path,
-    shape: &[usize],
-    inputs: &[Vec<f64>],
-    method: &str,
-    params: &[(&str, ParamValue)],
-    seed: u64,
-) -> Result<Vec<f64>, String> {
-    try_merge_f64(dir, "w", shape, inputs, method, params, seed)
-}
 
 fn param(v: &serde_json::Value) -> ParamValue {
     match v {
@@ -104,7 +91,7 @@ fn every_case_agrees_with_mergekit() {
             "case {n}: mergekit {} {} as {method} {}",
             case["mergekit"], case["mergekit_params"], case["params"]
         );
-        let got = merge_f64(dir.path(), &shape, &values, method, &params, 0)
+        let got = try_merge_f64(dir.path(), "w", &shape, &values, method, &params, 0)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         worst = worst.max(assert_agrees(&got, &want, 1e-12, &what));
         seen.insert(method);
@@ -161,7 +148,16 @@ fn random_drops_agree_with_mergekit_in_distribution() {
         let (mut kept, mut fifths, mut factor) = (0.0, [0.0f64; 5], 0.0);
         for seed in 0..draws {
             let inputs = [base.clone(), delta.clone()];
-            let out = merge_f64(dir.path(), &[rows, cols], &inputs, method, &params, seed).unwrap();
+            let out = try_merge_f64(
+                dir.path(),
+                "w",
+                &[rows, cols],
+                &inputs,
+                method,
+                &params,
+                seed,
+            )
+            .unwrap();
             let mut counts = [0usize; 5];
             let mut totals = [0usize; 5];
             for (i, o) in out.iter().enumerate() {
@@ -177,7 +173,8 @@ fn random_drops_agree_with_mergekit_in_distribution() {
             }
             let mut l1 = params.clone();
             l1[1] = ("rescale", Text("l1".into()));
-            let out = merge_f64(dir.path(), &[rows, cols], &inputs, method, &l1, seed).unwrap();
+            let out =
+                try_merge_f64(dir.path(), "w", &[rows, cols], &inputs, method, &l1, seed).unwrap();
             let ratios: Vec<f64> = out
                 .iter()
                 .zip(&delta)
@@ -227,7 +224,7 @@ fn trims_keep_what_their_rules_say() {
             .collect()
     };
     let run = |method: &str, params: &[(&str, ParamValue)]| {
-        merge_f64(dir.path(), &[10], &inputs, method, params, 0).unwrap()
+        try_merge_f64(dir.path(), "w", &[10], &inputs, method, params, 0).unwrap()
     };
     // Breadcrumbs, density 0.5, gamma 0.2: of |δ| ascending drop the 2 largest (0.9, 0.8) and
     // the 3 smallest (0.05, 0.1, 0.2): 0.3, 0.4, 0.5, 0.6, 0.7 stay; weight 2.
@@ -270,15 +267,15 @@ fn weights_vote_and_divide() {
         ("density", Number(1.0)),
         ("normalize", Bool(true)),
     ];
-    let got = merge_f64(dir.path(), &[2], &inputs, "dare_ties", &p, 0).unwrap();
+    let got = try_merge_f64(dir.path(), "w", &[2], &inputs, "dare_ties", &p, 0).unwrap();
     assert_eq!(got, vec![-1.0, 1.25]);
     // Unweighted, element 0 ties: + wins (sign_tie = positive): 1.
     let p = [("normalize", Bool(true))];
-    let got = merge_f64(dir.path(), &[2], &inputs, "dare_ties", &p, 0).unwrap();
+    let got = try_merge_f64(dir.path(), "w", &[2], &inputs, "dare_ties", &p, 0).unwrap();
     assert_eq!(got, vec![1.0, 1.5]);
     // No election, normalize: Σ w δ / Σ w = (1 − 3) / 4 and (2 + 3) / 4.
     let p = [("weights", List(vec![1.0, 3.0])), ("normalize", Bool(true))];
-    let got = merge_f64(dir.path(), &[2], &inputs, "dare_linear", &p, 0).unwrap();
+    let got = try_merge_f64(dir.path(), "w", &[2], &inputs, "dare_linear", &p, 0).unwrap();
     assert_eq!(got, vec![-0.5, 1.25]);
     for (method, p) in [
         (
@@ -311,8 +308,9 @@ fn own_methods_hand_computed() {
         }
     };
     // nearswap, t = 0.1: |d| = 0.5 → w = 0.2; |d| = 5e-5 → w = 1; |d| = 0.3 → w = 1/3.
-    let got = merge_f64(
+    let got = try_merge_f64(
         dir.path(),
+        "w",
         &[3],
         &[vec![0.0, 1.0, 2.0], vec![0.5, 1.00005, 2.3]],
         "nearswap",
@@ -323,11 +321,11 @@ fn own_methods_hand_computed() {
     close(got, &[0.1, 1.00005, 2.0 + 0.3 / 3.0]);
     // RAM: element 0 both active → mean 2; element 1 none → base; element 2 only model 0 → 2.
     let ram_in = [vec![0.0; 3], vec![1.0, 0.0, 2.0], vec![3.0, 0.0, 0.0]];
-    let got = merge_f64(dir.path(), &[3], &ram_in, "ram", &[], 0).unwrap();
+    let got = try_merge_f64(dir.path(), "w", &[3], &ram_in, "ram", &[], 0).unwrap();
     assert_eq!(got, vec![2.0, 0.0, 2.0]);
     // RAM+: model 0 has 1 shared and 1 unique element, ρ = 1 → clamped to alpha 0.2, λ = 1.02
     // (in f32, as mergekit).
-    let got = merge_f64(dir.path(), &[3], &ram_in, "ramplus_tl", &[], 0).unwrap();
+    let got = try_merge_f64(dir.path(), "w", &[3], &ram_in, "ramplus_tl", &[], 0).unwrap();
     assert_eq!(
         got,
         vec![2.0, 0.0, 2.0 * f64::from(1.0f32 + 0.1f32 * 0.2f32)]
@@ -336,21 +334,22 @@ fn own_methods_hand_computed() {
     let h = std::f64::consts::FRAC_1_SQRT_2;
     let pair = [vec![1.0, 0.0], vec![0.0, 1.0]];
     for m in ["nuslerp", "multislerp"] {
-        let got = merge_f64(dir.path(), &[2], &pair, m, &[], 0).unwrap();
+        let got = try_merge_f64(dir.path(), "w", &[2], &pair, m, &[], 0).unwrap();
         close(got, &[h, h]);
     }
     // multislerp: zero vectors give zero (mergekit raises); three directions that cancel are
     // refused, naming the key.
     let zeros = [vec![0.0, 0.0], vec![0.0, 0.0], vec![0.0, 0.0]];
-    let got = merge_f64(dir.path(), &[2], &zeros, "multislerp", &[], 0).unwrap();
+    let got = try_merge_f64(dir.path(), "w", &[2], &zeros, "multislerp", &[], 0).unwrap();
     assert_eq!(got, vec![0.0, 0.0]);
     let s = 3f64.sqrt() / 2.0;
     let star = [vec![1.0, 0.0], vec![-0.5, s], vec![-0.5, -s]];
-    let err = merge_f64(dir.path(), &[2], &star, "multislerp", &[], 0).unwrap_err();
+    let err = try_merge_f64(dir.path(), "w", &[2], &star, "multislerp", &[], 0).unwrap_err();
     assert!(err.contains("multislerp") && err.contains("`w`"), "{err}");
     // passthrough, scaled.
-    let got = merge_f64(
+    let got = try_merge_f64(
         dir.path(),
+        "w",
         &[2],
         &[vec![1.5, -2.0]],
         "passthrough",
