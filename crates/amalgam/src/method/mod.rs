@@ -120,6 +120,15 @@ pub enum OnMissing {
 }
 
 impl OnMissing {
+    /// The policy of methods that need every argument: a key one of them lacks has no value here.
+    pub fn all_or_absent(present: &[bool]) -> OnMissing {
+        if present.iter().all(|&p| p) {
+            OnMissing::MergePresent
+        } else {
+            OnMissing::Absent
+        }
+    }
+
     /// The policy of methods that transform their first argument (the others only guide them):
     /// without it the node has no value; with it, it passes through where another is missing.
     pub fn first_or_absent(present: &[bool]) -> OnMissing {

@@ -9,7 +9,6 @@
 //! `nan_to_num` turns the 0/0 of equal inputs into 0 (the ratios are bounded, so no infinity
 //! arises from finite inputs). Element-wise: streams. A key one input lacks has no value here.
 
-use super::all_or_absent;
 use crate::error::Result;
 use crate::method::*;
 use crate::real::Real;
@@ -116,7 +115,7 @@ impl<const K: u8> Pointwise for Mask<K> {
         })
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        all_or_absent(present)
+        OnMissing::all_or_absent(present)
     }
     fn merge<T: Real>(&self, args: &[&[T]], out: &mut [T]) {
         let alpha = T::from_f64(self.alpha);

@@ -34,16 +34,6 @@ pub mod perpendicular;
 pub mod powers;
 pub mod slicing;
 
-use crate::method::OnMissing;
-
-/// A key every argument must have: otherwise the node has no value for it.
-pub(crate) fn all_or_absent(present: &[bool]) -> OnMissing {
-    if present.iter().all(|&p| p) {
-        OnMissing::MergePresent
-    } else {
-        OnMissing::Absent
-    }
-}
 
 /// A statistic pass that gathers every present argument of a key whole, in f64 (for the methods
 /// that need the whole tensor: sorts, FFTs, SVDs). Its key declares a [`Unit`] with the bytes

@@ -83,11 +83,7 @@ impl<T: Real> Method<T> for Multislerp {
         &INFO
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if present.iter().all(|&p| p) {
-            OnMissing::MergePresent
-        } else {
-            OnMissing::Absent
-        }
+        OnMissing::all_or_absent(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         let skip = usize::from(self.with_base);

@@ -107,11 +107,7 @@ impl<T: Real> Method<T> for Nuslerp {
         &INFO
     }
     fn on_missing(&self, present: &[bool]) -> OnMissing {
-        if present.iter().all(|&p| p) {
-            OnMissing::MergePresent
-        } else {
-            OnMissing::Absent
-        }
+        OnMissing::all_or_absent(present)
     }
     fn begin_key(&self, ctx: &KeyCtx) -> Result<Box<dyn KeyMerge<T>>> {
         let numel = ctx.numel();
