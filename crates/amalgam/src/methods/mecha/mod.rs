@@ -34,7 +34,6 @@ pub mod perpendicular;
 pub mod powers;
 pub mod slicing;
 
-
 /// A statistic pass that gathers every present argument of a key whole, in f64 (for the methods
 /// that need the whole tensor: sorts, FFTs, SVDs). Its key declares a [`Unit`] with the bytes
 /// this takes (see [`whole_unit`]), so the engine refuses a key that does not fit the budget.
