@@ -36,20 +36,9 @@ fn every_method_agrees_with_sd_mecha() {
     let cases = fx["cases"].as_array().unwrap();
     for (n, case) in cases.iter().enumerate() {
         let method = case["method"].as_str().unwrap();
-        let inputs: Vec<(Vec<usize>, Vec<f64>)> = case["inputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(json_tensor)
-            .collect();
-        let params: Vec<(&str, ParamValue)> = case["params"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.as_str(), Number(v.as_f64().unwrap())))
-            .collect();
+        let values = json_tensors(&case["inputs"]);
+        let params = json_params(&case["params"]);
         let (shape, want) = json_tensor(&case["output"]);
-        let values: Vec<Vec<f64>> = inputs.into_iter().map(|(_, v)| v).collect();
         let got = merge_f64(dir.path(), &shape, &values, method, &params);
         assert_agrees(
             &got,

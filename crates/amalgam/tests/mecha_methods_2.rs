@@ -27,14 +27,6 @@ fn assert_agrees(got: &[f64], want: &[f64], tol: f64, what: &str) {
     }
 }
 
-fn param(v: &serde_json::Value) -> ParamValue {
-    match v {
-        serde_json::Value::Bool(b) => ParamValue::Bool(*b),
-        serde_json::Value::String(s) => Text(s.clone()),
-        other => Number(other.as_f64().unwrap()),
-    }
-}
-
 #[test]
 fn every_method_agrees_with_sd_mecha() {
     let fx = json_fixture("sd_mecha_methods_2.json");
@@ -43,18 +35,8 @@ fn every_method_agrees_with_sd_mecha() {
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     for (n, case) in fx["cases"].as_array().unwrap().iter().enumerate() {
         let method = case["method"].as_str().unwrap();
-        let inputs: Vec<Vec<f64>> = case["inputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| json_tensor(t).1)
-            .collect();
-        let params: Vec<(&str, ParamValue)> = case["params"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.as_str(), param(v)))
-            .collect();
+        let inputs = json_tensors(&case["inputs"]);
+        let params = json_params(&case["params"]);
         let (shape, want) = json_tensor(&case["output"]);
         let got = merge_f64(dir.path(), &shape, &inputs, method, &params);
         let what = format!("case {n}: {method} {} {shape:?}", case["params"]);

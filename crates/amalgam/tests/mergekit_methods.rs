@@ -9,16 +9,6 @@ mod common;
 use amalgam::method::ParamValue::{self, Bool, List, Number, Text};
 use common::*;
 
-fn param(v: &serde_json::Value) -> ParamValue {
-    match v {
-        serde_json::Value::Bool(b) => Bool(*b),
-        serde_json::Value::Number(x) => Number(x.as_f64().unwrap()),
-        serde_json::Value::String(s) => Text(s.clone()),
-        serde_json::Value::Array(a) => List(a.iter().map(|x| x.as_f64().unwrap()).collect()),
-        other => panic!("parameter {other}"),
-    }
-}
-
 /// `got` agrees with `want` to `tol` relative to the tensor's largest value (the same formulas in
 /// another order of rounding: sums of a different order, a product by a reciprocal for a
 /// division).
@@ -74,18 +64,8 @@ fn every_case_agrees_with_mergekit() {
             );
             continue;
         }
-        let values: Vec<Vec<f64>> = case["inputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| json_tensor(t).1)
-            .collect();
-        let params: Vec<(&str, ParamValue)> = case["params"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.as_str(), param(v)))
-            .collect();
+        let values = json_tensors(&case["inputs"]);
+        let params = json_params(&case["params"]);
         let (shape, want) = json_tensor(&case["output"]);
         let what = format!(
             "case {n}: mergekit {} {} as {method} {}",

@@ -342,6 +342,38 @@ pub fn json_tensor(v: &serde_json::Value) -> (Vec<usize>, Vec<f64>) {
     (shape, values)
 }
 
+/// The values of a fixture's list of tensors (their shapes are the output's).
+pub fn json_tensors(v: &serde_json::Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| json_tensor(t).1)
+        .collect()
+}
+
+/// A fixture's parameter: a flag, a number, a text or a list of numbers.
+pub fn json_param(v: &serde_json::Value) -> amalgam::method::ParamValue {
+    use amalgam::method::ParamValue;
+    match v {
+        serde_json::Value::Bool(b) => ParamValue::Bool(*b),
+        serde_json::Value::Number(x) => ParamValue::Number(x.as_f64().unwrap()),
+        serde_json::Value::String(s) => ParamValue::Text(s.clone()),
+        serde_json::Value::Array(a) => {
+            ParamValue::List(a.iter().map(|x| x.as_f64().unwrap()).collect())
+        }
+        other => panic!("parameter {other}"),
+    }
+}
+
+/// A fixture's parameters object, by name.
+pub fn json_params(v: &serde_json::Value) -> Vec<(&str, amalgam::method::ParamValue)> {
+    v.as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str(), json_param(v)))
+        .collect()
+}
+
 /// `text` written to `dir/name` and loaded as a `.mecha` recipe (its models relative to `dir`).
 pub fn load_mecha_text(dir: &Path, name: &str, text: &str) -> Graph {
     let p = dir.join(name);
