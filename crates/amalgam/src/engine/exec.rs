@@ -46,6 +46,8 @@ impl<T: Real> Scratch<T> {
 /// One `Scratch` per worker thread, kept for the whole merge.
 pub(super) struct Workers<T> {
     pub(super) slots: Vec<std::sync::Mutex<Scratch<T>>>,
+    /// The `clean` of every slot (for the scratch of a task taken while the slot is in use).
+    clean: std::sync::atomic::AtomicBool,
 }
 
 impl<T: Real> Workers<T> {
@@ -54,18 +56,32 @@ impl<T: Real> Workers<T> {
             slots: (0..threads.max(1))
                 .map(|_| std::sync::Mutex::new(Scratch::new(clean)))
                 .collect(),
+            clean: clean.into(),
         }
     }
     /// Whether non-finite input values are set to zero when found.
     pub(super) fn set_clean(&self, clean: bool) {
+        self.clean
+            .store(clean, std::sync::atomic::Ordering::Relaxed);
         for slot in &self.slots {
             slot.lock().unwrap_or_else(|e| e.into_inner()).clean = clean;
         }
     }
+    /// Runs `f` with this worker thread's scratch; with a scratch of its own when the thread's
+    /// is in use already. That happens when a method's own parallel work (DELLA's exact ranks
+    /// rank the models in parallel) runs inside `f`: while it waits, rayon lets the thread take
+    /// another task, whose `with` would otherwise wait forever on the lock its own thread holds.
     pub(super) fn with<R>(&self, f: impl FnOnce(&mut Scratch<T>) -> R) -> R {
+        use std::sync::TryLockError;
         let i = rayon::current_thread_index().unwrap_or(0) % self.slots.len();
-        let mut guard = self.slots[i].lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut guard)
+        match self.slots[i].try_lock() {
+            Ok(mut guard) => f(&mut guard),
+            Err(TryLockError::Poisoned(e)) => f(&mut e.into_inner()),
+            Err(TryLockError::WouldBlock) => {
+                let clean = self.clean.load(std::sync::atomic::Ordering::Relaxed);
+                f(&mut Scratch::new(clean))
+            }
+        }
     }
 }
 
