@@ -34,7 +34,11 @@ fn dgmla(dir: &Path, threads: usize, out: &Path, limit: Duration) {
     args.push("--base".into());
     args.push(dir.join("base.safetensors").to_string_lossy().into());
     for m in 0..8 {
-        args.push(dir.join(format!("m{m:03}.safetensors")).to_string_lossy().into());
+        args.push(
+            dir.join(format!("m{m:03}.safetensors"))
+                .to_string_lossy()
+                .into(),
+        );
     }
     args.push("-o".into());
     args.push(out.to_string_lossy().into());
