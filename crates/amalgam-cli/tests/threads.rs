@@ -6,42 +6,28 @@
 //! worker's scratch buffers, locked by the same thread: the merge hung for good (on an SD1 pool,
 //! most runs with 3 to 8 threads). This test runs such merges under a watchdog.
 
+mod common;
+
+use common::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn amalgam(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args(args)
-        .output()
-        .expect("run amalgam");
-    assert!(
-        out.status.success(),
-        "amalgam {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Runs a DGMLA merge of the pool in `dir` with `threads` workers into `out`; kills it and fails
 /// if it has not ended within `limit` (an unhung run takes about a second).
 fn dgmla(dir: &Path, threads: usize, out: &Path, limit: Duration) {
     let mut args: Vec<String> = ["merge", "--method", "dgmla", "--quiet", "--threads"]
         .iter()
-        .map(|s| s.to_string())
+        .map(|a| a.to_string())
         .collect();
     args.push(threads.to_string());
     args.push("--base".into());
-    args.push(dir.join("base.safetensors").to_string_lossy().into());
+    args.push(s(&dir.join("base.safetensors")).into());
     for m in 0..8 {
-        args.push(
-            dir.join(format!("m{m:03}.safetensors"))
-                .to_string_lossy()
-                .into(),
-        );
+        args.push(s(&dir.join(format!("m{m:03}.safetensors"))).into());
     }
     args.push("-o".into());
-    args.push(out.to_string_lossy().into());
+    args.push(s(out).into());
     let mut child = Command::new(env!("CARGO_BIN_EXE_amalgam"))
         .args(&args)
         .stdout(Stdio::null())
@@ -68,17 +54,7 @@ fn dgmla_with_more_threads_than_cores_ends_and_writes_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let pool = dir.path().join("pool");
     // 9 SD1-layout files of 8 MiB: many keys small enough to be ranked exactly.
-    amalgam(&[
-        "synth",
-        "--layout",
-        "sd1",
-        "-n",
-        "8",
-        "--shrink",
-        "16",
-        "-o",
-        pool.to_str().unwrap(),
-    ]);
+    synth_sd1(&pool, 8, &[]);
     let limit = Duration::from_secs(120);
     let one = dir.path().join("one.safetensors");
     dgmla(&pool, 1, &one, limit);
